@@ -1,0 +1,187 @@
+// Resolution of S3 settings from the environment and the AWS shared files.
+#include "s3/config.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+namespace bottomless::s3 {
+namespace {
+
+std::string trim(std::string_view s) {
+    size_t b = 0, e = s.size();
+    while (b < e && (s[b] == ' ' || s[b] == '\t' || s[b] == '\r')) ++b;
+    while (e > b && (s[e - 1] == ' ' || s[e - 1] == '\t' || s[e - 1] == '\r')) --e;
+    return std::string(s.substr(b, e - b));
+}
+
+std::string lower(std::string s) {
+    for (char& c : s)
+        if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+    return s;
+}
+
+std::optional<std::string> nonempty(const EnvLookup& env, std::string_view name) {
+    auto v = env(name);
+    if (v && !v->empty()) return v;
+    return std::nullopt;
+}
+
+std::string home_path(const EnvLookup& env, const char* rel) {
+    auto home = nonempty(env, "HOME");
+    return (home ? *home : std::string(".")) + rel;
+}
+
+const std::map<std::string, std::string>* find_section(const IniFile& ini, const std::string& name) {
+    auto it = ini.find(name);
+    return it == ini.end() ? nullptr : &it->second;
+}
+
+// In ~/.aws/config a profile is "[profile NAME]", except the default which may be "[default]".
+const std::map<std::string, std::string>* config_profile(const IniFile& ini, const std::string& profile) {
+    if (auto* s = find_section(ini, "profile " + profile)) return s;
+    if (profile == "default") return find_section(ini, "default");
+    return nullptr;
+}
+
+std::optional<std::string> get(const std::map<std::string, std::string>* sec, const std::string& key) {
+    if (!sec) return std::nullopt;
+    auto it = sec->find(key);
+    if (it == sec->end() || it->second.empty()) return std::nullopt;
+    return it->second;
+}
+
+}  // namespace
+
+EnvLookup process_env() {
+    return [](std::string_view name) -> std::optional<std::string> {
+        std::string n(name);
+        if (const char* v = std::getenv(n.c_str())) return std::string(v);
+        return std::nullopt;
+    };
+}
+
+IniFile parse_ini(std::string_view text) {
+    IniFile out;
+    std::string section;
+    std::string parent_key;  // for nested "s3 =" blocks
+    size_t pos = 0;
+    while (pos <= text.size()) {
+        size_t nl = text.find('\n', pos);
+        if (nl == std::string_view::npos) nl = text.size();
+        std::string_view raw = text.substr(pos, nl - pos);
+        pos = nl + 1;
+        bool indented = !raw.empty() && (raw[0] == ' ' || raw[0] == '\t');
+        std::string line = trim(raw);
+        if (line.empty() || line[0] == '#' || line[0] == ';') continue;
+        if (line.front() == '[' && line.back() == ']') {
+            section = trim(std::string_view(line).substr(1, line.size() - 2));
+            // "[profile   x]" → "profile x"
+            if (section.rfind("profile", 0) == 0 && section.size() > 7 && (section[7] == ' ' || section[7] == '\t'))
+                section = "profile " + trim(std::string_view(section).substr(7));
+            out[section];
+            parent_key.clear();
+            continue;
+        }
+        auto eq = line.find('=');
+        if (eq == std::string::npos) continue;  // not a setting; the AWS CLI ignores it too
+        std::string key = lower(trim(std::string_view(line).substr(0, eq)));
+        std::string value = trim(std::string_view(line).substr(eq + 1));
+        if (indented && !parent_key.empty()) {
+            out[section][parent_key + "." + key] = value;
+            continue;
+        }
+        parent_key = value.empty() ? key : std::string();
+        out[section][key] = value;
+    }
+    return out;
+}
+
+std::optional<IniFile> read_ini_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return std::nullopt;
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    return parse_ini(ss.str());
+}
+
+Result<Credentials> resolve_credentials(const EnvLookup& env, const std::string& profile) {
+    std::string looked;
+    auto id = nonempty(env, "AWS_ACCESS_KEY_ID");
+    auto secret = nonempty(env, "AWS_SECRET_ACCESS_KEY");
+    if (id && secret) {
+        auto token = nonempty(env, "AWS_SESSION_TOKEN");
+        return Credentials(*id, *secret, token.value_or(""), "environment");
+    }
+    if (id || secret)
+        looked += std::string("environment (") + (id ? "AWS_SECRET_ACCESS_KEY" : "AWS_ACCESS_KEY_ID") +
+                  " is not set, the other one is)";
+    else
+        looked += "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY not set)";
+
+    std::string cred_path = nonempty(env, "AWS_SHARED_CREDENTIALS_FILE").value_or(home_path(env, "/.aws/credentials"));
+    if (auto ini = read_ini_file(cred_path)) {
+        const auto* sec = find_section(*ini, profile);
+        auto fid = get(sec, "aws_access_key_id");
+        auto fsecret = get(sec, "aws_secret_access_key");
+        if (fid && fsecret)
+            return Credentials(*fid, *fsecret, get(sec, "aws_session_token").value_or(""),
+                               cred_path + " [" + profile + "]");
+        looked += ", " + cred_path + (sec ? " (profile [" + profile + "] has no key pair)"
+                                          : " (no profile [" + profile + "])");
+    } else {
+        looked += ", " + cred_path + " (not found)";
+    }
+
+    std::string conf_path = nonempty(env, "AWS_CONFIG_FILE").value_or(home_path(env, "/.aws/config"));
+    if (auto ini = read_ini_file(conf_path)) {
+        const auto* sec = config_profile(*ini, profile);
+        auto fid = get(sec, "aws_access_key_id");
+        auto fsecret = get(sec, "aws_secret_access_key");
+        if (fid && fsecret)
+            return Credentials(*fid, *fsecret, get(sec, "aws_session_token").value_or(""),
+                               conf_path + " [profile " + profile + "]");
+        looked += ", " + conf_path + (sec ? " (profile " + profile + " has no key pair)"
+                                          : " (no profile " + profile + ")");
+    } else {
+        looked += ", " + conf_path + " (not found)";
+    }
+    return make_error(ErrorKind::Auth,
+                      "no AWS credentials found; looked in: " + looked +
+                          ". Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or add the keys to the profile.",
+                      "NoCredentials");
+}
+
+Result<ClientConfig> config_from_env(const EnvLookup& env) {
+    ClientConfig cfg;
+    cfg.profile = nonempty(env, "AWS_PROFILE").value_or("default");
+
+    std::string conf_path = nonempty(env, "AWS_CONFIG_FILE").value_or(home_path(env, "/.aws/config"));
+    auto conf = read_ini_file(conf_path);
+    const auto* prof = conf ? config_profile(*conf, cfg.profile) : nullptr;
+
+    if (auto r = nonempty(env, "AWS_REGION")) cfg.region = *r;
+    else if (auto r2 = nonempty(env, "AWS_DEFAULT_REGION")) cfg.region = *r2;
+    else if (auto r3 = get(prof, "region")) cfg.region = *r3;
+
+    if (auto e = nonempty(env, "LIBSQL_BOTTOMLESS_ENDPOINT")) cfg.endpoint = *e;
+    else if (auto e2 = nonempty(env, "AWS_ENDPOINT_URL_S3")) cfg.endpoint = *e2;
+    else if (auto e3 = nonempty(env, "AWS_ENDPOINT_URL")) cfg.endpoint = *e3;
+    else if (auto e4 = get(prof, "s3.endpoint_url")) cfg.endpoint = *e4;
+    else if (auto e5 = get(prof, "endpoint_url")) cfg.endpoint = *e5;
+    while (!cfg.endpoint.empty() && cfg.endpoint.back() == '/') cfg.endpoint.pop_back();
+    if (!cfg.endpoint.empty() && cfg.endpoint.find("://") == std::string::npos)
+        cfg.endpoint = "https://" + cfg.endpoint;
+    cfg.path_style = !cfg.endpoint.empty();
+    if (auto v = nonempty(env, "LIBSQL_BOTTOMLESS_S3_PATH_STYLE")) cfg.path_style = (*v == "1" || *v == "true");
+
+    if (auto ca = nonempty(env, "AWS_CA_BUNDLE")) cfg.ca_bundle = *ca;
+    else if (auto ca2 = get(prof, "ca_bundle")) cfg.ca_bundle = *ca2;
+
+    auto creds = resolve_credentials(env, cfg.profile);
+    if (!creds) return std::move(creds).error();
+    cfg.credentials = std::move(creds).value();
+    return cfg;
+}
+
+}  // namespace bottomless::s3

@@ -1,0 +1,69 @@
+// Where the S3 client's settings come from: endpoint, region, credentials,
+// TLS and retry knobs, resolved the way the AWS CLI resolves them.
+//
+// Credentials, in the AWS CLI's order:
+//   1. AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN)
+//   2. the shared credentials file (AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials), [profile]
+//   3. the config file (AWS_CONFIG_FILE or ~/.aws/config), [profile NAME] or [default]
+// The profile is AWS_PROFILE, else "default". Region: AWS_REGION,
+// AWS_DEFAULT_REGION, the profile's `region`, else us-east-1. Endpoint:
+// LIBSQL_BOTTOMLESS_ENDPOINT, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the
+// profile's `endpoint_url`, else AWS itself (virtual-hosted addressing).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "s3/result.h"
+#include "s3/sigv4.h"
+
+namespace bottomless::s3 {
+
+// Environment lookup, injectable so tests do not touch the real environment.
+using EnvLookup = std::function<std::optional<std::string>(std::string_view name)>;
+EnvLookup process_env();
+
+// A parsed INI file as the AWS CLI reads it: section → key → value. Keys are
+// lowercased; nested settings ("s3 =" followed by indented lines) become "s3.key".
+using IniFile = std::map<std::string, std::map<std::string, std::string>>;
+IniFile parse_ini(std::string_view text);
+// Reads and parses a file; nullopt if it does not exist or cannot be read.
+std::optional<IniFile> read_ini_file(const std::string& path);
+
+struct RetryPolicy {
+    int max_attempts = 10;                                    // including the first try
+    std::chrono::milliseconds max_elapsed{60'000};            // no new attempt starts after this
+    std::chrono::milliseconds base_delay{50};                 // full jitter: sleep U(0, min(cap, base*2^n))
+    std::chrono::milliseconds max_delay{5'000};
+};
+
+struct ClientConfig {
+    std::string endpoint;        // "http://127.0.0.1:7480"; empty: AWS
+    std::string region = "us-east-1";
+    bool path_style = true;      // custom endpoints: path-style; AWS: virtual-hosted
+    Credentials credentials;
+    std::string ca_bundle;       // AWS_CA_BUNDLE
+    bool verify_tls = true;
+    RetryPolicy retry;
+    std::chrono::milliseconds connect_timeout{5'000};
+    std::chrono::seconds low_speed_time{30};   // abort when below low_speed_limit for this long
+    long low_speed_limit = 1;                  // bytes per second
+    uint64_t multipart_threshold = 16ull << 20; // objects above this go multipart
+    uint64_t part_size = 8ull << 20;            // S3 minimum is 5 MiB (but the last part)
+    int part_concurrency = 2;                   // parts in flight per upload
+    double max_requests_per_second = 0;         // 0: unlimited
+    std::string profile = "default";
+};
+
+// Resolves everything from the environment and AWS files. Errors name every place looked.
+Result<ClientConfig> config_from_env(const EnvLookup& env = process_env());
+
+// The credentials part alone.
+Result<Credentials> resolve_credentials(const EnvLookup& env, const std::string& profile);
+
+}  // namespace bottomless::s3

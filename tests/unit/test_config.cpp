@@ -1,0 +1,172 @@
+// Credentials chain and AWS file parsing, with an injected environment and
+// temporary files (never the real ~/.aws).
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <unistd.h>
+
+#include "s3/config.h"
+
+namespace fs = std::filesystem;
+using namespace bottomless;
+using namespace bottomless::s3;
+
+namespace {
+
+struct TempDir {
+    fs::path path;
+    TempDir() {
+        std::string tmpl = (fs::temp_directory_path() / "bottomless-config-XXXXXX").string();
+        REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+        path = tmpl;
+    }
+    ~TempDir() { fs::remove_all(path); }
+    std::string write(const std::string& name, const std::string& text) const {
+        fs::path p = path / name;
+        fs::create_directories(p.parent_path());
+        std::ofstream(p) << text;
+        return p.string();
+    }
+};
+
+EnvLookup env_of(std::map<std::string, std::string> vars) {
+    return [vars = std::move(vars)](std::string_view n) -> std::optional<std::string> {
+        auto it = vars.find(std::string(n));
+        if (it == vars.end()) return std::nullopt;
+        return it->second;
+    };
+}
+
+}  // namespace
+
+TEST_CASE("INI parsing follows the AWS CLI's rules", "[config]") {
+    auto ini = parse_ini(
+        "# comment\n"
+        "; another comment\n"
+        "[default]\n"
+        "aws_access_key_id = AKID1   \n"
+        "AWS_Secret_Access_Key=secret1\n"
+        "\n"
+        "[profile   dev]\n"
+        "region = eu-west-1\n"
+        "s3 =\n"
+        "  endpoint_url = http://localhost:9000\n"
+        "  addressing_style = path\n"
+        "output = json\n"
+        "not a setting\n");
+    CHECK(ini["default"]["aws_access_key_id"] == "AKID1");
+    CHECK(ini["default"]["aws_secret_access_key"] == "secret1");
+    CHECK(ini["profile dev"]["region"] == "eu-west-1");
+    CHECK(ini["profile dev"]["s3.endpoint_url"] == "http://localhost:9000");
+    CHECK(ini["profile dev"]["s3.addressing_style"] == "path");
+    CHECK(ini["profile dev"]["output"] == "json");
+    CHECK(ini["profile dev"].count("s3.output") == 0);
+}
+
+TEST_CASE("credentials come from the environment first", "[config]") {
+    TempDir home;
+    home.write(".aws/credentials", "[default]\naws_access_key_id=FILEID\naws_secret_access_key=FILESECRET\n");
+    auto c = resolve_credentials(env_of({{"HOME", home.path.string()},
+                                         {"AWS_ACCESS_KEY_ID", "ENVID"},
+                                         {"AWS_SECRET_ACCESS_KEY", "ENVSECRET"},
+                                         {"AWS_SESSION_TOKEN", "ENVTOKEN"}}),
+                                 "default");
+    REQUIRE(c.ok());
+    CHECK(c->access_key_id == "ENVID");
+    CHECK(c->secret_access_key == "ENVSECRET");
+    CHECK(c->session_token == "ENVTOKEN");
+    CHECK(c->source == "environment");
+}
+
+TEST_CASE("credentials from the shared credentials file, by profile", "[config]") {
+    TempDir home;
+    home.write(".aws/credentials",
+               "[default]\naws_access_key_id=DEFID\naws_secret_access_key=DEFSECRET\n"
+               "[prod]\naws_access_key_id = PRODID\naws_secret_access_key = PRODSECRET\naws_session_token = PRODTOKEN\n");
+    SECTION("default profile") {
+        auto c = resolve_credentials(env_of({{"HOME", home.path.string()}}), "default");
+        REQUIRE(c.ok());
+        CHECK(c->access_key_id == "DEFID");
+    }
+    SECTION("named profile via AWS_PROFILE") {
+        auto cfg = config_from_env(env_of({{"HOME", home.path.string()}, {"AWS_PROFILE", "prod"}}));
+        REQUIRE(cfg.ok());
+        CHECK(cfg->credentials.access_key_id == "PRODID");
+        CHECK(cfg->credentials.session_token == "PRODTOKEN");
+    }
+    SECTION("AWS_SHARED_CREDENTIALS_FILE overrides the path") {
+        std::string other = home.write("elsewhere/creds", "[default]\naws_access_key_id=OTHER\naws_secret_access_key=S\n");
+        auto c = resolve_credentials(env_of({{"HOME", home.path.string()}, {"AWS_SHARED_CREDENTIALS_FILE", other}}),
+                                     "default");
+        REQUIRE(c.ok());
+        CHECK(c->access_key_id == "OTHER");
+    }
+}
+
+TEST_CASE("credentials from the config file when the credentials file lacks them", "[config]") {
+    TempDir home;
+    home.write(".aws/config", "[profile dev]\naws_access_key_id=CFGID\naws_secret_access_key=CFGSECRET\nregion=ap-south-1\n");
+    auto cfg = config_from_env(env_of({{"HOME", home.path.string()}, {"AWS_PROFILE", "dev"}}));
+    REQUIRE(cfg.ok());
+    CHECK(cfg->credentials.access_key_id == "CFGID");
+    CHECK(cfg->region == "ap-south-1");
+}
+
+TEST_CASE("no credentials anywhere names every place looked", "[config]") {
+    TempDir home;
+    auto c = resolve_credentials(env_of({{"HOME", home.path.string()}, {"AWS_ACCESS_KEY_ID", "only-id"}}), "default");
+    REQUIRE_FALSE(c.ok());
+    CHECK(c.error().kind == ErrorKind::Auth);
+    const std::string& m = c.error().message;
+    CHECK(m.find("AWS_SECRET_ACCESS_KEY is not set") != std::string::npos);
+    CHECK(m.find(home.path.string() + "/.aws/credentials (not found)") != std::string::npos);
+    CHECK(m.find(home.path.string() + "/.aws/config (not found)") != std::string::npos);
+}
+
+TEST_CASE("region and endpoint resolution order", "[config]") {
+    TempDir home;
+    home.write(".aws/config", "[default]\nregion=from-file\nendpoint_url=http://file-endpoint:1\n");
+    std::map<std::string, std::string> base{{"HOME", home.path.string()},
+                                            {"AWS_ACCESS_KEY_ID", "A"},
+                                            {"AWS_SECRET_ACCESS_KEY", "S"}};
+    SECTION("files alone") {
+        auto cfg = config_from_env(env_of(base));
+        REQUIRE(cfg.ok());
+        CHECK(cfg->region == "from-file");
+        CHECK(cfg->endpoint == "http://file-endpoint:1");
+        CHECK(cfg->path_style);
+    }
+    SECTION("environment wins, bottomless's own variable first") {
+        auto vars = base;
+        vars["AWS_DEFAULT_REGION"] = "default-region";
+        vars["AWS_REGION"] = "region";
+        vars["AWS_ENDPOINT_URL"] = "http://generic:2";
+        vars["AWS_ENDPOINT_URL_S3"] = "http://s3specific:3";
+        vars["LIBSQL_BOTTOMLESS_ENDPOINT"] = "http://127.0.0.1:7480/";
+        auto cfg = config_from_env(env_of(vars));
+        REQUIRE(cfg.ok());
+        CHECK(cfg->region == "region");
+        CHECK(cfg->endpoint == "http://127.0.0.1:7480");
+    }
+    SECTION("no endpoint means AWS with virtual-hosted addressing and us-east-1") {
+        TempDir empty;
+        auto vars = base;
+        vars["HOME"] = empty.path.string();
+        auto cfg = config_from_env(env_of(vars));
+        REQUIRE(cfg.ok());
+        CHECK(cfg->endpoint.empty());
+        CHECK_FALSE(cfg->path_style);
+        CHECK(cfg->region == "us-east-1");
+    }
+    SECTION("AWS_CA_BUNDLE is honoured") {
+        auto vars = base;
+        vars["AWS_CA_BUNDLE"] = "/etc/ssl/custom.pem";
+        auto cfg = config_from_env(env_of(vars));
+        REQUIRE(cfg.ok());
+        CHECK(cfg->ca_bundle == "/etc/ssl/custom.pem");
+        CHECK(cfg->verify_tls);
+    }
+}
