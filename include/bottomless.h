@@ -4,11 +4,14 @@
 ** Embedding (static library build/libbottomless.a):
 **
 **     #include <bottomless.h>
-**     sqlite3_auto_extension((void (*)(void))bottomless_auto_extension);
+**     bottomless_register(0);    // once, before the first open
 **     sqlite3_open_v2("file:app.db?vfs=bottomless", &db,
 **                     SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, 0);
 **
-** or call bottomless_register(0) once at start-up.
+** bottomless_auto_extension() can also be given to sqlite3_auto_extension():
+** it registers the VFS and the SQL functions when a connection opens — but
+** SQLite resolves "vfs=bottomless" before auto extensions run, so the first
+** connection must then be opened without it (e.g. ":memory:").
 ** Loadable extension (build/bottomless.so): `.load ./bottomless` in the shell.
 */
 #ifndef BOTTOMLESS_H
@@ -21,8 +24,10 @@ extern "C" {
 struct sqlite3;
 struct sqlite3_api_routines;
 
-/* Registers the "bottomless" VFS. make_default != 0 also makes it the default
-** VFS. Idempotent. Returns SQLITE_OK or an SQLite error code. */
+/* Registers the "bottomless" VFS, and the bottomless_* SQL functions on every
+** connection opened afterwards. make_default != 0 (or the environment variable
+** LIBSQL_BOTTOMLESS_DEFAULT_VFS=1) also makes it the default VFS. Idempotent.
+** Returns SQLITE_OK or an SQLite error code. */
 int bottomless_register(int make_default);
 
 /* Entry point with the signature sqlite3_auto_extension() expects. */

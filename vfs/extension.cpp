@@ -1,58 +1,153 @@
 // Entry points of bottomless as a loadable extension (bottomless.so) and as a
-// static library (libbottomless.a).
+// static library (libbottomless.a), and the SQL functions:
 //
-// COMPILING: the loadable build defines BOTTOMLESS_LOADABLE_EXTENSION and
-// reaches SQLite only through the host's sqlite3_api table; the static build
-// defines SQLITE_CORE and calls SQLite directly.
+//   bottomless_status()            JSON: generation, mode, durable position, lag, counters, last error
+//   bottomless_flush([timeout_ms]) waits until everything committed so far is durable; JSON position
+//   bottomless_snapshot()          starts a new generation now; returns its id
 //
-// STATUS: this registers the "bottomless" VFS as a pass-through to the
-// default VFS. Replication is added by the VFS/replicator work (issue 3).
+// LOADING: `.load ./bottomless` registers the VFS (not as the default unless
+// LIBSQL_BOTTOMLESS_DEFAULT_VFS=1) and, through sqlite3_auto_extension, the
+// SQL functions on every connection opened afterwards.
+#include "replicator/sqlite_api.h"
+
 #ifdef BOTTOMLESS_LOADABLE_EXTENSION
-#include <sqlite3ext.h>
-SQLITE_EXTENSION_INIT1
-#else
-#define SQLITE_CORE 1
-#include <sqlite3.h>
+// The one definition of the host's API table in this module.
+const sqlite3_api_routines* sqlite3_api = nullptr;
 #endif
 
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+
+#include <nlohmann/json.hpp>
 
 #include "bottomless.h"
+#include "replicator/replicator.h"
+#include "vfs/vfs.h"
 
 namespace {
 
-sqlite3_vfs g_vfs;  // a copy of the default VFS under our name
+using bottomless::replicator::Replicator;
 
-int register_vfs(int make_default) {
-    if (sqlite3_vfs* existing = sqlite3_vfs_find("bottomless")) {
-        return make_default ? sqlite3_vfs_register(existing, 1) : SQLITE_OK;
+Replicator* connection_replicator(sqlite3_context* ctx) {
+    sqlite3* db = sqlite3_context_db_handle(ctx);
+    sqlite3_file* file = nullptr;
+    if (sqlite3_file_control(db, "main", SQLITE_FCNTL_FILE_POINTER, &file) != SQLITE_OK || !file) return nullptr;
+    if (!bottomless::vfs::is_bottomless_file(file)) {
+        sqlite3_result_error(ctx, "bottomless: this database was not opened with vfs=bottomless", -1);
+        return nullptr;
     }
-    sqlite3_vfs* lower = sqlite3_vfs_find(nullptr);
-    if (!lower) return SQLITE_ERROR;
-    std::memcpy(&g_vfs, lower, sizeof g_vfs);
-    g_vfs.pNext = nullptr;
-    g_vfs.zName = "bottomless";
-    return sqlite3_vfs_register(&g_vfs, make_default);
+    Replicator* r = bottomless::vfs::replicator_of(file);
+    if (!r) sqlite3_result_error(ctx, "bottomless: replication is off for this database (initial_replication=skip)", -1);
+    return r;
+}
+
+void fn_status(sqlite3_context* ctx, int, sqlite3_value**) {
+    try {
+        if (Replicator* r = connection_replicator(ctx)) {
+            std::string s = r->status_json();
+            sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+        }
+    } catch (const std::exception& e) {
+        sqlite3_result_error(ctx, e.what(), -1);
+    }
+}
+
+void fn_flush(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
+    try {
+        Replicator* r = connection_replicator(ctx);
+        if (!r) return;
+        int64_t ms = argc > 0 ? sqlite3_value_int64(argv[0]) : 60'000;
+        auto pos = r->flush(std::chrono::milliseconds(ms > 0 ? ms : 60'000));
+        if (!pos) {
+            std::string m = "bottomless_flush: " + pos.error().message;
+            sqlite3_result_error(ctx, m.c_str(), -1);
+            return;
+        }
+        nlohmann::json j = nlohmann::json::parse(r->status_json());
+        std::string s = nlohmann::json{{"generation", j["generation"]},
+                                       {"segment", j["segment"]},
+                                       {"frame", pos->frame},
+                                       {"last_durable_commit", j["last_durable_commit"]}}
+                            .dump();
+        sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+    } catch (const std::exception& e) {
+        sqlite3_result_error(ctx, e.what(), -1);
+    }
+}
+
+void fn_snapshot(sqlite3_context* ctx, int, sqlite3_value**) {
+    try {
+        Replicator* r = connection_replicator(ctx);
+        if (!r) return;
+        auto gen = r->snapshot_now(std::chrono::minutes(10));
+        if (!gen) {
+            std::string m = "bottomless_snapshot: " + gen.error().message;
+            sqlite3_result_error(ctx, m.c_str(), -1);
+            return;
+        }
+        sqlite3_result_text(ctx, gen->c_str(), static_cast<int>(gen->size()), SQLITE_TRANSIENT);
+    } catch (const std::exception& e) {
+        sqlite3_result_error(ctx, e.what(), -1);
+    }
+}
+
+int register_functions(sqlite3* db) {
+    int rc = sqlite3_create_function(db, "bottomless_status", 0, SQLITE_UTF8, nullptr, fn_status, nullptr, nullptr);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_create_function(db, "bottomless_flush", 0, SQLITE_UTF8, nullptr, fn_flush, nullptr, nullptr);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_create_function(db, "bottomless_flush", 1, SQLITE_UTF8, nullptr, fn_flush, nullptr, nullptr);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_create_function(db, "bottomless_snapshot", 0, SQLITE_UTF8, nullptr, fn_snapshot, nullptr, nullptr);
+    return rc;
+}
+
+bool default_requested() {
+    const char* v = std::getenv("LIBSQL_BOTTOMLESS_DEFAULT_VFS");
+    return v && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0);
+}
+
+// Runs for every connection opened after the extension loaded.
+int per_connection(sqlite3* db, char** pzErrMsg, const sqlite3_api_routines* pApi) {
+    (void)pzErrMsg;
+    (void)pApi;
+    return register_functions(db);
 }
 
 }  // namespace
 
 extern "C" {
 
-int bottomless_register(int make_default) { return register_vfs(make_default); }
+int bottomless_register(int make_default) {
+    int rc = bottomless::vfs::register_vfs(make_default != 0 || default_requested());
+    if (rc == SQLITE_OK) rc = sqlite3_auto_extension(reinterpret_cast<void (*)(void)>(per_connection));
+    return rc;
+}
 
-int bottomless_auto_extension(sqlite3*, char**, const sqlite3_api_routines*) { return register_vfs(0); }
+int bottomless_auto_extension(sqlite3* db, char** pzErrMsg, const sqlite3_api_routines* pApi) {
+    (void)pzErrMsg;
+    (void)pApi;
+    int rc = bottomless::vfs::register_vfs(default_requested());
+    if (rc == SQLITE_OK && db) rc = register_functions(db);
+    return rc;
+}
 
 const char* bottomless_version(void) { return BOTTOMLESS_VERSION; }
 
 #ifdef BOTTOMLESS_LOADABLE_EXTENSION
 __attribute__((visibility("default"))) int sqlite3_bottomless_init(sqlite3* db, char** pzErrMsg,
                                                                    const sqlite3_api_routines* pApi) {
-    (void)db;
-    (void)pzErrMsg;
-    SQLITE_EXTENSION_INIT2(pApi);
-    int rc = register_vfs(0);
-    return rc == SQLITE_OK ? SQLITE_OK_LOAD_PERMANENTLY : rc;
+    sqlite3_api = pApi;
+    int rc = bottomless::vfs::register_vfs(default_requested());
+    if (rc == SQLITE_OK) rc = register_functions(db);
+    if (rc == SQLITE_OK) rc = sqlite3_auto_extension(reinterpret_cast<void (*)(void)>(per_connection));
+    if (rc != SQLITE_OK) {
+        if (pzErrMsg) *pzErrMsg = sqlite3_mprintf("bottomless: cannot register the VFS (error %d)", rc);
+        return rc;
+    }
+    return SQLITE_OK_LOAD_PERMANENTLY;
 }
 #endif
 

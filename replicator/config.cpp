@@ -1,0 +1,196 @@
+// See config.h. Every setting has one name in the environment
+// (LIBSQL_BOTTOMLESS_X) and one as a URI parameter (x, lower case).
+#include "replicator/config.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <functional>
+#include <vector>
+
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+namespace {
+
+std::string lower(std::string s) {
+    for (char& c : s)
+        if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+    return s;
+}
+
+bool parse_bool(const std::string& v, bool& out) {
+    std::string l = lower(v);
+    if (l == "1" || l == "true" || l == "yes" || l == "on") { out = true; return true; }
+    if (l == "0" || l == "false" || l == "no" || l == "off") { out = false; return true; }
+    return false;
+}
+
+bool parse_u64(const std::string& v, uint64_t& out) {
+    if (v.empty() || v.size() > 19) return false;
+    uint64_t r = 0;
+    for (char c : v) {
+        if (c < '0' || c > '9') return false;
+        r = r * 10 + static_cast<uint64_t>(c - '0');
+    }
+    out = r;
+    return true;
+}
+
+struct Setting {
+    const char* name;  // URI name; env name is LIBSQL_BOTTOMLESS_ + upper(name)
+    const char* what;  // for error messages: what a valid value looks like
+    std::function<bool(ReplicatorConfig&, const std::string&)> apply;
+};
+
+const std::vector<Setting>& settings() {
+    static const std::vector<Setting> kSettings = {
+        {"endpoint", "a URL", [](ReplicatorConfig& c, const std::string& v) {
+             c.s3.endpoint = v;
+             while (!c.s3.endpoint.empty() && c.s3.endpoint.back() == '/') c.s3.endpoint.pop_back();
+             if (c.s3.endpoint.find("://") == std::string::npos) c.s3.endpoint = "https://" + c.s3.endpoint;
+             c.s3.path_style = true;
+             return !v.empty();
+         }},
+        {"bucket", "a bucket name", [](ReplicatorConfig& c, const std::string& v) { c.bucket = v; return !v.empty(); }},
+        {"database_id", "letters, digits, '.', '_' or '-'",
+         [](ReplicatorConfig& c, const std::string& v) { c.db_id = v; return validate_db_id(v).ok(); }},
+        {"initial_replication", "error, force or skip", [](ReplicatorConfig& c, const std::string& v) {
+             std::string l = lower(v);
+             if (l == "error") c.initial_replication = InitialReplication::Error;
+             else if (l == "force") c.initial_replication = InitialReplication::Force;
+             else if (l == "skip") c.initial_replication = InitialReplication::Skip;
+             else return false;
+             return true;
+         }},
+        {"sync", "0 or 1", [](ReplicatorConfig& c, const std::string& v) { return parse_bool(v, c.sync); }},
+        {"batch_interval_ms", "milliseconds (>= 1)", [](ReplicatorConfig& c, const std::string& v) {
+             uint64_t n;
+             if (!parse_u64(v, n) || n == 0) return false;
+             c.batch_interval = std::chrono::milliseconds(n);
+             return true;
+         }},
+        {"batch_max_bytes", "bytes (>= 4096)", [](ReplicatorConfig& c, const std::string& v) {
+             return parse_u64(v, c.batch_max_bytes) && c.batch_max_bytes >= 4096;
+         }},
+        {"compression", "zstd or none",
+         [](ReplicatorConfig& c, const std::string& v) { return parse_compression(lower(v), c.compression); }},
+        {"max_pending_bytes", "bytes (>= 1 MiB)", [](ReplicatorConfig& c, const std::string& v) {
+             return parse_u64(v, c.max_pending_bytes) && c.max_pending_bytes >= (1u << 20);
+         }},
+        {"sync_timeout_ms", "milliseconds (>= 1)", [](ReplicatorConfig& c, const std::string& v) {
+             uint64_t n;
+             if (!parse_u64(v, n) || n == 0) return false;
+             c.sync_timeout = std::chrono::milliseconds(n);
+             return true;
+         }},
+        {"shutdown_timeout_ms", "milliseconds", [](ReplicatorConfig& c, const std::string& v) {
+             uint64_t n;
+             if (!parse_u64(v, n)) return false;
+             c.shutdown_timeout = std::chrono::milliseconds(n);
+             return true;
+         }},
+        {"snapshot_after_bytes", "bytes (0: never)",
+         [](ReplicatorConfig& c, const std::string& v) { return parse_u64(v, c.snapshot_after_bytes); }},
+        {"snapshot_interval_s", "seconds (0: never)", [](ReplicatorConfig& c, const std::string& v) {
+             uint64_t n;
+             if (!parse_u64(v, n)) return false;
+             c.snapshot_interval = std::chrono::seconds(n);
+             return true;
+         }},
+        {"auto_restore", "0 or 1", [](ReplicatorConfig& c, const std::string& v) { return parse_bool(v, c.auto_restore); }},
+        {"max_requests_per_second", "a number (0: unlimited)", [](ReplicatorConfig& c, const std::string& v) {
+             char* end = nullptr;
+             double d = std::strtod(v.c_str(), &end);
+             if (v.empty() || *end != '\0' || d < 0) return false;
+             c.s3.max_requests_per_second = d;
+             return true;
+         }},
+        {"log", "error, warn, info, debug or trace", [](ReplicatorConfig&, const std::string& v) {
+             log::Level l;
+             if (!log::parse_level(v, l)) return false;
+             log::set_level(l);
+             return true;
+         }},
+    };
+    return kSettings;
+}
+
+std::string env_name(const char* uri_name) {
+    std::string n = "LIBSQL_BOTTOMLESS_";
+    for (const char* p = uri_name; *p; ++p) n += static_cast<char>(*p >= 'a' && *p <= 'z' ? *p - 'a' + 'A' : *p);
+    return n;
+}
+
+}  // namespace
+
+const char* to_string(InitialReplication v) {
+    switch (v) {
+    case InitialReplication::Error: return "error";
+    case InitialReplication::Force: return "force";
+    case InitialReplication::Skip: return "skip";
+    }
+    return "?";
+}
+
+bool is_sqlite_uri_parameter(const std::string& name) {
+    static const char* kNames[] = {"vfs", "mode", "cache", "psow", "nolock", "immutable", "modeof"};
+    return std::any_of(std::begin(kNames), std::end(kNames), [&](const char* n) { return name == n; });
+}
+
+Status validate_db_id(const std::string& id) {
+    if (id.empty() || id.size() > 200)
+        return make_error(ErrorKind::InvalidArgument, "database id must be 1 to 200 characters", "BadDatabaseId");
+    for (char c : id) {
+        bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+                  c == '-';
+        if (!ok)
+            return make_error(ErrorKind::InvalidArgument,
+                              "database id '" + id + "' may only hold letters, digits, '.', '_' and '-'",
+                              "BadDatabaseId");
+    }
+    if (id == "." || id == "..")
+        return make_error(ErrorKind::InvalidArgument, "database id cannot be '.' or '..'", "BadDatabaseId");
+    return {};
+}
+
+Result<ReplicatorConfig> load_config(const std::string& db_path, const std::map<std::string, std::string>& uri_params,
+                                     const s3::EnvLookup& env) {
+    ReplicatorConfig cfg;
+    auto s3cfg = s3::config_from_env(env);
+    if (!s3cfg) return std::move(s3cfg).error();
+    cfg.s3 = std::move(s3cfg).value();
+
+    for (const auto& s : settings()) {
+        std::string name = env_name(s.name);
+        auto v = env(name);
+        if (!v || v->empty()) continue;
+        if (!s.apply(cfg, *v))
+            return make_error(ErrorKind::InvalidArgument,
+                              name + "=" + *v + " is not valid: expected " + s.what, "BadSetting");
+    }
+    for (const auto& [k, v] : uri_params) {
+        if (is_sqlite_uri_parameter(k)) continue;
+        auto it = std::find_if(settings().begin(), settings().end(), [&](const Setting& s) { return k == s.name; });
+        if (it == settings().end()) {
+            std::string known;
+            for (const auto& s : settings()) known += std::string(known.empty() ? "" : ", ") + s.name;
+            return make_error(ErrorKind::InvalidArgument,
+                              "unknown URI parameter '" + k + "' (bottomless knows: " + known + ")", "BadSetting");
+        }
+        if (!it->apply(cfg, v))
+            return make_error(ErrorKind::InvalidArgument,
+                              "URI parameter " + k + "=" + v + " is not valid: expected " + it->what, "BadSetting");
+    }
+    if (cfg.db_id.empty()) {
+        std::string base = db_path.substr(db_path.find_last_of('/') + 1);
+        cfg.db_id = base;
+        if (auto st = validate_db_id(base); !st)
+            return make_error(ErrorKind::InvalidArgument,
+                              "the database file name '" + base +
+                                  "' cannot serve as database id; set LIBSQL_BOTTOMLESS_DATABASE_ID or database_id=",
+                              "BadDatabaseId");
+    }
+    return cfg;
+}
+
+}  // namespace bottomless::replicator

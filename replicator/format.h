@@ -1,0 +1,155 @@
+// The object format in the bucket (docs/FORMAT.md): snapshots and WAL
+// segments. Every object is self-describing and self-validating:
+//
+//   magic (8 bytes: "BTLSSNAP" or "BTLSSEGM")
+//   format version (u32 big-endian, = 1)
+//   header length (u32 big-endian), header (JSON, UTF-8)
+//   body: the payload, zstd-compressed when header.compression == "zstd"
+//   trailer: SHA-256 of every byte before it (32 bytes)
+//
+// Snapshot payload: pages 1..db_pages of the database, page_size bytes each.
+// Segment payload: for each frame, its page number (u32 big-endian) and its
+// page; the header lists the transactions (frame counts, commit times, db
+// size after each), so a segment holds whole transactions only.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "s3/result.h"
+
+namespace bottomless::replicator {
+
+constexpr uint32_t kFormatVersion = 1;
+constexpr char kSnapshotMagic[9] = "BTLSSNAP";
+constexpr char kSegmentMagic[9] = "BTLSSEGM";
+
+enum class Compression { None, Zstd };
+const char* to_string(Compression c);
+bool parse_compression(std::string_view s, Compression& out);
+
+// Where a generation's history stands: the WAL epoch (salts), the last frame
+// shipped in it, and the WAL's running checksum after that frame.
+struct WalPosition {
+    uint32_t salt1 = 0, salt2 = 0;
+    uint64_t frame = 0;
+    uint32_t cksum1 = 0, cksum2 = 0;
+    bool operator==(const WalPosition&) const = default;
+};
+
+struct SnapshotHeader {
+    std::string db_id;
+    std::string generation;
+    uint32_t page_size = 0;
+    uint32_t db_pages = 0;
+    int64_t created_us = 0;         // wall-clock time of the snapshot (µs since the Unix epoch)
+    int64_t last_commit_us = 0;     // commit time of the last transaction included (0: unknown)
+    WalPosition position;           // the WAL position the snapshot reflects
+    std::string parent_generation;  // empty for a first generation
+    uint64_t parent_seq = 0;        // last segment of the parent included
+    Compression compression = Compression::Zstd;
+};
+
+struct SegmentTxn {
+    uint32_t frames = 0;      // frames of this transaction, in order, after the previous one's
+    uint32_t db_pages = 0;    // database size after commit
+    int64_t commit_us = 0;    // commit time (µs since the Unix epoch)
+};
+
+struct SegmentHeader {
+    std::string db_id;
+    std::string generation;
+    uint64_t seq = 0;             // 1, 2, 3, ... within the generation
+    uint32_t page_size = 0;
+    WalPosition start;            // position before the first frame (after the previous segment/snapshot)
+    WalPosition end;              // position after the last frame
+    std::string prev_sha256;      // hex SHA-256 (trailer) of the previous segment, or of the snapshot for seq 1
+    std::vector<SegmentTxn> txns;
+    Compression compression = Compression::Zstd;
+    uint64_t frame_count() const;
+};
+
+struct SegmentFrame {
+    uint32_t pgno = 0;
+    std::string page;  // page_size bytes
+};
+
+struct DecodedSegment {
+    SegmentHeader header;
+    std::vector<SegmentFrame> frames;
+    std::string sha256;  // hex of the trailer
+};
+
+// Encodes a segment in memory (segments are bounded by the batch size).
+// Returns the object bytes; the hex SHA-256 trailer is put in *sha256_hex.
+std::string encode_segment(const SegmentHeader& header, const std::vector<SegmentFrame>& frames,
+                           std::string* sha256_hex);
+
+// Decodes and validates a segment: magic, version, trailer checksum, header
+// fields, frame count and sizes. `name` (the object key) goes into errors.
+Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string& name);
+
+// Streams a snapshot out: call add_page() db_pages times, then finish().
+// Output goes to `sink` in pieces (e.g. an S3 multipart writer); memory is
+// constant whatever the database size.
+class SnapshotWriter {
+public:
+    using Sink = std::function<Status(std::string_view)>;
+    SnapshotWriter(const SnapshotHeader& header, Sink sink);
+    ~SnapshotWriter();
+    SnapshotWriter(const SnapshotWriter&) = delete;
+    SnapshotWriter& operator=(const SnapshotWriter&) = delete;
+    Status add_page(std::string_view page);
+    // Returns the hex SHA-256 trailer.
+    Result<std::string> finish();
+    uint64_t bytes_out() const;
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// Streams a snapshot in: feed() the object's bytes in any pieces; pages come
+// out through on_page in order. finish() checks the trailer and the page
+// count; until it returns OK nothing read may be trusted.
+class SnapshotReader {
+public:
+    using PageFn = std::function<Status(uint32_t pgno, std::string_view page)>;
+    SnapshotReader(std::string name, PageFn on_page);
+    ~SnapshotReader();
+    SnapshotReader(const SnapshotReader&) = delete;
+    SnapshotReader& operator=(const SnapshotReader&) = delete;
+    Status feed(std::string_view bytes);
+    Result<SnapshotHeader> finish();
+    // Available once enough bytes were fed (nullptr before).
+    const SnapshotHeader* header() const;
+    std::string sha256() const;  // valid after finish()
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// Reads only the header of a snapshot or segment object from its first bytes
+// (for listings: fetch a range, parse). Errors if the bytes are too short.
+Result<SnapshotHeader> peek_snapshot_header(std::string_view prefix, const std::string& name);
+Result<SegmentHeader> peek_segment_header(std::string_view prefix, const std::string& name);
+
+// Generation ids: 16 hex digits of (2^48 - 1 - milliseconds since the Unix
+// epoch), a dash, 8 random hex digits. Newer ids sort first in S3 listings.
+std::string new_generation_id(int64_t now_ms);
+// The creation time encoded in a generation id; -1 if it is not one.
+int64_t generation_time_ms(std::string_view id);
+
+// Keys (docs/FORMAT.md): "<db>/<generation>/snapshot", "<db>/<generation>/seg-<seq:012>".
+std::string generation_prefix(const std::string& db_id, const std::string& generation);
+std::string snapshot_key(const std::string& db_id, const std::string& generation);
+std::string segment_key(const std::string& db_id, const std::string& generation, uint64_t seq);
+// Parses the seq out of a segment key's last component; false if not a segment key.
+bool parse_segment_key(std::string_view key, uint64_t& seq);
+
+}  // namespace bottomless::replicator

@@ -1,0 +1,1019 @@
+// The replicator core. See replicator.h for the contract, docs/SEMANTICS.md
+// for the guarantees and docs/FORMAT.md for what lands in the bucket.
+#include "replicator/replicator.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <unordered_map>
+
+#include "replicator/restore.h"
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+}
+
+std::string errno_text(int e) { return std::strerror(e); }
+
+struct Fd {
+    int fd = -1;
+    Fd() = default;
+    explicit Fd(int f) : fd(f) {}
+    Fd(const Fd&) = delete;
+    Fd& operator=(const Fd&) = delete;
+    ~Fd() {
+        if (fd >= 0) ::close(fd);
+    }
+};
+
+bool pread_full(int fd, void* buf, size_t n, uint64_t off) {
+    auto* p = static_cast<char*>(buf);
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = ::pread(fd, p + got, n - got, static_cast<off_t>(off + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return false;
+        got += static_cast<size_t>(r);
+    }
+    return true;
+}
+
+// The registry of running replicators by canonical path. A recursive mutex:
+// a replicator that fails to start is destroyed inside acquire(), and the
+// destructor takes the lock too (it serialises a closing replicator's final
+// flush with a new one for the same file).
+std::recursive_mutex& registry_mu() {
+    static auto* mu = new std::recursive_mutex();
+    return *mu;
+}
+std::map<std::string, std::weak_ptr<Replicator>>& registry() {
+    static auto* m = new std::map<std::string, std::weak_ptr<Replicator>>();
+    return *m;
+}
+
+struct LocalState {
+    std::string bucket, db_id, generation, prev_sha256;
+    uint64_t seq = 0;
+    WalPosition position;
+    bool clean_close = false;
+    int64_t db_size = -1, db_mtime_ns = -1;
+    uint64_t db_ino = 0;
+};
+
+std::optional<LocalState> read_state_file(const std::string& path) {
+    std::ifstream in(path);
+    if (!in) return std::nullopt;
+    try {
+        nlohmann::json j = nlohmann::json::parse(in);
+        if (j.value("format", 0) != 1) return std::nullopt;
+        LocalState s;
+        s.bucket = j.at("bucket");
+        s.db_id = j.at("db_id");
+        s.generation = j.at("generation");
+        s.prev_sha256 = j.at("prev_sha256");
+        s.seq = j.at("seq");
+        const auto& p = j.at("position");
+        s.position = WalPosition{p.at("salt1"), p.at("salt2"), p.at("frame"), p.at("cksum1"), p.at("cksum2")};
+        s.clean_close = j.value("clean_close", false);
+        s.db_size = j.value("db_size", int64_t{-1});
+        s.db_mtime_ns = j.value("db_mtime_ns", int64_t{-1});
+        s.db_ino = j.value("db_ino", uint64_t{0});
+        return s;
+    } catch (const std::exception& e) {
+        log::warn("ignoring unreadable replication state " + path + ": " + e.what());
+        return std::nullopt;
+    }
+}
+
+bool stat_file(const std::string& path, struct stat& st) { return ::stat(path.c_str(), &st) == 0; }
+
+int64_t mtime_ns(const struct stat& st) {
+    return static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+}
+
+std::string fmt_time_us(int64_t us) {
+    if (us <= 0) return "unknown";
+    std::time_t t = static_cast<std::time_t>(us / 1'000'000);
+    std::tm tm{};
+    gmtime_r(&t, &tm);
+    char buf[40];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+    char out[64];
+    std::snprintf(out, sizeof out, "%s.%06lldZ", buf, static_cast<long long>(us % 1'000'000));
+    return out;
+}
+
+uint32_t db_header_page_size(const unsigned char* h) {
+    uint32_t v = (static_cast<uint32_t>(h[16]) << 8) | h[17];
+    return v == 1 ? 65536 : v;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Construction, start-up decision, shutdown
+
+Replicator::Replicator(std::string path, ReplicatorConfig config)
+    : path_(std::move(path)), wal_path_(path_ + "-wal"), state_path_(path_ + "-bottomless"),
+      config_(std::move(config)) {
+    s3::ClientConfig c = config_.s3;
+    // A sync commit must not outlive its timeout inside the client's retries.
+    if (config_.sync) c.retry.max_elapsed = std::min(c.retry.max_elapsed, config_.sync_timeout);
+    // Async: give up on one attempt early and retry from the uploader loop, so
+    // status shows the outage and new commits join the next batch.
+    else c.retry.max_elapsed = std::min<std::chrono::milliseconds>(
+        c.retry.max_elapsed, std::max<std::chrono::milliseconds>(std::chrono::seconds(5), config_.batch_interval * 5));
+    client_ = std::make_unique<s3::Client>(std::move(c));
+    last_snapshot_time_ = Clock::now();
+}
+
+std::shared_ptr<Replicator> Replicator::find(const std::string& path) {
+    std::lock_guard lock(registry_mu());
+    auto it = registry().find(path);
+    return it == registry().end() ? nullptr : it->second.lock();
+}
+
+Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path, const ReplicatorConfig& config) {
+    std::lock_guard lock(registry_mu());
+    if (auto it = registry().find(path); it != registry().end()) {
+        if (auto r = it->second.lock()) {
+            if (r->config_.bucket != config.bucket || r->config_.db_id != config.db_id)
+                log::warn("database " + path + " is already replicated to bucket '" + r->config_.bucket + "' as '" +
+                          r->config_.db_id + "'; the settings of this open are ignored");
+            return r;
+        }
+    }
+    std::shared_ptr<Replicator> r(new Replicator(path, config));
+    if (auto st = r->startup(); !st) return std::move(st).error();
+    registry()[path] = r;
+    return r;
+}
+
+Status Replicator::startup() {
+    const auto& bucket = config_.bucket;
+    const auto& db_id = config_.db_id;
+    if (auto st = client_->create_bucket(bucket); !st) {
+        Error e = st.error();
+        e.message = "cannot use bucket '" + bucket + "': " + e.message;
+        return e;
+    }
+    auto gens = list_generations(*client_, bucket, db_id);
+    if (!gens) return std::move(gens).error();
+    const GenerationInfo* latest = nullptr;
+    for (auto& g : *gens) {
+        if (auto st = describe_generation(*client_, bucket, db_id, g); !st) return st;
+        if (g.has_snapshot) {
+            latest = &g;
+            break;
+        }
+    }
+
+    struct stat db_st{}, wal_st{};
+    bool db_exists = stat_file(path_, db_st);
+    bool wal_exists = stat_file(wal_path_, wal_st);
+    bool local_empty = (!db_exists || db_st.st_size == 0) && (!wal_exists || wal_st.st_size == 0);
+    auto state = read_state_file(state_path_);
+
+    if (local_empty) {
+        if (latest && config_.auto_restore) {
+            log::info("restoring " + path_ + " from generation " + latest->id + " of s3://" + bucket + "/" + db_id);
+            auto rr = restore_database(*client_, bucket, db_id, path_, RestoreOptions{});
+            if (!rr) {
+                Error e = std::move(rr).error();
+                e.message = "cannot restore " + path_ + " from the bucket: " + e.message;
+                return e;
+            }
+            log::info("restored " + path_ + ": generation " + rr->generation + ", " + std::to_string(rr->db_pages) +
+                      " pages, last transaction at " + fmt_time_us(rr->last_commit_us));
+            parent_generation_ = rr->generation;
+            parent_seq_ = rr->seq;
+            request_snapshot("the database was restored from the bucket");
+        } else {
+            request_snapshot(latest ? "auto-restore is off: a new history starts" : "first start: nothing in the bucket");
+        }
+    } else if (!latest) {
+        request_snapshot("first start: the bucket has no generation of '" + db_id + "'");
+    } else if (state && state->bucket == bucket && state->db_id == db_id && state->generation == latest->id) {
+        // We wrote the bucket's newest generation. Continue it only if the
+        // local files still are exactly where that history ends.
+        bool proven = false;
+        WalPosition start = state->position;
+        auto scan = scan_wal_file(wal_path_);
+        if (latest->last_seq == state->seq && scan) {
+            if (scan->has_header && scan->header.salt1 == state->position.salt1 &&
+                scan->header.salt2 == state->position.salt2 && state->position.frame <= scan->last_commit_frame) {
+                if (state->position.frame == 0) {
+                    proven = scan->header.cksum1 == state->position.cksum1 && scan->header.cksum2 == state->position.cksum2;
+                } else {
+                    Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
+                    unsigned char fh[kWalFrameHeaderSize];
+                    if (fd.fd >= 0 && pread_full(fd.fd, fh, sizeof fh,
+                                                 wal_frame_offset(scan->header.page_size, state->position.frame))) {
+                        auto h = parse_frame_header(fh);
+                        proven = h.cksum1 == state->position.cksum1 && h.cksum2 == state->position.cksum2 &&
+                                 h.is_commit();
+                    }
+                }
+                if (proven) page_size_ = scan->header.page_size;
+            } else if (!scan->has_header && state->clean_close && db_exists && state->db_size == db_st.st_size &&
+                       state->db_mtime_ns == mtime_ns(db_st) && state->db_ino == db_st.st_ino) {
+                proven = true;  // closed cleanly, WAL checkpointed away, file untouched since
+            }
+        }
+        if (proven) {
+            generation_ = state->generation;
+            seq_ = state->seq;
+            prev_sha256_ = state->prev_sha256;
+            captured_ = durable_ = start;
+            log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
+            if (scan->has_header && scan->header.salt1 == start.salt1 && scan->header.salt2 == start.salt2 &&
+                scan->last_commit_frame > start.frame) {
+                // Frames committed locally but never shipped (a crash): ship them now.
+                note_commit(start.salt1, start.salt2, scan->last_commit_frame, scan->header.page_size);
+            }
+        } else {
+            parent_generation_ = latest->id;
+            parent_seq_ = latest->last_seq;
+            request_snapshot("the local database moved past what the bucket holds");
+        }
+    } else {
+        std::string why = state && state->bucket == bucket && state->db_id == db_id
+                              ? "the bucket holds generation " + latest->id +
+                                    ", newer than the one this file was last replicated to (" + state->generation + ")"
+                              : "this file has no replication state for this bucket, so nothing proves they match";
+        switch (config_.initial_replication) {
+        case InitialReplication::Skip:
+            log::warn(path_ + ": replication skipped for this run (LIBSQL_BOTTOMLESS_INITIAL_REPLICATION=skip): " + why);
+            enabled_ = false;
+            return {};
+        case InitialReplication::Force:
+            log::warn(path_ + ": replicating the local file as a new generation (initial_replication=force): " + why);
+            parent_generation_ = latest->id;
+            parent_seq_ = latest->last_seq;
+            request_snapshot("forced by initial_replication=force");
+            break;
+        case InitialReplication::Error:
+            return make_error(
+                ErrorKind::InvalidArgument,
+                "local database " + path_ + " and s3://" + bucket + "/" + db_id + " disagree: " + why +
+                    ". Set LIBSQL_BOTTOMLESS_INITIAL_REPLICATION=force (or initial_replication=force) to replicate "
+                    "the local file as a new generation, =skip to open it without replication, or move the local "
+                    "file away to restore it from the bucket",
+                "ReplicaMismatch");
+        }
+    }
+
+    db_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);  // may not exist yet: opened on first snapshot
+    thread_ = std::thread([this] { run(); });
+    return {};
+}
+
+Replicator::~Replicator() {
+    std::lock_guard reg(registry_mu());
+    if (thread_.joinable()) {
+        {
+            std::lock_guard lock(cv_mu_);
+            stop_ = true;
+            force_ = true;
+        }
+        cv_.notify_all();
+        thread_.join();
+    }
+    if (enabled_) write_state_file(/*clean_close=*/true);
+    if (db_fd_ >= 0) ::close(db_fd_);  // the last connection is gone: no SQLite lock can be dropped
+    auto it = registry().find(path_);
+    if (it != registry().end() && it->second.expired()) registry().erase(it);
+}
+
+// ---------------------------------------------------------------------------
+// VFS events
+
+void Replicator::note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size) {
+    if (!enabled_) return;
+    std::lock_guard lock(obs_mu_);
+    if (salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_ && frame == last_noted_frame_) return;
+    uint64_t frames = (salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_ && frame > last_noted_frame_)
+                          ? frame - last_noted_frame_
+                          : frame;
+    last_noted_salt1_ = salt1;
+    last_noted_salt2_ = salt2;
+    last_noted_frame_ = frame;
+    if (frame == 0) return;  // a restart without frames yet: nothing to ship
+    Commit c{salt1, salt2, frame, now_us(), noted_index_.load() + 1};
+    commits_.push_back(c);
+    noted_index_.store(c.index);
+    unshipped_bytes_.fetch_add(frames * (page_size ? page_size : 4096));
+}
+
+bool Replicator::restart_allowed() const {
+    if (!enabled_) return true;
+    return durable_index_.load() >= noted_index_.load();
+}
+
+void Replicator::note_checkpoint(bool active) { checkpoints_active_.fetch_add(active ? 1 : -1); }
+
+void Replicator::note_write_outside_wal() {
+    if (!enabled_) return;
+    broken_outside_wal_.store(true);
+    snapshot_torn_.store(true);
+}
+
+void Replicator::note_db_write() {
+    if (snapshot_active_.load()) snapshot_torn_.store(true);
+}
+
+void Replicator::note_wal_open(bool open) { wal_open_.fetch_add(open ? 1 : -1); }
+
+void Replicator::wake() {
+    {
+        std::lock_guard lock(cv_mu_);
+        wake_ = true;
+    }
+    cv_.notify_all();
+}
+
+void Replicator::apply_backpressure() {
+    if (!enabled_ || config_.sync) return;
+    if (unshipped_bytes_.load() <= config_.max_pending_bytes) return;
+    wake();
+    auto deadline = Clock::now() + std::chrono::seconds(30);
+    std::unique_lock lock(cv_mu_);
+    durable_cv_.wait_until(lock, deadline, [&] { return unshipped_bytes_.load() <= config_.max_pending_bytes || stop_; });
+    if (unshipped_bytes_.load() > config_.max_pending_bytes)
+        log::warn(path_ + ": " + std::to_string(unshipped_bytes_.load() >> 20) +
+                  " MiB committed but not in S3 yet (limit " + std::to_string(config_.max_pending_bytes >> 20) +
+                  " MiB); writes go on, the WAL grows until S3 catches up");
+}
+
+// ---------------------------------------------------------------------------
+// Capture: committed WAL frames into pending transactions
+
+Status Replicator::read_frames(int wal_fd, const WalHeader& hdr, uint64_t from, uint64_t to, WalPosition& pos,
+                               std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index) {
+    const uint32_t psz = hdr.page_size;
+    std::vector<unsigned char> buf(kWalFrameHeaderSize + psz);
+    uint32_t s1 = pos.cksum1, s2 = pos.cksum2;
+    PendingTxn cur;
+    for (uint64_t i = from; i <= to; ++i) {
+        if (!pread_full(wal_fd, buf.data(), buf.size(), wal_frame_offset(psz, i)))
+            return make_error(ErrorKind::Corrupt, "WAL frame " + std::to_string(i) + " is missing or short", "WalShort");
+        if (!verify_frame(hdr, buf.data(), buf.data() + kWalFrameHeaderSize, s1, s2))
+            return make_error(ErrorKind::Corrupt,
+                              "WAL frame " + std::to_string(i) + " does not continue the checksum chain", "WalChain");
+        WalFrameHeader fh = parse_frame_header(buf.data());
+        cur.frames.push_back(SegmentFrame{
+            fh.pgno, std::string(reinterpret_cast<const char*>(buf.data() + kWalFrameHeaderSize), psz)});
+        cur.bytes += psz;
+        if (fh.is_commit()) {
+            cur.db_pages = fh.db_size;
+            cur.commit_us = commit_us;
+            cur.commit_index = i == to ? commit_index : commit_index - 1;
+            cur.end = WalPosition{hdr.salt1, hdr.salt2, i, s1, s2};
+            pos = cur.end;
+            pending_bytes_ += cur.bytes;
+            out.push_back(std::move(cur));
+            cur = PendingTxn{};
+        }
+    }
+    if (!cur.frames.empty())
+        return make_error(ErrorKind::Corrupt, "WAL frame " + std::to_string(to) + " does not end a transaction",
+                          "WalChain");
+    return {};
+}
+
+Status Replicator::capture() {
+    std::deque<Commit> todo;
+    {
+        std::lock_guard lock(obs_mu_);
+        todo.swap(commits_);
+    }
+    if (todo.empty()) return {};
+    Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
+    std::optional<WalHeader> hdr;
+    if (fd.fd >= 0) {
+        unsigned char h[kWalHeaderSize];
+        if (pread_full(fd.fd, h, sizeof h, 0)) hdr = parse_wal_header(h);
+    }
+    Status result;
+    while (!todo.empty()) {
+        if (pending_bytes_ >= config_.max_pending_bytes) break;  // the WAL keeps the rest (back-pressure)
+        Commit c = todo.front();
+        if (c.salt1 != captured_.salt1 || c.salt2 != captured_.salt2) {
+            if (!hdr || hdr->salt1 != c.salt1 || hdr->salt2 != c.salt2) {
+                request_snapshot("the WAL was restarted before its frames could be read (a writer outside bottomless?)");
+                todo.clear();
+                break;
+            }
+            if (page_size_ && hdr->page_size != page_size_) {
+                request_snapshot("the page size changed");
+                todo.clear();
+                break;
+            }
+            page_size_ = hdr->page_size;
+            captured_ = WalPosition{hdr->salt1, hdr->salt2, 0, hdr->cksum1, hdr->cksum2};
+        }
+        if (c.frame <= captured_.frame) {
+            // Already covered (by a snapshot or an earlier observation).
+            if (!pending_.empty()) pending_.back().commit_index = std::max(pending_.back().commit_index, c.index);
+            else if (!inflight_) {
+                uint64_t d = durable_index_.load();
+                if (c.index > d) durable_index_.store(c.index);
+            }
+            todo.pop_front();
+            continue;
+        }
+        if (pending_.empty() && !inflight_) first_pending_time_ = Clock::now();
+        auto st = read_frames(fd.fd, *hdr, captured_.frame + 1, c.frame, captured_, pending_, c.time_us, c.index);
+        if (!st) {
+            request_snapshot("WAL continuity broken: " + st.error().message);
+            todo.clear();
+            result = st;
+            break;
+        }
+        todo.pop_front();
+    }
+    if (!todo.empty()) {
+        std::lock_guard lock(obs_mu_);
+        commits_.insert(commits_.begin(), todo.begin(), todo.end());
+    }
+    return result;
+}
+
+// ---------------------------------------------------------------------------
+// Upload
+
+void Replicator::record_error(const Error& e) {
+    log::warn(path_ + ": replication: " + e.describe());
+    std::lock_guard lock(status_mu_);
+    last_error_ = e.describe();
+    last_error_us_ = now_us();
+}
+
+void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
+    durable_ = pos;
+    if (commit_index > durable_index_.load()) durable_index_.store(commit_index);
+    {
+        std::lock_guard lock(status_mu_);
+        status_generation_ = generation_;
+        status_seq_ = seq_;
+        status_durable_ = pos;
+        last_error_.clear();
+    }
+    {
+        std::lock_guard lock(cv_mu_);
+    }
+    durable_cv_.notify_all();
+}
+
+Status Replicator::upload_inflight() {
+    InFlight& f = *inflight_;
+    s3::PutOptions o;
+    o.if_none_match = true;  // a segment is written once; a second writer must not overwrite it
+    o.content_type = "application/vnd.bottomless.segment";
+    std::string key = segment_key(config_.db_id, generation_, f.header.seq);
+    auto r = client_->put_object(config_.bucket, key, f.bytes, o);
+    if (!r) {
+        if (r.error().kind == ErrorKind::Precondition) {
+            // Someone else's segment sits at our key: this history forked.
+            record_error(make_error(ErrorKind::Precondition,
+                                    key + " already exists with other content (another writer on this generation?); "
+                                          "starting a new generation",
+                                    "Fork"));
+            inflight_.reset();
+            pending_.clear();
+            pending_bytes_ = 0;
+            request_snapshot("segment key taken by another writer");
+            return r.error();
+        }
+        record_error(r.error());
+        ++consecutive_failures_;
+        auto backoff = std::chrono::milliseconds(std::min<int64_t>(30'000, 250ll << std::min(consecutive_failures_, 7)));
+        retry_after_ = Clock::now() + backoff;
+        return std::move(r).error();
+    }
+    consecutive_failures_ = 0;
+    seq_ = f.header.seq;
+    prev_sha256_ = f.sha256;
+    uint64_t raw = 0;
+    for (const auto& t : f.header.txns) raw += static_cast<uint64_t>(t.frames) * f.header.page_size;
+    wal_bytes_since_snapshot_ += raw;
+    uint64_t u = unshipped_bytes_.load();
+    unshipped_bytes_.store(u > raw ? u - raw : 0);
+    {
+        std::lock_guard lock(status_mu_);
+        ++segments_uploaded_;
+        bytes_uploaded_ += f.bytes.size();
+        if (!f.header.txns.empty()) last_durable_commit_us_ = f.header.txns.back().commit_us;
+    }
+    WalPosition end = f.header.end;
+    uint64_t idx = f.commit_index;
+    inflight_.reset();
+    mark_durable(end, idx);
+    write_state_file(false);
+    return {};
+}
+
+Status Replicator::upload_pending(bool force, Clock::time_point deadline) {
+    for (;;) {
+        if (inflight_) {
+            if (auto st = upload_inflight(); !st) return st;
+            continue;
+        }
+        if (pending_.empty()) return {};
+        if (generation_.empty() || need_snapshot_) return {};  // the next snapshot covers them
+        bool due = force || pending_bytes_ >= config_.batch_max_bytes ||
+                   Clock::now() - first_pending_time_ >= config_.batch_interval;
+        if (!due) return {};
+        if (Clock::now() > deadline)
+            return make_error(ErrorKind::Cancelled, "deadline passed before everything was shipped", "Timeout");
+
+        InFlight f;
+        f.header.db_id = config_.db_id;
+        f.header.generation = generation_;
+        f.header.seq = seq_ + 1;
+        f.header.page_size = page_size_;
+        f.header.start = durable_;
+        f.header.prev_sha256 = prev_sha256_;
+        f.header.compression = config_.compression;
+        std::vector<SegmentFrame> frames;
+        uint64_t bytes = 0;
+        size_t n = 0;
+        while (n < pending_.size() && (n == 0 || bytes + pending_[n].bytes <= config_.batch_max_bytes)) {
+            PendingTxn& t = pending_[n];
+            f.header.txns.push_back(SegmentTxn{static_cast<uint32_t>(t.frames.size()), t.db_pages, t.commit_us});
+            bytes += t.bytes;
+            for (auto& fr : t.frames) frames.push_back(std::move(fr));
+            f.header.end = t.end;
+            f.commit_index = t.commit_index;
+            ++n;
+        }
+        pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
+        pending_bytes_ -= std::min(pending_bytes_, bytes);
+        f.bytes = encode_segment(f.header, frames, &f.sha256);
+        inflight_ = std::move(f);
+        if (!pending_.empty()) first_pending_time_ = Clock::now();
+    }
+}
+
+void Replicator::request_snapshot(const std::string& reason) {
+    if (!need_snapshot_) log::info(path_ + ": new generation needed: " + reason);
+    need_snapshot_ = true;
+    snapshot_reason_ = reason;
+}
+
+Status Replicator::take_snapshot() {
+    // Ship what the current generation can still take, so its history ends
+    // as late as possible; a failure here does not stop the new generation.
+    if (!generation_.empty() && (!pending_.empty() || inflight_))
+        (void)upload_pending(true, Clock::now() + std::chrono::seconds(5));
+    if (!generation_.empty()) {
+        parent_generation_ = generation_;
+        parent_seq_ = seq_;
+    }
+
+    struct Guard {
+        std::atomic<bool>& flag;
+        ~Guard() { flag.store(false); }
+    } guard{snapshot_active_};
+    snapshot_active_.store(true);
+    snapshot_torn_.store(false);
+    // Wait for a checkpoint already running in this process to finish: the
+    // database file must stay still while it is read.
+    for (int i = 0; checkpoints_active_.load() > 0 && i < 10'000; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (checkpoints_active_.load() > 0)
+        return make_error(ErrorKind::Cancelled, "a checkpoint did not finish; snapshot postponed", "Busy");
+
+    const uint64_t idx0 = noted_index_.load();
+    const int64_t commit_us0 = now_us();
+    if (db_fd_ < 0) db_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    unsigned char dbh[100] = {0};
+    struct stat st{};
+    bool have_db = db_fd_ >= 0 && ::fstat(db_fd_, &st) == 0 && st.st_size >= 100 && pread_full(db_fd_, dbh, 100, 0);
+    auto scan = scan_wal_file(wal_path_);
+    if (!scan) return std::move(scan).error();
+    uint32_t psz = scan->has_header ? scan->header.page_size : (have_db ? db_header_page_size(dbh) : 0);
+    if (have_db && db_header_page_size(dbh) != psz)
+        return make_error(ErrorKind::Corrupt, "database and WAL page sizes differ", "PageSize");
+    uint32_t db_pages = scan->last_commit_frame ? scan->db_size
+                                                : (have_db ? static_cast<uint32_t>(st.st_size / psz) : 0);
+    if (db_pages == 0 || psz == 0) {
+        // Nothing to snapshot yet (a new, empty database): the first commit will be.
+        return {};
+    }
+    WalPosition pos;
+    if (scan->has_header)
+        pos = WalPosition{scan->header.salt1, scan->header.salt2, scan->last_commit_frame, scan->cksum1, scan->cksum2};
+
+    // Latest WAL frame of each page up to the snapshot position.
+    std::unordered_map<uint32_t, uint64_t> latest;
+    Fd wal(scan->last_commit_frame ? ::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC) : -1);
+    for (uint64_t i = 1; i <= scan->last_commit_frame; ++i) {
+        unsigned char fh[kWalFrameHeaderSize];
+        if (!pread_full(wal.fd, fh, sizeof fh, wal_frame_offset(psz, i)))
+            return make_error(ErrorKind::Io, "cannot read WAL frame " + std::to_string(i), "WalRead");
+        latest[parse_frame_header(fh).pgno] = i;
+    }
+
+    std::string gen = new_generation_id(now_us() / 1000);
+    SnapshotHeader h;
+    h.db_id = config_.db_id;
+    h.generation = gen;
+    h.page_size = psz;
+    h.db_pages = db_pages;
+    h.created_us = now_us();
+    {
+        std::lock_guard lock(status_mu_);
+        h.last_commit_us = last_durable_commit_us_;
+    }
+    if (idx0 > 0) h.last_commit_us = commit_us0;
+    h.position = pos;
+    h.parent_generation = parent_generation_;
+    h.parent_seq = parent_seq_;
+    h.compression = config_.compression;
+
+    std::string key = snapshot_key(config_.db_id, gen);
+    auto writer = client_->open_writer(config_.bucket, key, s3::PutOptions{});
+    SnapshotWriter sw(h, [&](std::string_view piece) { return writer->write(piece); });
+    std::string page(psz, '\0');
+    for (uint32_t pgno = 1; pgno <= db_pages; ++pgno) {
+        auto it = latest.find(pgno);
+        bool ok;
+        if (it != latest.end()) {
+            ok = pread_full(wal.fd, page.data(), psz, wal_frame_offset(psz, it->second) + kWalFrameHeaderSize);
+        } else if (static_cast<uint64_t>(pgno) * psz <= static_cast<uint64_t>(st.st_size)) {
+            ok = pread_full(db_fd_, page.data(), psz, static_cast<uint64_t>(pgno - 1) * psz);
+        } else {
+            std::fill(page.begin(), page.end(), '\0');  // never written (e.g. the lock page)
+            ok = true;
+        }
+        if (!ok) return make_error(ErrorKind::Io, "cannot read page " + std::to_string(pgno) + " of " + path_, "ReadError");
+        if (auto s = sw.add_page(page); !s) return s;
+    }
+    auto sha = sw.finish();
+    if (!sha) return std::move(sha).error();
+    if (snapshot_torn_.load()) {
+        writer->abort();
+        return make_error(ErrorKind::Cancelled, "the database file changed while the snapshot was read; retrying",
+                          "SnapshotTorn");
+    }
+    auto put = writer->finish();
+    if (!put) return std::move(put).error();
+    if (snapshot_torn_.load()) {
+        (void)client_->delete_object(config_.bucket, key);
+        return make_error(ErrorKind::Cancelled, "the database file changed while the snapshot was read; retrying",
+                          "SnapshotTorn");
+    }
+
+    log::info(path_ + ": generation " + gen + " started (" + snapshot_reason_ + "): " + std::to_string(db_pages) +
+              " pages, " + std::to_string(put->size) + " bytes");
+    generation_ = gen;
+    seq_ = 0;
+    prev_sha256_ = *sha;
+    page_size_ = psz;
+    captured_ = pos;
+    pending_.clear();
+    pending_bytes_ = 0;
+    inflight_.reset();
+    need_snapshot_ = false;
+    broken_outside_wal_.store(false);
+    parent_generation_.clear();
+    parent_seq_ = 0;
+    wal_bytes_since_snapshot_ = 0;
+    last_snapshot_time_ = Clock::now();
+    unshipped_bytes_.store(0);
+    {
+        std::lock_guard lock(status_mu_);
+        ++snapshots_uploaded_;
+        bytes_uploaded_ += put->size;
+        if (h.last_commit_us) last_durable_commit_us_ = h.last_commit_us;
+    }
+    mark_durable(pos, idx0);
+    write_state_file(false);
+    return {};
+}
+
+Status Replicator::step(bool force) {
+    if (!force && Clock::now() < retry_after_) return {};
+    if (broken_outside_wal_.load()) request_snapshot("the database file was written outside the WAL");
+    if (need_snapshot_) {
+        // Observations up to now are inside the snapshot.
+        {
+            std::lock_guard lock(obs_mu_);
+            commits_.clear();
+        }
+        auto st = take_snapshot();
+        if (!st) {
+            record_error(st.error());
+            ++consecutive_failures_;
+            retry_after_ = Clock::now() + std::chrono::milliseconds(std::min<int64_t>(30'000, 250ll << std::min(consecutive_failures_, 7)));
+            return st;
+        }
+        consecutive_failures_ = 0;
+        if (need_snapshot_) return {};  // nothing to snapshot yet
+    }
+    (void)capture();
+    if (config_.snapshot_after_bytes && wal_bytes_since_snapshot_ > config_.snapshot_after_bytes)
+        request_snapshot("snapshot policy: " + std::to_string(wal_bytes_since_snapshot_) + " WAL bytes since the last one");
+    else if (config_.snapshot_interval.count() > 0 && Clock::now() - last_snapshot_time_ > config_.snapshot_interval)
+        request_snapshot("snapshot policy: interval elapsed");
+    return upload_pending(force, Clock::now() + std::chrono::hours(1));
+}
+
+void Replicator::run() {
+    for (;;) {
+        bool stopping, force;
+        {
+            std::unique_lock lock(cv_mu_);
+            auto wait = std::min<std::chrono::milliseconds>(config_.batch_interval / 4 + std::chrono::milliseconds(1),
+                                                            std::chrono::milliseconds(250));
+            cv_.wait_for(lock, wait, [&] { return stop_ || wake_; });
+            stopping = stop_;
+            force = force_ || stopping;
+            wake_ = false;
+            force_ = false;
+        }
+        {
+            std::lock_guard lock(upload_mu_);
+            (void)step(force);
+        }
+        if (stopping) break;
+    }
+    // Closing: ship everything committed, bounded by the shutdown timeout.
+    auto deadline = Clock::now() + config_.shutdown_timeout;
+    while (Clock::now() < deadline) {
+        {
+            std::lock_guard lock(upload_mu_);
+            retry_after_ = {};
+            (void)step(true);
+            bool done = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_ &&
+                        (!need_snapshot_ || generation_.empty());
+            if (done && !need_snapshot_) return;
+            if (done && need_snapshot_ && consecutive_failures_ == 0) return;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    log::warn(path_ + ": closing with committed transactions not in S3 after " +
+              std::to_string(config_.shutdown_timeout.count()) +
+              " ms; they stay in the local WAL and are shipped at the next open");
+}
+
+// ---------------------------------------------------------------------------
+// Blocking calls from the VFS and the SQL functions
+
+Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseconds timeout) {
+    if (!enabled_ || restart_allowed()) return {};
+    wake();
+    auto deadline = Clock::now() + timeout;
+    while (!restart_allowed()) {
+        {
+            std::lock_guard lock(upload_mu_);
+            retry_after_ = {};
+            auto st = step(true);
+            if (restart_allowed()) break;
+            if (Clock::now() >= deadline)
+                return make_error(ErrorKind::Transport,
+                                  std::string("cannot ") + why + ": committed transactions are not yet in S3" +
+                                      (st.ok() ? "" : " (" + st.error().describe() + ")"),
+                                  "Unshipped");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return {};
+}
+
+Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
+                               uint32_t page_size) {
+    if (!enabled_) return {};
+    std::lock_guard lock(upload_mu_);
+    auto deadline = Clock::now() + config_.sync_timeout;
+    if (need_snapshot_ || generation_.empty()) {
+        {
+            std::lock_guard olock(obs_mu_);
+            commits_.clear();
+        }
+        if (auto st = take_snapshot(); !st) return st;
+    }
+    (void)capture();
+    if (need_snapshot_) {
+        if (auto st = take_snapshot(); !st) return st;
+    }
+    Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
+    unsigned char h[kWalHeaderSize];
+    std::optional<WalHeader> hdr;
+    if (fd.fd >= 0 && pread_full(fd.fd, h, sizeof h, 0)) hdr = parse_wal_header(h);
+    WalFrameHeader fh = parse_frame_header(frame_header);
+    if (!hdr || hdr->salt1 != fh.salt1 || hdr->salt2 != fh.salt2 || hdr->page_size != page_size)
+        return make_error(ErrorKind::Corrupt, "the WAL header does not match the frame being committed", "WalChain");
+    if (captured_.salt1 != hdr->salt1 || captured_.salt2 != hdr->salt2) {
+        captured_ = WalPosition{hdr->salt1, hdr->salt2, 0, hdr->cksum1, hdr->cksum2};
+        page_size_ = page_size;
+    }
+    // Frames of this transaction already in the file, then the commit frame from memory.
+    std::vector<PendingTxn> txn;
+    WalPosition pos = captured_;
+    PendingTxn t;
+    uint32_t s1 = pos.cksum1, s2 = pos.cksum2;
+    std::vector<unsigned char> buf(kWalFrameHeaderSize + page_size);
+    for (uint64_t i = captured_.frame + 1; i <= frame; ++i) {
+        const unsigned char* fhp;
+        const unsigned char* pg;
+        if (i < frame) {
+            if (!pread_full(fd.fd, buf.data(), buf.size(), wal_frame_offset(page_size, i)))
+                return make_error(ErrorKind::Corrupt, "WAL frame " + std::to_string(i) + " is missing", "WalShort");
+            fhp = buf.data();
+            pg = buf.data() + kWalFrameHeaderSize;
+        } else {
+            fhp = frame_header;
+            pg = page;
+        }
+        if (!verify_frame(*hdr, fhp, pg, s1, s2)) {
+            request_snapshot("sync commit: WAL checksum chain broken");
+            return make_error(ErrorKind::Corrupt, "WAL frame " + std::to_string(i) + " breaks the checksum chain",
+                              "WalChain");
+        }
+        WalFrameHeader f = parse_frame_header(fhp);
+        t.frames.push_back(SegmentFrame{f.pgno, std::string(reinterpret_cast<const char*>(pg), page_size)});
+        t.bytes += page_size;
+        if (f.is_commit() && i < frame) {
+            // An earlier commit not yet observed (should not happen in sync mode): keep it as its own transaction.
+            t.db_pages = f.db_size;
+            t.commit_us = now_us();
+            t.end = WalPosition{hdr->salt1, hdr->salt2, i, s1, s2};
+            txn.push_back(std::move(t));
+            t = PendingTxn{};
+        }
+    }
+    t.db_pages = fh.db_size;
+    t.commit_us = now_us();
+    t.end = WalPosition{hdr->salt1, hdr->salt2, frame, s1, s2};
+    uint64_t idx;
+    {
+        std::lock_guard olock(obs_mu_);
+        idx = noted_index_.load() + 1;
+        noted_index_.store(idx);
+    }
+    t.commit_index = idx;
+    txn.push_back(std::move(t));
+    WalPosition before = captured_;
+    for (auto& x : txn) {
+        if (x.commit_index == 0) x.commit_index = idx - 1;
+        pending_bytes_ += x.bytes;
+        pending_.push_back(std::move(x));
+    }
+    captured_ = pending_.back().end;
+    if (pending_.size() == 1 && !inflight_) first_pending_time_ = Clock::now();
+
+    auto st = upload_pending(true, deadline);
+    if (!st || durable_index_.load() < idx) {
+        // The transaction will not commit locally; whether S3 kept it is
+        // unknown, so this generation must not be appended to again.
+        Error e = st.ok() ? make_error(ErrorKind::Transport, "not durable in time", "Timeout") : st.error();
+        e.message = "sync commit refused: the transaction could not be made durable in S3 within " +
+                    std::to_string(config_.sync_timeout.count()) + " ms: " + e.message;
+        record_error(e);
+        captured_ = before;
+        pending_.clear();
+        pending_bytes_ = 0;
+        inflight_.reset();
+        request_snapshot("a sync commit failed");
+        retry_after_ = {};
+        return e;
+    }
+    return {};
+}
+
+Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
+    if (!enabled_) return make_error(ErrorKind::InvalidArgument, "replication is off for this database (skip)", "Disabled");
+    const uint64_t target = noted_index_.load();
+    {
+        std::lock_guard lock(cv_mu_);
+        wake_ = true;
+        force_ = true;
+    }
+    cv_.notify_all();
+    auto deadline = Clock::now() + timeout;
+    for (;;) {
+        bool snap_pending;
+        {
+            // A first snapshot still owed for a non-empty database counts as unshipped.
+            std::lock_guard ulock(upload_mu_);
+            struct stat st{};
+            snap_pending = need_snapshot_ && ::stat(path_.c_str(), &st) == 0 && st.st_size > 0;
+        }
+        if (durable_index_.load() >= target && !snap_pending) break;
+        if (Clock::now() >= deadline) {
+            std::lock_guard slock(status_mu_);
+            return make_error(ErrorKind::Transport,
+                              "flush timed out after " + std::to_string(timeout.count()) + " ms" +
+                                  (last_error_.empty() ? "" : "; last error: " + last_error_),
+                              "Timeout");
+        }
+        std::unique_lock lock(cv_mu_);
+        wake_ = true;
+        force_ = true;
+        cv_.notify_all();
+        durable_cv_.wait_for(lock, std::chrono::milliseconds(50));
+    }
+    std::lock_guard slock(status_mu_);
+    return status_durable_;
+}
+
+Result<std::string> Replicator::snapshot_now(std::chrono::milliseconds timeout) {
+    if (!enabled_) return make_error(ErrorKind::InvalidArgument, "replication is off for this database (skip)", "Disabled");
+    {
+        std::lock_guard lock(upload_mu_);
+        request_snapshot("requested by bottomless_snapshot()");
+        retry_after_ = {};
+        auto st = step(true);
+        if (!st) return std::move(st).error();
+        if (need_snapshot_) return make_error(ErrorKind::InvalidArgument, "the database is empty: nothing to snapshot", "Empty");
+        return generation_;
+    }
+    (void)timeout;
+}
+
+std::string Replicator::status_json() const {
+    nlohmann::json j;
+    j["database"] = path_;
+    j["database_id"] = config_.db_id;
+    j["bucket"] = config_.bucket;
+    j["endpoint"] = config_.s3.endpoint.empty() ? "aws" : log::redact_url(config_.s3.endpoint);
+    j["mode"] = !enabled_ ? "off" : (config_.sync ? "sync" : "async");
+    std::lock_guard lock(status_mu_);
+    j["generation"] = status_generation_;
+    j["segment"] = status_seq_;
+    j["durable_position"] = {{"salt1", status_durable_.salt1}, {"salt2", status_durable_.salt2},
+                             {"frame", status_durable_.frame}};
+    j["last_durable_commit"] = fmt_time_us(last_durable_commit_us_);
+    j["last_durable_commit_us"] = last_durable_commit_us_;
+    uint64_t noted = noted_index_.load(), durable = durable_index_.load();
+    j["pending_transactions"] = noted > durable ? noted - durable : 0;
+    j["pending_bytes"] = unshipped_bytes_.load();
+    int64_t lag_ms = 0;
+    if (noted > durable && last_durable_commit_us_ > 0) lag_ms = (now_us() - last_durable_commit_us_) / 1000;
+    j["lag_ms"] = lag_ms;
+    j["segments_uploaded"] = segments_uploaded_;
+    j["snapshots_uploaded"] = snapshots_uploaded_;
+    j["bytes_uploaded"] = bytes_uploaded_;
+    auto cs = client_->stats();
+    j["requests"] = cs.requests;
+    j["put_requests"] = cs.puts;
+    j["retries"] = cs.retries;
+    j["last_error"] = last_error_.empty() ? nlohmann::json(nullptr) : nlohmann::json(last_error_);
+    if (!last_error_.empty()) j["last_error_at"] = fmt_time_us(last_error_us_);
+    return j.dump();
+}
+
+void Replicator::write_state_file(bool clean_close) {
+    if (generation_.empty()) return;
+    nlohmann::json j;
+    j["format"] = 1;
+    j["bucket"] = config_.bucket;
+    j["db_id"] = config_.db_id;
+    j["generation"] = generation_;
+    j["seq"] = seq_;
+    j["prev_sha256"] = prev_sha256_;
+    j["position"] = {{"salt1", durable_.salt1}, {"salt2", durable_.salt2}, {"frame", durable_.frame},
+                     {"cksum1", durable_.cksum1}, {"cksum2", durable_.cksum2}};
+    j["updated_us"] = now_us();
+    struct stat db{}, wal{};
+    bool fully_shipped = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_;
+    if (clean_close && fully_shipped && stat_file(path_, db) && !stat_file(wal_path_, wal)) {
+        j["clean_close"] = true;
+        j["db_size"] = static_cast<int64_t>(db.st_size);
+        j["db_mtime_ns"] = mtime_ns(db);
+        j["db_ino"] = static_cast<uint64_t>(db.st_ino);
+    }
+    // Not fsynced on purpose: a stale state file only makes the next start
+    // unable to prove continuity, which costs a new generation, never data.
+    std::string tmp = state_path_ + ".tmp";
+    {
+        std::ofstream out(tmp, std::ios::trunc);
+        out << j.dump() << "\n";
+        if (!out) {
+            log::warn("cannot write " + tmp);
+            return;
+        }
+    }
+    if (::rename(tmp.c_str(), state_path_.c_str()) != 0) log::warn("cannot rename " + tmp + ": " + errno_text(errno));
+}
+
+}  // namespace bottomless::replicator

@@ -1,0 +1,198 @@
+// The replicator: one per database file in a process, shared by all its
+// connections. It turns committed WAL frames into segment objects in the
+// bucket, starts generations from snapshots, and decides at start-up whether
+// to restore, continue or start afresh.
+//
+// The VFS shim tells it what SQLite does (cheap calls, no I/O, safe under
+// SQLite's shm locks) and asks it two questions: may the WAL restart now
+// (only when nothing committed is unshipped), and — in sync mode — is this
+// commit durable. An uploader thread does the reading, encoding and network
+// work. docs/SEMANTICS.md describes the guarantees.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "replicator/config.h"
+#include "replicator/format.h"
+#include "replicator/wal.h"
+#include "s3/client.h"
+#include "s3/result.h"
+
+namespace bottomless::replicator {
+
+class Replicator {
+public:
+    // The replicator of the database at `path` (canonical): the running one,
+    // or a new one after the start-up decision (which may restore the file
+    // from the bucket, or fail per LIBSQL_BOTTOMLESS_INITIAL_REPLICATION).
+    static Result<std::shared_ptr<Replicator>> acquire(const std::string& path, const ReplicatorConfig& config);
+    // The running replicator of `path`, if any (for the WAL and journals).
+    static std::shared_ptr<Replicator> find(const std::string& path);
+
+    ~Replicator();
+    Replicator(const Replicator&) = delete;
+    Replicator& operator=(const Replicator&) = delete;
+
+    bool enabled() const { return enabled_; }
+    bool sync_mode() const { return config_.sync; }
+    const ReplicatorConfig& config() const { return config_; }
+
+    // ---- events from the VFS (cheap; no I/O; callable under shm locks) ----
+
+    // A write transaction ended (WAL write lock released) and the wal-index
+    // header says the last commit is `frame` in the epoch (salt1, salt2).
+    void note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size);
+    // May the WAL be restarted (its frames overwritten from the start)?
+    // False while any committed frame is not durable in S3 (invariant 2).
+    bool restart_allowed() const;
+    // Checkpoints copy WAL pages into the database file; a snapshot being read
+    // needs that file still, so checkpoints wait while one is read.
+    bool checkpoint_allowed() const { return !snapshot_active_.load(); }
+    bool wal_is_open() const { return wal_open_.load() > 0; }
+    void note_checkpoint(bool active);
+    // The database file was written while no WAL was open (rollback-journal
+    // mode, or a journal-mode change): the history can no longer be proven.
+    void note_write_outside_wal();
+    // The database file was written (a checkpoint): a snapshot being read
+    // without a checkpoint veto (exclusive locking mode) is torn.
+    void note_db_write();
+    void note_wal_open(bool open);
+    // Whether the database uses a shared-memory wal-index (normal mode) or
+    // not (exclusive locking mode, where commits are seen in WAL writes).
+    void note_shm(bool mapped) { shm_users_.fetch_add(mapped ? 1 : -1); }
+    bool uses_shm() const { return shm_users_.load() > 0; }
+
+    // ---- calls from the VFS that may block (never under shm locks) ----
+
+    // Before the WAL header is rewritten, the WAL truncated or deleted: make
+    // every committed frame durable first. Bounded by `timeout`.
+    Status flush_before_wal_loss(const char* why, std::chrono::milliseconds timeout);
+    // Sync mode: called with the commit frame before it reaches the disk. OK
+    // means the transaction is durable in S3 and may be committed locally.
+    Status commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
+                       uint32_t page_size);
+    // Writers are slowed here when unshipped data passes max_pending_bytes.
+    void apply_backpressure();
+
+    // ---- SQL surface ----
+    Result<WalPosition> flush(std::chrono::milliseconds timeout);  // bottomless_flush()
+    Result<std::string> snapshot_now(std::chrono::milliseconds timeout);  // bottomless_snapshot(): the new generation
+    std::string status_json() const;  // bottomless_status()
+
+private:
+    Replicator(std::string path, ReplicatorConfig config);
+    Status startup();
+    void run();  // the uploader thread
+
+    struct PendingTxn {
+        std::vector<SegmentFrame> frames;
+        uint32_t db_pages = 0;
+        int64_t commit_us = 0;
+        uint64_t commit_index = 0;  // the note_commit() sequence number it completes
+        WalPosition end;            // position after its commit frame
+        uint64_t bytes = 0;
+    };
+    struct Commit {
+        uint32_t salt1 = 0, salt2 = 0;
+        uint64_t frame = 0;
+        int64_t time_us = 0;
+        uint64_t index = 0;
+    };
+    struct InFlight {
+        SegmentHeader header;
+        std::string bytes;
+        std::string sha256;
+        uint64_t commit_index = 0;
+    };
+
+    // All below run with upload_mu_ held.
+    Status step(bool force);
+    Status capture();
+    Status upload_pending(bool force, std::chrono::steady_clock::time_point deadline);
+    Status upload_inflight();
+    Status take_snapshot();
+    Status read_frames(int wal_fd, const WalHeader& hdr, uint64_t from, uint64_t to, WalPosition& pos,
+                       std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index);
+    void mark_durable(const WalPosition& pos, uint64_t commit_index);
+    void request_snapshot(const std::string& reason);
+    void write_state_file(bool clean_close);
+    void record_error(const Error& e);
+    void wake();
+
+    const std::string path_, wal_path_, state_path_;
+    const ReplicatorConfig config_;
+    std::unique_ptr<s3::Client> client_;
+    bool enabled_ = true;
+    int db_fd_ = -1;  // read-only; closed only when the last connection is gone (POSIX locks)
+
+    // Observations from the VFS. obs_mu_ is held only to copy small values.
+    mutable std::mutex obs_mu_;
+    std::deque<Commit> commits_;          // guarded by obs_mu_
+    uint32_t last_noted_salt1_ = 0, last_noted_salt2_ = 0;  // guarded by obs_mu_
+    uint64_t last_noted_frame_ = 0;       // guarded by obs_mu_
+    std::atomic<uint64_t> noted_index_{0};    // commits observed so far
+    std::atomic<uint64_t> durable_index_{0};  // commits durable in S3
+    std::atomic<uint64_t> unshipped_bytes_{0};
+    std::atomic<bool> snapshot_active_{false};
+    std::atomic<bool> snapshot_torn_{false};
+    std::atomic<int> checkpoints_active_{0};
+    std::atomic<int> wal_open_{0};
+    std::atomic<int> shm_users_{0};
+    std::atomic<bool> broken_outside_wal_{false};
+
+    // Uploader state, guarded by upload_mu_ (held across I/O: it serialises
+    // the uploader thread, sync commits and flushes; never taken by shm hooks).
+    std::mutex upload_mu_;
+    std::string generation_;
+    uint64_t seq_ = 0;
+    std::string prev_sha256_;
+    WalPosition captured_;          // last frame read from the WAL
+    WalPosition durable_;           // last frame durable in S3
+    uint32_t page_size_ = 0;
+    std::vector<PendingTxn> pending_;
+    uint64_t pending_bytes_ = 0;
+    std::optional<InFlight> inflight_;
+    bool need_snapshot_ = false;
+    std::string snapshot_reason_;
+    std::string parent_generation_;
+    uint64_t parent_seq_ = 0;
+    uint64_t wal_bytes_since_snapshot_ = 0;
+    std::chrono::steady_clock::time_point last_snapshot_time_;
+    std::chrono::steady_clock::time_point first_pending_time_;
+    std::chrono::steady_clock::time_point retry_after_;
+    int consecutive_failures_ = 0;
+
+    // Status, guarded by status_mu_.
+    mutable std::mutex status_mu_;
+    std::string last_error_;
+    int64_t last_error_us_ = 0;
+    int64_t last_durable_commit_us_ = 0;
+    uint64_t segments_uploaded_ = 0;
+    uint64_t snapshots_uploaded_ = 0;
+    uint64_t bytes_uploaded_ = 0;
+    std::string status_generation_;
+    uint64_t status_seq_ = 0;
+    WalPosition status_durable_;
+    int64_t oldest_unshipped_us_ = 0;
+
+    // Uploader thread control, guarded by cv_mu_.
+    std::mutex cv_mu_;
+    std::condition_variable cv_;        // wakes the uploader
+    std::condition_variable durable_cv_;  // wakes flushers
+    bool stop_ = false;
+    bool wake_ = false;
+    bool force_ = false;
+    std::thread thread_;
+};
+
+}  // namespace bottomless::replicator

@@ -1,0 +1,355 @@
+// Restore: listing generations, rebuilding a database from a snapshot and
+// its chain of segments. See restore.h.
+#include "replicator/restore.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <future>
+#include <map>
+
+#include "replicator/sqlite_api.h"
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+namespace {
+
+std::string errno_text(int e) { return std::strerror(e); }
+
+bool pwrite_full(int fd, const char* p, size_t n, uint64_t off) {
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = ::pwrite(fd, p + done, n - done, static_cast<off_t>(off + done));
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return false;
+        done += static_cast<size_t>(w);
+    }
+    return true;
+}
+
+// Feeds a downloaded snapshot into a SnapshotReader that writes pages into
+// the output file. A retry of the download starts the reader afresh.
+class SnapshotSink final : public s3::http::BodySink {
+public:
+    SnapshotSink(std::string name, int fd) : name_(std::move(name)), fd_(fd) { make_reader(); }
+    bool write(const char* data, size_t n) override {
+        auto st = reader_->feed(std::string_view(data, n));
+        if (!st) {
+            error_ = st.error();
+            return false;
+        }
+        bytes_ += n;
+        return true;
+    }
+    bool reset() override {
+        make_reader();
+        bytes_ = 0;
+        return ::ftruncate(fd_, 0) == 0;
+    }
+    SnapshotReader& reader() { return *reader_; }
+    const std::optional<Error>& error() const { return error_; }
+    uint64_t bytes() const { return bytes_; }
+
+private:
+    void make_reader() {
+        error_.reset();
+        reader_ = std::make_unique<SnapshotReader>(name_, [this](uint32_t pgno, std::string_view page) -> Status {
+            if (!pwrite_full(fd_, page.data(), page.size(), static_cast<uint64_t>(pgno - 1) * page.size()))
+                return make_error(ErrorKind::Io, "cannot write the restored database: " + errno_text(errno), "WriteFailed");
+            return {};
+        });
+    }
+    std::string name_;
+    int fd_;
+    std::unique_ptr<SnapshotReader> reader_;
+    std::optional<Error> error_;
+    uint64_t bytes_ = 0;
+};
+
+struct TmpFile {
+    std::string path;
+    int fd = -1;
+    bool keep = false;
+    ~TmpFile() {
+        if (fd >= 0) ::close(fd);
+        if (!keep && !path.empty()) ::unlink(path.c_str());
+    }
+};
+
+int64_t gen_time_us(const std::string& id) {
+    int64_t ms = generation_time_ms(id);
+    return ms < 0 ? -1 : ms * 1000;
+}
+
+}  // namespace
+
+Result<std::vector<GenerationInfo>> list_generations(s3::Client& client, const std::string& bucket,
+                                                     const std::string& db_id) {
+    std::vector<GenerationInfo> out;
+    s3::ListRequest req;
+    req.prefix = db_id + "/";
+    req.delimiter = "/";
+    auto st = client.list_objects(bucket, req, [&](const s3::ListPage& page) {
+        for (const auto& p : page.common_prefixes) {
+            std::string id = p.substr(req.prefix.size(), p.size() - req.prefix.size() - 1);
+            int64_t ms = generation_time_ms(id);
+            if (ms < 0) continue;  // not ours
+            GenerationInfo g;
+            g.id = id;
+            g.created_ms = ms;
+            out.push_back(std::move(g));
+        }
+        return true;
+    });
+    if (!st) return std::move(st).error();
+    // Ids sort newest first by construction; keep that order explicit.
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.created_ms > b.created_ms; });
+    return out;
+}
+
+Status describe_generation(s3::Client& client, const std::string& bucket, const std::string& db_id,
+                           GenerationInfo& info) {
+    auto objects = client.list_all(bucket, generation_prefix(db_id, info.id));
+    if (!objects) return std::move(objects).error();
+    info.has_snapshot = false;
+    info.segments = info.last_seq = info.segment_bytes = info.snapshot_bytes = 0;
+    for (const auto& o : *objects) {
+        uint64_t seq;
+        if (o.key == snapshot_key(db_id, info.id)) {
+            info.has_snapshot = true;
+            info.snapshot_bytes = o.size;
+        } else if (parse_segment_key(o.key, seq)) {
+            ++info.segments;
+            info.segment_bytes += o.size;
+            info.last_seq = std::max(info.last_seq, seq);
+        }
+    }
+    return {};
+}
+
+Result<std::vector<std::string>> list_databases(s3::Client& client, const std::string& bucket) {
+    std::vector<std::string> out;
+    s3::ListRequest req;
+    req.delimiter = "/";
+    auto st = client.list_objects(bucket, req, [&](const s3::ListPage& page) {
+        for (const auto& p : page.common_prefixes) out.push_back(p.substr(0, p.size() - 1));
+        return true;
+    });
+    if (!st) return std::move(st).error();
+    return out;
+}
+
+Status integrity_check(const std::string& path) {
+    sqlite3* db = nullptr;
+    // immutable=1: no locks, no WAL or shm files; the file is ours alone here.
+    std::string uri = "file:" + path + "?immutable=1";
+    int rc = sqlite3_open_v2(uri.c_str(), &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, "unix");
+    auto close = [&] { sqlite3_close(db); };
+    if (rc != SQLITE_OK) {
+        std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+        close();
+        return make_error(ErrorKind::Corrupt, "cannot open the restored database: " + msg, "OpenFailed");
+    }
+    sqlite3_stmt* stmt = nullptr;
+    rc = sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &stmt, nullptr);
+    std::string result;
+    while (rc == SQLITE_OK && sqlite3_step(stmt) == SQLITE_ROW) {
+        const unsigned char* t = sqlite3_column_text(stmt, 0);
+        if (!result.empty()) result += "; ";
+        result += t ? reinterpret_cast<const char*>(t) : "";
+        if (result.size() > 2000) break;
+    }
+    std::string err = rc == SQLITE_OK ? "" : sqlite3_errmsg(db);
+    sqlite3_finalize(stmt);
+    close();
+    if (!err.empty()) return make_error(ErrorKind::Corrupt, "integrity_check could not run: " + err, "IntegrityCheck");
+    if (result != "ok")
+        return make_error(ErrorKind::Corrupt, "PRAGMA integrity_check failed on the restored database: " + result,
+                          "IntegrityCheck");
+    return {};
+}
+
+Result<RestoreResult> restore_database(s3::Client& client, const std::string& bucket, const std::string& db_id,
+                                       const std::string& output_path, const RestoreOptions& options) {
+    const auto t0 = std::chrono::steady_clock::now();
+    RestoreResult res;
+
+    // ---- choose the generation ----
+    auto gens = list_generations(client, bucket, db_id);
+    if (!gens) return std::move(gens).error();
+    GenerationInfo chosen;
+    bool found = false;
+    for (auto& g : *gens) {
+        if (!options.generation.empty() && g.id != options.generation) continue;
+        if (options.generation.empty() && options.until_us && gen_time_us(g.id) > *options.until_us) continue;
+        if (auto st = describe_generation(client, bucket, db_id, g); !st) return std::move(st).error();
+        if (!g.has_snapshot) {
+            if (!options.generation.empty())
+                return make_error(ErrorKind::Corrupt,
+                                  "generation " + g.id + " has no snapshot object (" + snapshot_key(db_id, g.id) +
+                                      "): it was never completed or was damaged; try an older generation",
+                                  "MissingSnapshot");
+            continue;  // an unfinished generation: an older one still serves
+        }
+        chosen = g;
+        found = true;
+        break;
+    }
+    if (!found) {
+        std::string msg;
+        if (!options.generation.empty()) msg = "generation " + options.generation + " of database '" + db_id + "' not found";
+        else if (gens->empty()) msg = "database '" + db_id + "' has no generation in bucket '" + bucket + "'";
+        else msg = "no generation of database '" + db_id + "' holds a state at or before the requested time";
+        if (gens->empty()) {
+            auto dbs = list_databases(client, bucket);
+            if (dbs && !dbs->empty()) {
+                msg += " (databases in the bucket:";
+                for (const auto& d : *dbs) msg += " " + d;
+                msg += ")";
+            }
+        }
+        return make_error(ErrorKind::NotFound, msg, "NoGeneration");
+    }
+    res.generation = chosen.id;
+
+    // ---- the snapshot ----
+    TmpFile tmp;
+    tmp.path = output_path + ".restore-tmp";
+    tmp.fd = ::open(tmp.path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (tmp.fd < 0) return make_error(ErrorKind::Io, "cannot create " + tmp.path + ": " + errno_text(errno), "OpenFailed");
+    const uint64_t total = chosen.snapshot_bytes + chosen.segment_bytes;
+    std::string snap_key = snapshot_key(db_id, chosen.id);
+    SnapshotSink sink(snap_key, tmp.fd);
+    auto got = client.get_object_to_sink(bucket, snap_key, sink);
+    if (!got) {
+        if (sink.error()) return *sink.error();
+        Error e = std::move(got).error();
+        if (e.kind == ErrorKind::NotFound)
+            e = make_error(ErrorKind::Corrupt, "snapshot " + snap_key + " disappeared during the restore", "MissingSnapshot");
+        return e;
+    }
+    auto snap = sink.reader().finish();
+    if (!snap) return std::move(snap).error();
+    if (snap->db_id != db_id || snap->generation != chosen.id)
+        return make_error(ErrorKind::Corrupt,
+                          snap_key + " belongs to " + snap->db_id + "/" + snap->generation + ", not to this key",
+                          "WrongObject");
+    res.bytes_downloaded += sink.bytes();
+    res.page_size = snap->page_size;
+    res.db_pages = snap->db_pages;
+    res.position = snap->position;
+    res.last_commit_us = snap->last_commit_us;
+    res.last_sha256 = sink.reader().sha256();
+    if (options.progress) options.progress(res.bytes_downloaded, total);
+    if (options.until_us && snap->last_commit_us > *options.until_us && options.generation.empty()) {
+        // The snapshot already holds later transactions: an older generation is needed.
+        return make_error(ErrorKind::NotFound,
+                          "the oldest usable generation (" + chosen.id + ") starts after the requested time",
+                          "NoGeneration");
+    }
+
+    // ---- the segments, fetched several at a time, applied in order ----
+    bool stop = false;
+    const uint64_t last_seq = chosen.last_seq;
+    const int window = std::max(1, options.parallel);
+    uint64_t next_fetch = 1;
+    std::map<uint64_t, std::future<Result<std::string>>> inflight;
+    auto fetch = [&](uint64_t seq) {
+        std::string key = segment_key(db_id, chosen.id, seq);
+        return std::async(std::launch::async, [&client, bucket, key]() { return client.get_object(bucket, key); });
+    };
+    for (uint64_t seq = 1; seq <= last_seq && !stop; ++seq) {
+        while (next_fetch <= last_seq && static_cast<int>(inflight.size()) < window) {
+            inflight.emplace(next_fetch, fetch(next_fetch));
+            ++next_fetch;
+        }
+        std::string key = segment_key(db_id, chosen.id, seq);
+        auto body = inflight.at(seq).get();
+        inflight.erase(seq);
+        if (!body) {
+            Error e = std::move(body).error();
+            if (e.kind == ErrorKind::NotFound)
+                e = make_error(ErrorKind::Corrupt,
+                               "segment " + key + " is missing: the history of generation " + chosen.id +
+                                   " has a gap after segment " + std::to_string(seq - 1) +
+                                   "; restore an earlier point in time (--utc-time) or another generation",
+                               "MissingSegment");
+            return e;
+        }
+        res.bytes_downloaded += body->size();
+        auto seg = decode_segment(*body, key);
+        if (!seg) return std::move(seg).error();
+        const SegmentHeader& h = seg->header;
+        if (h.db_id != db_id || h.generation != chosen.id || h.seq != seq)
+            return make_error(ErrorKind::Corrupt, key + " holds segment " + std::to_string(h.seq) + " of " + h.db_id +
+                                                      "/" + h.generation + ": it is not the object this key should hold",
+                              "WrongObject");
+        if (h.prev_sha256 != res.last_sha256 || !(h.start == res.position))
+            return make_error(ErrorKind::Corrupt,
+                              key + " does not continue the previous object (chain broken): the history forks or an "
+                                    "object was replaced",
+                              "ChainBroken");
+        if (h.page_size != res.page_size)
+            return make_error(ErrorKind::Corrupt, key + " has page size " + std::to_string(h.page_size) +
+                                                      ", the snapshot " + std::to_string(res.page_size),
+                              "ChainBroken");
+        size_t f = 0;
+        for (const auto& txn : h.txns) {
+            if (options.until_us && txn.commit_us > *options.until_us) {
+                stop = true;
+                break;
+            }
+            for (uint32_t k = 0; k < txn.frames; ++k, ++f) {
+                const auto& fr = seg->frames[f];
+                if (!pwrite_full(tmp.fd, fr.page.data(), fr.page.size(),
+                                 static_cast<uint64_t>(fr.pgno - 1) * res.page_size))
+                    return make_error(ErrorKind::Io, "cannot write " + tmp.path + ": " + errno_text(errno), "WriteFailed");
+            }
+            res.db_pages = txn.db_pages;
+            res.last_commit_us = txn.commit_us;
+            ++res.transactions;
+        }
+        if (stop) break;
+        res.seq = seq;
+        res.position = h.end;
+        res.last_sha256 = seg->sha256;
+        if (options.progress) options.progress(res.bytes_downloaded, total);
+    }
+    for (auto& [seq, fut] : inflight) fut.wait();  // do not leave downloads running into freed state
+
+    if (::ftruncate(tmp.fd, static_cast<off_t>(static_cast<uint64_t>(res.db_pages) * res.page_size)) != 0 ||
+        ::fsync(tmp.fd) != 0)
+        return make_error(ErrorKind::Io, "cannot finish " + tmp.path + ": " + errno_text(errno), "WriteFailed");
+    ::close(tmp.fd);
+    tmp.fd = -1;
+
+    if (options.integrity_check) {
+        if (auto st = integrity_check(tmp.path); !st) return std::move(st).error();
+    }
+    // A WAL or shm file left next to the destination belongs to another
+    // database state; SQLite would replay it onto the restored file.
+    for (const char* suffix : {"-wal", "-shm", "-journal", "-bottomless"}) {
+        std::string p = output_path + suffix;
+        if (::unlink(p.c_str()) != 0 && errno != ENOENT)
+            return make_error(ErrorKind::Io, "cannot remove stale " + p + ": " + errno_text(errno), "UnlinkFailed");
+    }
+    if (::rename(tmp.path.c_str(), output_path.c_str()) != 0)
+        return make_error(ErrorKind::Io, "cannot rename " + tmp.path + " to " + output_path + ": " + errno_text(errno),
+                          "RenameFailed");
+    tmp.keep = true;
+    std::string dir = output_path.substr(0, output_path.find_last_of('/') + 1);
+    if (dir.empty()) dir = ".";
+    if (int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) {
+        (void)::fsync(dfd);
+        ::close(dfd);
+    }
+    res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return res;
+}
+
+}  // namespace bottomless::replicator

@@ -1,0 +1,77 @@
+// Replication settings: environment, URI parameters (which win), validation.
+#include <catch2/catch.hpp>
+
+#include <map>
+
+#include "replicator/config.h"
+
+using namespace bottomless;
+using namespace bottomless::replicator;
+
+namespace {
+s3::EnvLookup env_of(std::map<std::string, std::string> vars) {
+    vars.emplace("AWS_ACCESS_KEY_ID", "id");
+    vars.emplace("AWS_SECRET_ACCESS_KEY", "secret");
+    vars.emplace("HOME", "/nonexistent");
+    return [vars = std::move(vars)](std::string_view n) -> std::optional<std::string> {
+        auto it = vars.find(std::string(n));
+        if (it == vars.end()) return std::nullopt;
+        return it->second;
+    };
+}
+}  // namespace
+
+TEST_CASE("defaults and the database id from the file name", "[config]") {
+    auto c = load_config("/data/app.db", {}, env_of({}));
+    REQUIRE(c.ok());
+    CHECK(c->bucket == "bottomless");
+    CHECK(c->db_id == "app.db");
+    CHECK_FALSE(c->sync);
+    CHECK(c->batch_interval == std::chrono::milliseconds(1000));
+    CHECK(c->compression == Compression::Zstd);
+    CHECK(c->initial_replication == InitialReplication::Error);
+    CHECK(c->max_pending_bytes == 64ull << 20);
+}
+
+TEST_CASE("environment settings, overridden by URI parameters", "[config]") {
+    auto env = env_of({{"LIBSQL_BOTTOMLESS_BUCKET", "envbucket"},
+                       {"LIBSQL_BOTTOMLESS_SYNC", "1"},
+                       {"LIBSQL_BOTTOMLESS_BATCH_INTERVAL_MS", "250"},
+                       {"LIBSQL_BOTTOMLESS_DATABASE_ID", "envid"},
+                       {"LIBSQL_BOTTOMLESS_INITIAL_REPLICATION", "force"},
+                       {"LIBSQL_BOTTOMLESS_COMPRESSION", "none"}});
+    auto c = load_config("/x/y.db", {}, env);
+    REQUIRE(c.ok());
+    CHECK(c->bucket == "envbucket");
+    CHECK(c->sync);
+    CHECK(c->batch_interval == std::chrono::milliseconds(250));
+    CHECK(c->db_id == "envid");
+    CHECK(c->initial_replication == InitialReplication::Force);
+    CHECK(c->compression == Compression::None);
+
+    auto u = load_config("/x/y.db", {{"bucket", "uribucket"}, {"sync", "0"}, {"vfs", "bottomless"}, {"mode", "rwc"}}, env);
+    REQUIRE(u.ok());
+    CHECK(u->bucket == "uribucket");
+    CHECK_FALSE(u->sync);
+}
+
+TEST_CASE("bad values and unknown parameters name themselves", "[config]") {
+    auto bad_env = load_config("/x/y.db", {}, env_of({{"LIBSQL_BOTTOMLESS_BATCH_INTERVAL_MS", "soon"}}));
+    REQUIRE_FALSE(bad_env.ok());
+    CHECK(bad_env.error().message.find("LIBSQL_BOTTOMLESS_BATCH_INTERVAL_MS=soon") != std::string::npos);
+    auto unknown = load_config("/x/y.db", {{"bukket", "x"}}, env_of({}));
+    REQUIRE_FALSE(unknown.ok());
+    CHECK(unknown.error().message.find("unknown URI parameter 'bukket'") != std::string::npos);
+    auto bad_id = load_config("/x/my db.db", {}, env_of({}));
+    REQUIRE_FALSE(bad_id.ok());
+    CHECK(bad_id.error().message.find("LIBSQL_BOTTOMLESS_DATABASE_ID") != std::string::npos);
+}
+
+TEST_CASE("database ids cannot contain a slash or be dot names", "[config]") {
+    CHECK(validate_db_id("app.db").ok());
+    CHECK(validate_db_id("A-b_c.9").ok());
+    CHECK_FALSE(validate_db_id("a/b").ok());
+    CHECK_FALSE(validate_db_id("..").ok());
+    CHECK_FALSE(validate_db_id("").ok());
+    CHECK_FALSE(validate_db_id("sp ace").ok());
+}

@@ -1,0 +1,585 @@
+/*
+** vfs.cpp — the "bottomless" SQLite VFS shim.
+**
+** USING: open a database with "file:app.db?vfs=bottomless" (URI filenames
+** on), in WAL mode. Settings come from LIBSQL_BOTTOMLESS_* variables and the
+** same names as URI parameters (docs/CONFIG.md).
+**
+** IMPLEMENTATION NOTES:
+** - The shim forwards every call to the default VFS. Only the main database
+**   file and its WAL are wrapped; journals and temp files go straight to the
+**   lower VFS (pFile is handed to it untouched).
+** - Commits are observed where SQLite makes them visible: the release of the
+**   WAL write lock (shm slot 0), when the wal-index header holds the new
+**   mxFrame. In exclusive locking mode (no shm) the write of a commit frame
+**   is the boundary. Sync mode intercepts the commit frame before it reaches
+**   the disk and writes it only once the transaction is durable in S3.
+** - Invariant 2 (nothing unshipped is discarded): the exclusive lock SQLite
+**   takes on read marks 1..4 to restart the WAL (walRestartLog) is refused
+**   with SQLITE_BUSY while committed frames are not durable — SQLite then
+**   simply appends. Rewriting the WAL header, truncating or deleting the WAL
+**   first waits for the frames to be durable (bounded) and fails otherwise.
+** - Checkpoints are refused (SQLITE_BUSY on the CKPT lock) only while a
+**   snapshot reads the database file.
+** - No network I/O, allocation or replicator lock in xShmLock: it only reads
+**   the 48-byte wal-index header and touches atomics.
+** - Exceptions never cross this C ABI: every method catches and maps to an
+**   SQLITE_IOERR_* code (bad_alloc to SQLITE_IOERR_NOMEM).
+*/
+#include "vfs/vfs.h"
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "replicator/replicator.h"
+#include "replicator/sqlite_api.h"
+#include "replicator/wal.h"
+#include "s3/log.h"
+
+namespace bottomless::vfs {
+namespace {
+
+using replicator::Replicator;
+
+// wal-index (shm) layout, from SQLite's wal.c: two copies of a 48-byte
+// header, then the checkpoint info. Native byte order.
+constexpr int kShmWriteLock = 0;   // WAL_WRITE_LOCK
+constexpr int kShmCkptLock = 1;    // WAL_CKPT_LOCK
+constexpr int kShmRestartOfst = 4; // WAL_READ_LOCK(1)
+constexpr int kShmRestartN = 4;    // WAL_NREADER - 1
+
+enum class Kind { MainDb, Wal };
+
+struct ShimFile {
+    sqlite3_file base;  // must come first: SQLite sees this
+    Kind kind;
+    std::shared_ptr<Replicator> repl;  // may be null (replication skipped)
+    // Main db: region 0 of the wal-index, when mapped.
+    volatile void* shm0 = nullptr;
+    bool holds_ckpt = false;
+    // WAL: geometry and the commit frame being written.
+    uint32_t page_size = 0;
+    uint32_t salt1 = 0, salt2 = 0;
+    bool commit_pending = false;       // a commit frame header was seen (or is held)
+    bool commit_held = false;          // sync mode: header and page not yet written
+    sqlite3_int64 commit_offset = 0;   // offset of the commit frame's header
+    unsigned char commit_header[24];
+    std::string commit_page;           // sync mode: page bytes gathered so far
+    // The lower file follows this struct in memory.
+    sqlite3_file* lower() { return reinterpret_cast<sqlite3_file*>(this + 1); }
+};
+
+sqlite3_vfs g_vfs;
+sqlite3_vfs* g_lower = nullptr;
+sqlite3_io_methods g_main_methods[4];  // indexed by iVersion (1..3)
+sqlite3_io_methods g_wal_methods[4];
+
+ShimFile* shim(sqlite3_file* f) { return reinterpret_cast<ShimFile*>(f); }
+
+// The exception barrier for one method: lower return codes pass through,
+// our own failures become the given extended I/O error.
+template <class F>
+int guarded(int io_error, F&& body) noexcept {
+    try {
+        return body();
+    } catch (const std::bad_alloc&) {
+        return SQLITE_IOERR_NOMEM;
+    } catch (const std::exception& e) {
+        sqlite3_log(io_error, "bottomless: %s", e.what());
+        return io_error;
+    } catch (...) {
+        return io_error;
+    }
+}
+
+uint32_t be32(const unsigned char* p) { return replicator::read_be32(p); }
+
+// ---- methods shared by both wrapped kinds -------------------------------------
+
+int x_read(sqlite3_file* f, void* buf, int n, sqlite3_int64 off) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xRead(l, buf, n, off);
+}
+int x_sync(sqlite3_file* f, int flags) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xSync(l, flags);
+}
+int x_file_size(sqlite3_file* f, sqlite3_int64* size) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xFileSize(l, size);
+}
+int x_lock(sqlite3_file* f, int lock) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xLock(l, lock);
+}
+int x_unlock(sqlite3_file* f, int lock) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xUnlock(l, lock);
+}
+int x_check_reserved(sqlite3_file* f, int* out) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xCheckReservedLock(l, out);
+}
+int x_file_control(sqlite3_file* f, int op, void* arg) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xFileControl(l, op, arg);
+}
+int x_sector_size(sqlite3_file* f) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xSectorSize(l);
+}
+int x_device_characteristics(sqlite3_file* f) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xDeviceCharacteristics(l);
+}
+void x_shm_barrier(sqlite3_file* f) {
+    sqlite3_file* l = shim(f)->lower();
+    l->pMethods->xShmBarrier(l);
+}
+int x_fetch(sqlite3_file* f, sqlite3_int64 off, int n, void** pp) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xFetch(l, off, n, pp);
+}
+int x_unfetch(sqlite3_file* f, sqlite3_int64 off, void* p) {
+    sqlite3_file* l = shim(f)->lower();
+    return l->pMethods->xUnfetch(l, off, p);
+}
+
+int x_close(sqlite3_file* f) {
+    ShimFile* s = shim(f);
+    sqlite3_file* l = s->lower();
+    int rc = l->pMethods ? l->pMethods->xClose(l) : SQLITE_OK;
+    return guarded(SQLITE_IOERR_CLOSE, [&] {
+        if (s->repl) {
+            if (s->kind == Kind::Wal) s->repl->note_wal_open(false);
+            if (s->kind == Kind::MainDb && s->shm0) s->repl->note_shm(false);
+        }
+        // Releasing the last reference runs the replicator's final flush.
+        s->~ShimFile();
+        return rc;
+    });
+}
+
+// ---- main database ------------------------------------------------------------
+
+int main_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
+    ShimFile* s = shim(f);
+    if (s->repl) {
+        // In WAL mode only checkpoints write the database file; without a WAL
+        // open, a write is a rollback-journal transaction the WAL never saw.
+        if (s->repl->wal_is_open()) s->repl->note_db_write();
+        else s->repl->note_write_outside_wal();
+    }
+    sqlite3_file* l = s->lower();
+    return l->pMethods->xWrite(l, buf, n, off);
+}
+
+int main_truncate(sqlite3_file* f, sqlite3_int64 size) {
+    ShimFile* s = shim(f);
+    if (s->repl) {
+        if (s->repl->wal_is_open()) s->repl->note_db_write();
+        else s->repl->note_write_outside_wal();
+    }
+    sqlite3_file* l = s->lower();
+    return l->pMethods->xTruncate(l, size);
+}
+
+int main_shm_map(sqlite3_file* f, int region, int size, int extend, void volatile** pp) {
+    ShimFile* s = shim(f);
+    sqlite3_file* l = s->lower();
+    int rc = l->pMethods->xShmMap(l, region, size, extend, pp);
+    if (rc == SQLITE_OK && region == 0 && *pp && !s->shm0) {
+        s->shm0 = *pp;
+        if (s->repl) s->repl->note_shm(true);
+    }
+    return rc;
+}
+
+int main_shm_unmap(sqlite3_file* f, int delete_flag) {
+    ShimFile* s = shim(f);
+    if (s->shm0 && s->repl) s->repl->note_shm(false);
+    s->shm0 = nullptr;
+    sqlite3_file* l = s->lower();
+    return l->pMethods->xShmUnmap(l, delete_flag);
+}
+
+// Reports the commit the wal-index header describes. Called while this
+// connection still holds the WAL write lock, so the header is stable.
+void report_commit(ShimFile* s) {
+    if (!s->shm0 || !s->repl) return;
+    const auto* h = static_cast<const volatile unsigned char*>(s->shm0);
+    unsigned char hdr[48];
+    for (int i = 0; i < 48; ++i) hdr[i] = h[i];
+    if (hdr[12] == 0) return;  // isInit: not initialised
+    uint32_t mx_frame;
+    uint16_t sz_page;
+    std::memcpy(&mx_frame, hdr + 16, 4);
+    std::memcpy(&sz_page, hdr + 14, 2);
+    uint32_t page_size = (sz_page & 0xff00u) | (static_cast<uint32_t>(sz_page & 0x0001u) << 16);
+    // aSalt holds the WAL header's salt bytes as stored in the file (big-endian).
+    s->repl->note_commit(be32(hdr + 32), be32(hdr + 36), mx_frame, page_size);
+}
+
+int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
+    ShimFile* s = shim(f);
+    sqlite3_file* l = s->lower();
+    Replicator* r = s->repl.get();
+    const bool lock = (flags & SQLITE_SHM_LOCK) != 0;
+    const bool excl = (flags & SQLITE_SHM_EXCLUSIVE) != 0;
+    if (r && lock && excl) {
+        if (ofst == kShmRestartOfst && n == kShmRestartN && !r->restart_allowed()) {
+            return SQLITE_BUSY;  // walRestartLog: SQLite appends instead of overwriting unshipped frames
+        }
+        if (ofst == kShmCkptLock && n == 1 && !r->checkpoint_allowed()) {
+            return SQLITE_BUSY;  // a snapshot is reading the database file
+        }
+    }
+    if (r && !lock && excl && ofst <= kShmWriteLock && kShmWriteLock < ofst + n) report_commit(s);
+    int rc = l->pMethods->xShmLock(l, ofst, n, flags);
+    if (r && rc == SQLITE_OK && excl && ofst == kShmCkptLock && n == 1) {
+        if (lock && !s->holds_ckpt) {
+            s->holds_ckpt = true;
+            r->note_checkpoint(true);
+        } else if (!lock && s->holds_ckpt) {
+            s->holds_ckpt = false;
+            r->note_checkpoint(false);
+        }
+    }
+    return rc;
+}
+
+// ---- WAL ----------------------------------------------------------------------
+
+bool is_frame_header(const ShimFile* s, int n, sqlite3_int64 off) {
+    if (s->page_size == 0 || n != 24 || off < 32) return false;
+    return (off - 32) % (static_cast<sqlite3_int64>(s->page_size) + 24) == 0;
+}
+
+int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
+    ShimFile* s = shim(f);
+    sqlite3_file* l = s->lower();
+    Replicator* r = s->repl.get();
+    if (!r) return l->pMethods->xWrite(l, buf, n, off);
+    return guarded(SQLITE_IOERR_WRITE, [&]() -> int {
+        const auto* p = static_cast<const unsigned char*>(buf);
+        if (off == 0 && n >= 32) {
+            // A new WAL header: the old frames are about to be overwritten.
+            auto st = r->flush_before_wal_loss("restart the WAL", r->config().sync ? r->config().sync_timeout
+                                                                                   : r->config().shutdown_timeout);
+            if (!st) {
+                sqlite3_log(SQLITE_IOERR_WRITE, "bottomless: %s", st.error().message.c_str());
+                log::error(st.error().message);
+                return SQLITE_IOERR_WRITE;
+            }
+            int rc = l->pMethods->xWrite(l, buf, n, off);
+            if (rc == SQLITE_OK) {
+                if (auto h = replicator::parse_wal_header(p)) {
+                    s->page_size = h->page_size;
+                    s->salt1 = h->salt1;
+                    s->salt2 = h->salt2;
+                }
+                s->commit_pending = s->commit_held = false;
+            }
+            return rc;
+        }
+        if (is_frame_header(s, n, off)) {
+            r->apply_backpressure();
+            bool commit = be32(p + 4) != 0;
+            if (commit) {
+                s->commit_pending = true;
+                s->commit_offset = off;
+                std::memcpy(s->commit_header, p, 24);
+                if (r->sync_mode()) {
+                    s->commit_held = true;  // written only once durable in S3
+                    s->commit_page.clear();
+                    return SQLITE_OK;
+                }
+            }
+            return l->pMethods->xWrite(l, buf, n, off);
+        }
+        if (s->commit_held && off == s->commit_offset + 24 + static_cast<sqlite3_int64>(s->commit_page.size())) {
+            s->commit_page.append(reinterpret_cast<const char*>(p), static_cast<size_t>(n));
+            if (s->commit_page.size() < s->page_size) return SQLITE_OK;
+            uint64_t frame = static_cast<uint64_t>((s->commit_offset - 32) / (s->page_size + 24)) + 1;
+            s->commit_held = false;
+            s->commit_pending = false;
+            auto st = r->commit_sync(frame, s->commit_header,
+                                     reinterpret_cast<const unsigned char*>(s->commit_page.data()), s->page_size);
+            if (!st) {
+                // The commit frame never reaches the disk: the transaction fails
+                // here and cannot come back in WAL recovery after a crash.
+                sqlite3_log(SQLITE_IOERR_WRITE, "bottomless: %s", st.error().message.c_str());
+                log::error(st.error().message);
+                return SQLITE_IOERR_WRITE;
+            }
+            int rc = l->pMethods->xWrite(l, s->commit_header, 24, s->commit_offset);
+            if (rc == SQLITE_OK)
+                rc = l->pMethods->xWrite(l, s->commit_page.data(), static_cast<int>(s->commit_page.size()),
+                                         s->commit_offset + 24);
+            return rc;
+        }
+        int rc = l->pMethods->xWrite(l, buf, n, off);
+        if (rc == SQLITE_OK && s->commit_pending && !s->commit_held &&
+            off + n >= s->commit_offset + 24 + static_cast<sqlite3_int64>(s->page_size) && off > s->commit_offset) {
+            s->commit_pending = false;
+            // Without a wal-index (exclusive locking mode) the commit frame's
+            // write is the only sign of a commit.
+            if (!r->uses_shm()) {
+                uint64_t frame = static_cast<uint64_t>((s->commit_offset - 32) / (s->page_size + 24)) + 1;
+                r->note_commit(be32(s->commit_header + 8), be32(s->commit_header + 12), frame, s->page_size);
+            }
+        }
+        return rc;
+    });
+}
+
+int wal_truncate(sqlite3_file* f, sqlite3_int64 size) {
+    ShimFile* s = shim(f);
+    sqlite3_file* l = s->lower();
+    if (!s->repl) return l->pMethods->xTruncate(l, size);
+    return guarded(SQLITE_IOERR_TRUNCATE, [&]() -> int {
+        auto st = s->repl->flush_before_wal_loss("truncate the WAL", s->repl->config().shutdown_timeout);
+        if (!st) {
+            sqlite3_log(SQLITE_IOERR_TRUNCATE, "bottomless: %s", st.error().message.c_str());
+            return SQLITE_IOERR_TRUNCATE;
+        }
+        return l->pMethods->xTruncate(l, size);
+    });
+}
+
+// ---- method tables ----------------------------------------------------------------
+
+void build_tables() {
+    sqlite3_io_methods m{};
+    m.iVersion = 3;
+    m.xClose = x_close;
+    m.xRead = x_read;
+    m.xWrite = main_write;
+    m.xTruncate = main_truncate;
+    m.xSync = x_sync;
+    m.xFileSize = x_file_size;
+    m.xLock = x_lock;
+    m.xUnlock = x_unlock;
+    m.xCheckReservedLock = x_check_reserved;
+    m.xFileControl = x_file_control;
+    m.xSectorSize = x_sector_size;
+    m.xDeviceCharacteristics = x_device_characteristics;
+    m.xShmMap = main_shm_map;
+    m.xShmLock = main_shm_lock;
+    m.xShmBarrier = x_shm_barrier;
+    m.xShmUnmap = main_shm_unmap;
+    m.xFetch = x_fetch;
+    m.xUnfetch = x_unfetch;
+    sqlite3_io_methods w = m;
+    w.xWrite = wal_write;
+    w.xTruncate = wal_truncate;
+    for (int v = 1; v <= 3; ++v) {
+        // Same version as the lower file; the slots it lacks stay null.
+        g_main_methods[v] = m;
+        g_wal_methods[v] = w;
+        g_main_methods[v].iVersion = g_wal_methods[v].iVersion = v;
+        if (v < 2) {
+            for (auto* t : {&g_main_methods[v], &g_wal_methods[v]}) {
+                t->xShmMap = nullptr;
+                t->xShmLock = nullptr;
+                t->xShmBarrier = nullptr;
+                t->xShmUnmap = nullptr;
+            }
+        }
+        if (v < 3) {
+            for (auto* t : {&g_main_methods[v], &g_wal_methods[v]}) {
+                t->xFetch = nullptr;
+                t->xUnfetch = nullptr;
+            }
+        }
+    }
+}
+
+// ---- the VFS ----------------------------------------------------------------------
+
+// realpath() of the directory plus the file name: one replicator per file,
+// whatever path spelling or symlinked directory the app used.
+std::string canonical_path(const char* name) {
+    std::string n(name);
+    auto slash = n.find_last_of('/');
+    std::string dir = slash == std::string::npos ? "." : n.substr(0, slash == 0 ? 1 : slash);
+    std::string base = slash == std::string::npos ? n : n.substr(slash + 1);
+    char buf[PATH_MAX];
+    if (::realpath(dir.c_str(), buf)) {
+        std::string d(buf);
+        return d == "/" ? "/" + base : d + "/" + base;
+    }
+    return n;
+}
+
+std::map<std::string, std::string> uri_params(const char* name) {
+    std::map<std::string, std::string> out;
+    for (int i = 0;; ++i) {
+        const char* k = sqlite3_uri_key(name, i);
+        if (!k) break;
+        const char* v = sqlite3_uri_parameter(name, k);
+        out[k] = v ? v : "";
+    }
+    return out;
+}
+
+int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, int* out_flags) {
+    (void)vfs;
+    const bool main_db = (flags & SQLITE_OPEN_MAIN_DB) != 0;
+    const bool wal = (flags & SQLITE_OPEN_WAL) != 0;
+    if (!name || (!main_db && !wal)) return g_lower->xOpen(g_lower, name, file, flags, out_flags);
+
+    std::shared_ptr<Replicator> repl;
+    std::string canon;
+    int rc = guarded(SQLITE_CANTOPEN, [&]() -> int {
+        if (main_db) {
+            canon = canonical_path(name);
+            auto cfg = replicator::load_config(canon, uri_params(name));
+            if (!cfg) {
+                log::error("cannot open " + canon + ": " + cfg.error().message);
+                sqlite3_log(SQLITE_CANTOPEN, "bottomless: %s", cfg.error().message.c_str());
+                return SQLITE_CANTOPEN;
+            }
+            auto r = Replicator::acquire(canon, *cfg);
+            if (!r) {
+                log::error("cannot open " + canon + ": " + r.error().describe());
+                sqlite3_log(SQLITE_CANTOPEN, "bottomless: %s", r.error().describe().c_str());
+                return SQLITE_CANTOPEN;
+            }
+            if ((*r)->enabled()) repl = std::move(r).value();
+        } else {
+            std::string n(name);
+            if (n.size() > 4 && n.compare(n.size() - 4, 4, "-wal") == 0)
+                repl = Replicator::find(canonical_path(n.substr(0, n.size() - 4).c_str()));
+        }
+        return SQLITE_OK;
+    });
+    if (rc != SQLITE_OK) return rc;
+    if (wal && !repl) return g_lower->xOpen(g_lower, name, file, flags, out_flags);
+
+    ShimFile* s = new (file) ShimFile();  // raw memory from SQLite: construct in place
+    s->base.pMethods = nullptr;           // stays null on failure: SQLite will not call xClose
+    s->kind = main_db ? Kind::MainDb : Kind::Wal;
+    s->repl = std::move(repl);
+    sqlite3_file* l = s->lower();
+    rc = g_lower->xOpen(g_lower, name, l, flags, out_flags);
+    if (rc != SQLITE_OK) {
+        s->~ShimFile();
+        return rc;
+    }
+    int v = l->pMethods ? l->pMethods->iVersion : 1;
+    v = v < 1 ? 1 : (v > 3 ? 3 : v);
+    s->base.pMethods = main_db ? &g_main_methods[v] : &g_wal_methods[v];
+    if (s->kind == Kind::Wal && s->repl) {
+        s->repl->note_wal_open(true);
+        unsigned char hdr[32];
+        sqlite3_int64 size = 0;
+        if (l->pMethods->xFileSize(l, &size) == SQLITE_OK && size >= 32 &&
+            l->pMethods->xRead(l, hdr, 32, 0) == SQLITE_OK) {
+            if (auto h = replicator::parse_wal_header(hdr)) {
+                s->page_size = h->page_size;
+                s->salt1 = h->salt1;
+                s->salt2 = h->salt2;
+            }
+        }
+    }
+    return SQLITE_OK;
+}
+
+int x_delete(sqlite3_vfs* vfs, const char* name, int sync_dir) {
+    (void)vfs;
+    int rc = guarded(SQLITE_IOERR_DELETE, [&]() -> int {
+        std::string n(name);
+        if (n.size() > 4 && n.compare(n.size() - 4, 4, "-wal") == 0) {
+            if (auto r = Replicator::find(canonical_path(n.substr(0, n.size() - 4).c_str()))) {
+                auto st = r->flush_before_wal_loss("delete the WAL", r->config().shutdown_timeout);
+                if (!st) {
+                    // The WAL stays: its frames are shipped at the next open.
+                    log::warn(st.error().message + "; keeping " + n);
+                    return SQLITE_IOERR_DELETE;
+                }
+            }
+        }
+        return SQLITE_OK;
+    });
+    if (rc != SQLITE_OK) return rc;
+    return g_lower->xDelete(g_lower, name, sync_dir);
+}
+
+int x_access(sqlite3_vfs*, const char* name, int flags, int* out) { return g_lower->xAccess(g_lower, name, flags, out); }
+int x_full_pathname(sqlite3_vfs*, const char* name, int n, char* out) {
+    return g_lower->xFullPathname(g_lower, name, n, out);
+}
+void* x_dl_open(sqlite3_vfs*, const char* path) { return g_lower->xDlOpen(g_lower, path); }
+void x_dl_error(sqlite3_vfs*, int n, char* msg) { g_lower->xDlError(g_lower, n, msg); }
+void (*x_dl_sym(sqlite3_vfs*, void* h, const char* sym))(void) { return g_lower->xDlSym(g_lower, h, sym); }
+void x_dl_close(sqlite3_vfs*, void* h) { g_lower->xDlClose(g_lower, h); }
+int x_randomness(sqlite3_vfs*, int n, char* out) { return g_lower->xRandomness(g_lower, n, out); }
+int x_sleep(sqlite3_vfs*, int us) { return g_lower->xSleep(g_lower, us); }
+int x_current_time(sqlite3_vfs*, double* out) { return g_lower->xCurrentTime(g_lower, out); }
+int x_get_last_error(sqlite3_vfs*, int n, char* out) { return g_lower->xGetLastError(g_lower, n, out); }
+int x_current_time_int64(sqlite3_vfs*, sqlite3_int64* out) { return g_lower->xCurrentTimeInt64(g_lower, out); }
+int x_set_system_call(sqlite3_vfs*, const char* name, sqlite3_syscall_ptr p) {
+    return g_lower->xSetSystemCall(g_lower, name, p);
+}
+sqlite3_syscall_ptr x_get_system_call(sqlite3_vfs*, const char* name) {
+    return g_lower->xGetSystemCall(g_lower, name);
+}
+const char* x_next_system_call(sqlite3_vfs*, const char* name) { return g_lower->xNextSystemCall(g_lower, name); }
+
+}  // namespace
+
+
+Replicator* replicator_of(sqlite3_file* f) {
+    if (!f || !f->pMethods) return nullptr;
+    for (int v = 1; v <= 3; ++v)
+        if (f->pMethods == &g_main_methods[v]) return shim(f)->repl.get();
+    return nullptr;
+}
+
+bool is_bottomless_file(sqlite3_file* f) {
+    if (!f || !f->pMethods) return false;
+    for (int v = 1; v <= 3; ++v)
+        if (f->pMethods == &g_main_methods[v]) return true;
+    return false;
+}
+
+int register_vfs(bool make_default) {
+    if (sqlite3_vfs* existing = sqlite3_vfs_find(kVfsName)) {
+        return make_default ? sqlite3_vfs_register(existing, 1) : SQLITE_OK;
+    }
+    g_lower = sqlite3_vfs_find(nullptr);
+    if (!g_lower) return SQLITE_ERROR;
+    build_tables();
+    std::memset(&g_vfs, 0, sizeof g_vfs);
+    g_vfs.iVersion = g_lower->iVersion < 3 ? g_lower->iVersion : 3;
+    g_vfs.szOsFile = static_cast<int>(sizeof(ShimFile)) + g_lower->szOsFile;
+    g_vfs.mxPathname = g_lower->mxPathname;
+    g_vfs.zName = kVfsName;
+    g_vfs.xOpen = x_open;
+    g_vfs.xDelete = x_delete;
+    g_vfs.xAccess = x_access;
+    g_vfs.xFullPathname = x_full_pathname;
+    g_vfs.xDlOpen = g_lower->xDlOpen ? x_dl_open : nullptr;
+    g_vfs.xDlError = g_lower->xDlError ? x_dl_error : nullptr;
+    g_vfs.xDlSym = g_lower->xDlSym ? x_dl_sym : nullptr;
+    g_vfs.xDlClose = g_lower->xDlClose ? x_dl_close : nullptr;
+    g_vfs.xRandomness = x_randomness;
+    g_vfs.xSleep = x_sleep;
+    g_vfs.xCurrentTime = x_current_time;
+    g_vfs.xGetLastError = x_get_last_error;
+    if (g_vfs.iVersion >= 2) g_vfs.xCurrentTimeInt64 = x_current_time_int64;
+    if (g_vfs.iVersion >= 3) {
+        g_vfs.xSetSystemCall = x_set_system_call;
+        g_vfs.xGetSystemCall = x_get_system_call;
+        g_vfs.xNextSystemCall = x_next_system_call;
+    }
+    return sqlite3_vfs_register(&g_vfs, make_default ? 1 : 0);
+}
+
+}  // namespace bottomless::vfs

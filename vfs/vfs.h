@@ -1,0 +1,23 @@
+// The "bottomless" VFS shim: registration and lookup of a connection's
+// replicator. See vfs.cpp for how SQLite's file operations are observed.
+#pragma once
+
+#include "replicator/sqlite_api.h"
+
+namespace bottomless::replicator {
+class Replicator;
+}
+
+namespace bottomless::vfs {
+
+constexpr const char* kVfsName = "bottomless";
+
+// Registers the VFS over the current default VFS. Idempotent.
+int register_vfs(bool make_default);
+
+// The replicator behind a main-database file opened through this VFS, or
+// nullptr (another VFS, or replication skipped).
+replicator::Replicator* replicator_of(sqlite3_file* file);
+bool is_bottomless_file(sqlite3_file* file);
+
+}  // namespace bottomless::vfs
