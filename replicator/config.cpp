@@ -101,7 +101,7 @@ const std::vector<Setting>& settings() {
         {"max_requests_per_second", "a number (0: unlimited)", [](ReplicatorConfig& c, const std::string& v) {
              char* end = nullptr;
              double d = std::strtod(v.c_str(), &end);
-             if (v.empty() || *end != '\0' || d < 0) return false;
+             if (v.empty() || *end != '\0' || !(d >= 0) || d > 1e9) return false;
              c.s3.max_requests_per_second = d;
              return true;
          }},

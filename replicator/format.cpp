@@ -469,8 +469,8 @@ public:
         return {};
     }
 
-    // Whether the body ended cleanly: the zstd frame is complete (always true
-    // for an uncompressed body) and no partial record is buffered.
+    // Whether the zstd frame is complete (always true for an uncompressed
+    // body). A body ends cleanly when this holds and no partial record is left.
     bool frame_ended() const { return !dctx_ || ended_; }
     size_t partial_bytes() const { return fill_; }
 

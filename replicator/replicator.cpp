@@ -241,7 +241,8 @@ Status Replicator::startup() {
             generation_ = state->generation;
             seq_ = state->seq;
             prev_sha256_ = state->prev_sha256;
-            captured_ = durable_ = start;
+            captured_ = start;
+            mark_durable(start, 0);
             log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
             if (scan->has_header && scan->header.salt1 == start.salt1 && scan->header.salt2 == start.salt2 &&
                 scan->last_commit_frame > start.frame) {
@@ -251,12 +252,13 @@ Status Replicator::startup() {
         } else {
             parent_generation_ = latest->id;
             parent_seq_ = latest->last_seq;
-            request_snapshot("the local database moved past what the bucket holds");
+            request_snapshot("the local files do not match where the bucket's history ends (local changes, or an "
+                             "upload whose outcome was unknown)");
         }
     } else {
         std::string why = state && state->bucket == bucket && state->db_id == db_id
-                              ? "the bucket holds generation " + latest->id +
-                                    ", newer than the one this file was last replicated to (" + state->generation + ")"
+                              ? "the bucket's newest generation " + latest->id + " is not the one this file was last "
+                                    "replicated to (" + state->generation + "): another writer, or a restore elsewhere"
                               : "this file has no replication state for this bucket, so nothing proves they match";
         switch (config_.initial_replication) {
         case InitialReplication::Skip:
@@ -318,13 +320,35 @@ void Replicator::note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uin
     if (frame == 0) return;  // a restart without frames yet: nothing to ship
     Commit c{salt1, salt2, frame, now_us(), noted_index_.load() + 1};
     commits_.push_back(c);
+    int64_t zero = 0;
+    oldest_unshipped_us_.compare_exchange_strong(zero, c.time_us);
     noted_index_.store(c.index);
     unshipped_bytes_.fetch_add(frames * (page_size ? page_size : 4096));
 }
 
 bool Replicator::restart_allowed() const {
     if (!enabled_) return true;
-    return durable_index_.load() >= noted_index_.load();
+    return durable_index_.load() >= noted_index_.load() && !snapshot_active_.load();
+}
+
+bool Replicator::restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) const {
+    if (!enabled_) return true;
+    if (!restart_allowed()) return false;
+    // Frames another process committed are in mxFrame but were never noted:
+    // the WAL may restart only once the bucket holds the whole epoch.
+    uint64_t salts = (static_cast<uint64_t>(salt1) << 32) | salt2;
+    return mx_frame == 0 || (durable_salts_.load() == salts && durable_frame_.load() >= mx_frame);
+}
+
+void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
+    if (!enabled_) return;
+    std::lock_guard lock(obs_mu_);
+    if (last_noted_salt1_ == 0 && last_noted_salt2_ == 0) return;  // nothing observed yet
+    bool same_epoch = salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_;
+    // A restart we did not see, or a WAL that shrank: frames may have been
+    // lost to a writer outside bottomless. Frames it appended in the same
+    // epoch are fine: the next observation ships them.
+    if (!same_epoch || mx_frame < last_noted_frame_) foreign_writer_.store(true);
 }
 
 void Replicator::note_checkpoint(bool active) { checkpoints_active_.fetch_add(active ? 1 : -1); }
@@ -353,7 +377,7 @@ void Replicator::apply_backpressure() {
     if (!enabled_ || config_.sync) return;
     if (unshipped_bytes_.load() <= config_.max_pending_bytes) return;
     wake();
-    auto deadline = Clock::now() + std::chrono::seconds(30);
+    auto deadline = Clock::now() + std::chrono::seconds(2);
     std::unique_lock lock(cv_mu_);
     durable_cv_.wait_until(lock, deadline, [&] { return unshipped_bytes_.load() <= config_.max_pending_bytes || stop_; });
     if (unshipped_bytes_.load() > config_.max_pending_bytes)
@@ -468,7 +492,20 @@ void Replicator::record_error(const Error& e) {
 
 void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
     durable_ = pos;
+    durable_salts_.store((static_cast<uint64_t>(pos.salt1) << 32) | pos.salt2);
+    durable_frame_.store(pos.frame);
     if (commit_index > durable_index_.load()) durable_index_.store(commit_index);
+    if (durable_index_.load() >= noted_index_.load()) {
+        oldest_unshipped_us_.store(0);
+    } else {
+        int64_t oldest = 0;
+        if (!pending_.empty()) oldest = pending_.front().commit_us;
+        else {
+            std::lock_guard lock(obs_mu_);
+            if (!commits_.empty()) oldest = commits_.front().time_us;
+        }
+        oldest_unshipped_us_.store(oldest ? oldest : now_us());
+    }
     {
         std::lock_guard lock(status_mu_);
         status_generation_ = generation_;
@@ -520,6 +557,8 @@ Status Replicator::upload_inflight() {
         std::lock_guard lock(status_mu_);
         ++segments_uploaded_;
         bytes_uploaded_ += f.bytes.size();
+        segment_bytes_uploaded_ += f.bytes.size();
+        wal_bytes_shipped_ += raw;
         if (!f.header.txns.empty()) last_durable_commit_us_ = f.header.txns.back().commit_us;
     }
     WalPosition end = f.header.end;
@@ -674,13 +713,9 @@ Status Replicator::take_snapshot() {
         return make_error(ErrorKind::Cancelled, "the database file changed while the snapshot was read; retrying",
                           "SnapshotTorn");
     }
+    // Every page has been read: a write from now on cannot tear what was read.
     auto put = writer->finish();
     if (!put) return std::move(put).error();
-    if (snapshot_torn_.load()) {
-        (void)client_->delete_object(config_.bucket, key);
-        return make_error(ErrorKind::Cancelled, "the database file changed while the snapshot was read; retrying",
-                          "SnapshotTorn");
-    }
 
     log::info(path_ + ": generation " + gen + " started (" + snapshot_reason_ + "): " + std::to_string(db_pages) +
               " pages, " + std::to_string(put->size) + " bytes");
@@ -713,6 +748,8 @@ Status Replicator::take_snapshot() {
 Status Replicator::step(bool force) {
     if (!force && Clock::now() < retry_after_) return {};
     if (broken_outside_wal_.load()) request_snapshot("the database file was written outside the WAL");
+    if (foreign_writer_.exchange(false))
+        request_snapshot("the WAL changed behind bottomless's back (another process writing without it?)");
     if (need_snapshot_) {
         // Observations up to now are inside the snapshot.
         {
@@ -882,6 +919,13 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
     if (pending_.size() == 1 && !inflight_) first_pending_time_ = Clock::now();
 
     auto st = upload_pending(true, deadline);
+    if (st && durable_index_.load() >= idx) {
+        // The write-lock release will report this same commit: make it a no-op.
+        std::lock_guard olock(obs_mu_);
+        last_noted_salt1_ = hdr->salt1;
+        last_noted_salt2_ = hdr->salt2;
+        last_noted_frame_ = frame;
+    }
     if (!st || durable_index_.load() < idx) {
         // The transaction will not commit locally; whether S3 kept it is
         // unknown, so this generation must not be appended to again.
@@ -916,7 +960,8 @@ Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
             // A first snapshot still owed for a non-empty database counts as unshipped.
             std::lock_guard ulock(upload_mu_);
             struct stat st{};
-            snap_pending = need_snapshot_ && ::stat(path_.c_str(), &st) == 0 && st.st_size > 0;
+            snap_pending = (need_snapshot_ || broken_outside_wal_.load() || foreign_writer_.load()) &&
+                           ::stat(path_.c_str(), &st) == 0 && st.st_size > 0;
         }
         if (durable_index_.load() >= target && !snap_pending) break;
         if (Clock::now() >= deadline) {
@@ -968,11 +1013,14 @@ std::string Replicator::status_json() const {
     j["pending_transactions"] = noted > durable ? noted - durable : 0;
     j["pending_bytes"] = unshipped_bytes_.load();
     int64_t lag_ms = 0;
-    if (noted > durable && last_durable_commit_us_ > 0) lag_ms = (now_us() - last_durable_commit_us_) / 1000;
+    int64_t oldest = oldest_unshipped_us_.load();
+    if (noted > durable && oldest > 0) lag_ms = std::max<int64_t>(0, (now_us() - oldest) / 1000);
     j["lag_ms"] = lag_ms;
     j["segments_uploaded"] = segments_uploaded_;
     j["snapshots_uploaded"] = snapshots_uploaded_;
     j["bytes_uploaded"] = bytes_uploaded_;
+    j["segment_bytes_uploaded"] = segment_bytes_uploaded_;
+    j["wal_bytes_shipped"] = wal_bytes_shipped_;
     auto cs = client_->stats();
     j["requests"] = cs.requests;
     j["put_requests"] = cs.puts;

@@ -53,8 +53,14 @@ public:
     // header says the last commit is `frame` in the epoch (salt1, salt2).
     void note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size);
     // May the WAL be restarted (its frames overwritten from the start)?
-    // False while any committed frame is not durable in S3 (invariant 2).
+    // False while any committed frame is not durable in S3 (invariant 2),
+    // and while a snapshot reads WAL frames. Given the wal-index header, the
+    // check also covers frames committed by a writer we never observed.
     bool restart_allowed() const;
+    bool restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) const;
+    // A connection took the WAL write lock; the wal-index header must still
+    // say what we last observed, or a writer outside bottomless was here.
+    void check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_frame);
     // Checkpoints copy WAL pages into the database file; a snapshot being read
     // needs that file still, so checkpoints wait while one is read.
     bool checkpoint_allowed() const { return !snapshot_active_.load(); }
@@ -149,6 +155,10 @@ private:
     std::atomic<int> wal_open_{0};
     std::atomic<int> shm_users_{0};
     std::atomic<bool> broken_outside_wal_{false};
+    std::atomic<bool> foreign_writer_{false};
+    std::atomic<uint64_t> durable_salts_{0};   // salt1 << 32 | salt2 of durable_, for the shm hooks
+    std::atomic<uint64_t> durable_frame_{0};   // durable_.frame, for the shm hooks
+    std::atomic<int64_t> oldest_unshipped_us_{0};  // commit time of the oldest commit not yet durable (0: none)
 
     // Uploader state, guarded by upload_mu_ (held across I/O: it serialises
     // the uploader thread, sync commits and flushes; never taken by shm hooks).
@@ -180,10 +190,11 @@ private:
     uint64_t segments_uploaded_ = 0;
     uint64_t snapshots_uploaded_ = 0;
     uint64_t bytes_uploaded_ = 0;
+    uint64_t segment_bytes_uploaded_ = 0;  // compressed segment objects
+    uint64_t wal_bytes_shipped_ = 0;       // the committed WAL page bytes they carry
     std::string status_generation_;
     uint64_t status_seq_ = 0;
     WalPosition status_durable_;
-    int64_t oldest_unshipped_us_ = 0;
 
     // Uploader thread control, guarded by cv_mu_.
     std::mutex cv_mu_;

@@ -194,7 +194,17 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
                                   "generation " + g.id + " has no snapshot object (" + snapshot_key(db_id, g.id) +
                                       "): it was never completed or was damaged; try an older generation",
                                   "MissingSnapshot");
-            continue;  // an unfinished generation: an older one still serves
+            // Segments are written only after their snapshot, and an unfinished
+            // multipart snapshot is invisible to listings: segments without a
+            // snapshot mean the snapshot object was lost. Say so; never skip
+            // silently to an older state.
+            if (g.segments > 0)
+                return make_error(ErrorKind::Corrupt,
+                                  "snapshot " + snapshot_key(db_id, g.id) + " of generation " + g.id +
+                                      " is missing although its segments exist; restore an older generation (-g) "
+                                      "and run verify",
+                                  "MissingSnapshot");
+            continue;
         }
         chosen = g;
         found = true;

@@ -21,8 +21,8 @@
 **   first waits for the frames to be durable (bounded) and fails otherwise.
 ** - Checkpoints are refused (SQLITE_BUSY on the CKPT lock) only while a
 **   snapshot reads the database file.
-** - No network I/O, allocation or replicator lock in xShmLock: it only reads
-**   the 48-byte wal-index header and touches atomics.
+** - No network or file I/O in xShmLock: it reads the 48-byte wal-index
+**   header, touches atomics, and records a commit under a short mutex.
 ** - Exceptions never cross this C ABI: every method catches and maps to an
 **   SQLITE_IOERR_* code (bad_alloc to SQLITE_IOERR_NOMEM).
 */
@@ -208,21 +208,32 @@ int main_shm_unmap(sqlite3_file* f, int delete_flag) {
     return l->pMethods->xShmUnmap(l, delete_flag);
 }
 
-// Reports the commit the wal-index header describes. Called while this
-// connection still holds the WAL write lock, so the header is stable.
-void report_commit(ShimFile* s) {
-    if (!s->shm0 || !s->repl) return;
+struct WalIndexHeader {
+    uint32_t salt1 = 0, salt2 = 0, mx_frame = 0, page_size = 0;
+};
+
+// Reads the first copy of the wal-index header (WalIndexHdr in wal.c).
+bool read_wal_index(const ShimFile* s, WalIndexHeader& out) {
+    if (!s->shm0) return false;
     const auto* h = static_cast<const volatile unsigned char*>(s->shm0);
     unsigned char hdr[48];
     for (int i = 0; i < 48; ++i) hdr[i] = h[i];
-    if (hdr[12] == 0) return;  // isInit: not initialised
-    uint32_t mx_frame;
+    if (hdr[12] == 0) return false;  // isInit: not initialised
     uint16_t sz_page;
-    std::memcpy(&mx_frame, hdr + 16, 4);
+    std::memcpy(&out.mx_frame, hdr + 16, 4);
     std::memcpy(&sz_page, hdr + 14, 2);
-    uint32_t page_size = (sz_page & 0xff00u) | (static_cast<uint32_t>(sz_page & 0x0001u) << 16);
+    out.page_size = (sz_page & 0xff00u) | (static_cast<uint32_t>(sz_page & 0x0001u) << 16);
     // aSalt holds the WAL header's salt bytes as stored in the file (big-endian).
-    s->repl->note_commit(be32(hdr + 32), be32(hdr + 36), mx_frame, page_size);
+    out.salt1 = be32(hdr + 32);
+    out.salt2 = be32(hdr + 36);
+    return true;
+}
+
+// Reports the commit the wal-index header describes. Called while this
+// connection still holds the WAL write lock, so the header is stable.
+void report_commit(ShimFile* s) {
+    WalIndexHeader h;
+    if (s->repl && read_wal_index(s, h)) s->repl->note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
 }
 
 int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
@@ -232,8 +243,12 @@ int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
     const bool lock = (flags & SQLITE_SHM_LOCK) != 0;
     const bool excl = (flags & SQLITE_SHM_EXCLUSIVE) != 0;
     if (r && lock && excl) {
-        if (ofst == kShmRestartOfst && n == kShmRestartN && !r->restart_allowed()) {
-            return SQLITE_BUSY;  // walRestartLog: SQLite appends instead of overwriting unshipped frames
+        if (ofst == kShmRestartOfst && n == kShmRestartN) {
+            // walRestartLog (under the write lock, so the header is stable):
+            // refused, SQLite appends instead of overwriting unshipped frames.
+            WalIndexHeader h;
+            bool allowed = read_wal_index(s, h) ? r->restart_allowed(h.salt1, h.salt2, h.mx_frame) : r->restart_allowed();
+            if (!allowed) return SQLITE_BUSY;
         }
         if (ofst == kShmCkptLock && n == 1 && !r->checkpoint_allowed()) {
             return SQLITE_BUSY;  // a snapshot is reading the database file
@@ -241,6 +256,10 @@ int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
     }
     if (r && !lock && excl && ofst <= kShmWriteLock && kShmWriteLock < ofst + n) report_commit(s);
     int rc = l->pMethods->xShmLock(l, ofst, n, flags);
+    if (r && rc == SQLITE_OK && lock && excl && ofst == kShmWriteLock && n == 1) {
+        WalIndexHeader h;
+        if (read_wal_index(s, h)) r->check_wal_index(h.salt1, h.salt2, h.mx_frame);
+    }
     if (r && rc == SQLITE_OK && excl && ofst == kShmCkptLock && n == 1) {
         if (lock && !s->holds_ckpt) {
             s->holds_ckpt = true;
@@ -288,8 +307,8 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
             return rc;
         }
         if (is_frame_header(s, n, off)) {
-            r->apply_backpressure();
             bool commit = be32(p + 4) != 0;
+            if (commit) r->apply_backpressure();  // once per transaction, bounded
             if (commit) {
                 s->commit_pending = true;
                 s->commit_offset = off;

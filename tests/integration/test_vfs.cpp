@@ -462,3 +462,31 @@ TEST_CASE("sync mode: COMMIT is durable when it returns, refused when S3 cannot 
     CHECK(query_int(check.get(), "SELECT count(*) FROM t") == 21);
     CHECK(query_int(check.get(), "SELECT count(*) FROM t WHERE v='refused'") == 0);
 }
+
+TEST_CASE("a writer that bypasses bottomless never makes history vanish", "[vfs][integration][invariant]") {
+    Setup s;
+    std::string path = s.dir.file("foreign.db");
+    Db app = open_db(s.uri("foreign.db"));
+    exec(app.get(), "PRAGMA journal_mode=wal; CREATE TABLE t(v TEXT); INSERT INTO t VALUES('app 1');");
+    flush(app.get());
+    std::string gen1 = status(app.get())["generation"];
+    std::string checkpoint = GENERATE(as<std::string>{}, "PASSIVE", "TRUNCATE");
+    CAPTURE(checkpoint);
+    {
+        // Same file, default VFS: SQLite's own locking still applies, bottomless sees nothing.
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READWRITE, "unix") == SQLITE_OK);
+        Db plain(raw);
+        exec(plain.get(), "INSERT INTO t VALUES('foreign'); PRAGMA wal_checkpoint(" + checkpoint + ");");
+    }
+    for (int i = 2; i <= 5; ++i) exec(app.get(), "INSERT INTO t VALUES('app " + std::to_string(i) + "');");
+    flush(app.get());
+    std::string gen2 = status(app.get())["generation"];
+    if (checkpoint == "TRUNCATE") CHECK(gen2 != gen1);  // the WAL restarted behind our back: new history
+    else CHECK(gen2 == gen1);                           // its frames were still in the WAL: shipped in line
+    std::string out = s.dir.file("r.db");
+    s.restore("foreign.db", out);
+    Db check = open_db("file:" + out + "?immutable=1");
+    CHECK(query_int(check.get(), "SELECT count(*) FROM t") == 6);
+    CHECK(query_int(check.get(), "SELECT count(*) FROM t WHERE v = 'foreign'") == 1);
+}
