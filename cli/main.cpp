@@ -1,144 +1,143 @@
-// bottomless-cli: the operator's tool for a bottomless bucket.
+// bottomless-cli: the operator's tool for a bottomless bucket — list
+// generations, restore (latest, a generation, a point in time), verify, prune,
+// and show replication status. Uses replicator/ and s3/, never vfs/.
 //
-// This first version speaks to the bucket only (ls); restore, verify and rm
-// come with the replicator's object format.
+// This file finds the command word, parses options (global ones are accepted
+// before or after it), prints help and dispatches to cmd_*.cpp.
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
 
-#include "s3/client.h"
-#include "s3/log.h"
+#include "cli/common.h"
+#include "replicator/format.h"
+
+using namespace bottomless::cli;
 
 namespace {
 
-constexpr int kExitOk = 0;
-constexpr int kExitFailure = 1;
-constexpr int kExitUsage = 2;
+const std::vector<const Command*>& commands() {
+    static const std::vector<const Command*> kCommands = {&ls_command(), &restore_command(), &verify_command(),
+                                                          &rm_command(), &status_command()};
+    return kCommands;
+}
 
-void print_help(FILE* out) {
+const Command* find_command(const std::string& name) {
+    for (const auto* c : commands())
+        if (name == c->name) return c;
+    return nullptr;
+}
+
+void print_main_help(FILE* out) {
     std::fprintf(out,
-                 "Usage: bottomless-cli [OPTIONS] COMMAND [ARGS]\n"
+                 "Usage: bottomless-cli [GLOBAL OPTIONS] COMMAND [OPTIONS]\n"
                  "\n"
-                 "Browse a bottomless bucket and restore SQLite databases from it.\n"
+                 "Browse a bottomless bucket and restore, verify or prune the SQLite databases\n"
+                 "replicated into it.\n"
                  "\n"
-                 "Options:\n"
-                 "  -e, --endpoint URL    S3 endpoint (default: LIBSQL_BOTTOMLESS_ENDPOINT, AWS_ENDPOINT_URL_S3,\n"
-                 "                        AWS_ENDPOINT_URL, else AWS)\n"
-                 "  -b, --bucket NAME     bucket (default: LIBSQL_BOTTOMLESS_BUCKET, else \"bottomless\")\n"
-                 "  -d, --database ID     database id (default: LIBSQL_BOTTOMLESS_DATABASE_ID)\n"
-                 "  -h, --help            show this help\n"
-                 "      --version         show the version\n"
+                 "Commands:\n");
+    for (const auto* c : commands()) std::fprintf(out, "  %-10s %s\n", c->name, c->summary);
+    std::fprintf(out, "\nGlobal options:\n");
+    print_options(out, global_options());
+    std::fprintf(out,
                  "\n"
-                 "Commands:\n"
-                 "  ls                    list the databases in the bucket, or with -d the objects of one\n"
+                 "Credentials and region come from the AWS environment variables and files, as\n"
+                 "for the AWS CLI (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,\n"
+                 "AWS_REGION, AWS_PROFILE, ~/.aws/credentials, ~/.aws/config).\n"
+                 "LIBSQL_BOTTOMLESS_LOG=info|debug|trace logs S3 requests to stderr.\n"
                  "\n"
-                 "Credentials and region come from the AWS environment variables and files\n"
-                 "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials, ...).\n"
-                 "Exit codes: 0 success, 1 failure, 2 usage error.\n");
+                 "Exit codes: 0 success, 1 failure, 2 usage error,\n"
+                 "            3 nothing to restore (no generation for this database id, or none at that time).\n"
+                 "\n"
+                 "'bottomless-cli COMMAND --help' describes a command. Documentation: docs/CLI.md\n");
 }
 
-struct Options {
-    std::string endpoint, bucket, database, command;
-    std::vector<std::string> args;
-};
-
-bool take_value(int& i, int argc, char** argv, std::string& out) {
-    const char* arg = argv[i];
-    if (const char* eq = std::strchr(arg, '='); eq && arg[1] == '-') {
-        out = eq + 1;
-        return true;
-    }
-    if (i + 1 >= argc) {
-        std::fprintf(stderr, "bottomless-cli: option %s needs a value (see --help)\n", arg);
-        return false;
-    }
-    out = argv[++i];
-    return true;
+void print_command_help(FILE* out, const Command& c) {
+    std::fprintf(out, "Usage: bottomless-cli [GLOBAL OPTIONS] %s\n\n%s\n\nOptions:\n", c.synopsis, c.description);
+    print_options(out, c.options);
+    std::fprintf(out, "\nGlobal options:\n");
+    print_options(out, global_options());
+    std::fprintf(out, "\nExit codes: 0 success, 1 failure, 2 usage error, 3 nothing to restore.\n");
 }
 
-bool is_opt(const char* arg, const char* s, const char* l) {
-    size_t n = std::strlen(l);
-    return std::strcmp(arg, s) == 0 || std::strcmp(arg, l) == 0 || (std::strncmp(arg, l, n) == 0 && arg[n] == '=');
-}
-
-int cmd_ls(const Options& o, bottomless::s3::Client& client) {
-    if (o.database.empty()) {
-        bottomless::s3::ListRequest req;
-        req.delimiter = "/";
-        int n = 0;
-        auto st = client.list_objects(o.bucket, req, [&](const bottomless::s3::ListPage& page) {
-            for (const auto& p : page.common_prefixes) {
-                std::printf("%s\n", p.substr(0, p.size() - 1).c_str());
-                ++n;
-            }
-            return true;
-        });
-        if (!st) {
-            std::fprintf(stderr, "bottomless-cli: ls: %s\n", st.error().describe().c_str());
-            return kExitFailure;
-        }
-        if (n == 0) std::fprintf(stderr, "bottomless-cli: bucket '%s' holds no databases\n", o.bucket.c_str());
-        return kExitOk;
+bool global_takes_value(const std::string& a) {
+    for (const auto& o : global_options()) {
+        if (!o.value_name) continue;
+        if (a == std::string("--") + o.long_name) return true;
+        if (o.short_name && a.size() == 2 && a[0] == '-' && a[1] == o.short_name) return true;
     }
-    auto objects = client.list_all(o.bucket, o.database + "/");
-    if (!objects) {
-        std::fprintf(stderr, "bottomless-cli: ls: %s\n", objects.error().describe().c_str());
-        return kExitFailure;
-    }
-    for (const auto& obj : *objects)
-        std::printf("%-24s %12llu  %s\n", obj.last_modified.c_str(), static_cast<unsigned long long>(obj.size),
-                    obj.key.c_str());
-    return kExitOk;
+    return false;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    Options o;
-    for (int i = 1; i < argc; ++i) {
-        const char* a = argv[i];
-        if (!o.command.empty()) {
-            o.args.emplace_back(a);
-        } else if (is_opt(a, "-h", "--help")) {
-            print_help(stdout);
-            return kExitOk;
-        } else if (std::strcmp(a, "--version") == 0) {
-            std::printf("bottomless-cli %s\n", BOTTOMLESS_VERSION);
-            return kExitOk;
-        } else if (is_opt(a, "-e", "--endpoint")) {
-            if (!take_value(i, argc, argv, o.endpoint)) return kExitUsage;
-        } else if (is_opt(a, "-b", "--bucket")) {
-            if (!take_value(i, argc, argv, o.bucket)) return kExitUsage;
-        } else if (is_opt(a, "-d", "--database")) {
-            if (!take_value(i, argc, argv, o.database)) return kExitUsage;
-        } else if (a[0] == '-') {
-            std::fprintf(stderr, "bottomless-cli: unknown option %s (see --help)\n", a);
-            return kExitUsage;
-        } else {
-            o.command = a;
+    std::vector<std::string> args(argv + 1, argv + argc);
+
+    // The command is the first word that is neither an option nor the value
+    // of a global option before it.
+    size_t cmd_at = args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+        const std::string& a = args[i];
+        if (a == "--") break;
+        if (global_takes_value(a)) {
+            ++i;
+            continue;
         }
+        if (!a.empty() && a[0] == '-') continue;
+        cmd_at = i;
+        break;
     }
-    if (o.command.empty()) {
-        print_help(stderr);
+    std::string name = cmd_at < args.size() ? args[cmd_at] : std::string();
+    if (name == "help") {
+        // "bottomless-cli help [COMMAND]"
+        const Command* c = cmd_at + 1 < args.size() ? find_command(args[cmd_at + 1]) : nullptr;
+        if (c) print_command_help(stdout, *c);
+        else print_main_help(stdout);
+        return kExitOk;
+    }
+    const Command* cmd = name.empty() ? nullptr : find_command(name);
+    if (!name.empty() && !cmd) {
+        std::fprintf(stderr, "%s: unknown command '%s' (commands: ls, restore, verify, rm, status; see --help)\n",
+                     kProgram, name.c_str());
         return kExitUsage;
     }
-    if (o.command != "ls") {
-        std::fprintf(stderr, "bottomless-cli: unknown command '%s' (see --help)\n", o.command.c_str());
+    std::vector<std::string> rest;
+    for (size_t i = 0; i < args.size(); ++i)
+        if (i != cmd_at) rest.push_back(args[i]);
+
+    Args parsed;
+    try {
+        parsed = parse_args(rest, cmd ? cmd->options : std::vector<OptionSpec>{}, cmd ? cmd->name : nullptr);
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "%s: %s\n", kProgram, e.message.c_str());
         return kExitUsage;
     }
-    auto env = bottomless::s3::process_env();
-    if (o.bucket.empty()) o.bucket = env("LIBSQL_BOTTOMLESS_BUCKET").value_or("bottomless");
-    if (o.database.empty()) o.database = env("LIBSQL_BOTTOMLESS_DATABASE_ID").value_or("");
-    auto cfg = bottomless::s3::config_from_env(env);
-    if (!cfg) {
-        std::fprintf(stderr, "bottomless-cli: %s\n", cfg.error().message.c_str());
+    if (parsed.has("version")) {
+        std::printf("bottomless-cli %s (object format %u)\n", BOTTOMLESS_VERSION,
+                    bottomless::replicator::kFormatVersion);
+        return kExitOk;
+    }
+    if (parsed.has("help")) {
+        if (cmd) print_command_help(stdout, *cmd);
+        else print_main_help(stdout);
+        return kExitOk;
+    }
+    if (!cmd) {
+        print_main_help(stderr);
+        return kExitUsage;
+    }
+
+    install_signal_cleanup();
+    try {
+        Context ctx(cmd->name, parsed);
+        return cmd->run(ctx, parsed);
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "%s %s: %s (see bottomless-cli %s --help)\n", kProgram, cmd->name, e.message.c_str(),
+                     cmd->name);
+        return kExitUsage;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "%s %s: internal error: %s\n", kProgram, cmd->name, e.what());
         return kExitFailure;
     }
-    if (!o.endpoint.empty()) {
-        cfg->endpoint = o.endpoint;
-        cfg->path_style = true;
-    }
-    bottomless::s3::Client client(std::move(cfg).value());
-    return cmd_ls(o, client);
 }

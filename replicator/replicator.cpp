@@ -73,6 +73,7 @@ struct LocalState {
     uint64_t seq = 0;
     WalPosition position;
     bool clean_close = false;
+    bool restored = false;  // written by restore_database(), not by a replicator
     int64_t db_size = -1, db_mtime_ns = -1;
     uint64_t db_ino = 0;
 };
@@ -92,6 +93,7 @@ std::optional<LocalState> read_state_file(const std::string& path) {
         const auto& p = j.at("position");
         s.position = WalPosition{p.at("salt1"), p.at("salt2"), p.at("frame"), p.at("cksum1"), p.at("cksum2")};
         s.clean_close = j.value("clean_close", false);
+        s.restored = j.value("restored", false);
         s.db_size = j.value("db_size", int64_t{-1});
         s.db_mtime_ns = j.value("db_mtime_ns", int64_t{-1});
         s.db_ino = j.value("db_ino", uint64_t{0});
@@ -208,6 +210,15 @@ Status Replicator::startup() {
         } else {
             request_snapshot(latest ? "auto-restore is off: a new history starts" : "first start: nothing in the bucket");
         }
+    } else if (state && state->restored && state->bucket == bucket && state->db_id == db_id && db_exists &&
+               (!wal_exists || wal_st.st_size == 0) && state->db_size == db_st.st_size &&
+               state->db_mtime_ns == mtime_ns(db_st) && state->db_ino == db_st.st_ino) {
+        // Restored by bottomless-cli and untouched since: a new history whose
+        // parent is the restored state (even if the bucket moved on: restoring
+        // an older point in time and starting from it is a rollback).
+        parent_generation_ = state->generation;
+        parent_seq_ = state->seq;
+        request_snapshot("the database was restored from generation " + state->generation);
     } else if (!latest) {
         request_snapshot("first start: the bucket has no generation of '" + db_id + "'");
     } else if (state && state->bucket == bucket && state->db_id == db_id && state->generation == latest->id) {

@@ -1,0 +1,190 @@
+// bottomless-cli restore: rebuilds a database file from the bucket — the
+// latest state, a generation, or the state at a point in time (every
+// transaction committed at or before it, none after).
+//
+// The work is replicator::restore_database (temp file, checksums, chain,
+// integrity_check, fsync, rename); this file decides whether to restore at
+// all (--if-db-not-exists, --if-replica-exists, --force), which generation
+// serves (history.h), and reports the result.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/common.h"
+#include "cli/history.h"
+#include "cli/restore_common.h"
+#include "replicator/restore.h"
+
+namespace bottomless::cli {
+namespace {
+
+using json = nlohmann::json;
+
+bool nonempty_file(const std::string& path, uint64_t* size = nullptr) {
+    struct stat st{};
+    if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+    if (size) *size = static_cast<uint64_t>(st.st_size);
+    return st.st_size > 0;
+}
+
+bool is_directory(const std::string& path) {
+    struct stat st{};
+    return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::string base_name(const std::string& path) {
+    std::string p = path;
+    while (p.size() > 1 && p.back() == '/') p.pop_back();
+    return p.substr(p.find_last_of('/') + 1);
+}
+
+std::string dir_name(const std::string& path) {
+    auto slash = path.find_last_of('/');
+    if (slash == std::string::npos) return ".";
+    return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+int run_restore(Context& ctx, const Args& args) {
+    ctx.set_quiet(args.has("quiet") || args.has("json"));
+    if (!args.positional().empty())
+        throw UsageError{"unexpected argument '" + args.positional()[0] + "' (the output file is -o PATH)"};
+    RestoreRequest req = restore_request_from(args);
+    const bool if_db_missing = args.has("if-db-not-exists");
+    const bool if_replica = args.has("if-replica-exists");
+    const bool force = args.has("force");
+
+    // The output and, from its name, the database id (as the extension derives it).
+    std::string output = args.get("output");
+    if (!ctx.connect()) return kExitFailure;
+    auto db = ctx.database_id(output.empty() || is_directory(output) ? std::string() : base_name(output));
+    if (!db) return kExitUsage;
+    if (output.empty()) output = *db;
+    else if (is_directory(output)) output = (output.back() == '/' ? output : output + "/") + *db;
+
+    // Local checks first: they need no network and must hold whatever the bucket says.
+    uint64_t size = 0, wal_size = 0;
+    bool exists = nonempty_file(output, &size);
+    bool wal_exists = nonempty_file(output + "-wal", &wal_size);
+    if (exists || wal_exists) {
+        if (if_db_missing) {
+            ctx.note("bottomless-cli restore: " + output + " exists; nothing restored (--if-db-not-exists)");
+            if (args.has("json"))
+                std::printf("%s\n", json{{"restored", false}, {"reason", "database exists"}, {"output", output}}
+                                        .dump(2)
+                                        .c_str());
+            return kExitOk;
+        }
+        if (!force)
+            return ctx.fail(output + (exists ? " exists (" + format_bytes(size) + ")" : "-wal exists (" + format_bytes(wal_size) + ")") +
+                                ": refusing to overwrite a database",
+                            "pass --force to replace it, --if-db-not-exists to keep it, or -o another path");
+    }
+    if (!is_directory(dir_name(output)))
+        return ctx.fail("directory " + dir_name(output) + " does not exist", "create it or pass another -o PATH");
+
+    std::vector<GenerationView> history;
+    auto suggest_older = [&](const Error& e) {
+        std::string older = older_than_damaged(history, e);
+        if (!older.empty())
+            std::fprintf(stderr, "  an older generation may still restore: bottomless-cli -b %s -d %s verify -g %s\n",
+                         ctx.bucket().c_str(), db->c_str(), older.c_str());
+    };
+    auto chosen = plan_restore(ctx, *db, req, &history);
+    if (!chosen) {
+        const Error& e = chosen.error();
+        if (if_replica && (e.code == "NoSuchBucket" || e.code == "NoReplica")) {
+            ctx.note("bottomless-cli restore: " + e.message + "; nothing restored (--if-replica-exists)");
+            if (args.has("json"))
+                std::printf("%s\n", json{{"restored", false}, {"reason", "no replica"}, {"output", output}}
+                                        .dump(2)
+                                        .c_str());
+            return kExitOk;
+        }
+        int code = ctx.fail(e);
+        suggest_older(e);
+        return code;
+    }
+
+    auto result = run_restore_into(ctx, *db, *chosen, req, output, "restoring " + *db);
+    if (!result) {
+        int code = ctx.fail(result.error());
+        suggest_older(result.error());
+        std::fprintf(stderr, "  nothing was written at %s\n", output.c_str());
+        return code;
+    }
+    const auto& r = *result;
+    const uint64_t bytes = static_cast<uint64_t>(r.db_pages) * r.page_size;
+    if (args.has("json")) {
+        json j = {{"restored", true},
+                  {"output", output},
+                  {"database", *db},
+                  {"bucket", ctx.bucket()},
+                  {"generation", r.generation},
+                  {"segment", r.seq},
+                  {"transactions", r.transactions},
+                  {"last_txn", r.last_commit_us ? json(format_time_us(r.last_commit_us)) : json(nullptr)},
+                  {"last_txn_us", r.last_commit_us},
+                  {"page_size", r.page_size},
+                  {"pages", r.db_pages},
+                  {"bytes", bytes},
+                  {"downloaded_bytes", r.bytes_downloaded},
+                  {"seconds", r.seconds}};
+        if (req.until_us) j["until"] = format_time_us(*req.until_us);
+        std::printf("%s\n", j.dump(2).c_str());
+    } else if (!ctx.quiet()) {
+        std::printf("restored %s from s3://%s/%s to %s\n", db->c_str(), ctx.bucket().c_str(), db->c_str(),
+                    output.c_str());
+        std::printf("  generation        %s, snapshot + %llu segment(s), %llu transaction(s) from segments\n",
+                    r.generation.c_str(), static_cast<unsigned long long>(r.seq),
+                    static_cast<unsigned long long>(r.transactions));
+        std::printf("  last transaction  %s%s\n", format_time_us(r.last_commit_us).c_str(),
+                    req.until_us ? (" (asked: at or before " + format_time_us(*req.until_us) + ")").c_str() : "");
+        std::printf("  size              %u pages x %u bytes = %s\n", r.db_pages, r.page_size,
+                    format_bytes(bytes).c_str());
+        double rate = r.seconds > 0 ? static_cast<double>(r.bytes_downloaded) / r.seconds : 0;
+        std::printf("  downloaded        %s in %.2f s (%s/s), checksums, chain and integrity_check ok\n",
+                    format_bytes(r.bytes_downloaded).c_str(), r.seconds,
+                    format_bytes(static_cast<uint64_t>(rate)).c_str());
+    }
+    return kExitOk;
+}
+
+}  // namespace
+
+const Command& restore_command() {
+    static const Command kCmd = {
+        "restore",
+        "restore a database: the latest state, a generation, or a point in time",
+        "restore [-o PATH] [-g GEN | --utc-time T] [--if-db-not-exists] [--if-replica-exists] [--force]",
+        "Rebuilds the database from its snapshot and segments: every object's checksum\n"
+        "and the chain between them are checked, whole transactions only are applied,\n"
+        "the result goes to PATH.restore-tmp, is fsynced, passes PRAGMA integrity_check\n"
+        "and is renamed to PATH. On any failure nothing is written at PATH. Stale\n"
+        "PATH-wal/-shm files are removed so SQLite cannot replay them onto the result.\n"
+        "\n"
+        "--utc-time T restores exactly the transactions committed at or before T:\n"
+        "  2026-03-01T10:42:17Z, 2026-03-01T10:42:17.250+01:00, '2026-03-01 10:42:17'\n"
+        "  (no offset: UTC), 2026-03-01 (midnight UTC). 'ls' prints the times it can reach.\n"
+        "\n"
+        "Without -d the database id is the output file's name (as the extension derives\n"
+        "it from the database file's name).",
+        {
+            {'o', "output", "PATH", "where to write the database (default: ./<database id>; a directory: DIR/<id>)"},
+            {'g', "generation", "GEN", "restore this generation (default: the newest that serves)"},
+            {'t', "utc-time", "T", "restore the state at T (RFC 3339 or 'YYYY-MM-DD HH:MM:SS', UTC)"},
+            {0, "if-db-not-exists", nullptr, "do nothing (exit 0) if PATH already holds a database"},
+            {0, "if-replica-exists", nullptr, "do nothing (exit 0) if the bucket holds no replica of the database"},
+            {'f', "force", nullptr, "replace an existing database at PATH"},
+            {'j', "parallel", "N", "objects downloaded at once (default 4, 1..64)"},
+            {'q', "quiet", nullptr, "no progress bar and no report"},
+            {0, "json", nullptr, "print the report as JSON"},
+        },
+        run_restore,
+    };
+    return kCmd;
+}
+
+}  // namespace bottomless::cli

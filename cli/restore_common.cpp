@@ -1,0 +1,115 @@
+// See restore_common.h.
+#include "cli/restore_common.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
+#include <thread>
+
+namespace bottomless::cli {
+
+RestoreRequest restore_request_from(const Args& args) {
+    RestoreRequest r;
+    r.generation = args.get("generation");
+    if (args.has("generation") && r.generation.empty()) throw UsageError{"-g needs a generation id (see ls)"};
+    if (args.has("utc-time")) {
+        r.until_us = parse_time(args.get("utc-time"));
+        if (!r.until_us)
+            throw UsageError{"--utc-time '" + args.get("utc-time") +
+                             "': expected RFC 3339 (2026-03-01T10:42:17Z, 2026-03-01T11:42:17.5+01:00) or "
+                             "'YYYY-MM-DD HH:MM:SS' (UTC)"};
+    }
+    r.parallel = static_cast<int>(parse_int_option(args, "parallel", 1, 64, 4));
+    return r;
+}
+
+Result<RestoreChoice> plan_restore(Context& ctx, const std::string& db_id, const RestoreRequest& req,
+                                   std::vector<GenerationView>* history_out) {
+    auto history = load_history(ctx.client(), ctx.bucket(), db_id, Detail::Ids);
+    if (!history) return std::move(history).error();
+    struct Keep {
+        std::vector<GenerationView>& from;
+        std::vector<GenerationView>* to;
+        ~Keep() {
+            if (to) *to = from;
+        }
+    } keep{*history, history_out};
+    auto no_replica = [&](const std::string& why) {
+        return make_error(ErrorKind::NotFound, "database '" + db_id + "' " + why + " in bucket '" + ctx.bucket() + "'",
+                          "NoReplica");
+    };
+    if (history->empty()) return no_replica("has no generation");
+    auto choice = choose_restore(ctx.client(), ctx.bucket(), db_id, *history, req.generation, req.until_us);
+    if (choice || choice.error().code != "NoGeneration") return choice;
+    // Nothing serves this request: is there any replica at all?
+    for (auto& g : *history) {
+        if (auto st = inspect_generation(ctx.client(), ctx.bucket(), db_id, g, Detail::Objects); !st)
+            return std::move(st).error();
+        if (g.complete()) return choice;
+    }
+    return no_replica("has no complete generation (no snapshot finished uploading)");
+}
+
+std::string older_than_damaged(const std::vector<GenerationView>& history, const Error& e) {
+    if (e.kind != ErrorKind::Corrupt) return {};
+    for (size_t i = 0; i + 1 < history.size(); ++i)
+        if (e.message.find(history[i].info.id) != std::string::npos) return history[i + 1].info.id;
+    return {};
+}
+
+Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreChoice& choice,
+                                                   const RestoreRequest& req, const std::string& output,
+                                                   const std::string& label) {
+    replicator::RestoreOptions opt;
+    opt.generation = choice.generation;
+    opt.until_us = choice.until_us;
+    opt.parallel = req.parallel;
+    opt.integrity_check = true;
+    // restore_database writes OUTPUT.restore-tmp and removes it on failure;
+    // an interrupt must not leave it behind either.
+    const std::string tmp = output + ".restore-tmp";
+    cleanup_on_signal(tmp);
+
+    ProgressBar bar(label, !ctx.quiet());
+    std::atomic<uint64_t> reported{0}, total{choice.total_bytes};
+    std::atomic<bool> stop{false};
+    std::thread ticker;
+    if (bar.enabled()) {
+        opt.progress = [&](uint64_t done, uint64_t all) {
+            reported.store(done);
+            total.store(all);
+        };
+        // restore_database reports once the snapshot is in; while it streams,
+        // the temp file's growth against the snapshot's page count (from its
+        // header) tells how far it is.
+        uint64_t raw = 0;
+        auto h = read_snapshot_header(ctx.client(), ctx.bucket(), replicator::snapshot_key(db_id, choice.generation),
+                                      choice.snapshot_bytes);
+        if (h) raw = static_cast<uint64_t>(h->db_pages) * h->page_size;
+        ticker = std::thread([&, raw] {
+            // Only this thread draws until it is joined.
+            while (!stop.load()) {
+                uint64_t done = reported.load();
+                if (done == 0 && raw > 0) {
+                    struct stat st{};
+                    if (::stat(tmp.c_str(), &st) == 0)
+                        done = static_cast<uint64_t>(static_cast<double>(choice.snapshot_bytes) *
+                                                     std::min(1.0, static_cast<double>(st.st_size) /
+                                                                       static_cast<double>(raw)));
+                }
+                bar.update(done, total.load());
+                std::this_thread::sleep_for(std::chrono::milliseconds(100));
+            }
+        });
+    }
+    auto r = replicator::restore_database(ctx.client(), ctx.bucket(), db_id, output, opt);
+    stop.store(true);
+    if (ticker.joinable()) ticker.join();
+    if (r && bar.enabled()) bar.update(r->bytes_downloaded, r->bytes_downloaded);
+    forget_cleanup(tmp);
+    bar.finish();
+    return r;
+}
+
+}  // namespace bottomless::cli

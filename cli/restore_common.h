@@ -1,0 +1,42 @@
+// What restore and verify share: reading -g/--utc-time/--parallel, choosing
+// the generation, and running replicator::restore_database with a progress
+// bar and interrupt cleanup.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "cli/common.h"
+#include "cli/history.h"
+#include "replicator/restore.h"
+
+namespace bottomless::cli {
+
+struct RestoreRequest {
+    std::string generation;           // -g
+    std::optional<int64_t> until_us;  // --utc-time
+    int parallel = 4;                 // --parallel
+};
+
+// Throws UsageError for a bad --utc-time or --parallel.
+RestoreRequest restore_request_from(const Args& args);
+
+// Lists the database's generations and picks the one that serves the
+// request (history.h). Errors: NotFound "NoReplica" when the database has no
+// complete generation at all, "NoGeneration" when none serves this request,
+// Corrupt naming an object, or what S3 said.
+// `history`, when given, receives the listing (for suggestions on failure).
+Result<RestoreChoice> plan_restore(Context& ctx, const std::string& db_id, const RestoreRequest& req,
+                                   std::vector<GenerationView>* history = nullptr);
+
+// After a Corrupt error: the generation older than the one the error names,
+// which may still restore (empty if none).
+std::string older_than_damaged(const std::vector<GenerationView>& history, const Error& e);
+
+// Restores the chosen state into `output` (temp file, checks, rename), with
+// a progress bar labelled `label` unless quiet.
+Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreChoice& choice,
+                                                   const RestoreRequest& req, const std::string& output,
+                                                   const std::string& label);
+
+}  // namespace bottomless::cli

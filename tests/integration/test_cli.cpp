@@ -1,0 +1,963 @@
+// bottomless-cli end to end, against the real S3 server: a writer in this
+// process replicates through the loadable extension (bottomless.so, loaded
+// into this process's SQLite), the built CLI runs as a subprocess, and the
+// results are read back with SQLite.
+//
+//   - point in time: 20 random times, exact commit instants (and one µs
+//     before), between two commits of one segment; each restore holds every
+//     transaction whose COMMIT returned before T and none that began after T
+//   - restore's --if-db-not-exists / --if-replica-exists truth table, --force
+//   - -g of an older generation, ls --json, status --json
+//   - rm --older-than / --keep / -g / --dry-run, counting objects, and a
+//     deletion of more than 1000 keys
+//   - corruption: a flipped byte, a truncation, a deletion of the snapshot, a
+//     middle segment and the last segment: restore and verify fail naming it,
+//     nothing is written at -o
+//   - scripts/restore-before-start.sh in its cases
+//
+// Needs BOTTOMLESS_CLI_PATH, BOTTOMLESS_EXT_PATH and BOTTOMLESS_SCRIPTS_DIR
+// (compile definitions) and the test server's environment.
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <sqlite3.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "replicator/format.h"
+#include "s3/client.h"
+#include "support/s3_env.h"
+
+#ifndef BOTTOMLESS_CLI_PATH
+#error "BOTTOMLESS_CLI_PATH must name the built bottomless-cli"
+#endif
+#ifndef BOTTOMLESS_EXT_PATH
+#error "BOTTOMLESS_EXT_PATH must name the built bottomless.so"
+#endif
+#ifndef BOTTOMLESS_SCRIPTS_DIR
+#define BOTTOMLESS_SCRIPTS_DIR "scripts"
+#endif
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace bottomless;
+using bottomless::testing::TestBucket;
+
+namespace {
+
+int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
+}
+
+std::string rfc3339(int64_t us) {
+    std::time_t t = static_cast<std::time_t>(us / 1'000'000);
+    std::tm tm{};
+    gmtime_r(&t, &tm);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06lldZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                  tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<long long>(us % 1'000'000));
+    return buf;
+}
+
+// The same instant written three ways --utc-time must all accept.
+std::string time_arg(int64_t us, int style) {
+    std::string z = rfc3339(us);  // YYYY-MM-DDTHH:MM:SS.ffffffZ
+    if (style == 1) return z.substr(0, 10) + " " + z.substr(11, 15);  // 'YYYY-MM-DD HH:MM:SS.ffffff', UTC
+    if (style == 2) {
+        // The same instant at +01:30.
+        int64_t local = us + 90 * 60 * 1'000'000LL;
+        std::string l = rfc3339(local);
+        return l.substr(0, l.size() - 1) + "+01:30";
+    }
+    return z;
+}
+
+struct TempDir {
+    fs::path path;
+    TempDir() {
+        std::string tmpl = (fs::temp_directory_path() / "bottomless-cli-test.XXXXXX").string();
+        REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
+        path = tmpl;
+    }
+    ~TempDir() {
+        std::error_code ec;
+        fs::remove_all(path, ec);
+    }
+    std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+struct Run {
+    int code = -1;
+    std::string out, err;
+    std::string all() const { return out + err; }
+};
+
+std::string read_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+// Runs a program with extra environment (value nullopt: unset), capturing
+// stdout and stderr through files (no pipe can fill up and block it).
+Run run_program(const std::vector<std::string>& argv, const std::map<std::string, std::optional<std::string>>& env = {},
+                const std::string& stdin_text = {}) {
+    TempDir io;
+    const std::string out = io / "out", err = io / "err", in = io / "in";
+    {
+        std::ofstream f(in);
+        f << stdin_text;
+    }
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        int fi = ::open(in.c_str(), O_RDONLY);
+        int fo = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int fe = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fi < 0 || fo < 0 || fe < 0) ::_exit(127);
+        ::dup2(fi, 0);
+        ::dup2(fo, 1);
+        ::dup2(fe, 2);
+        for (const auto& [k, v] : env) {
+            if (v) ::setenv(k.c_str(), v->c_str(), 1);
+            else ::unsetenv(k.c_str());
+        }
+        std::vector<char*> args;
+        for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+        args.push_back(nullptr);
+        ::execv(args[0], args.data());
+        ::_exit(127);
+    }
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    Run r;
+    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    r.out = read_file(out);
+    r.err = read_file(err);
+    return r;
+}
+
+Run cli(const std::vector<std::string>& args, const std::map<std::string, std::optional<std::string>>& env = {}) {
+    std::vector<std::string> argv = {BOTTOMLESS_CLI_PATH};
+    argv.insert(argv.end(), args.begin(), args.end());
+    // The database id comes from -d or the output's name, never from the
+    // environment of whoever runs the tests.
+    auto e = env;
+    e.emplace("LIBSQL_BOTTOMLESS_DATABASE_ID", std::nullopt);
+    Run r = run_program(argv, e);
+    UNSCOPED_INFO("bottomless-cli exit " << r.code << "\nstdout: " << r.out << "\nstderr: " << r.err);
+    return r;
+}
+
+// ---- SQLite ----
+
+struct DbCloser {
+    void operator()(sqlite3* db) const noexcept { sqlite3_close_v2(db); }
+};
+using Db = std::unique_ptr<sqlite3, DbCloser>;
+
+void exec(sqlite3* db, const std::string& sql) {
+    char* err = nullptr;
+    int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err);
+    std::string msg = err ? err : "";
+    sqlite3_free(err);
+    INFO(sql);
+    REQUIRE(msg == "");
+    REQUIRE(rc == SQLITE_OK);
+}
+
+std::string query_text(sqlite3* db, const std::string& sql) {
+    sqlite3_stmt* st = nullptr;
+    REQUIRE(sqlite3_prepare_v2(db, sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
+    std::string out;
+    if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_text(st, 0))
+        out = reinterpret_cast<const char*>(sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    return out;
+}
+
+// Row ids of table t in a database file (opened read-only with the plain VFS).
+std::vector<int64_t> ids_in(const std::string& path) {
+    sqlite3* raw = nullptr;
+    REQUIRE(sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+    Db db(raw);
+    sqlite3_stmt* st = nullptr;
+    REQUIRE(sqlite3_prepare_v2(db.get(), "SELECT id FROM t ORDER BY id", -1, &st, nullptr) == SQLITE_OK);
+    std::vector<int64_t> ids;
+    while (sqlite3_step(st) == SQLITE_ROW) ids.push_back(sqlite3_column_int64(st, 0));
+    sqlite3_finalize(st);
+    REQUIRE(query_text(db.get(), "PRAGMA integrity_check") == "ok");
+    return ids;
+}
+
+std::vector<int64_t> range_ids(int64_t from, int64_t to) {
+    std::vector<int64_t> v;
+    for (int64_t i = from; i <= to; ++i) v.push_back(i);
+    return v;
+}
+
+void load_extension_once() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open(":memory:", &raw) == SQLITE_OK);
+        Db db(raw);
+        sqlite3_enable_load_extension(db.get(), 1);
+        char* err = nullptr;
+        int rc = sqlite3_load_extension(db.get(), BOTTOMLESS_EXT_PATH, nullptr, &err);
+        std::string msg = err ? err : "";
+        sqlite3_free(err);
+        INFO(msg);
+        REQUIRE(rc == SQLITE_OK);
+    });
+}
+
+// A database replicated through the extension into `bucket`. Batches are
+// shipped only by flush() (or at close), so the test decides what one
+// segment holds.
+class Writer {
+public:
+    Writer(const std::string& path, const std::string& bucket) {
+        load_extension_once();
+        std::string uri = "file:" + path + "?vfs=bottomless&bucket=" + bucket + "&batch_interval_ms=3600000";
+        sqlite3* raw = nullptr;
+        int rc = sqlite3_open_v2(uri.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI,
+                                 nullptr);
+        db_.reset(raw);
+        INFO((raw ? sqlite3_errmsg(raw) : "no handle"));
+        REQUIRE(rc == SQLITE_OK);
+        exec(db_.get(), "PRAGMA journal_mode=wal");
+    }
+    sqlite3* db() { return db_.get(); }
+    void sql(const std::string& s) { exec(db_.get(), s); }
+    void flush() {
+        std::string r = query_text(db_.get(), "SELECT bottomless_flush()");
+        INFO(r);
+        REQUIRE(r.find("generation") != std::string::npos);
+    }
+    std::string snapshot() {
+        std::string g = query_text(db_.get(), "SELECT bottomless_snapshot()");
+        REQUIRE(g.size() == 25);
+        return g;
+    }
+    void close() { db_.reset(); }
+
+private:
+    Db db_;
+};
+
+// Creates table t and ships it (the first generation's snapshot).
+void setup_table(Writer& w) {
+    w.sql("CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT)");
+    w.flush();
+}
+
+void insert(Writer& w, int64_t id) {
+    w.sql("INSERT INTO t VALUES(" + std::to_string(id) + ", hex(randomblob(" + std::to_string(50 + id % 200) + ")))");
+}
+
+std::vector<s3::ObjectInfo> objects(s3::Client& c, const std::string& bucket, const std::string& prefix = "") {
+    auto all = c.list_all(bucket, prefix);
+    REQUIRE(all.ok());
+    return *all;
+}
+
+json ls_json(const std::string& bucket, const std::string& db) {
+    Run r = cli({"-b", bucket, "-d", db, "ls", "--json"});
+    REQUIRE(r.code == 0);
+    return json::parse(r.out);
+}
+
+bool exists(const std::string& p) { return fs::exists(p); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+
+TEST_CASE("cli: restore at a point in time holds exactly the transactions committed by then",
+          "[cli][integration][pitr]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-pitr");
+    TempDir dir;
+    const std::string db_path = dir / "app.db";
+
+    struct Txn {
+        int64_t before = 0, after = 0, commit = 0;
+        std::string generation;
+        uint64_t seq = 0;
+    };
+    constexpr int kTxns = 60;
+    std::vector<Txn> txns(kTxns + 1);  // 1-based
+    std::mt19937_64 rng(std::random_device{}());
+    {
+        Writer w(db_path, bucket.name());
+        setup_table(w);
+        for (int i = 1; i <= kTxns; ++i) {
+            txns[i].before = now_us();
+            insert(w, i);
+            txns[i].after = now_us();
+            std::this_thread::sleep_for(std::chrono::microseconds(500 + rng() % 3000));
+            if (i % 10 == 0) w.flush();       // segments of 10 transactions
+            if (i == 30) (void)w.snapshot();  // a second generation from here
+        }
+        w.close();
+    }
+
+    // Commit times as the segments record them, in history order.
+    json ls = ls_json(bucket.name(), "app.db");
+    auto gens = ls["generations"];
+    REQUIRE(gens.size() == 2);
+    std::vector<Txn*> order;
+    int next = 1;
+    for (auto it = gens.rbegin(); it != gens.rend(); ++it) {
+        std::string gen = (*it)["id"];
+        for (uint64_t seq = 1; seq <= (*it)["last_seq"].get<uint64_t>(); ++seq) {
+            std::string key = replicator::segment_key("app.db", gen, seq);
+            auto body = client->get_object(bucket.name(), key);
+            REQUIRE(body.ok());
+            auto seg = replicator::decode_segment(*body, key);
+            REQUIRE(seg.ok());
+            for (const auto& t : seg->header.txns) {
+                REQUIRE(next <= kTxns);
+                txns[next].commit = t.commit_us;
+                txns[next].generation = gen;
+                txns[next].seq = seq;
+                ++next;
+            }
+        }
+    }
+    REQUIRE(next == kTxns + 1);  // every transaction is in a segment, in order
+    for (int i = 1; i <= kTxns; ++i) {
+        INFO("txn " << i);
+        CHECK(txns[i].before <= txns[i].commit);
+        CHECK(txns[i].commit <= txns[i].after);
+    }
+    const int64_t first_state = gens.back()["first_txn_us"];  // the first snapshot: table t, no rows
+
+    int restores = 0;
+    auto check_at = [&](int64_t T, int style, const std::string& why) {
+        INFO(why << ": T = " << rfc3339(T) << " given as '" << time_arg(T, style) << "'");
+        const std::string out = dir / ("r" + std::to_string(restores++) + ".db");
+        Run r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-q", "-o", out, "--utc-time", time_arg(T, style)});
+        if (T < first_state) {
+            CHECK(r.code == 3);
+            CHECK_FALSE(exists(out));
+            return;
+        }
+        REQUIRE(r.code == 0);
+        auto ids = ids_in(out);
+        // Exactly the transactions committed at or before T, as a prefix ...
+        int64_t k = 0;
+        while (k < kTxns && txns[k + 1].commit <= T) ++k;
+        CHECK(ids == range_ids(1, k));
+        // ... which is what the writer saw: every COMMIT that returned by T,
+        // none that began after T.
+        std::set<int64_t> got(ids.begin(), ids.end());
+        for (int i = 1; i <= kTxns; ++i) {
+            if (txns[i].after <= T) CHECK(got.count(i) == 1);
+            if (txns[i].before > T) CHECK(got.count(i) == 0);
+        }
+        fs::remove(out);
+    };
+
+    SECTION("20 random times") {
+        std::uniform_int_distribution<int64_t> pick(txns[1].before - 5'000, txns[kTxns].after + 5'000);
+        for (int n = 0; n < 20; ++n) check_at(pick(rng), n % 3, "random");
+        check_at(first_state - 1'000, 0, "before the first snapshot");
+        check_at(now_us(), 0, "now");
+    }
+    SECTION("exact commit instants, and one microsecond before") {
+        for (int i : {1, 10, 11, 30, 31, 45, kTxns}) {
+            check_at(txns[i].commit, i % 3, "commit of txn " + std::to_string(i));
+            check_at(txns[i].commit - 1, 0, "just before the commit of txn " + std::to_string(i));
+        }
+    }
+    SECTION("between two commits of the same segment") {
+        for (int i : {3, 17, 36, 54}) {
+            REQUIRE(txns[i].seq == txns[i + 1].seq);
+            REQUIRE(txns[i].generation == txns[i + 1].generation);
+            check_at((txns[i].commit + txns[i + 1].commit) / 2, 1, "between txn " + std::to_string(i) + " and the next");
+        }
+    }
+}
+
+TEST_CASE("cli: restore --if-db-not-exists, --if-replica-exists and --force", "[cli][integration]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-flags");
+    TempDir dir;
+    {
+        Writer w(dir / "app.db", bucket.name());
+        setup_table(w);
+        for (int i = 1; i <= 5; ++i) insert(w, i);
+        w.close();
+    }
+    // A local database that is not the replica.
+    auto make_local = [&](const std::string& path) {
+        fs::remove(path);
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open(path.c_str(), &raw) == SQLITE_OK);
+        Db db(raw);
+        exec(db.get(), "CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT); INSERT INTO t VALUES(42, 'local')");
+    };
+
+    struct Case {
+        bool db_exists, replica;
+        bool if_db_missing, if_replica;
+        int code;
+        const char* outcome;  // "restored", "untouched", "absent"
+    };
+    // Without flags an existing database is refused before the bucket is read.
+    const Case cases[] = {
+        {false, true, false, false, 0, "restored"},   {false, true, true, false, 0, "restored"},
+        {false, true, false, true, 0, "restored"},    {false, true, true, true, 0, "restored"},
+        {false, false, false, false, 3, "absent"},    {false, false, true, false, 3, "absent"},
+        {false, false, false, true, 0, "absent"},     {false, false, true, true, 0, "absent"},
+        {true, true, false, false, 1, "untouched"},   {true, true, true, false, 0, "untouched"},
+        {true, true, false, true, 1, "untouched"},    {true, true, true, true, 0, "untouched"},
+        {true, false, false, false, 1, "untouched"},  {true, false, true, false, 0, "untouched"},
+        {true, false, false, true, 1, "untouched"},   {true, false, true, true, 0, "untouched"},
+    };
+    int n = 0;
+    for (const auto& c : cases) {
+        INFO("db exists " << c.db_exists << ", replica " << c.replica << ", --if-db-not-exists " << c.if_db_missing
+                          << ", --if-replica-exists " << c.if_replica);
+        // The id comes from the output's file name: app.db has a replica, other.db none.
+        const std::string out = dir / ("case" + std::to_string(n++) + "/" + (c.replica ? "app.db" : "other.db"));
+        fs::create_directories(fs::path(out).parent_path());
+        if (c.db_exists) make_local(out);
+        std::vector<std::string> args = {"-b", bucket.name(), "restore", "-o", out};
+        if (c.if_db_missing) args.push_back("--if-db-not-exists");
+        if (c.if_replica) args.push_back("--if-replica-exists");
+        Run r = cli(args, {{"LIBSQL_BOTTOMLESS_DATABASE_ID", std::nullopt}});
+        CHECK(r.code == c.code);
+        std::string outcome = !exists(out) ? "absent" : ids_in(out) == std::vector<int64_t>{42} ? "untouched" : "restored";
+        CHECK(outcome == c.outcome);
+        if (outcome == "restored") CHECK(ids_in(out) == range_ids(1, 5));
+        if (c.code == 1) CHECK(r.err.find("--force") != std::string::npos);
+        if (c.code == 3) CHECK(r.err.find("app.db") != std::string::npos);  // lists the ids that exist
+        CHECK_FALSE(exists(out + ".restore-tmp"));
+    }
+
+    SECTION("--force replaces an existing database, and its stale WAL") {
+        const std::string out = dir / "force/app.db";
+        fs::create_directories(fs::path(out).parent_path());
+        make_local(out);
+        { std::ofstream(out + "-wal") << "not a wal of this database"; }
+        Run r = cli({"-b", bucket.name(), "restore", "-o", out, "--force"});
+        REQUIRE(r.code == 0);
+        CHECK_FALSE(exists(out + "-wal"));  // (reading the result below makes a new one)
+        CHECK(ids_in(out) == range_ids(1, 5));
+        CHECK(r.out.find("restored app.db") != std::string::npos);
+    }
+    SECTION("an empty file is no database") {
+        const std::string out = dir / "empty/app.db";
+        fs::create_directories(fs::path(out).parent_path());
+        { std::ofstream f(out); }
+        Run r = cli({"-b", bucket.name(), "restore", "-o", out});
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(out) == range_ids(1, 5));
+    }
+    SECTION("default output: the database id in the current directory") {
+        Run r = run_program({"/bin/sh", "-c", "cd '" + dir.path.string() + "' && mkdir cwd && cd cwd && exec '" +
+                                                  BOTTOMLESS_CLI_PATH + "' -b " + bucket.name() +
+                                                  " -d app.db restore -q"});
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(dir / "cwd/app.db") == range_ids(1, 5));
+    }
+    SECTION("no such bucket") {
+        const std::string out = dir / "nobucket.db";
+        Run r = cli({"-b", bucket.name() + "-missing", "-d", "app.db", "restore", "-o", out});
+        CHECK(r.code == 1);
+        CHECK(r.err.find("NoSuchBucket") != std::string::npos);
+        CHECK(r.err.find("--bucket") != std::string::npos);
+        r = cli({"-b", bucket.name() + "-missing", "-d", "app.db", "restore", "-o", out, "--if-replica-exists"});
+        CHECK(r.code == 0);
+        CHECK_FALSE(exists(out));
+    }
+    SECTION("wrong credentials say so") {
+        Run r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", dir / "creds.db"},
+                    {{"AWS_SECRET_ACCESS_KEY", std::string("wrong-secret")}});
+        CHECK(r.code == 1);
+        CHECK(r.err.find("SignatureDoesNotMatch") != std::string::npos);
+        CHECK(r.err.find("AWS_SECRET_ACCESS_KEY") != std::string::npos);
+        CHECK_FALSE(exists(dir / "creds.db"));
+    }
+    SECTION("usage errors exit 2") {
+        CHECK(cli({"restore", "--utc-time", "yesterday"}).code == 2);
+        CHECK(cli({"restore", "--parallel", "0"}).code == 2);
+        CHECK(cli({"restore", "--bogus"}).code == 2);
+        CHECK(cli({"frobnicate"}).code == 2);
+        CHECK(cli({"rm", "-b", "x", "-d", "y"}).code == 2);
+        CHECK(cli({"--version"}).code == 0);
+        for (const char* c : {"ls", "restore", "verify", "rm", "status"}) {
+            Run r = cli({c, "--help"});
+            CHECK(r.code == 0);
+            CHECK(r.out.find("Usage: bottomless-cli") != std::string::npos);
+        }
+    }
+}
+
+TEST_CASE("cli: ls --json, status and -g of an older generation", "[cli][integration]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-ls");
+    TempDir dir;
+    std::string older, newer;
+    int64_t t0 = now_us();
+    {
+        Writer w(dir / "app.db", bucket.name());
+        setup_table(w);
+        for (int i = 1; i <= 3; ++i) insert(w, i);
+        w.flush();
+        newer = w.snapshot();
+        for (int i = 4; i <= 5; ++i) insert(w, i);
+        w.flush();
+        insert(w, 6);
+        w.flush();
+        w.close();
+    }
+    int64_t t1 = now_us();
+
+    json ls = ls_json(bucket.name(), "app.db");
+    CHECK(ls["database"] == "app.db");
+    CHECK(ls["bucket"] == bucket.name());
+    auto& gens = ls["generations"];
+    REQUIRE(gens.size() == 2);
+    CHECK(gens[0]["id"] == newer);
+    older = gens[1]["id"];
+    CHECK(gens[0]["created_us"].get<int64_t>() > gens[1]["created_us"].get<int64_t>());
+    CHECK(gens[0]["parent"] == older);
+    CHECK(gens[0]["parent_seq"] == gens[1]["last_seq"]);
+    CHECK(gens[1]["parent"].is_null());
+    CHECK(gens[0]["segments"] == 2);
+    CHECK(gens[1]["segments"] == 1);
+    for (auto& g : gens) {
+        CHECK(g["complete"] == true);
+        CHECK(g["page_size"] == 4096);
+        CHECK(g["objects"].get<uint64_t>() == g["segments"].get<uint64_t>() + 1);
+        CHECK(g["bytes"].get<uint64_t>() == g["snapshot_bytes"].get<uint64_t>() + g["segment_bytes"].get<uint64_t>());
+        int64_t first = g["first_txn_us"], last = g["last_txn_us"];
+        CHECK(t0 <= first);
+        CHECK(first <= last);
+        CHECK(last <= t1);
+        CHECK(g["last_txn"].get<std::string>() == rfc3339(last));
+    }
+    // The objects ls reports are the objects in the bucket.
+    CHECK(objects(*client, bucket.name(), "app.db/").size() ==
+          gens[0]["objects"].get<size_t>() + gens[1]["objects"].get<size_t>());
+
+    SECTION("-l and -v") {
+        Run r = cli({"-b", bucket.name(), "-d", "app.db", "ls", "--json", "-l", "1", "-v"});
+        REQUIRE(r.code == 0);
+        json j = json::parse(r.out);
+        REQUIRE(j["generations"].size() == 1);
+        CHECK(j["total_generations"] == 2);
+        CHECK(j["generations"][0]["snapshot_sha256"].get<std::string>().size() == 64);
+        CHECK(j["generations"][0]["last_segment_sha256"].get<std::string>().size() == 64);
+        r = cli({"-b", bucket.name(), "-d", "app.db", "ls", "-v"});
+        REQUIRE(r.code == 0);
+        CHECK(r.out.find(older) != std::string::npos);
+        CHECK(r.out.find("sha256 last segment") != std::string::npos);
+        r = cli({"-b", bucket.name(), "ls"}, {{"LIBSQL_BOTTOMLESS_DATABASE_ID", std::nullopt}});
+        REQUIRE(r.code == 0);
+        CHECK(r.out == "app.db\n");
+    }
+    SECTION("ls of an unknown id lists the ids that exist") {
+        Run r = cli({"-b", bucket.name(), "-d", "nope.db", "ls"});
+        CHECK(r.code == 3);
+        CHECK(r.err.find("app.db") != std::string::npos);
+    }
+    SECTION("status") {
+        Run r = cli({"-b", bucket.name(), "-d", "app.db", "status", "--json"});
+        REQUIRE(r.code == 0);
+        json s = json::parse(r.out);
+        CHECK(s["generation"] == newer);
+        CHECK(s["last_txn_us"] == gens[0]["last_txn_us"]);
+        CHECK(s["segments"] == 2);
+    }
+    SECTION("-g restores the older generation, latest the newer") {
+        Run r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", dir / "old.db", "-g", older});
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(dir / "old.db") == range_ids(1, 3));
+        CHECK(r.out.find(older) != std::string::npos);
+        r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", dir / "new.db", "--parallel", "1"});
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(dir / "new.db") == range_ids(1, 6));
+        r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", dir / "none.db", "-g", "0000000000000000-00000000"});
+        CHECK(r.code == 3);
+        // -g with a time inside it: its state at that time.
+        r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", dir / "t.db", "-g", newer, "--utc-time",
+                 gens[0]["first_txn"]});
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(dir / "t.db") == range_ids(1, 3));
+        // ... and a time before it began is refused, not served from a later state.
+        r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", dir / "t2.db", "-g", newer, "--utc-time",
+                 rfc3339(gens[0]["first_txn_us"].get<int64_t>() - 1)});
+        CHECK(r.code == 3);
+        CHECK_FALSE(exists(dir / "t2.db"));
+    }
+    SECTION("verify and verify --all") {
+        Run r = cli({"-b", bucket.name(), "-d", "app.db", "verify"});
+        CHECK(r.code == 0);
+        CHECK(r.out.find("verdict: OK") != std::string::npos);
+        r = cli({"-b", bucket.name(), "-d", "app.db", "verify", "--all", "--json"});
+        CHECK(r.code == 0);
+        json v = json::parse(r.out);
+        CHECK(v["ok"] == true);
+        REQUIRE(v["generations"].size() == 2);
+        CHECK(v["generations"][0]["transactions"] == 3);
+        CHECK(v["generations"][1]["pages"].get<uint32_t>() > 0);
+    }
+    SECTION("a restored database replicates again: a new generation, parent recorded") {
+        const std::string path = dir / "again/app.db";
+        fs::create_directories(fs::path(path).parent_path());
+        REQUIRE(cli({"-b", bucket.name(), "restore", "-q", "-o", path}).code == 0);
+        {  // no initial_replication override: the restore's note vouches for the file
+            Writer w(path, bucket.name());
+            insert(w, 7);
+            w.flush();
+            w.close();
+        }
+        json after = ls_json(bucket.name(), "app.db");
+        REQUIRE(after["generations"].size() == 3);
+        CHECK(after["generations"][0]["parent"] == newer);
+        CHECK(after["generations"][0]["parent_seq"] == 2);
+        REQUIRE(cli({"-b", bucket.name(), "-d", "app.db", "restore", "-q", "-o", dir / "again2.db"}).code == 0);
+        CHECK(ids_in(dir / "again2.db") == range_ids(1, 7));
+    }
+}
+
+TEST_CASE("cli: rm keeps the newest restorable state and removes the rest", "[cli][integration][rm]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-rm");
+    TempDir dir;
+    std::vector<std::string> ids;  // oldest first
+    int64_t before_all = now_us() - 60'000'000;
+    {
+        Writer w(dir / "app.db", bucket.name());
+        setup_table(w);
+        int row = 0;
+        for (int g = 0; g < 4; ++g) {
+            if (g > 0) ids.push_back(w.snapshot());
+            for (int i = 0; i < 2; ++i) {
+                insert(w, ++row);
+                w.flush();
+            }
+        }
+        w.close();
+    }
+    json ls = ls_json(bucket.name(), "app.db");
+    REQUIRE(ls["generations"].size() == 4);
+    auto objects_of = [&](const std::string& gen) {
+        return objects(*client, bucket.name(), replicator::generation_prefix("app.db", gen)).size();
+    };
+    const std::string newest = ls["generations"][0]["id"];
+    const std::string second = ls["generations"][1]["id"];
+    const size_t total = objects(*client, bucket.name()).size();
+    REQUIRE(total == 4 + 8);  // 4 snapshots, 2 segments each
+    auto rm = [&](std::vector<std::string> args) {
+        std::vector<std::string> a = {"-b", bucket.name(), "-d", "app.db", "rm"};
+        a.insert(a.end(), args.begin(), args.end());
+        return cli(a);
+    };
+
+    SECTION("--dry-run removes nothing") {
+        Run r = rm({"--keep", "1", "--dry-run"});
+        REQUIRE(r.code == 0);
+        CHECK(objects(*client, bucket.name()).size() == total);
+        CHECK(r.out.find("would remove 3 generation(s), 9 object(s)") != std::string::npos);
+        r = rm({"--older-than", "0s", "--dry-run", "--json"});
+        REQUIRE(r.code == 0);
+        json j = json::parse(r.out);
+        CHECK(j["removed"].size() == 3);
+        CHECK(j["newest_restorable"] == newest);
+        CHECK(objects(*client, bucket.name()).size() == total);
+    }
+    SECTION("the newest restorable generation is refused without --force") {
+        Run r = rm({"-g", newest});
+        CHECK(r.code == 1);
+        CHECK(r.err.find("--force") != std::string::npos);
+        CHECK(objects(*client, bucket.name()).size() == total);
+        CHECK(rm({"--keep", "0"}).code == 2);
+        r = rm({"-g", second});
+        REQUIRE(r.code == 0);
+        CHECK(objects_of(second) == 0);
+        CHECK(objects(*client, bucket.name()).size() == total - 3);
+    }
+    SECTION("--older-than a time before every generation removes nothing") {
+        Run r = rm({"--older-than", rfc3339(before_all)});
+        REQUIRE(r.code == 0);
+        CHECK(objects(*client, bucket.name()).size() == total);
+    }
+    SECTION("--keep 2, then --older-than now") {
+        Run r = rm({"--keep", "2"});
+        REQUIRE(r.code == 0);
+        CHECK(objects(*client, bucket.name()).size() == 3 + 3);
+        CHECK(objects_of(newest) == 3);
+        CHECK(objects_of(second) == 3);
+        r = rm({"--older-than", "0s"});
+        REQUIRE(r.code == 0);
+        CHECK(objects(*client, bucket.name()).size() == 3);
+        CHECK(objects_of(newest) == 3);
+        REQUIRE(cli({"-b", bucket.name(), "-d", "app.db", "restore", "-q", "-o", dir / "r.db"}).code == 0);
+        CHECK(ids_in(dir / "r.db") == range_ids(1, 8));
+        CHECK(cli({"-b", bucket.name(), "-d", "app.db", "verify", "--all", "-q"}).code == 0);
+        // --force takes the last one too; then there is nothing to restore.
+        REQUIRE(rm({"-g", newest, "--force"}).code == 0);
+        CHECK(objects(*client, bucket.name()).empty());
+        CHECK(cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", dir / "r2.db"}).code == 3);
+    }
+    SECTION("more than 1000 objects: every listing page, batches of 1000") {
+        // An old generation of 1200 objects (contents do not matter to rm).
+        const std::string gen = replicator::new_generation_id(before_all / 1000);
+        std::vector<std::future<bool>> puts;
+        constexpr int kObjects = 1200, kThreads = 8;
+        for (int t = 0; t < kThreads; ++t)
+            puts.push_back(std::async(std::launch::async, [&, t] {
+                for (int i = t; i < kObjects; i += kThreads) {
+                    std::string key = i == 0 ? replicator::snapshot_key("app.db", gen)
+                                             : replicator::segment_key("app.db", gen, static_cast<uint64_t>(i));
+                    if (!client->put_object(bucket.name(), key, "x").ok()) return false;
+                }
+                return true;
+            }));
+        for (auto& p : puts) REQUIRE(p.get());
+        REQUIRE(objects_of(gen) == kObjects);
+        Run r = rm({"--keep", "4"});
+        REQUIRE(r.code == 0);
+        CHECK(objects_of(gen) == 0);
+        CHECK(objects(*client, bucket.name()).size() == total);
+    }
+}
+
+TEST_CASE("cli: a damaged object fails restore and verify, naming it", "[cli][integration][corrupt]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-corrupt");
+    TempDir dir;
+    {
+        Writer w(dir / "app.db", bucket.name());
+        setup_table(w);
+        int row = 0;
+        for (int g = 0; g < 2; ++g) {
+            if (g > 0) (void)w.snapshot();
+            for (int s = 0; s < 3; ++s) {
+                for (int i = 0; i < 20; ++i) insert(w, ++row);
+                w.flush();
+            }
+        }
+        w.close();
+    }
+    json ls = ls_json(bucket.name(), "app.db");
+    REQUIRE(ls["generations"].size() == 2);
+    const std::string newest = ls["generations"][0]["id"], older = ls["generations"][1]["id"];
+    REQUIRE(ls["generations"][0]["last_seq"] == 3);
+    REQUIRE(ls["generations"][1]["last_seq"] == 3);
+    REQUIRE(cli({"-b", bucket.name(), "-d", "app.db", "verify", "--all", "-q"}).code == 0);
+
+    enum class Damage { Flip, Truncate, Delete };
+    const auto damage = GENERATE(Damage::Flip, Damage::Truncate, Damage::Delete);
+    const std::string object = GENERATE(as<std::string>{}, "snapshot", "middle segment", "last segment");
+    // The last segment of the newest generation: nothing in the bucket says
+    // it existed once deleted (docs/CLI.md), so its deletion is tested on the
+    // older generation, whose end its successor's snapshot records.
+    const bool on_older = object == "last segment" && damage == Damage::Delete;
+    const std::string gen = on_older ? older : newest;
+    const std::string key = object == "snapshot"         ? replicator::snapshot_key("app.db", gen)
+                            : object == "middle segment" ? replicator::segment_key("app.db", gen, 2)
+                                                         : replicator::segment_key("app.db", gen, 3);
+    INFO("damage " << static_cast<int>(damage) << " to " << key);
+    auto original = client->get_object(bucket.name(), key);
+    REQUIRE(original.ok());
+    switch (damage) {
+    case Damage::Flip: {
+        std::string bad = *original;
+        bad[bad.size() / 2] = static_cast<char>(bad[bad.size() / 2] ^ 0x20);
+        REQUIRE(client->put_object(bucket.name(), key, bad).ok());
+        break;
+    }
+    case Damage::Truncate:
+        REQUIRE(client->put_object(bucket.name(), key, original->substr(0, original->size() - 100)).ok());
+        break;
+    case Damage::Delete: REQUIRE(client->delete_object(bucket.name(), key).ok()); break;
+    }
+
+    const std::string out = dir / "out.db";
+    std::vector<std::string> restore = {"-b", bucket.name(), "-d", "app.db", "restore", "-o", out};
+    std::vector<std::string> verify = {"-b", bucket.name(), "-d", "app.db", "verify"};
+    if (on_older) {
+        restore.insert(restore.end(), {"-g", older});
+        verify.insert(verify.end(), {"-g", older});
+    }
+    Run r = cli(restore);
+    CHECK(r.code == 1);
+    CHECK(r.err.find(key) != std::string::npos);
+    CHECK(r.err.find("verify") != std::string::npos);  // says what to do
+    CHECK_FALSE(exists(out));
+    CHECK_FALSE(exists(out + ".restore-tmp"));
+    r = cli(verify);
+    CHECK(r.code == 1);
+    CHECK(r.all().find(key) != std::string::npos);
+    CHECK(r.out.find("verdict: FAILED") != std::string::npos);
+    r = cli({"-b", bucket.name(), "-d", "app.db", "verify", "--all"});
+    CHECK(r.code == 1);
+    CHECK(r.all().find(key) != std::string::npos);
+    // An existing database at -o survives a failed --force restore.
+    {
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open(out.c_str(), &raw) == SQLITE_OK);
+        Db db(raw);
+        exec(db.get(), "CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT); INSERT INTO t VALUES(42, 'keep')");
+    }
+    r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", out, "--force", "-g", gen});
+    CHECK(r.code == 1);
+    CHECK(ids_in(out) == std::vector<int64_t>{42});
+
+    // Put it back: everything verifies again.
+    REQUIRE(client->put_object(bucket.name(), key, *original).ok());
+    CHECK(cli({"-b", bucket.name(), "-d", "app.db", "verify", "--all", "-q"}).code == 0);
+}
+
+TEST_CASE("cli: restore-before-start.sh", "[cli][integration][script]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-script");
+    TempDir dir;
+    fs::create_directories(dir.path / "src");
+    {
+        Writer w(dir / "src/app.db", bucket.name());
+        setup_table(w);
+        for (int i = 1; i <= 4; ++i) insert(w, i);
+        w.close();
+    }
+    const std::string script = std::string(BOTTOMLESS_SCRIPTS_DIR) + "/restore-before-start.sh";
+    const std::map<std::string, std::optional<std::string>> env = {
+        {"BOTTOMLESS_CLI", std::string(BOTTOMLESS_CLI_PATH)},
+        {"LIBSQL_BOTTOMLESS_BUCKET", bucket.name()},
+        {"LIBSQL_BOTTOMLESS_DATABASE_ID", std::nullopt},
+        {"LIBSQL_BOTTOMLESS_INITIAL_REPLICATION", std::nullopt},
+    };
+    // The command records that it ran and what it was given.
+    auto command = [&](const std::string& marker) {
+        return std::vector<std::string>{"/bin/sh", "-c",
+                                        "echo \"ran ${LIBSQL_BOTTOMLESS_INITIAL_REPLICATION:-unset} $*\" > '" + marker +
+                                            "'; echo command-stdout",
+                                        "sh", "arg1"};
+    };
+    auto run_script = [&](const std::string& db, const std::string& marker,
+                          std::map<std::string, std::optional<std::string>> extra = {},
+                          std::vector<std::string> opts = {}) {
+        std::vector<std::string> argv = {"/bin/bash", script};
+        argv.insert(argv.end(), opts.begin(), opts.end());
+        argv.push_back(db);
+        argv.push_back("--");
+        for (auto& a : command(marker)) argv.push_back(a);
+        auto e = env;
+        for (auto& [k, v] : extra) e[k] = v;
+        Run r = run_program(argv, e);
+        UNSCOPED_INFO("script exit " << r.code << "\nstdout: " << r.out << "\nstderr: " << r.err);
+        return r;
+    };
+
+    SECTION("database present: the command runs, nothing is restored") {
+        const std::string db = dir / "present/app.db";
+        fs::create_directories(fs::path(db).parent_path());
+        {
+            sqlite3* raw = nullptr;
+            REQUIRE(sqlite3_open(db.c_str(), &raw) == SQLITE_OK);
+            Db h(raw);
+            exec(h.get(), "CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT); INSERT INTO t VALUES(42, 'local')");
+        }
+        Run r = run_script(db, dir / "m1");
+        REQUIRE(r.code == 0);
+        CHECK(read_file(dir / "m1") == "ran unset arg1\n");
+        CHECK(r.out == "command-stdout\n");  // the command's stdout is its own
+        CHECK(ids_in(db) == std::vector<int64_t>{42});
+        CHECK(r.err.find("exists") != std::string::npos);
+    }
+    SECTION("database missing, replica in the bucket: restored, then the command runs") {
+        const std::string db = dir / "fresh/data/app.db";  // the directory is created too
+        Run r = run_script(db, dir / "m2");
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(db) == range_ids(1, 4));
+        CHECK(read_file(dir / "m2") == "ran unset arg1\n");
+        CHECK(r.out == "command-stdout\n");
+        CHECK(r.err.find("restored " + db) != std::string::npos);
+    }
+    SECTION("the application the script starts replicates the restored file again") {
+        const std::string db = dir / "app/app.db";
+        Run app = run_program({"/bin/bash", script, db, "--", "/usr/bin/sqlite3"}, env,
+                              std::string(".load ") + BOTTOMLESS_EXT_PATH + "\n.open file:" + db +
+                                  "?vfs=bottomless\nINSERT INTO t VALUES(5, 'after restore');\n"
+                                  "SELECT bottomless_flush();\n");
+        INFO(app.out << app.err);
+        REQUIRE(app.code == 0);
+        CHECK(app.err.find("Error") == std::string::npos);
+        json ls = ls_json(bucket.name(), "app.db");
+        REQUIRE(ls["generations"].size() == 2);
+        CHECK(ls["generations"][0]["parent"] == ls["generations"][1]["id"]);
+        REQUIRE(cli({"-b", bucket.name(), "-d", "app.db", "restore", "-q", "-o", dir / "check.db"}).code == 0);
+        CHECK(ids_in(dir / "check.db") == range_ids(1, 5));
+        // Started again, the file is present: no restore, replication continues.
+        Run again = run_program({"/bin/bash", script, db, "--", "/usr/bin/sqlite3"}, env,
+                                std::string(".load ") + BOTTOMLESS_EXT_PATH + "\n.open file:" + db +
+                                    "?vfs=bottomless\nINSERT INTO t VALUES(6, 'second start');\n"
+                                    "SELECT bottomless_flush();\n");
+        INFO(again.out << again.err);
+        REQUIRE(again.code == 0);
+        CHECK(again.err.find("Error") == std::string::npos);
+        REQUIRE(cli({"-b", bucket.name(), "-d", "app.db", "restore", "-q", "-o", dir / "check2.db"}).code == 0);
+        CHECK(ids_in(dir / "check2.db") == range_ids(1, 6));
+    }
+    SECTION("database missing, no replica: the command runs on a new database") {
+        const std::string db = dir / "new/other.db";
+        Run r = run_script(db, dir / "m3");
+        REQUIRE(r.code == 0);
+        CHECK(read_file(dir / "m3") == "ran unset arg1\n");
+        CHECK_FALSE(exists(db));
+        CHECK(r.err.find("no replica") != std::string::npos);
+        r = run_script(dir / "new2/app.db", dir / "m4", {{"LIBSQL_BOTTOMLESS_BUCKET", bucket.name() + "-none"}});
+        REQUIRE(r.code == 0);
+        CHECK(exists(dir / "m4"));
+    }
+    SECTION("a restore was needed and failed: the command does not run") {
+        const std::string db = dir / "fail/app.db";
+        Run r = run_script(db, dir / "m5", {{"AWS_SECRET_ACCESS_KEY", std::string("wrong-secret")}});
+        CHECK(r.code == 1);
+        CHECK_FALSE(exists(dir / "m5"));
+        CHECK_FALSE(exists(db));
+        CHECK(r.err.find("not starting") != std::string::npos);
+        // A damaged replica too.
+        auto snap = objects(*client, bucket.name(), "app.db/");
+        for (const auto& o : snap)
+            if (o.key.size() > 9 && o.key.substr(o.key.size() - 9) == "/snapshot")
+                REQUIRE(client->put_object(bucket.name(), o.key, "garbage").ok());
+        r = run_script(db, dir / "m6");
+        CHECK(r.code == 1);
+        CHECK_FALSE(exists(dir / "m6"));
+        CHECK_FALSE(exists(db));
+        CHECK(r.err.find("snapshot") != std::string::npos);
+    }
+    SECTION("usage") {
+        Run r = run_program({"/bin/bash", script, dir / "x.db"}, env);
+        CHECK(r.code == 2);
+        r = run_program({"/bin/bash", script, "--", "true"}, env);
+        CHECK(r.code == 2);
+    }
+}
