@@ -344,11 +344,14 @@ bool Replicator::restart_allowed() const {
 
 bool Replicator::restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) const {
     if (!enabled_) return true;
-    if (!restart_allowed()) return false;
-    // Frames another process committed are in mxFrame but were never noted:
-    // the WAL may restart only once the bucket holds the whole epoch.
+    if (snapshot_active_.load()) return false;  // the snapshot reads WAL frames
     uint64_t salts = (static_cast<uint64_t>(salt1) << 32) | salt2;
-    return mx_frame == 0 || (durable_salts_.load() == salts && durable_frame_.load() >= mx_frame);
+    if (mx_frame == 0 || (durable_salts_.load() == salts && durable_frame_.load() >= mx_frame)) return true;
+    // Not durable yet: the restart may go ahead if the frames fit in memory,
+    // where the write of the new WAL header reads them first
+    // (flush_before_wal_loss). They are in the checkpointed database file
+    // too: SQLite restarts only after a complete checkpoint.
+    return unshipped_bytes_.load() <= config_.max_pending_bytes;
 }
 
 void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
@@ -530,13 +533,17 @@ void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
     durable_cv_.notify_all();
 }
 
-Status Replicator::upload_inflight() {
+Status Replicator::upload_inflight(Lock& lock) {
     InFlight& f = *inflight_;
     s3::PutOptions o;
     o.if_none_match = true;  // a segment is written once; a second writer must not overwrite it
     o.content_type = "application/vnd.bottomless.segment";
     std::string key = segment_key(config_.db_id, generation_, f.header.seq);
+    // inflight_ changes only under net_mu_ (held by our caller), so it stays
+    // put while upload_mu_ is released for the request.
+    lock.unlock();
     auto r = client_->put_object(config_.bucket, key, f.bytes, o);
+    lock.lock();
     if (!r) {
         if (r.error().kind == ErrorKind::Precondition) {
             // Someone else's segment sits at our key: this history forked.
@@ -580,10 +587,10 @@ Status Replicator::upload_inflight() {
     return {};
 }
 
-Status Replicator::upload_pending(bool force, Clock::time_point deadline) {
+Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point deadline) {
     for (;;) {
         if (inflight_) {
-            if (auto st = upload_inflight(); !st) return st;
+            if (auto st = upload_inflight(lock); !st) return st;
             continue;
         }
         if (pending_.empty()) return {};
@@ -628,11 +635,11 @@ void Replicator::request_snapshot(const std::string& reason) {
     snapshot_reason_ = reason;
 }
 
-Status Replicator::take_snapshot() {
+Status Replicator::take_snapshot(Lock& lock) {
     // Ship what the current generation can still take, so its history ends
     // as late as possible; a failure here does not stop the new generation.
     if (!generation_.empty() && (!pending_.empty() || inflight_))
-        (void)upload_pending(true, Clock::now() + std::chrono::seconds(5));
+        (void)upload_pending(lock, true, Clock::now() + std::chrono::seconds(5));
     if (!generation_.empty()) {
         parent_generation_ = generation_;
         parent_seq_ = seq_;
@@ -756,7 +763,7 @@ Status Replicator::take_snapshot() {
     return {};
 }
 
-Status Replicator::step(bool force) {
+Status Replicator::step(Lock& lock, bool force) {
     if (!force && Clock::now() < retry_after_) return {};
     if (broken_outside_wal_.load()) request_snapshot("the database file was written outside the WAL");
     if (foreign_writer_.exchange(false))
@@ -767,7 +774,7 @@ Status Replicator::step(bool force) {
             std::lock_guard lock(obs_mu_);
             commits_.clear();
         }
-        auto st = take_snapshot();
+        auto st = take_snapshot(lock);
         if (!st) {
             record_error(st.error());
             ++consecutive_failures_;
@@ -782,7 +789,7 @@ Status Replicator::step(bool force) {
         request_snapshot("snapshot policy: " + std::to_string(wal_bytes_since_snapshot_) + " WAL bytes since the last one");
     else if (config_.snapshot_interval.count() > 0 && Clock::now() - last_snapshot_time_ > config_.snapshot_interval)
         request_snapshot("snapshot policy: interval elapsed");
-    return upload_pending(force, Clock::now() + std::chrono::hours(1));
+    return upload_pending(lock, force, Clock::now() + std::chrono::hours(1));
 }
 
 void Replicator::run() {
@@ -799,8 +806,9 @@ void Replicator::run() {
             force_ = false;
         }
         {
-            std::lock_guard lock(upload_mu_);
-            (void)step(force);
+            std::lock_guard net(net_mu_);
+            Lock lock(upload_mu_);
+            (void)step(lock, force);
         }
         if (stopping) break;
     }
@@ -808,9 +816,10 @@ void Replicator::run() {
     auto deadline = Clock::now() + config_.shutdown_timeout;
     while (Clock::now() < deadline) {
         {
-            std::lock_guard lock(upload_mu_);
+            std::lock_guard net(net_mu_);
+            Lock lock(upload_mu_);
             retry_after_ = {};
-            (void)step(true);
+            (void)step(lock, true);
             bool done = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_ &&
                         (!need_snapshot_ || generation_.empty());
             if (done && !need_snapshot_) return;
@@ -828,14 +837,35 @@ void Replicator::run() {
 
 Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseconds timeout) {
     if (!enabled_ || restart_allowed()) return {};
+    // SQLite only restarts, truncates or deletes the WAL after a complete
+    // checkpoint, so every committed frame is already in the (synced)
+    // database file. Reading them into memory now keeps the history: they
+    // are uploaded from there. Only when memory is full does the writer
+    // wait for the network.
+    {
+        Lock lock(upload_mu_);
+        (void)capture();
+        bool all_captured;
+        {
+            std::lock_guard olock(obs_mu_);
+            all_captured = commits_.empty();
+        }
+        if (all_captured) return {};
+    }
     wake();
     auto deadline = Clock::now() + timeout;
     while (!restart_allowed()) {
         {
-            std::lock_guard lock(upload_mu_);
+            std::lock_guard net(net_mu_);
+            Lock lock(upload_mu_);
             retry_after_ = {};
-            auto st = step(true);
-            if (restart_allowed()) break;
+            auto st = step(lock, true);
+            bool all_captured;
+            {
+                std::lock_guard olock(obs_mu_);
+                all_captured = commits_.empty();
+            }
+            if (restart_allowed() || all_captured) break;
             if (Clock::now() >= deadline)
                 return make_error(ErrorKind::Transport,
                                   std::string("cannot ") + why + ": committed transactions are not yet in S3" +
@@ -850,18 +880,19 @@ Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseco
 Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
                                uint32_t page_size) {
     if (!enabled_) return {};
-    std::lock_guard lock(upload_mu_);
+    std::lock_guard net(net_mu_);
+    Lock lock(upload_mu_);
     auto deadline = Clock::now() + config_.sync_timeout;
     if (need_snapshot_ || generation_.empty()) {
         {
             std::lock_guard olock(obs_mu_);
             commits_.clear();
         }
-        if (auto st = take_snapshot(); !st) return st;
+        if (auto st = take_snapshot(lock); !st) return st;
     }
     (void)capture();
     if (need_snapshot_) {
-        if (auto st = take_snapshot(); !st) return st;
+        if (auto st = take_snapshot(lock); !st) return st;
     }
     Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
     unsigned char h[kWalHeaderSize];
@@ -929,7 +960,7 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
     captured_ = pending_.back().end;
     if (pending_.size() == 1 && !inflight_) first_pending_time_ = Clock::now();
 
-    auto st = upload_pending(true, deadline);
+    auto st = upload_pending(lock, true, deadline);
     if (st && durable_index_.load() >= idx) {
         // The write-lock release will report this same commit: make it a no-op.
         std::lock_guard olock(obs_mu_);
@@ -995,10 +1026,11 @@ Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
 Result<std::string> Replicator::snapshot_now(std::chrono::milliseconds timeout) {
     if (!enabled_) return make_error(ErrorKind::InvalidArgument, "replication is off for this database (skip)", "Disabled");
     {
-        std::lock_guard lock(upload_mu_);
+        std::lock_guard net(net_mu_);
+        Lock lock(upload_mu_);
         request_snapshot("requested by bottomless_snapshot()");
         retry_after_ = {};
-        auto st = step(true);
+        auto st = step(lock, true);
         if (!st) return std::move(st).error();
         if (need_snapshot_) return make_error(ErrorKind::InvalidArgument, "the database is empty: nothing to snapshot", "Empty");
         return generation_;

@@ -53,9 +53,12 @@ public:
     // header says the last commit is `frame` in the epoch (salt1, salt2).
     void note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size);
     // May the WAL be restarted (its frames overwritten from the start)?
-    // False while any committed frame is not durable in S3 (invariant 2),
-    // and while a snapshot reads WAL frames. Given the wal-index header, the
-    // check also covers frames committed by a writer we never observed.
+    // Without arguments: only when every committed frame is durable in S3
+    // and no snapshot reads WAL frames. Given the wal-index header (shm
+    // mode): also when the unshipped frames fit in memory, where the write
+    // of the new WAL header captures them first (invariant 2: they are
+    // staged there and, after SQLite's complete checkpoint, in the database
+    // file). Frames of a writer we never observed count too.
     bool restart_allowed() const;
     bool restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) const;
     // A connection took the WAL write lock; the wal-index header must still
@@ -121,12 +124,14 @@ private:
         uint64_t commit_index = 0;
     };
 
-    // All below run with upload_mu_ held.
-    Status step(bool force);
+    // All below run with upload_mu_ held (`lock`); the upload functions also
+    // need net_mu_ and release upload_mu_ while a request is on the wire.
+    using Lock = std::unique_lock<std::mutex>;
+    Status step(Lock& lock, bool force);
     Status capture();
-    Status upload_pending(bool force, std::chrono::steady_clock::time_point deadline);
-    Status upload_inflight();
-    Status take_snapshot();
+    Status upload_pending(Lock& lock, bool force, std::chrono::steady_clock::time_point deadline);
+    Status upload_inflight(Lock& lock);
+    Status take_snapshot(Lock& lock);
     Status read_frames(int wal_fd, const WalHeader& hdr, uint64_t from, uint64_t to, WalPosition& pos,
                        std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index);
     void mark_durable(const WalPosition& pos, uint64_t commit_index);
@@ -160,8 +165,13 @@ private:
     std::atomic<uint64_t> durable_frame_{0};   // durable_.frame, for the shm hooks
     std::atomic<int64_t> oldest_unshipped_us_{0};  // commit time of the oldest commit not yet durable (0: none)
 
-    // Uploader state, guarded by upload_mu_ (held across I/O: it serialises
-    // the uploader thread, sync commits and flushes; never taken by shm hooks).
+    // net_mu_ serialises network work (segment uploads, snapshots, sync
+    // commits); it is taken before upload_mu_. upload_mu_ guards the state
+    // below and is held for local work only (reading WAL frames), never
+    // while a segment is on the wire, so a writer that must capture frames
+    // before the WAL restarts never waits for the network. Neither is taken
+    // by the shm hooks.
+    std::mutex net_mu_;
     std::mutex upload_mu_;
     std::string generation_;
     uint64_t seq_ = 0;

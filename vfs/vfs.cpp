@@ -14,11 +14,14 @@
 **   mxFrame. In exclusive locking mode (no shm) the write of a commit frame
 **   is the boundary. Sync mode intercepts the commit frame before it reaches
 **   the disk and writes it only once the transaction is durable in S3.
-** - Invariant 2 (nothing unshipped is discarded): the exclusive lock SQLite
-**   takes on read marks 1..4 to restart the WAL (walRestartLog) is refused
-**   with SQLITE_BUSY while committed frames are not durable — SQLite then
-**   simply appends. Rewriting the WAL header, truncating or deleting the WAL
-**   first waits for the frames to be durable (bounded) and fails otherwise.
+** - Invariant 2 (nothing unshipped is discarded): SQLite restarts the WAL
+**   only after a complete checkpoint, taking an exclusive lock on read marks
+**   1..4 (walRestartLog). That lock is refused with SQLITE_BUSY (SQLite then
+**   simply appends) while unshipped frames would not fit in memory or a
+**   snapshot reads the WAL. Otherwise the write of the new WAL header first
+**   reads every committed frame into the replicator's memory; truncating or
+**   deleting the WAL does the same, and falls back to waiting for S3
+**   (bounded) when memory is full.
 ** - Checkpoints are refused (SQLITE_BUSY on the CKPT lock) only while a
 **   snapshot reads the database file.
 ** - No network or file I/O in xShmLock: it reads the 48-byte wal-index
@@ -247,7 +250,14 @@ int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
             // walRestartLog (under the write lock, so the header is stable):
             // refused, SQLite appends instead of overwriting unshipped frames.
             WalIndexHeader h;
-            bool allowed = read_wal_index(s, h) ? r->restart_allowed(h.salt1, h.salt2, h.mx_frame) : r->restart_allowed();
+            bool allowed;
+            if (read_wal_index(s, h)) {
+                // Frames another process committed are captured with ours.
+                r->note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
+                allowed = r->restart_allowed(h.salt1, h.salt2, h.mx_frame);
+            } else {
+                allowed = r->restart_allowed();
+            }
             if (!allowed) return SQLITE_BUSY;
         }
         if (ofst == kShmCkptLock && n == 1 && !r->checkpoint_allowed()) {
