@@ -659,13 +659,16 @@ Status Replicator::take_snapshot(Lock& lock) {
         return make_error(ErrorKind::Cancelled, "a checkpoint did not finish; snapshot postponed", "Busy");
 
     const uint64_t idx0 = noted_index_.load();
-    const int64_t commit_us0 = now_us();
     if (db_fd_ < 0) db_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
     unsigned char dbh[100] = {0};
     struct stat st{};
     bool have_db = db_fd_ >= 0 && ::fstat(db_fd_, &st) == 0 && st.st_size >= 100 && pread_full(db_fd_, dbh, 100, 0);
     auto scan = scan_wal_file(wal_path_);
     if (!scan) return std::move(scan).error();
+    // Every transaction the snapshot holds committed before this instant:
+    // its last_commit_us, so a point-in-time restore never takes it for a
+    // state older than it is.
+    const int64_t scanned_us = now_us();
     uint32_t psz = scan->has_header ? scan->header.page_size : (have_db ? db_header_page_size(dbh) : 0);
     if (have_db && db_header_page_size(dbh) != psz)
         return make_error(ErrorKind::Corrupt, "database and WAL page sizes differ", "PageSize");
@@ -700,7 +703,7 @@ Status Replicator::take_snapshot(Lock& lock) {
         std::lock_guard lock(status_mu_);
         h.last_commit_us = last_durable_commit_us_;
     }
-    if (idx0 > 0) h.last_commit_us = commit_us0;
+    if (idx0 > 0 || scan->last_commit_frame > 0) h.last_commit_us = scanned_us;
     h.position = pos;
     h.parent_generation = parent_generation_;
     h.parent_seq = parent_seq_;

@@ -55,18 +55,30 @@ public:
         return ::ftruncate(fd_, 0) == 0;
     }
     SnapshotReader& reader() { return *reader_; }
+    // Writes the pages still buffered (call after the reader's finish()).
+    Status flush_pages() {
+        if (!buf_.empty() && !pwrite_full(fd_, buf_.data(), buf_.size(), buf_offset_))
+            return make_error(ErrorKind::Io, "cannot write the restored database: " + errno_text(errno), "WriteFailed");
+        buf_.clear();
+        return {};
+    }
     const std::optional<Error>& error() const { return error_; }
     uint64_t bytes() const { return bytes_; }
 
 private:
     void make_reader() {
         error_.reset();
+        buf_.clear();
+        // Pages come in order: gather them into 1 MiB writes.
         reader_ = std::make_unique<SnapshotReader>(name_, [this](uint32_t pgno, std::string_view page) -> Status {
-            if (!pwrite_full(fd_, page.data(), page.size(), static_cast<uint64_t>(pgno - 1) * page.size()))
-                return make_error(ErrorKind::Io, "cannot write the restored database: " + errno_text(errno), "WriteFailed");
+            if (buf_.empty()) buf_offset_ = static_cast<uint64_t>(pgno - 1) * page.size();
+            buf_.append(page);
+            if (buf_.size() >= (1u << 20)) return flush_pages();
             return {};
         });
     }
+    std::string buf_;
+    uint64_t buf_offset_ = 0;
     std::string name_;
     int fd_;
     std::unique_ptr<SnapshotReader> reader_;
@@ -238,16 +250,50 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     const uint64_t total = chosen.snapshot_bytes + chosen.segment_bytes;
     std::string snap_key = snapshot_key(db_id, chosen.id);
     SnapshotSink sink(snap_key, tmp.fd);
-    auto got = client.get_object_to_sink(bucket, snap_key, sink);
-    if (!got) {
+    auto snapshot_error = [&](Error e) -> Error {
         if (sink.error()) return *sink.error();
-        Error e = std::move(got).error();
         if (e.kind == ErrorKind::NotFound)
             e = make_error(ErrorKind::Corrupt, "snapshot " + snap_key + " disappeared during the restore", "MissingSnapshot");
         return e;
+    };
+    constexpr uint64_t kChunk = 8ull << 20;
+    if (chosen.snapshot_bytes <= 2 * kChunk || options.parallel <= 1) {
+        auto got = client.get_object_to_sink(bucket, snap_key, sink);
+        if (!got) return snapshot_error(std::move(got).error());
+    } else {
+        // A large snapshot comes down as ranged GETs, several in flight, fed
+        // to the decoder in order: memory is parallel x 8 MiB.
+        const uint64_t size = chosen.snapshot_bytes;
+        const uint64_t n = (size + kChunk - 1) / kChunk;
+        std::map<uint64_t, std::future<Result<std::string>>> chunks;
+        uint64_t next = 0;
+        for (uint64_t i = 0; i < n; ++i) {
+            while (next < n && chunks.size() < static_cast<size_t>(options.parallel)) {
+                uint64_t off = next * kChunk, len = std::min(kChunk, size - off);
+                chunks.emplace(next, std::async(std::launch::async, [&client, bucket, snap_key, off, len] {
+                                   return client.get_object(bucket, snap_key, s3::ByteRange{off, len});
+                               }));
+                ++next;
+            }
+            auto part = chunks.at(i).get();
+            chunks.erase(i);
+            std::optional<Error> err;
+            if (!part) err = std::move(part).error();
+            else if (part->size() != std::min(kChunk, size - i * kChunk))
+                err = make_error(ErrorKind::Corrupt, "snapshot " + snap_key + " changed size during the restore",
+                                 "WrongObject");
+            else if (!sink.write(part->data(), part->size()))
+                err = make_error(ErrorKind::Io, "cannot write the restored database", "WriteFailed");
+            if (err) {
+                for (auto& [k, f] : chunks) f.wait();
+                return snapshot_error(std::move(*err));
+            }
+            if (options.progress) options.progress(sink.bytes(), total);
+        }
     }
     auto snap = sink.reader().finish();
     if (!snap) return std::move(snap).error();
+    if (auto st = sink.flush_pages(); !st) return std::move(st).error();
     if (snap->db_id != db_id || snap->generation != chosen.id)
         return make_error(ErrorKind::Corrupt,
                           snap_key + " belongs to " + snap->db_id + "/" + snap->generation + ", not to this key",

@@ -246,7 +246,8 @@ admin socket = $DIR/run/\$name.asok
 
 [osd]
 osd objectstore = memstore
-memstore device bytes = 4294967296
+# memstore takes RAM only as objects arrive; 8 GiB is a ceiling, not a reservation.
+memstore device bytes = 8589934592
 osd data = $DIR/osd/\$cluster-\$id
 pid file = $DIR/run/osd.pid
 admin socket = $DIR/run/\$name.asok
@@ -267,6 +268,12 @@ rgw dns name =
 rgw enable usage log = false
 rgw thread pool size = 64
 rgw enable ops log = false
+# Deleted objects go to RGW's garbage collector, which by default frees them
+# only after 2 hours: long test runs would fill the memstore OSD ("full osd",
+# then every request stalls). Collect at once, every few seconds.
+rgw gc obj min wait = 0
+rgw gc processor period = 5
+rgw gc processor max time = 5
 EOF
 }
 

@@ -768,8 +768,11 @@ TEST_CASE("cli: a damaged object fails restore and verify, naming it", "[cli][in
     json ls = ls_json(bucket.name(), "app.db");
     REQUIRE(ls["generations"].size() == 2);
     const std::string newest = ls["generations"][0]["id"], older = ls["generations"][1]["id"];
-    REQUIRE(ls["generations"][0]["last_seq"] == 3);
-    REQUIRE(ls["generations"][1]["last_seq"] == 3);
+    // Three flushes per generation: at least three segments (a slow run may
+    // cut one more when a WAL restart stages frames between flushes).
+    const uint64_t newest_last = ls["generations"][0]["last_seq"], older_last = ls["generations"][1]["last_seq"];
+    REQUIRE(newest_last >= 3);
+    REQUIRE(older_last >= 3);
     REQUIRE(cli({"-b", bucket.name(), "-d", "app.db", "verify", "--all", "-q"}).code == 0);
 
     enum class Damage { Flip, Truncate, Delete };
@@ -782,7 +785,7 @@ TEST_CASE("cli: a damaged object fails restore and verify, naming it", "[cli][in
     const std::string gen = on_older ? older : newest;
     const std::string key = object == "snapshot"         ? replicator::snapshot_key("app.db", gen)
                             : object == "middle segment" ? replicator::segment_key("app.db", gen, 2)
-                                                         : replicator::segment_key("app.db", gen, 3);
+                                                         : replicator::segment_key("app.db", gen, on_older ? older_last : newest_last);
     INFO("damage " << static_cast<int>(damage) << " to " << key);
     auto original = client->get_object(bucket.name(), key);
     REQUIRE(original.ok());
@@ -836,6 +839,10 @@ TEST_CASE("cli: a damaged object fails restore and verify, naming it", "[cli][in
 }
 
 TEST_CASE("cli: restore-before-start.sh", "[cli][integration][script]") {
+    if (testing::sanitizer_build()) {
+        WARN("sanitizer build: /usr/bin/sqlite3 cannot load the instrumented extension; skipped");
+        return;
+    }
     auto client = testing::server_client();
     TestBucket bucket(*client, "cli-script");
     TempDir dir;

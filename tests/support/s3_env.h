@@ -15,6 +15,17 @@ namespace bottomless::testing {
 s3::ClientConfig server_config();
 std::unique_ptr<s3::Client> server_client();
 
+// True in AddressSanitizer/ThreadSanitizer builds. The system's sqlite3 shell
+// cannot load an instrumented extension there, so tests that drive the
+// shell are skipped (with a warning) in those builds only.
+constexpr bool sanitizer_build() {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    return true;
+#else
+    return false;
+#endif
+}
+
 // A random lower-case name with a prefix, valid as a bucket name.
 std::string unique_name(const std::string& prefix);
 

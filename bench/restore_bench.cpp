@@ -1,0 +1,150 @@
+// Restore throughput beside a plain GET of the same bytes from the same
+// server in the same run. Builds a database of about --mib MiB of random
+// (incompressible) rows through the VFS, as a snapshot plus segments, then
+// alternates: restore_database() into a file (checksums, chain, fsync,
+// integrity_check), and curl fetching every object of the generation to
+// /dev/null over one kept-alive connection (presigned URLs).
+//
+// Usage (server from scripts/s3-server.sh, env from its `env` command):
+//   build/bench/restore_bench [--mib N] [--rounds R]
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "bottomless.h"
+#include "replicator/format.h"
+#include "replicator/restore.h"
+#include "s3/client.h"
+
+using namespace bottomless;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+void die(const std::string& m) {
+    std::fprintf(stderr, "restore_bench: %s\n", m.c_str());
+    std::exit(1);
+}
+
+void exec(sqlite3* db, const std::string& sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) die(std::string("SQL: ") + (err ? err : "?"));
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    int mib = 100, rounds = 3;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        std::string a = argv[i];
+        if (a == "--mib") mib = std::atoi(argv[i + 1]);
+        else if (a == "--rounds") rounds = std::atoi(argv[i + 1]);
+    }
+    if (!std::getenv("LIBSQL_BOTTOMLESS_ENDPOINT")) die("LIBSQL_BOTTOMLESS_ENDPOINT is not set (eval \"$(scripts/s3-server.sh env)\")");
+    if (bottomless_register(0) != SQLITE_OK) die("cannot register the VFS");
+    char tmpl[] = "/tmp/bottomless-rbench-XXXXXX";
+    if (!mkdtemp(tmpl)) die("mkdtemp");
+    std::string dir = tmpl;
+    std::string bucket = "rbench-" + std::to_string(::getpid());
+
+    // ---- the database: 80 % in the first snapshot, 20 % in segments ----
+    {
+        sqlite3* db = nullptr;
+        std::string uri = "file:" + dir + "/bench.db?vfs=bottomless&bucket=" + bucket;
+        if (sqlite3_open_v2(uri.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, nullptr))
+            die("open");
+        exec(db, "PRAGMA journal_mode=wal; CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB);");
+        int rows = mib * 256;  // 4 KiB each
+        int first = rows * 8 / 10;
+        for (int done = 0; done < first; done += 2000)
+            exec(db, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<2000) "
+                     "INSERT INTO t(b) SELECT randomblob(4000) FROM n;");
+        exec(db, "SELECT bottomless_snapshot();");
+        for (int done = first; done < rows; done += 200)
+            exec(db, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<200) "
+                     "INSERT INTO t(b) SELECT randomblob(4000) FROM n;");
+        exec(db, "SELECT bottomless_flush();");
+        sqlite3_close(db);
+    }
+
+    auto client_r = s3::Client::from_env();
+    if (!client_r) die(client_r.error().describe());
+    s3::Client& client = **client_r;
+    auto gens = replicator::list_generations(client, bucket, "bench.db");
+    if (!gens || gens->empty()) die("no generation");
+    std::string gen = (*gens)[0].id;
+    auto objects = client.list_all(bucket, replicator::generation_prefix("bench.db", gen));
+    if (!objects) die(objects.error().describe());
+    uint64_t bytes = 0;
+    std::string cfg = dir + "/urls.cfg", cfg_files = dir + "/urls-files.cfg";
+    {
+        std::ofstream out(cfg), out_files(cfg_files);
+        int i = 0;
+        for (const auto& o : *objects) {
+            bytes += o.size;
+            std::string url = client.presign("GET", bucket, o.key, std::chrono::seconds(3600));
+            out << "url = \"" << url << "\"\noutput = /dev/null\n";
+            out_files << "url = \"" << url << "\"\noutput = " << dir << "/obj" << i++ << "\n";
+        }
+    }
+    double mb = static_cast<double>(bytes) / (1 << 20);
+
+    std::vector<double> restore_s, restore_nocheck_s, curl_s, curl_file_s;
+    for (int r = 0; r < rounds; ++r) {
+        std::string out = dir + "/restored.db";
+        auto t0 = Clock::now();
+        auto res = replicator::restore_database(client, bucket, "bench.db", out, {});
+        if (!res) die(res.error().describe());
+        restore_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        std::filesystem::remove(out);
+
+        replicator::RestoreOptions fast;
+        fast.integrity_check = false;
+        t0 = Clock::now();
+        res = replicator::restore_database(client, bucket, "bench.db", out, fast);
+        if (!res) die(res.error().describe());
+        restore_nocheck_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        std::filesystem::remove(out);
+
+        t0 = Clock::now();
+        if (std::system(("curl -sS --fail -K " + cfg).c_str()) != 0) die("curl failed");
+        curl_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+
+        t0 = Clock::now();
+        if (std::system(("curl -sS --fail -K " + cfg_files + " && sync -f " + dir).c_str()) != 0) die("curl failed");
+        curl_file_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    double c = median(curl_s);
+    std::printf("# restore vs plain GET of the same %zu objects (%.0f MiB, generation %s), %d rounds, medians\n",
+                objects->size(), mb, gen.c_str(), rounds);
+    std::printf("curl, one connection, to /dev/null:            %6.2f s  %6.0f MiB/s\n", c, mb / c);
+    double cf = median(curl_file_s);
+    std::printf("curl, one connection, to files + sync:         %6.2f s  %6.0f MiB/s\n", cf, mb / cf);
+    std::printf("restore (checksums, chain, fsync, integrity):  %6.2f s  %6.0f MiB/s  ratio %.2f to /dev/null, %.2f to files\n",
+                median(restore_s), mb / median(restore_s), c / median(restore_s), cf / median(restore_s));
+    std::printf("restore without integrity_check:               %6.2f s  %6.0f MiB/s  ratio %.2f to /dev/null, %.2f to files\n",
+                median(restore_nocheck_s), mb / median(restore_nocheck_s), c / median(restore_nocheck_s),
+                cf / median(restore_nocheck_s));
+
+    auto all = client.list_all(bucket, "");
+    if (all) {
+        std::vector<std::string> keys;
+        for (const auto& o : *all) keys.push_back(o.key);
+        (void)client.delete_objects(bucket, keys);
+    }
+    (void)client.delete_bucket(bucket);
+    std::filesystem::remove_all(dir);
+    return 0;
+}
