@@ -138,13 +138,7 @@ int main(int argc, char** argv) {
                 median(restore_nocheck_s), mb / median(restore_nocheck_s), c / median(restore_nocheck_s),
                 cf / median(restore_nocheck_s));
 
-    auto all = client.list_all(bucket, "");
-    if (all) {
-        std::vector<std::string> keys;
-        for (const auto& o : *all) keys.push_back(o.key);
-        (void)client.delete_objects(bucket, keys);
-    }
-    (void)client.delete_bucket(bucket);
+    (void)client.delete_bucket_and_objects(bucket);
     std::filesystem::remove_all(dir);
     return 0;
 }

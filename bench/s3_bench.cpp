@@ -183,14 +183,7 @@ int main(int argc, char** argv) {
     std::printf("\nclient: %llu requests, %llu retries\n", static_cast<unsigned long long>(st.requests),
                 static_cast<unsigned long long>(st.retries));
 
-    // Clean up the bucket.
-    auto all = client.list_all(bucket, "");
-    if (all) {
-        std::vector<std::string> keys;
-        for (const auto& o : *all) keys.push_back(o.key);
-        (void)client.delete_objects(bucket, keys);
-    }
-    (void)client.delete_bucket(bucket);
+    (void)client.delete_bucket_and_objects(bucket);
     std::string rm = "rm -rf " + dir;
     (void)std::system(rm.c_str());
     return 0;

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "bottomless.h"
+#include "s3/client.h"
 
 using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
@@ -196,6 +197,7 @@ int main(int argc, char** argv) {
             }
         }
     }
+    if (auto client = bottomless::s3::Client::from_env()) (void)(*client)->delete_bucket_and_objects(bucket);
     std::error_code ec;
     fs::remove_all(dir, ec);
     return 0;

@@ -72,13 +72,9 @@ int run_rm(Context& ctx, const Args& args) {
     if (!ctx.connect()) return kExitFailure;
     auto db = ctx.database_id();
     if (!db) return kExitUsage;
-    auto history = load_history(ctx.client(), ctx.bucket(), *db, Detail::Objects);
+    auto history = load_existing_history(ctx.client(), ctx.bucket(), *db, Detail::Objects);
     if (!history) return ctx.fail(history.error());
     auto& gens = *history;
-    if (gens.empty())
-        return ctx.fail(make_error(ErrorKind::NotFound,
-                                   "database '" + *db + "' has no generation in bucket '" + ctx.bucket() + "'",
-                                   "NoReplica"));
 
     // The newest restorable state: protected.
     size_t newest_ok = kNone;

@@ -21,13 +21,9 @@ int run_status(Context& ctx, const Args& args) {
     if (!ctx.connect()) return kExitFailure;
     auto db = ctx.database_id();
     if (!db) return kExitUsage;
-    auto history = load_history(ctx.client(), ctx.bucket(), *db, Detail::Ids);
+    auto history = load_existing_history(ctx.client(), ctx.bucket(), *db, Detail::Ids);
     if (!history) return ctx.fail(history.error());
     auto& gens = *history;
-    if (gens.empty())
-        return ctx.fail(make_error(ErrorKind::NotFound,
-                                   "database '" + *db + "' has no generation in bucket '" + ctx.bucket() + "'",
-                                   "NoReplica"));
     // The current generation: the newest; the newest restorable: the newest
     // with a snapshot (they differ while a new snapshot uploads).
     size_t cur = 0;

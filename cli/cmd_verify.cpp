@@ -133,12 +133,8 @@ int run_verify(Context& ctx, const Args& args) {
             verdicts.push_back(verify_one(ctx, *db, *choice, req, scratch));
         }
     } else {
-        auto history = load_history(ctx.client(), ctx.bucket(), *db, Detail::Headers);
+        auto history = load_existing_history(ctx.client(), ctx.bucket(), *db, Detail::Headers);
         if (!history) return ctx.fail(history.error());
-        if (history->empty())
-            return ctx.fail(make_error(ErrorKind::NotFound,
-                                       "database '" + *db + "' has no generation in bucket '" + ctx.bucket() + "'",
-                                       "NoReplica"));
         auto& gens = *history;
         for (size_t i = 0; i < gens.size(); ++i) {
             const GenerationView& g = gens[i];

@@ -53,6 +53,11 @@ Result<std::vector<GenerationView>> load_history(s3::Client& client, const std::
                                                  const std::string& db_id, Detail detail, size_t limit = 0,
                                                  int parallel = 8);
 
+// The same, but an empty history is an error (NotFound, "NoReplica") that
+// names the database and the bucket.
+Result<std::vector<GenerationView>> load_existing_history(s3::Client& client, const std::string& bucket,
+                                                          const std::string& db_id, Detail detail);
+
 // Fills one generation to `detail` (no-op for what is already there).
 Status inspect_generation(s3::Client& client, const std::string& bucket, const std::string& db_id,
                           GenerationView& g, Detail detail);

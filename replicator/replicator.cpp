@@ -74,6 +74,7 @@ struct LocalState {
     WalPosition position;
     bool clean_close = false;
     bool restored = false;  // written by restore_database(), not by a replicator
+    std::vector<std::string> lineage;  // generations this file's replicators started
     int64_t db_size = -1, db_mtime_ns = -1;
     uint64_t db_ino = 0;
 };
@@ -94,6 +95,8 @@ std::optional<LocalState> read_state_file(const std::string& path) {
         s.position = WalPosition{p.at("salt1"), p.at("salt2"), p.at("frame"), p.at("cksum1"), p.at("cksum2")};
         s.clean_close = j.value("clean_close", false);
         s.restored = j.value("restored", false);
+        if (j.contains("lineage"))
+            for (const auto& g : j["lineage"]) s.lineage.push_back(g.get<std::string>());
         s.db_size = j.value("db_size", int64_t{-1});
         s.db_mtime_ns = j.value("db_mtime_ns", int64_t{-1});
         s.db_ino = j.value("db_ino", uint64_t{0});
@@ -192,6 +195,7 @@ Status Replicator::startup() {
     bool wal_exists = stat_file(wal_path_, wal_st);
     bool local_empty = (!db_exists || db_st.st_size == 0) && (!wal_exists || wal_st.st_size == 0);
     auto state = read_state_file(state_path_);
+    if (state && state->bucket == bucket && state->db_id == db_id) lineage_ = state->lineage;
 
     if (local_empty) {
         if (latest && config_.auto_restore) {
@@ -266,6 +270,14 @@ Status Replicator::startup() {
             request_snapshot("the local files do not match where the bucket's history ends (local changes, or an "
                              "upload whose outcome was unknown)");
         }
+    } else if (state && state->bucket == bucket && state->db_id == db_id &&
+               std::find(state->lineage.begin(), state->lineage.end(), latest->id) != state->lineage.end()) {
+        // The bucket's newest generation was started from this file (the last
+        // run may have died before recording how far it got): the local file
+        // is at least as new, but where that history ends is not proven.
+        parent_generation_ = latest->id;
+        parent_seq_ = latest->last_seq;
+        request_snapshot("this file started generation " + latest->id + " but its end is not recorded");
     } else {
         std::string why = state && state->bucket == bucket && state->db_id == db_id
                               ? "the bucket's newest generation " + latest->id + " is not the one this file was last "
@@ -710,6 +722,10 @@ Status Replicator::take_snapshot(Lock& lock) {
     h.compression = config_.compression;
 
     std::string key = snapshot_key(config_.db_id, gen);
+    // Ours from now on, even if this process dies before the upload ends.
+    lineage_.insert(lineage_.begin(), gen);
+    if (lineage_.size() > 16) lineage_.resize(16);
+    write_state_file(false);
     auto writer = client_->open_writer(config_.bucket, key, s3::PutOptions{});
     SnapshotWriter sw(h, [&](std::string_view piece) { return writer->write(piece); });
     std::string page(psz, '\0');
@@ -1077,7 +1093,7 @@ std::string Replicator::status_json() const {
 }
 
 void Replicator::write_state_file(bool clean_close) {
-    if (generation_.empty()) return;
+    if (generation_.empty() && lineage_.empty()) return;
     nlohmann::json j;
     j["format"] = 1;
     j["bucket"] = config_.bucket;
@@ -1088,6 +1104,7 @@ void Replicator::write_state_file(bool clean_close) {
     j["position"] = {{"salt1", durable_.salt1}, {"salt2", durable_.salt2}, {"frame", durable_.frame},
                      {"cksum1", durable_.cksum1}, {"cksum2", durable_.cksum2}};
     j["updated_us"] = now_us();
+    j["lineage"] = lineage_;
     struct stat db{}, wal{};
     bool fully_shipped = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_;
     if (clean_close && fully_shipped && stat_file(path_, db) && !stat_file(wal_path_, wal)) {

@@ -186,6 +186,10 @@ private:
     std::string snapshot_reason_;
     std::string parent_generation_;
     uint64_t parent_seq_ = 0;
+    // Generations this file's replicators started (newest first, a few):
+    // kept in the state file so a later start recognises the bucket's newest
+    // generation as its own even if the last run died mid-snapshot.
+    std::vector<std::string> lineage_;
     uint64_t wal_bytes_since_snapshot_ = 0;
     std::chrono::steady_clock::time_point last_snapshot_time_;
     std::chrono::steady_clock::time_point first_pending_time_;

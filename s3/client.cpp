@@ -458,6 +458,22 @@ Status Client::delete_bucket(const std::string& bucket) {
     return {};
 }
 
+Status Client::delete_bucket_and_objects(const std::string& bucket) {
+    auto all = list_all(bucket, "");
+    if (!all) return std::move(all).error();
+    std::vector<std::string> keys;
+    keys.reserve(all->size());
+    for (const auto& o : *all) keys.push_back(o.key);
+    if (!keys.empty()) {
+        auto out = delete_objects(bucket, keys);
+        if (!out) return std::move(out).error();
+        if (!out->failed.empty())
+            return make_error(ErrorKind::Server, "cannot delete " + out->failed[0].key + ": " + out->failed[0].message,
+                              out->failed[0].code);
+    }
+    return delete_bucket(bucket);
+}
+
 // ---- single objects ---------------------------------------------------------
 
 Result<PutResult> Client::check_lost_put(const std::string& bucket, const std::string& key, const std::string& md5_hex,

@@ -78,6 +78,8 @@ public:
     Status create_bucket(const std::string& bucket);
     Status head_bucket(const std::string& bucket);
     Status delete_bucket(const std::string& bucket);
+    // Deletes every object (following every listing page), then the bucket.
+    Status delete_bucket_and_objects(const std::string& bucket);
 
     // Objects.
     Result<PutResult> put_object(const std::string& bucket, const std::string& key, std::string_view data,

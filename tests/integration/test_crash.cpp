@@ -31,6 +31,8 @@ pid_t spawn_writer(const std::string& uri, const std::string& log, unsigned seed
     REQUIRE(pid >= 0);
     if (pid == 0) {
         std::string s = std::to_string(seed);
+        std::string err = log + ".err";
+        if (FILE* f = std::freopen(err.c_str(), "a", stderr)) (void)f;
         execl(BOTTOMLESS_CRASH_WRITER, BOTTOMLESS_CRASH_WRITER, uri.c_str(), log.c_str(), s.c_str(),
               static_cast<char*>(nullptr));
         _exit(127);
@@ -84,12 +86,17 @@ TEST_CASE("SIGKILL at random moments: every restore is a committed prefix", "[vf
         kill(pid, SIGKILL);
         int status = 0;
         waitpid(pid, &status, 0);
-        CHECK(WIFSIGNALED(status));  // it was writing, not dead of its own
+        if (!WIFSIGNALED(status)) {
+            std::ifstream err(log + ".err");
+            std::string text((std::istreambuf_iterator<char>(err)), std::istreambuf_iterator<char>());
+            FAIL_CHECK("the writer exited on its own: " << text);
+        }
 
         long long logged = last_logged(log);
         std::string out = dir.file("restore-" + std::to_string(i) + ".db");
         auto r = replicator::restore_database(*client, bucket.name(), "crash.db", out, {});
         if (!r) {
+            INFO(r.error().describe());
             // Only acceptable before anything was ever shipped.
             CHECK(r.error().kind == ErrorKind::NotFound);
             CHECK(restored_max == 0);

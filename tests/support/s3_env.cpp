@@ -36,14 +36,6 @@ TestBucket::TestBucket(s3::Client& client, const std::string& prefix)
     if (!st) FAIL("cannot create test bucket " + name_ + ": " + st.error().describe());
 }
 
-TestBucket::~TestBucket() {
-    auto all = client_.list_all(name_, "");
-    if (all) {
-        std::vector<std::string> keys;
-        for (const auto& o : *all) keys.push_back(o.key);
-        if (!keys.empty()) (void)client_.delete_objects(name_, keys);
-    }
-    (void)client_.delete_bucket(name_);
-}
+TestBucket::~TestBucket() { (void)client_.delete_bucket_and_objects(name_); }
 
 }  // namespace bottomless::testing
