@@ -195,7 +195,13 @@ Status Replicator::startup() {
     bool wal_exists = stat_file(wal_path_, wal_st);
     bool local_empty = (!db_exists || db_st.st_size == 0) && (!wal_exists || wal_st.st_size == 0);
     auto state = read_state_file(state_path_);
-    if (state && state->bucket == bucket && state->db_id == db_id) lineage_ = state->lineage;
+    if (state && state->bucket == bucket && state->db_id == db_id) {
+        // Keep only generations that exist: attempts a killed run never
+        // finished would otherwise crowd out the real ones.
+        for (const auto& g : state->lineage)
+            if (std::any_of(gens->begin(), gens->end(), [&](const GenerationInfo& x) { return x.id == g; }))
+                lineage_.push_back(g);
+    }
 
     if (local_empty) {
         if (latest && config_.auto_restore) {
@@ -724,7 +730,7 @@ Status Replicator::take_snapshot(Lock& lock) {
     std::string key = snapshot_key(config_.db_id, gen);
     // Ours from now on, even if this process dies before the upload ends.
     lineage_.insert(lineage_.begin(), gen);
-    if (lineage_.size() > 16) lineage_.resize(16);
+    if (lineage_.size() > 64) lineage_.resize(64);
     write_state_file(false);
     auto writer = client_->open_writer(config_.bucket, key, s3::PutOptions{});
     SnapshotWriter sw(h, [&](std::string_view piece) { return writer->write(piece); });
@@ -745,10 +751,34 @@ Status Replicator::take_snapshot(Lock& lock) {
     }
     auto sha = sw.finish();
     if (!sha) return std::move(sha).error();
-    if (snapshot_torn_.load()) {
+    // Whatever wrote meanwhile, whichever path it took, must be caught: the
+    // database file's mtime/size and the WAL header and last frame must be as
+    // they were when the position was chosen. The WAL check closes a real
+    // race: a writer whose restart was staged (flush_before_wal_loss) just
+    // before this snapshot took upload_mu_ writes the new WAL header and
+    // overwrites frames while the snapshot reads them. SQLite writes the
+    // header before any frame, so an unchanged header proves no frame moved.
+    struct stat st_after{};
+    bool db_moved = db_fd_ >= 0 && (::fstat(db_fd_, &st_after) != 0 || st_after.st_size != st.st_size ||
+                    st_after.st_mtim.tv_sec != st.st_mtim.tv_sec || st_after.st_mtim.tv_nsec != st.st_mtim.tv_nsec);
+    bool wal_moved = false;
+    if (scan->last_commit_frame) {
+        unsigned char hdr2[kWalHeaderSize], fh2[kWalFrameHeaderSize];
+        wal_moved = !pread_full(wal.fd, hdr2, sizeof hdr2, 0) ||
+                    !pread_full(wal.fd, fh2, sizeof fh2, wal_frame_offset(psz, scan->last_commit_frame));
+        if (!wal_moved) {
+            auto h2 = parse_wal_header(hdr2);
+            auto f2 = parse_frame_header(fh2);
+            wal_moved = !h2 || h2->salt1 != pos.salt1 || h2->salt2 != pos.salt2 || f2.cksum1 != pos.cksum1 ||
+                        f2.cksum2 != pos.cksum2;
+        }
+    }
+    if (snapshot_torn_.load() || db_moved || wal_moved) {
         writer->abort();
-        return make_error(ErrorKind::Cancelled, "the database file changed while the snapshot was read; retrying",
-                          "SnapshotTorn");
+        std::string what = snapshot_torn_.load() ? "a checkpoint wrote the database file"
+                           : db_moved            ? "the database file changed on disk"
+                                                 : "the WAL changed under the snapshot position";
+        return make_error(ErrorKind::Cancelled, what + " while the snapshot was read; retrying", "SnapshotTorn");
     }
     // Every page has been read: a write from now on cannot tear what was read.
     auto put = writer->finish();

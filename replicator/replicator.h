@@ -186,7 +186,8 @@ private:
     std::string snapshot_reason_;
     std::string parent_generation_;
     uint64_t parent_seq_ = 0;
-    // Generations this file's replicators started (newest first, a few):
+    // Generations this file's replicators started that exist in the bucket,
+    // plus the one being uploaded (newest first, at most 64):
     // kept in the state file so a later start recognises the bucket's newest
     // generation as its own even if the last run died mid-snapshot.
     std::vector<std::string> lineage_;

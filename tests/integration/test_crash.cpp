@@ -31,7 +31,8 @@ pid_t spawn_writer(const std::string& uri, const std::string& log, unsigned seed
     REQUIRE(pid >= 0);
     if (pid == 0) {
         std::string s = std::to_string(seed);
-        std::string err = log + ".err";
+        const char* keep_err = std::getenv("BOTTOMLESS_CRASH_ERR");  // debugging aid: one stderr log for all writers
+        std::string err = keep_err ? keep_err : log + ".err";
         if (FILE* f = std::freopen(err.c_str(), "a", stderr)) (void)f;
         execl(BOTTOMLESS_CRASH_WRITER, BOTTOMLESS_CRASH_WRITER, uri.c_str(), log.c_str(), s.c_str(),
               static_cast<char*>(nullptr));
@@ -89,7 +90,12 @@ TEST_CASE("SIGKILL at random moments: every restore is a committed prefix", "[vf
         if (!WIFSIGNALED(status)) {
             std::ifstream err(log + ".err");
             std::string text((std::istreambuf_iterator<char>(err)), std::istreambuf_iterator<char>());
-            FAIL_CHECK("the writer exited on its own: " << text);
+            std::ifstream st(path + "-bottomless");
+            std::string state((std::istreambuf_iterator<char>(st)), std::istreambuf_iterator<char>());
+            std::string gens;
+            if (auto g = replicator::list_generations(*client, bucket.name(), "crash.db"))
+                for (const auto& x : *g) gens += x.id + " ";
+            FAIL_CHECK("the writer exited on its own: " << text << "\nstate file: " << state << "\ngenerations: " << gens);
         }
 
         long long logged = last_logged(log);
@@ -97,6 +103,12 @@ TEST_CASE("SIGKILL at random moments: every restore is a committed prefix", "[vf
         auto r = replicator::restore_database(*client, bucket.name(), "crash.db", out, {});
         if (!r) {
             INFO(r.error().describe());
+            if (r.error().kind == ErrorKind::Corrupt && std::getenv("BOTTOMLESS_CRASH_KEEP")) {
+                // Debugging aid: keep the evidence (bucket and files) for inspection.
+                std::string keep = std::string("/tmp/crash-evidence-") + bucket.name();
+                std::system(("cp -a " + dir.path() + " " + keep).c_str());
+                FAIL("evidence kept in " << keep << " and bucket " << bucket.name());
+            }
             // Only acceptable before anything was ever shipped.
             CHECK(r.error().kind == ErrorKind::NotFound);
             CHECK(restored_max == 0);

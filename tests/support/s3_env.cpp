@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
 #include <random>
 
 namespace bottomless::testing {
@@ -36,6 +37,9 @@ TestBucket::TestBucket(s3::Client& client, const std::string& prefix)
     if (!st) FAIL("cannot create test bucket " + name_ + ": " + st.error().describe());
 }
 
-TestBucket::~TestBucket() { (void)client_.delete_bucket_and_objects(name_); }
+TestBucket::~TestBucket() {
+    if (std::getenv("BOTTOMLESS_CRASH_KEEP")) return;  // debugging aid: keep the evidence
+    (void)client_.delete_bucket_and_objects(name_);
+}
 
 }  // namespace bottomless::testing
