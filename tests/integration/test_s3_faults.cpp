@@ -30,9 +30,7 @@ struct ProxiedClient {
     explicit ProxiedClient(std::chrono::milliseconds budget = std::chrono::milliseconds(20'000)) {
         ClientConfig cfg = testing::server_config();
         direct = std::make_unique<Client>(cfg);
-        std::string ep = cfg.endpoint;  // http://127.0.0.1:PORT
-        auto colon = ep.rfind(':');
-        proxy = std::make_unique<FaultProxy>("127.0.0.1", std::stoi(ep.substr(colon + 1)));
+        proxy = std::make_unique<FaultProxy>("127.0.0.1", testing::server_port());
         cfg.endpoint = proxy->url();
         cfg.retry.max_elapsed = budget;
         cfg.retry.base_delay = std::chrono::milliseconds(20);

@@ -392,9 +392,7 @@ TEST_CASE("bottomless_status reports the replication state", "[vfs][integration]
 TEST_CASE("S3 outage under async writes: no error to the app, everything durable afterwards",
           "[vfs][integration][outage]") {
     Setup s;
-    auto cfg = server_config();
-    auto colon = cfg.endpoint.rfind(':');
-    FaultProxy proxy("127.0.0.1", std::stoi(cfg.endpoint.substr(colon + 1)));
+    FaultProxy proxy("127.0.0.1", server_port());
     // A small memory budget, so the outage outgrows it.
     s.endpoint_param = "&endpoint=" + proxy.url() + "&batch_interval_ms=200&max_pending_bytes=1048576";
     std::string path = s.dir.file("out.db");
@@ -438,9 +436,7 @@ TEST_CASE("S3 outage under async writes: no error to the app, everything durable
 TEST_CASE("sync mode: COMMIT is durable when it returns, refused when S3 cannot take it",
           "[vfs][integration][sync]") {
     Setup s;
-    auto cfg = server_config();
-    auto colon = cfg.endpoint.rfind(':');
-    FaultProxy proxy("127.0.0.1", std::stoi(cfg.endpoint.substr(colon + 1)));
+    FaultProxy proxy("127.0.0.1", server_port());
     s.endpoint_param = "&endpoint=" + proxy.url() + "&sync=1&sync_timeout_ms=2000";
     std::string path = s.dir.file("sync.db");
     Db db = open_db(s.uri("sync.db"));

@@ -23,6 +23,11 @@ s3::ClientConfig server_config() {
 
 std::unique_ptr<s3::Client> server_client() { return std::make_unique<s3::Client>(server_config()); }
 
+int server_port() {
+    std::string ep = server_config().endpoint;  // http://127.0.0.1:PORT
+    return std::stoi(ep.substr(ep.rfind(':') + 1));
+}
+
 std::string unique_name(const std::string& prefix) {
     static thread_local std::mt19937_64 rng{std::random_device{}()};
     static constexpr char kChars[] = "abcdefghijklmnopqrstuvwxyz0123456789";

@@ -14,6 +14,8 @@ namespace bottomless::testing {
 // `eval "$(scripts/s3-server.sh env)"` first).
 s3::ClientConfig server_config();
 std::unique_ptr<s3::Client> server_client();
+// The test server's port (for a FaultProxy in front of it).
+int server_port();
 
 // True in AddressSanitizer/ThreadSanitizer builds. The system's sqlite3 shell
 // cannot load an instrumented extension there, so tests that drive the
