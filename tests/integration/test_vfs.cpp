@@ -499,3 +499,33 @@ TEST_CASE("a writer that bypasses bottomless never makes history vanish", "[vfs]
     CHECK(query_int(check.get(), "SELECT count(*) FROM t") == 6);
     CHECK(query_int(check.get(), "SELECT count(*) FROM t WHERE v = 'foreign'") == 1);
 }
+
+TEST_CASE("exclusive locking mode: commits seen without shared memory, WAL restarts staged",
+          "[vfs][integration][exclusive]") {
+    Setup s;
+    std::string path = s.dir.file("excl.db");
+    {
+        Db db = open_db(s.uri("excl.db"));
+        // Exclusive before the WAL is first used: SQLite keeps the wal-index
+        // in heap memory and never calls xShm*.
+        exec(db.get(), "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=wal; PRAGMA wal_autocheckpoint=20;"
+                       "CREATE TABLE t(id INTEGER PRIMARY KEY, pad BLOB);");
+        CHECK_FALSE(fs::exists(path + "-shm"));
+        uint32_t first_salt = 0;
+        for (int i = 0; i < 120; ++i) {
+            exec(db.get(), "INSERT INTO t(pad) VALUES(randomblob(3000));");
+            if (i == 0) first_salt = wal_salt1(path + "-wal");
+        }
+        flush(db.get());
+        CHECK(wal_salt1(path + "-wal") != first_salt);  // the WAL restarted along the way
+        exec(db.get(), "DELETE FROM t WHERE id % 3 = 0;");
+        flush(db.get());
+        CHECK(status(db.get())["snapshots_uploaded"] == 1);  // one history, no break
+    }
+    std::string before = content_hash_of_file(path);
+    std::string out = s.dir.file("restored.db");
+    s.restore("excl.db", out);
+    CHECK(content_hash_of_file(out) == before);
+    Db check = open_db("file:" + out + "?immutable=1");
+    CHECK(query_int(check.get(), "SELECT count(*) FROM t") == 80);
+}
