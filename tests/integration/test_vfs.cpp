@@ -529,3 +529,35 @@ TEST_CASE("exclusive locking mode: commits seen without shared memory, WAL resta
     Db check = open_db("file:" + out + "?immutable=1");
     CHECK(query_int(check.get(), "SELECT count(*) FROM t") == 80);
 }
+
+TEST_CASE("data before metadata: no segment is written before its snapshot is durable",
+          "[vfs][integration][invariant]") {
+    Setup s;
+    FaultProxy proxy("127.0.0.1", server_port());
+    s.endpoint_param = "&endpoint=" + proxy.url() + "&batch_interval_ms=100";
+    proxy.set_filter("PUT", "/snapshot");
+    proxy.inject_always(testing::Fault::Status503SlowDown);  // every snapshot upload fails
+    Db db = open_db(s.uri("dbm.db"));
+    exec(db.get(), "PRAGMA journal_mode=wal; CREATE TABLE t(v);");
+    for (int i = 0; i < 30; ++i) {
+        exec(db.get(), "INSERT INTO t VALUES(" + std::to_string(i) + ");");
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));  // several batch intervals
+    CHECK(proxy.faults_injected() > 0);
+    auto listed = s.client->list_all(s.bucket.name(), "dbm.db/");
+    REQUIRE(listed.ok());
+    CHECK(listed->empty());  // segments wait for the snapshot they chain to
+    CHECK(status(db.get())["pending_transactions"].get<int>() > 0);
+
+    proxy.clear();
+    flush(db.get());
+    listed = s.client->list_all(s.bucket.name(), "dbm.db/");
+    REQUIRE(listed.ok());
+    REQUIRE_FALSE(listed->empty());
+    db.reset();
+    std::string out = s.dir.file("r.db");
+    s.restore("dbm.db", out);
+    Db check = open_db("file:" + out + "?immutable=1");
+    CHECK(query_int(check.get(), "SELECT count(*) FROM t") == 30);
+}
