@@ -561,3 +561,30 @@ TEST_CASE("data before metadata: no segment is written before its snapshot is du
     Db check = open_db("file:" + out + "?immutable=1");
     CHECK(query_int(check.get(), "SELECT count(*) FROM t") == 30);
 }
+
+TEST_CASE("the snapshot policy starts a new generation after enough WAL bytes", "[vfs][integration]") {
+    Setup s;
+    Db db = open_db(s.uri("pol.db", "&snapshot_after_bytes=200000"));
+    exec(db.get(), "PRAGMA journal_mode=wal; CREATE TABLE t(id INTEGER PRIMARY KEY, pad BLOB);");
+    flush(db.get());
+    std::string first = status(db.get())["generation"];
+    for (int i = 0; i < 3; ++i) {
+        exec(db.get(), "INSERT INTO t(pad) SELECT randomblob(2000) FROM (SELECT 1 UNION ALL SELECT 2 UNION ALL "
+                       "SELECT 3 UNION ALL SELECT 4 UNION ALL SELECT 5) , (SELECT 1 UNION ALL SELECT 2 UNION ALL "
+                       "SELECT 3 UNION ALL SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7);");
+        flush(db.get());  // each batch ships ~35 pages; the third passes 200 000 bytes
+    }
+    exec(db.get(), "INSERT INTO t(pad) VALUES(x'00');");
+    flush(db.get());
+    std::string second = status(db.get())["generation"];
+    CHECK(second != first);
+    auto gens = replicator::list_generations(*s.client, s.bucket.name(), "pol.db");
+    REQUIRE(gens.ok());
+    CHECK(gens->size() == 2);
+    db.reset();
+    std::string out = s.dir.file("r.db");
+    auto r = s.restore("pol.db", out);
+    CHECK(r.generation == second);
+    Db check = open_db("file:" + out + "?immutable=1");
+    CHECK(query_int(check.get(), "SELECT count(*) FROM t") == 106);
+}
