@@ -42,7 +42,7 @@ public:
     bool ok() const { return !path_.empty(); }
     std::string db() const { return path_ + "/db"; }
     void clear() const {
-        for (const char* s : {"", ".restore-tmp", "-wal", "-shm", "-journal"}) ::unlink((db() + s).c_str());
+        for (const char* s : {"", ".restore-tmp", "-wal", "-shm", "-journal", "-bottomless"}) ::unlink((db() + s).c_str());
     }
 
 private:

@@ -478,10 +478,11 @@ char g_cleanup[kCleanupSlots][4096];
 std::atomic<bool> g_cleanup_used[kCleanupSlots];
 
 void remove_tree_signal_safe(const char* path) {
-    // A scratch directory holds at most the database and its -wal/-shm/-journal
-    // and .restore-tmp files; unlink those by name, then the directory.
+    // A scratch directory holds at most the database and its -wal/-shm/-journal,
+    // .restore-tmp and -bottomless (the restore's note) files; unlink those by
+    // name, then the directory.
     if (::unlink(path) == 0) return;
-    static const char* kInside[] = {"/db", "/db.restore-tmp", "/db-wal", "/db-shm", "/db-journal"};
+    static const char* kInside[] = {"/db", "/db.restore-tmp", "/db-wal", "/db-shm", "/db-journal", "/db-bottomless"};
     char buf[4200];
     for (const char* s : kInside) {
         size_t n = std::strlen(path);

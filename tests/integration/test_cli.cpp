@@ -615,9 +615,12 @@ TEST_CASE("cli: ls --json, status and -g of an older generation", "[cli][integra
         CHECK_FALSE(exists(dir / "t2.db"));
     }
     SECTION("verify and verify --all") {
-        Run r = cli({"-b", bucket.name(), "-d", "app.db", "verify"});
+        const std::string scratch = dir / "scratch";
+        fs::create_directories(scratch);
+        Run r = cli({"-b", bucket.name(), "-d", "app.db", "verify", "--temp-dir", scratch});
         CHECK(r.code == 0);
         CHECK(r.out.find("verdict: OK") != std::string::npos);
+        CHECK(fs::is_empty(scratch));  // nothing left behind, not even the restore's note
         r = cli({"-b", bucket.name(), "-d", "app.db", "verify", "--all", "--json"});
         CHECK(r.code == 0);
         json v = json::parse(r.out);
