@@ -45,10 +45,14 @@ struct Setting {
 const std::vector<Setting>& settings() {
     static const std::vector<Setting> kSettings = {
         {"endpoint", "a URL", [](ReplicatorConfig& c, const std::string& v) {
-             c.s3.endpoint = v;
-             while (!c.s3.endpoint.empty() && c.s3.endpoint.back() == '/') c.s3.endpoint.pop_back();
-             if (c.s3.endpoint.find("://") == std::string::npos) c.s3.endpoint = "https://" + c.s3.endpoint;
-             c.s3.path_style = true;
+             std::string ep = v;
+             while (!ep.empty() && ep.back() == '/') ep.pop_back();
+             if (ep.find("://") == std::string::npos) ep = "https://" + ep;
+             // The environment's endpoint is already in c.s3, with the
+             // addressing LIBSQL_BOTTOMLESS_S3_PATH_STYLE chose; only a
+             // different one (a URI parameter) switches to path-style.
+             if (ep != c.s3.endpoint) c.s3.path_style = true;
+             c.s3.endpoint = ep;
              return !v.empty();
          }},
         {"bucket", "a bucket name", [](ReplicatorConfig& c, const std::string& v) { c.bucket = v; return !v.empty(); }},

@@ -522,6 +522,14 @@ void Replicator::record_error(const Error& e) {
     last_error_us_ = now_us();
 }
 
+void Replicator::note_failure(const Error& e) {
+    record_error(e);
+    ++consecutive_failures_;
+    // 0.5 s, 1 s, 2 s, ... up to 30 s before the uploader tries again by itself.
+    retry_after_ = Clock::now() +
+                   std::chrono::milliseconds(std::min<int64_t>(30'000, 250ll << std::min(consecutive_failures_, 7)));
+}
+
 void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
     durable_ = pos;
     durable_salts_.store((static_cast<uint64_t>(pos.salt1) << 32) | pos.salt2);
@@ -575,10 +583,7 @@ Status Replicator::upload_inflight(Lock& lock) {
             request_snapshot("segment key taken by another writer");
             return r.error();
         }
-        record_error(r.error());
-        ++consecutive_failures_;
-        auto backoff = std::chrono::milliseconds(std::min<int64_t>(30'000, 250ll << std::min(consecutive_failures_, 7)));
-        retry_after_ = Clock::now() + backoff;
+        note_failure(r.error());
         return std::move(r).error();
     }
     consecutive_failures_ = 0;
@@ -825,9 +830,7 @@ Status Replicator::step(Lock& lock, bool force) {
         }
         auto st = take_snapshot(lock);
         if (!st) {
-            record_error(st.error());
-            ++consecutive_failures_;
-            retry_after_ = Clock::now() + std::chrono::milliseconds(std::min<int64_t>(30'000, 250ll << std::min(consecutive_failures_, 7)));
+            note_failure(st.error());
             return st;
         }
         consecutive_failures_ = 0;
@@ -1072,19 +1075,16 @@ Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
     return status_durable_;
 }
 
-Result<std::string> Replicator::snapshot_now(std::chrono::milliseconds timeout) {
+Result<std::string> Replicator::snapshot_now() {
     if (!enabled_) return make_error(ErrorKind::InvalidArgument, "replication is off for this database (skip)", "Disabled");
-    {
-        std::lock_guard net(net_mu_);
-        Lock lock(upload_mu_);
-        request_snapshot("requested by bottomless_snapshot()");
-        retry_after_ = {};
-        auto st = step(lock, true);
-        if (!st) return std::move(st).error();
-        if (need_snapshot_) return make_error(ErrorKind::InvalidArgument, "the database is empty: nothing to snapshot", "Empty");
-        return generation_;
-    }
-    (void)timeout;
+    std::lock_guard net(net_mu_);
+    Lock lock(upload_mu_);
+    request_snapshot("requested by bottomless_snapshot()");
+    retry_after_ = {};
+    auto st = step(lock, true);
+    if (!st) return std::move(st).error();
+    if (need_snapshot_) return make_error(ErrorKind::InvalidArgument, "the database is empty: nothing to snapshot", "Empty");
+    return generation_;
 }
 
 std::string Replicator::status_json() const {

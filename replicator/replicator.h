@@ -95,7 +95,9 @@ public:
 
     // ---- SQL surface ----
     Result<WalPosition> flush(std::chrono::milliseconds timeout);  // bottomless_flush()
-    Result<std::string> snapshot_now(std::chrono::milliseconds timeout);  // bottomless_snapshot(): the new generation
+    // bottomless_snapshot(): starts a new generation now (bounded by the S3
+    // client's retry budget); returns its id.
+    Result<std::string> snapshot_now();
     std::string status_json() const;  // bottomless_status()
 
 private:
@@ -138,6 +140,7 @@ private:
     void request_snapshot(const std::string& reason);
     void write_state_file(bool clean_close);
     void record_error(const Error& e);
+    void note_failure(const Error& e);  // record_error + back-off before the next attempt
     void wake();
 
     const std::string path_, wal_path_, state_path_;

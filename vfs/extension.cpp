@@ -81,7 +81,7 @@ void fn_snapshot(sqlite3_context* ctx, int, sqlite3_value**) {
     try {
         Replicator* r = connection_replicator(ctx);
         if (!r) return;
-        auto gen = r->snapshot_now(std::chrono::minutes(10));
+        auto gen = r->snapshot_now();
         if (!gen) {
             std::string m = "bottomless_snapshot: " + gen.error().message;
             sqlite3_result_error(ctx, m.c_str(), -1);

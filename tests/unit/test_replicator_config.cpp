@@ -75,3 +75,16 @@ TEST_CASE("database ids cannot contain a slash or be dot names", "[config]") {
     CHECK_FALSE(validate_db_id("").ok());
     CHECK_FALSE(validate_db_id("sp ace").ok());
 }
+
+TEST_CASE("endpoint addressing: the environment's choice stands, a URI endpoint is path-style", "[config]") {
+    auto env = env_of({{"LIBSQL_BOTTOMLESS_ENDPOINT", "https://minio.internal:9000"},
+                       {"LIBSQL_BOTTOMLESS_S3_PATH_STYLE", "0"}});
+    auto c = load_config("/x/y.db", {}, env);
+    REQUIRE(c.ok());
+    CHECK(c->s3.endpoint == "https://minio.internal:9000");
+    CHECK_FALSE(c->s3.path_style);
+    auto u = load_config("/x/y.db", {{"endpoint", "http://127.0.0.1:7480/"}}, env);
+    REQUIRE(u.ok());
+    CHECK(u->s3.endpoint == "http://127.0.0.1:7480");
+    CHECK(u->s3.path_style);
+}
