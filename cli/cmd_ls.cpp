@@ -13,6 +13,15 @@ namespace {
 
 using json = nlohmann::json;
 
+// "encrypted, key id X (the given key)" and friends. `key_id` is the given
+// key's id, empty when no key was given.
+std::string encryption_text(const replicator::SnapshotHeader& h, const std::string& key_id) {
+    if (!h.encryption) return "not encrypted";
+    std::string s = "encrypted (" + h.encryption->alg + "), key id " + h.encryption->key_id;
+    if (!key_id.empty()) s += h.encryption->key_id == key_id ? " (the given key)" : " (not the given key)";
+    return s;
+}
+
 std::string hex32(uint32_t v) {
     char buf[16];
     std::snprintf(buf, sizeof buf, "0x%08" PRIx32, v);
@@ -28,7 +37,7 @@ std::string position_text(const replicator::WalPosition& p) {
            hex32(p.cksum1) + "/" + hex32(p.cksum2) + ")";
 }
 
-json generation_json(const GenerationView& g, bool verbose) {
+json generation_json(const GenerationView& g, bool verbose, const std::string& key_id) {
     json j = {{"id", g.info.id},
               {"created", format_time_us(g.info.created_ms * 1000)},
               {"created_us", g.info.created_ms * 1000},
@@ -51,6 +60,9 @@ json generation_json(const GenerationView& g, bool verbose) {
         j["snapshot_pages"] = g.snapshot->db_pages;
         j["snapshot_position"] = position_json(g.snapshot->position);
         j["compression"] = replicator::to_string(g.snapshot->compression);
+        j["encrypted"] = g.snapshot->encryption.has_value();
+        j["key_id"] = g.snapshot->encryption ? json(g.snapshot->encryption->key_id) : json(nullptr);
+        if (g.snapshot->encryption && !key_id.empty()) j["key_matches"] = g.snapshot->encryption->key_id == key_id;
     } else {
         j["parent"] = nullptr;
     }
@@ -100,12 +112,19 @@ int run_ls(Context& ctx, const Args& args) {
 
     auto history = load_history(ctx.client(), ctx.bucket(), db, verbose ? Detail::Trailers : Detail::Headers, limit);
     if (!history) return ctx.fail(history.error());
+    // Listing needs no key (headers are plaintext); given one, say which
+    // generations it opens.
+    std::string key_id;
+    if (ctx.has_encryption()) {
+        if (auto c = ctx.cipher(db); !c) ctx.warn(c.error().message);
+        else if (*c) key_id = (*c)->key_id();
+    }
     auto& gens = *history;
     const size_t shown = limit ? std::min(limit, gens.size()) : gens.size();
 
     if (as_json) {
         json arr = json::array();
-        for (size_t i = 0; i < shown; ++i) arr.push_back(generation_json(gens[i], verbose));
+        for (size_t i = 0; i < shown; ++i) arr.push_back(generation_json(gens[i], verbose, key_id));
         json out = {{"bucket", ctx.bucket()}, {"database", db}, {"generations", std::move(arr)},
                     {"total_generations", gens.size()}};
         std::printf("%s\n", out.dump(2).c_str());
@@ -139,6 +158,7 @@ int run_ls(Context& ctx, const Args& args) {
                 std::printf("    snapshot: page size %u, %u pages, %s, at %s\n", g.snapshot->page_size,
                             g.snapshot->db_pages, replicator::to_string(g.snapshot->compression),
                             position_text(g.snapshot->position).c_str());
+            if (g.snapshot) std::printf("    %s\n", encryption_text(*g.snapshot, key_id).c_str());
             if (g.last_segment) {
                 uint32_t pages = g.last_segment->txns.empty() ? 0 : g.last_segment->txns.back().db_pages;
                 std::printf("    segments: %llu..%llu, ends at %s, %u pages\n",

@@ -38,6 +38,10 @@ const std::vector<OptionSpec>& global_options() {
         {'b', "bucket", "NAME", "bucket (default: LIBSQL_BOTTOMLESS_BUCKET, else \"bottomless\")"},
         {'d', "database", "ID",
          "database id (default: LIBSQL_BOTTOMLESS_DATABASE_ID; for restore, the output file's name)"},
+        {0, "encryption-key", "KEY",
+         "the replica's 32-byte key, 64 hex digits or base64 (default: LIBSQL_BOTTOMLESS_ENCRYPTION_KEY; the "
+         "environment keeps it out of the process list)"},
+        {0, "encryption-passphrase", "TEXT", "the replica's passphrase (default: LIBSQL_BOTTOMLESS_ENCRYPTION_PASSPHRASE)"},
         {'h', "help", nullptr, "show help (for a command: bottomless-cli COMMAND --help)"},
         {0, "version", nullptr, "show the version"},
     };
@@ -287,11 +291,6 @@ std::string format_bytes(uint64_t n) {
     return buf;
 }
 
-uint32_t be32(const char* p) {
-    const auto* u = reinterpret_cast<const unsigned char*>(p);
-    return (uint32_t{u[0]} << 24) | (uint32_t{u[1]} << 16) | (uint32_t{u[2]} << 8) | uint32_t{u[3]};
-}
-
 // ---------------------------------------------------------------------------
 // Context
 
@@ -303,6 +302,24 @@ Context::Context(std::string command, const Args& args) : command_(std::move(com
         if (auto st = replicator::validate_db_id(database_); !st)
             throw UsageError{"-d: " + st.error().message + " (the id the application replicates under; see ls)"};
     }
+    if (args.has("encryption-key") && args.has("encryption-passphrase"))
+        throw UsageError{"--encryption-key and --encryption-passphrase: give one"};
+    if (args.has("encryption-key")) {
+        auto k = replicator::EncryptionSecret::key(args.get("encryption-key"), "--encryption-key");
+        if (!k) throw UsageError{k.error().message};
+        secret_flag_ = std::move(k).value();
+    } else if (args.has("encryption-passphrase")) {
+        auto k = replicator::EncryptionSecret::passphrase(args.get("encryption-passphrase"), "--encryption-passphrase");
+        if (!k) throw UsageError{k.error().message};
+        secret_flag_ = std::move(k).value();
+    }
+}
+
+Result<std::shared_ptr<const replicator::Cipher>> Context::cipher(const std::string& db_id) {
+    if (auto it = ciphers_.find(db_id); it != ciphers_.end()) return it->second;
+    auto c = replicator::open_cipher(*client_, bucket_, db_id, config_.encryption, /*create=*/false);
+    if (c) ciphers_[db_id] = *c;
+    return c;
 }
 
 const std::string& Context::endpoint() const { return config_.s3.endpoint; }
@@ -323,6 +340,7 @@ bool Context::connect() {
         return false;
     }
     config_ = std::move(cfg).value();
+    if (!secret_flag_.empty()) config_.encryption = secret_flag_;  // the command line wins over the environment
     bucket_ = config_.bucket;
     if (database_.empty()) {
         if (auto env = s3::process_env()("LIBSQL_BOTTOMLESS_DATABASE_ID"); env && !env->empty()) database_ = *env;
@@ -397,6 +415,17 @@ int Context::fail(const Error& e, const std::string& context) {
     default:
         break;
     }
+    if (e.code == "EncryptionKeyRequired")
+        hint = "pass --encryption-key or --encryption-passphrase (or set LIBSQL_BOTTOMLESS_ENCRYPTION_KEY / "
+               "LIBSQL_BOTTOMLESS_ENCRYPTION_PASSPHRASE); 'ls' works without it";
+    else if (e.code == "WrongEncryptionKey")
+        hint = "use the key or passphrase this generation was written with ('ls -v' shows each generation's key id)";
+    else if (e.code == "NotEncrypted")
+        hint = "unset LIBSQL_BOTTOMLESS_ENCRYPTION_KEY/_PASSPHRASE and drop --encryption-key/--encryption-passphrase";
+    else if (e.code == "NoKdfParams")
+        hint = "a plaintext replica needs no key; one encrypted with a raw key needs --encryption-key";
+    else if (e.code == "AuthenticationFailed")
+        hint = "the object was tampered with or damaged in the bucket; " + hint;
     fail(msg, hint);
     return code;
 }

@@ -147,9 +147,17 @@ public:
     // Ids of the databases in the bucket, for "no such database" messages.
     std::string known_databases();
 
+    // Whether a key or passphrase was given (--encryption-key/-passphrase or
+    // the environment), and the key for db_id (a passphrase is derived once
+    // per database; null without a secret).
+    bool has_encryption() const { return !config_.encryption.empty(); }
+    Result<std::shared_ptr<const replicator::Cipher>> cipher(const std::string& db_id);
+
 private:
     std::string command_;
     std::string endpoint_flag_, bucket_flag_, database_;
+    replicator::EncryptionSecret secret_flag_;
+    std::map<std::string, std::shared_ptr<const replicator::Cipher>> ciphers_;
     std::string bucket_;
     bool quiet_ = false;
     replicator::ReplicatorConfig config_;
@@ -184,8 +192,5 @@ bool stdout_is_terminal();
 void cleanup_on_signal(const std::string& path);
 void forget_cleanup(const std::string& path);
 void install_signal_cleanup();
-
-// Reads a big-endian u32.
-uint32_t be32(const char* p);
 
 }  // namespace bottomless::cli

@@ -9,29 +9,14 @@
 namespace bottomless::cli {
 
 using replicator::GenerationInfo;
+using replicator::read_segment_header;
+using replicator::read_snapshot_header;
 using replicator::SegmentHeader;
 using replicator::SnapshotHeader;
 
 namespace {
 
-// Magic (8), version (4), header length (4).
-constexpr uint64_t kPreamble = 16;
-constexpr uint64_t kFirstRead = 4096;
-// The same cap the decoder applies: a corrupt length must not size a huge read.
-constexpr uint64_t kMaxHeader = 16u << 20;
 constexpr uint64_t kTrailer = 32;
-
-// The first bytes of an object, enough to hold its whole header.
-Result<std::string> header_bytes(s3::Client& client, const std::string& bucket, const std::string& key,
-                                 uint64_t size) {
-    if (size == 0) return std::string();
-    auto first = client.get_object(bucket, key, s3::ByteRange{0, std::min(size, kFirstRead)});
-    if (!first) return first;
-    if (first->size() < kPreamble) return first;
-    uint64_t need = kPreamble + be32(first->data() + 12);
-    if (need <= first->size() || need > size || need > kPreamble + kMaxHeader) return first;  // the decoder will judge
-    return client.get_object(bucket, key, s3::ByteRange{0, need});
-}
 
 Result<std::string> trailer_hex(s3::Client& client, const std::string& bucket, const std::string& key, uint64_t size) {
     if (size < kTrailer) return std::string("-");
@@ -44,12 +29,6 @@ Result<std::string> trailer_hex(s3::Client& client, const std::string& bucket, c
         out += kHex[c & 15];
     }
     return out;
-}
-
-Error not_found_here(const std::string& key) {
-    return make_error(ErrorKind::Corrupt,
-                      key + " disappeared while it was being read (is someone removing this generation?)",
-                      "MissingObject");
 }
 
 }  // namespace
@@ -68,20 +47,6 @@ int64_t GenerationView::snapshot_time_us() const {
 int64_t GenerationView::last_txn_us() const {
     if (last_segment && !last_segment->txns.empty()) return last_segment->txns.back().commit_us;
     return snapshot_time_us();
-}
-
-Result<SnapshotHeader> read_snapshot_header(s3::Client& client, const std::string& bucket, const std::string& key,
-                                            uint64_t size) {
-    auto bytes = header_bytes(client, bucket, key, size);
-    if (!bytes) return bytes.error().kind == ErrorKind::NotFound ? not_found_here(key) : std::move(bytes).error();
-    return replicator::peek_snapshot_header(*bytes, key);
-}
-
-Result<SegmentHeader> read_segment_header(s3::Client& client, const std::string& bucket, const std::string& key,
-                                          uint64_t size) {
-    auto bytes = header_bytes(client, bucket, key, size);
-    if (!bytes) return bytes.error().kind == ErrorKind::NotFound ? not_found_here(key) : std::move(bytes).error();
-    return replicator::peek_segment_header(*bytes, key);
 }
 
 Status inspect_generation(s3::Client& client, const std::string& bucket, const std::string& db_id, GenerationView& g,

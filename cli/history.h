@@ -62,13 +62,6 @@ Result<std::vector<GenerationView>> load_existing_history(s3::Client& client, co
 Status inspect_generation(s3::Client& client, const std::string& bucket, const std::string& db_id,
                           GenerationView& g, Detail detail);
 
-// Reads the header of an object: the first 4 KiB, or more when the header
-// says it is longer.
-Result<replicator::SnapshotHeader> read_snapshot_header(s3::Client& client, const std::string& bucket,
-                                                        const std::string& key, uint64_t size);
-Result<replicator::SegmentHeader> read_segment_header(s3::Client& client, const std::string& bucket,
-                                                      const std::string& key, uint64_t size);
-
 // What a restore (or verify) uses.
 struct RestoreChoice {
     size_t index = 0;                 // into the history

@@ -66,6 +66,9 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
     opt.until_us = choice.until_us;
     opt.parallel = req.parallel;
     opt.integrity_check = true;
+    auto cipher = ctx.cipher(db_id);
+    if (!cipher) return std::move(cipher).error();
+    opt.cipher = std::move(cipher).value();
     // restore_database writes OUTPUT.restore-tmp and removes it on failure;
     // an interrupt must not leave it behind either.
     const std::string tmp = output + ".restore-tmp";
@@ -84,7 +87,7 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
         // the temp file's growth against the snapshot's page count (from its
         // header) tells how far it is.
         uint64_t raw = 0;
-        auto h = read_snapshot_header(ctx.client(), ctx.bucket(), replicator::snapshot_key(db_id, choice.generation),
+        auto h = replicator::read_snapshot_header(ctx.client(), ctx.bucket(), replicator::snapshot_key(db_id, choice.generation),
                                       choice.snapshot_bytes);
         if (h) raw = static_cast<uint64_t>(h->db_pages) * h->page_size;
         ticker = std::thread([&, raw] {

@@ -40,7 +40,16 @@ struct Setting {
     const char* name;  // URI name; env name is LIBSQL_BOTTOMLESS_ + upper(name)
     const char* what;  // for error messages: what a valid value looks like
     std::function<bool(ReplicatorConfig&, const std::string&)> apply;
+    bool secret = false;  // the value never appears in an error message
 };
+
+// Accepts a key or passphrase (the last one applied wins; two at one level
+// are refused by load_config).
+bool apply_secret(ReplicatorConfig& c, Result<EncryptionSecret> s) {
+    if (!s) return false;
+    c.encryption = std::move(s).value();
+    return true;
+}
 
 const std::vector<Setting>& settings() {
     static const std::vector<Setting> kSettings = {
@@ -109,6 +118,12 @@ const std::vector<Setting>& settings() {
              c.s3.max_requests_per_second = d;
              return true;
          }},
+        {"encryption_key", "a 32-byte key: 64 hex digits or base64 (e.g. from 'openssl rand -hex 32')",
+         [](ReplicatorConfig& c, const std::string& v) { return apply_secret(c, EncryptionSecret::key(v, "")); },
+         true},
+        {"encryption_passphrase", "a non-empty passphrase",
+         [](ReplicatorConfig& c, const std::string& v) { return apply_secret(c, EncryptionSecret::passphrase(v, "")); },
+         true},
         {"log", "error, warn, info, debug or trace", [](ReplicatorConfig&, const std::string& v) {
              log::Level l;
              if (!log::parse_level(v, l)) return false;
@@ -164,14 +179,27 @@ Result<ReplicatorConfig> load_config(const std::string& db_path, const std::map<
     if (!s3cfg) return std::move(s3cfg).error();
     cfg.s3 = std::move(s3cfg).value();
 
+    auto invalid = [](const std::string& name, const std::string& value, const Setting& s) {
+        return make_error(ErrorKind::InvalidArgument,
+                          name + (s.secret ? "" : "=" + value) + " is not valid: expected " + s.what, "BadSetting");
+    };
+    int env_secrets = 0;
     for (const auto& s : settings()) {
         std::string name = env_name(s.name);
         auto v = env(name);
         if (!v || v->empty()) continue;
-        if (!s.apply(cfg, *v))
-            return make_error(ErrorKind::InvalidArgument,
-                              name + "=" + *v + " is not valid: expected " + s.what, "BadSetting");
+        env_secrets += s.secret;
+        if (!s.apply(cfg, *v)) return invalid(name, *v, s);
     }
+    int uri_secrets = 0;
+    for (const auto& [k, v] : uri_params) uri_secrets += k == "encryption_key" || k == "encryption_passphrase";
+    if (env_secrets > 1 || uri_secrets > 1)
+        return make_error(ErrorKind::InvalidArgument,
+                          std::string(uri_secrets > 1 ? "URI parameters encryption_key and encryption_passphrase"
+                                                      : "LIBSQL_BOTTOMLESS_ENCRYPTION_KEY and "
+                                                        "LIBSQL_BOTTOMLESS_ENCRYPTION_PASSPHRASE") +
+                              " are both set: give one (a URI setting replaces the environment's)",
+                          "BadSetting");
     for (const auto& [k, v] : uri_params) {
         if (is_sqlite_uri_parameter(k)) continue;
         auto it = std::find_if(settings().begin(), settings().end(), [&](const Setting& s) { return k == s.name; });
@@ -181,9 +209,7 @@ Result<ReplicatorConfig> load_config(const std::string& db_path, const std::map<
             return make_error(ErrorKind::InvalidArgument,
                               "unknown URI parameter '" + k + "' (bottomless knows: " + known + ")", "BadSetting");
         }
-        if (!it->apply(cfg, v))
-            return make_error(ErrorKind::InvalidArgument,
-                              "URI parameter " + k + "=" + v + " is not valid: expected " + it->what, "BadSetting");
+        if (!it->apply(cfg, v)) return invalid("URI parameter " + k, v, *it);
     }
     if (cfg.db_id.empty()) {
         std::string base = db_path.substr(db_path.find_last_of('/') + 1);

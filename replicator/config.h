@@ -7,6 +7,7 @@
 #include <map>
 #include <string>
 
+#include "replicator/encryption.h"
 #include "replicator/format.h"
 #include "s3/config.h"
 #include "s3/result.h"
@@ -30,6 +31,7 @@ struct ReplicatorConfig {
     uint64_t snapshot_after_bytes = 1ull << 30;      // new generation after this much WAL (0: never)
     std::chrono::seconds snapshot_interval{0};       // new generation after this long (0: never)
     bool auto_restore = true;                        // restore a missing/empty database on open
+    EncryptionSecret encryption;                     // empty: objects are stored in plaintext
     s3::ClientConfig s3;
 };
 

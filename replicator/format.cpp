@@ -19,6 +19,7 @@
 #include <optional>
 #include <random>
 #include <stdexcept>
+#include <type_traits>
 
 #include "s3/crypto.h"
 
@@ -96,6 +97,10 @@ json position_json(const WalPosition& p) {
 // configuration and end up in S3 keys, where they must be UTF-8 anyway.
 std::string dump_json(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
+json encryption_json(const EncryptionInfo& e) {
+    return {{"alg", e.alg}, {"key_id", e.key_id}, {"seed", e.seed}, {"chunk_size", e.chunk_size}};
+}
+
 std::string snapshot_header_json(const SnapshotHeader& h) {
     json j = {{"db_id", h.db_id},
               {"generation", h.generation},
@@ -107,6 +112,7 @@ std::string snapshot_header_json(const SnapshotHeader& h) {
               {"parent_generation", h.parent_generation},
               {"parent_seq", h.parent_seq},
               {"compression", to_string(h.compression)}};
+    if (h.encryption) j["encryption"] = encryption_json(*h.encryption);
     return dump_json(j);
 }
 
@@ -123,6 +129,7 @@ std::string segment_header_json(const SegmentHeader& h) {
               {"prev_sha256", h.prev_sha256},
               {"txns", std::move(txns)},
               {"compression", to_string(h.compression)}};
+    if (h.encryption) j["encryption"] = encryption_json(*h.encryption);
     return dump_json(j);
 }
 
@@ -165,6 +172,20 @@ public:
         sub.u32("cksum1", out.cksum1);
         sub.u32("cksum2", out.cksum2);
         if (bad_.empty()) bad_ = sub.bad();
+    }
+    // Optional: absent means a plaintext object.
+    void encryption(const char* key, std::optional<EncryptionInfo>& out) {
+        const json* v = find(key);
+        if (!v) return;
+        if (!v->is_object()) return fail(key);
+        FieldReader sub(*v, path_ + key + ".");
+        EncryptionInfo e;
+        sub.str("alg", e.alg);
+        sub.str("key_id", e.key_id);
+        sub.str("seed", e.seed);
+        sub.u32("chunk_size", e.chunk_size);
+        if (bad_.empty()) bad_ = sub.bad();
+        out = std::move(e);
     }
     const json* array(const char* key) {
         const json* v = find(key);
@@ -213,7 +234,21 @@ std::string check_common(const std::string& db_id, const std::string& generation
     return {};
 }
 
-std::string check_snapshot_header(const SnapshotHeader& h) { return check_common(h.db_id, h.generation, h.page_size); }
+std::string check_encryption(const std::optional<EncryptionInfo>& e) {
+    if (!e) return {};
+    if (e->alg != "aes-256-gcm-hkdf-sha256")
+        return "encryption.alg: '" + e->alg + "' is not one this build reads (aes-256-gcm-hkdf-sha256)";
+    if (e->key_id.size() != 16 || !is_lower_hex(e->key_id)) return "encryption.key_id: not 16 hex digits";
+    if (e->seed.size() != 64 || !is_lower_hex(e->seed)) return "encryption.seed: not 64 hex digits";
+    if (e->chunk_size < 1024 || e->chunk_size > (16u << 20))
+        return "encryption.chunk_size: " + std::to_string(e->chunk_size) + " is outside 1 KiB .. 16 MiB";
+    return {};
+}
+
+std::string check_snapshot_header(const SnapshotHeader& h) {
+    if (std::string e = check_common(h.db_id, h.generation, h.page_size); !e.empty()) return e;
+    return check_encryption(h.encryption);
+}
 
 std::string check_segment_header(const SegmentHeader& h) {
     if (std::string e = check_common(h.db_id, h.generation, h.page_size); !e.empty()) return e;
@@ -225,7 +260,7 @@ std::string check_segment_header(const SegmentHeader& h) {
         if (h.txns[i].frames == 0) return "txns[" + std::to_string(i) + "].frames: 0";
         if (h.txns[i].db_pages == 0) return "txns[" + std::to_string(i) + "].db_pages: 0";
     }
-    return {};
+    return check_encryption(h.encryption);
 }
 
 json parse_json_object(std::string_view text) {
@@ -248,6 +283,7 @@ Result<SnapshotHeader> snapshot_header_from_json(std::string_view text, const st
     r.str("parent_generation", h.parent_generation);
     r.u64("parent_seq", h.parent_seq);
     r.compression("compression", h.compression);
+    r.encryption("encryption", h.encryption);
     if (!r.bad().empty()) return corrupt(name, "snapshot header field " + r.bad() + " missing or invalid");
     if (std::string e = check_snapshot_header(h); !e.empty()) return corrupt(name, "snapshot header field " + e);
     return h;
@@ -281,6 +317,7 @@ Result<SegmentHeader> segment_header_from_json(std::string_view text, const std:
         }
     }
     r.compression("compression", h.compression);
+    r.encryption("encryption", h.encryption);
     if (!r.bad().empty()) return corrupt(name, "segment header field " + r.bad() + " missing or invalid");
     if (std::string e = check_segment_header(h); !e.empty()) return corrupt(name, "segment header field " + e);
     return h;
@@ -341,8 +378,10 @@ Result<std::string_view> header_text(std::string_view bytes, const char* magic, 
 
 // ---- body encoding ----
 
-// Writes an object's bytes (raw, or a body through zstd) into fixed-size
-// chunks handed to `emit`, hashing every byte on its way out for the trailer.
+// Writes an object's bytes into fixed-size chunks handed to `emit`, hashing
+// every byte on its way out for the trailer. Body bytes go through zstd (once
+// start_zstd() was called), then through the sealer (once start_sealing()
+// was called): compress, then encrypt.
 class ObjectEncoder {
 public:
     using Emit = std::function<Status(std::string_view)>;
@@ -356,22 +395,26 @@ public:
         if (!cctx_) throw std::bad_alloc();
         check_zstd(ZSTD_CCtx_setParameter(cctx_.get(), ZSTD_c_compressionLevel, kZstdLevel), "ZSTD_c_compressionLevel");
         check_zstd(ZSTD_CCtx_setPledgedSrcSize(cctx_.get(), pledged_size), "ZSTD_CCtx_setPledgedSrcSize");
+        zbuf_.resize(ZSTD_CStreamOutSize());
     }
 
-    // Body bytes: compressed once start_zstd() was called, copied otherwise.
+    void start_sealing(const Cipher& cipher, const EncryptionInfo& info, std::string aad) {
+        sealer_.emplace(cipher, info, std::move(aad));
+    }
+
+    // Body bytes.
     Status write(std::string_view data) {
-        if (!cctx_) return write_raw(data);
+        if (!cctx_) return write_body(data);
         ZSTD_inBuffer in{data.data(), data.size(), 0};
         while (in.pos < in.size) {
-            ZSTD_outBuffer out{buf_.data(), buf_.size(), fill_};
+            ZSTD_outBuffer out{zbuf_.data(), zbuf_.size(), 0};
             check_zstd(ZSTD_compressStream2(cctx_.get(), &out, &in, ZSTD_e_continue), "ZSTD_compressStream2");
-            fill_ = out.pos;
-            if (fill_ == buf_.size())
-                if (Status st = flush(); !st) return st;
+            if (Status st = write_body(std::string_view(zbuf_.data(), out.pos)); !st) return st;
         }
         return {};
     }
 
+    // Bytes written as they are (preamble, header).
     Status write_raw(std::string_view data) {
         while (!data.empty()) {
             size_t n = std::min(data.size(), buf_.size() - fill_);
@@ -384,27 +427,36 @@ public:
         return {};
     }
 
-    // Ends the zstd frame (if any), flushes everything, and returns the raw
-    // SHA-256 of all bytes emitted.
+    // Ends the zstd frame (if any) and the sealed stream (if any), flushes
+    // everything, and returns the raw SHA-256 of all bytes emitted.
     Result<std::string> end() {
         if (cctx_) {
             ZSTD_inBuffer in{nullptr, 0, 0};
             for (;;) {
-                ZSTD_outBuffer out{buf_.data(), buf_.size(), fill_};
+                ZSTD_outBuffer out{zbuf_.data(), zbuf_.size(), 0};
                 size_t remaining = ZSTD_compressStream2(cctx_.get(), &out, &in, ZSTD_e_end);
                 check_zstd(remaining, "ZSTD_compressStream2(end)");
-                fill_ = out.pos;
+                if (Status st = write_body(std::string_view(zbuf_.data(), out.pos)); !st) return std::move(st).error();
                 if (remaining == 0) break;
-                if (fill_ == buf_.size())
-                    if (Status st = flush(); !st) return std::move(st).error();
             }
             cctx_.reset();
+        }
+        if (sealer_) {
+            if (Status st = sealer_->finish([this](std::string_view c) { return write_raw(c); }); !st)
+                return std::move(st).error();
+            sealer_.reset();
         }
         if (Status st = flush(); !st) return std::move(st).error();
         return hasher_.finish();
     }
 
 private:
+    Status write_body(std::string_view data) {
+        if (data.empty()) return {};
+        if (!sealer_) return write_raw(data);
+        return sealer_->write(data, [this](std::string_view c) { return write_raw(c); });
+    }
+
     Status flush() {
         if (fill_ == 0) return {};
         std::string_view chunk(buf_.data(), fill_);
@@ -415,6 +467,8 @@ private:
 
     s3::Hasher hasher_;
     CCtxPtr cctx_;
+    std::string zbuf_;                  // zstd output, before sealing
+    std::optional<ChunkSealer> sealer_;
     std::string buf_;  // fixed size: the chunk handed to emit
     size_t fill_ = 0;
     Emit emit_;
@@ -490,6 +544,49 @@ private:
     const char* kind_;
 };
 
+// A body as stored: sealed chunks (encrypted objects) around zstd or raw
+// records. Plaintext reaches the record decoder only once authenticated.
+class BodyDecoder {
+public:
+    using OnRecord = RecordDecoder::OnRecord;
+    BodyDecoder(Compression c, size_t record_size, const std::string& name, const char* kind, const Cipher* cipher,
+                const std::optional<EncryptionInfo>& info, std::string aad)
+        : records_(c, record_size, name, kind) {
+        if (info) opener_.emplace(*cipher, *info, std::move(aad), name);
+    }
+
+    Status feed(std::string_view data, const OnRecord& on_record) {
+        if (!opener_) return records_.feed(data, on_record);
+        return opener_->feed(data, [&](std::string_view plain) { return records_.feed(plain, on_record); });
+    }
+    // The body is complete: the chunk held back is the last one.
+    Status end(const OnRecord& on_record) {
+        if (!opener_) return {};
+        return opener_->finish([&](std::string_view plain) { return records_.feed(plain, on_record); });
+    }
+    bool frame_ended() const { return records_.frame_ended(); }
+    size_t partial_bytes() const { return records_.partial_bytes(); }
+
+private:
+    std::optional<ChunkOpener> opener_;
+    RecordDecoder records_;
+};
+
+// The header an encrypted object is written with: its encryption fields, and
+// keyed stand-ins for the WAL checksums (they are a function of content).
+template <class Header>
+void prepare_encrypted(Header& h, const Cipher* cipher) {
+    h.encryption.reset();
+    if (!cipher) return;
+    h.encryption = cipher->new_object();
+    if constexpr (std::is_same_v<Header, SnapshotHeader>) {
+        h.position = cipher->mask(h.position, h.db_id, h.generation);
+    } else {
+        h.start = cipher->mask(h.start, h.db_id, h.generation);
+        h.end = cipher->mask(h.end, h.db_id, h.generation);
+    }
+}
+
 }  // namespace
 
 const char* to_string(Compression c) {
@@ -518,8 +615,10 @@ uint64_t SegmentHeader::frame_count() const {
 
 // ---- segments ----
 
-std::string encode_segment(const SegmentHeader& header, const std::vector<SegmentFrame>& frames,
-                           std::string* sha256_hex) {
+std::string encode_segment(const SegmentHeader& plain_header, const std::vector<SegmentFrame>& frames,
+                           std::string* sha256_hex, const Cipher* cipher) {
+    SegmentHeader header = plain_header;
+    prepare_encrypted(header, cipher);
     // A segment we could not decode must never be uploaded: refuse loudly.
     if (std::string e = check_segment_header(header); !e.empty())
         throw std::invalid_argument("encode_segment: header field " + e);
@@ -539,7 +638,9 @@ std::string encode_segment(const SegmentHeader& header, const std::vector<Segmen
         return {};
     });
     // The emit callback never fails, so the Status results below are always OK.
-    (void)enc.write_raw(preamble(kSegmentMagic, segment_header_json(header)));
+    const std::string header_json = segment_header_json(header);
+    (void)enc.write_raw(preamble(kSegmentMagic, header_json));
+    if (cipher) enc.start_sealing(*cipher, *header.encryption, object_aad(kSegmentMagic, header_json));
     if (header.compression == Compression::Zstd)
         enc.start_zstd(static_cast<uint64_t>(frames.size()) * (4 + header.page_size));
     std::string pgno;
@@ -556,7 +657,7 @@ std::string encode_segment(const SegmentHeader& header, const std::vector<Segmen
     return out;
 }
 
-Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string& name) {
+Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string& name, const Cipher* cipher) {
     Result<std::string_view> text = header_text(bytes, kSegmentMagic, "segment", name);
     if (!text) return std::move(text).error();
     const size_t body_start = kPreambleSize + text->size();
@@ -576,6 +677,7 @@ Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string&
 
     Result<SegmentHeader> header = segment_header_from_json(*text, name);
     if (!header) return std::move(header).error();
+    if (Status st = check_cipher(header->encryption, cipher, name); !st) return std::move(st).error();
 
     DecodedSegment seg;
     seg.header = std::move(*header);
@@ -583,7 +685,7 @@ Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string&
     const uint64_t expected = seg.header.frame_count();
     const size_t record_size = 4 + seg.header.page_size;
     std::string_view body = content.substr(body_start);
-    if (seg.header.compression == Compression::None) {
+    if (seg.header.compression == Compression::None && !seg.header.encryption) {
         if (body.size() / record_size != expected || body.size() % record_size != 0)
             return corrupt(name, "segment body is " + std::to_string(body.size()) + " bytes, expected " +
                                      std::to_string(expected) + " frames of " + std::to_string(record_size));
@@ -593,8 +695,9 @@ Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string&
         seg.frames.reserve(std::min<uint64_t>(expected, 1024));
     }
 
-    RecordDecoder dec(seg.header.compression, record_size, name, "segment");
-    Status st = dec.feed(body, [&](std::string_view rec) -> Status {
+    BodyDecoder dec(seg.header.compression, record_size, name, "segment", cipher, seg.header.encryption,
+                    seg.header.encryption ? object_aad(kSegmentMagic, *text) : std::string());
+    auto on_record = [&](std::string_view rec) -> Status {
         if (seg.frames.size() == expected)
             return corrupt(name,
                            "segment body holds more frames than its txns list (" + std::to_string(expected) + ")");
@@ -605,8 +708,9 @@ Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string&
         f.page.assign(rec.substr(4));
         seg.frames.push_back(std::move(f));
         return {};
-    });
-    if (!st) return std::move(st).error();
+    };
+    if (Status st = dec.feed(body, on_record); !st) return std::move(st).error();
+    if (Status st = dec.end(on_record); !st) return std::move(st).error();
     if (!dec.frame_ended()) return corrupt(name, "segment body is truncated: its zstd frame does not end");
     if (dec.partial_bytes() != 0 || seg.frames.size() != expected)
         return corrupt(name, "segment body holds " + std::to_string(seg.frames.size()) +
@@ -638,16 +742,20 @@ struct SnapshotWriter::Impl {
     std::optional<Error> failed;  // sticky: once the stream broke, every later call reports it
 };
 
-SnapshotWriter::SnapshotWriter(const SnapshotHeader& header, Sink sink)
-    : impl_(std::make_unique<Impl>(header, std::move(sink))) {
+SnapshotWriter::SnapshotWriter(const SnapshotHeader& plain_header, Sink sink, const Cipher* cipher)
+    : impl_(std::make_unique<Impl>(plain_header, std::move(sink))) {
+    SnapshotHeader& header = impl_->header;
+    prepare_encrypted(header, cipher);
     if (std::string e = check_snapshot_header(header); !e.empty()) {
         impl_->failed = make_error(ErrorKind::InvalidArgument, "snapshot header field " + e);
         return;
     }
-    if (Status st = impl_->enc.write_raw(preamble(kSnapshotMagic, snapshot_header_json(header))); !st) {
+    const std::string header_json = snapshot_header_json(header);
+    if (Status st = impl_->enc.write_raw(preamble(kSnapshotMagic, header_json)); !st) {
         impl_->failed = std::move(st).error();
         return;
     }
+    if (cipher) impl_->enc.start_sealing(*cipher, *header.encryption, object_aad(kSnapshotMagic, header_json));
     if (header.compression == Compression::Zstd)
         impl_->enc.start_zstd(static_cast<uint64_t>(header.db_pages) * header.page_size);
 }
@@ -693,7 +801,16 @@ uint64_t SnapshotWriter::bytes_out() const { return impl_->bytes_out; }
 struct SnapshotReader::Impl {
     enum class Phase { Preamble, Header, Body };
 
-    Impl(std::string n, PageFn fn) : name(std::move(n)), on_page(std::move(fn)), hasher(s3::Hasher::Algo::Sha256) {}
+    Impl(std::string n, PageFn fn, const Cipher* c)
+        : name(std::move(n)), on_page(std::move(fn)), cipher(c), hasher(s3::Hasher::Algo::Sha256) {}
+
+    Status page(std::string_view p) {
+        if (pages == header->db_pages)
+            return corrupt(name, "snapshot holds more pages than its header's db_pages (" +
+                                     std::to_string(header->db_pages) + ")");
+        ++pages;
+        return on_page(pages, p);
+    }
 
     Error fail(Error e) {
         failed = e;
@@ -720,33 +837,28 @@ struct SnapshotReader::Impl {
                 if (head.size() < header_len) return {};
                 Result<SnapshotHeader> h = snapshot_header_from_json(head, name);
                 if (!h) return std::move(h).error();
+                // The key is checked before a single page comes out.
+                if (Status st = check_cipher(h->encryption, cipher, name); !st) return st;
                 header = std::move(*h);
+                body.emplace(header->compression, header->page_size, name, "snapshot", cipher, header->encryption,
+                             header->encryption ? object_aad(kSnapshotMagic, head) : std::string());
                 std::string().swap(head);
-                body.emplace(header->compression, header->page_size, name, "snapshot");
                 phase = Phase::Body;
             }
-            if (phase == Phase::Body) {
-                Status st = body->feed(data, [this](std::string_view page) -> Status {
-                    if (pages == header->db_pages)
-                        return corrupt(name, "snapshot holds more pages than its header's db_pages (" +
-                                                 std::to_string(header->db_pages) + ")");
-                    ++pages;
-                    return on_page(pages, page);
-                });
-                return st;
-            }
+            if (phase == Phase::Body) return body->feed(data, [this](std::string_view p) { return page(p); });
         }
         return {};
     }
 
     std::string name;
     PageFn on_page;
+    const Cipher* cipher;
     s3::Hasher hasher;  // over every byte released from `tail`
     Phase phase = Phase::Preamble;
     std::string head;  // preamble, then header bytes, until complete
     uint32_t header_len = 0;
     std::optional<SnapshotHeader> header;
-    std::optional<RecordDecoder> body;
+    std::optional<BodyDecoder> body;
     // The last bytes seen: the trailer if the object ends here, so they are
     // neither hashed nor decoded until more bytes prove they are content.
     std::string tail;
@@ -756,8 +868,8 @@ struct SnapshotReader::Impl {
     std::optional<Error> failed;  // sticky
 };
 
-SnapshotReader::SnapshotReader(std::string name, PageFn on_page)
-    : impl_(std::make_unique<Impl>(std::move(name), std::move(on_page))) {}
+SnapshotReader::SnapshotReader(std::string name, PageFn on_page, const Cipher* cipher)
+    : impl_(std::make_unique<Impl>(std::move(name), std::move(on_page), cipher)) {}
 
 SnapshotReader::~SnapshotReader() = default;
 
@@ -797,6 +909,7 @@ Result<SnapshotHeader> SnapshotReader::finish() {
         return r.fail(corrupt(r.name,
                               "checksum mismatch: the trailer is not the SHA-256 of the content "
                               "(corrupt or truncated)"));
+    if (Status st = r.body->end([&r](std::string_view p) { return r.page(p); }); !st) return r.fail(std::move(st).error());
     if (!r.body->frame_ended())
         return r.fail(corrupt(r.name, "snapshot body is truncated: its zstd frame does not end"));
     if (r.body->partial_bytes() != 0)

@@ -16,10 +16,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "replicator/encryption.h"
 #include "s3/result.h"
 
 namespace bottomless::replicator {
@@ -52,6 +54,7 @@ struct SnapshotHeader {
     std::string parent_generation;  // empty for a first generation
     uint64_t parent_seq = 0;        // last segment of the parent included
     Compression compression = Compression::Zstd;
+    std::optional<EncryptionInfo> encryption;  // set by the writer when it is given a Cipher
 };
 
 struct SegmentTxn {
@@ -70,6 +73,7 @@ struct SegmentHeader {
     std::string prev_sha256;      // hex SHA-256 (trailer) of the previous segment, or of the snapshot for seq 1
     std::vector<SegmentTxn> txns;
     Compression compression = Compression::Zstd;
+    std::optional<EncryptionInfo> encryption;
     uint64_t frame_count() const;
 };
 
@@ -84,14 +88,20 @@ struct DecodedSegment {
     std::string sha256;  // hex of the trailer
 };
 
+// Encryption (docs/ENCRYPTION.md): an encoder given a Cipher seals the body
+// in authenticated chunks, fills header.encryption and replaces the WAL
+// checksums in the header's positions by Cipher::mask(). A decoder needs the
+// Cipher whose key id the header names (check_cipher() says which is wrong).
+
 // Encodes a segment in memory (segments are bounded by the batch size).
 // Returns the object bytes; the hex SHA-256 trailer is put in *sha256_hex.
 std::string encode_segment(const SegmentHeader& header, const std::vector<SegmentFrame>& frames,
-                           std::string* sha256_hex);
+                           std::string* sha256_hex, const Cipher* cipher = nullptr);
 
 // Decodes and validates a segment: magic, version, trailer checksum, header
 // fields, frame count and sizes. `name` (the object key) goes into errors.
-Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string& name);
+Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string& name,
+                                      const Cipher* cipher = nullptr);
 
 // Streams a snapshot out: call add_page() db_pages times, then finish().
 // Output goes to `sink` in pieces (e.g. an S3 multipart writer); memory is
@@ -99,7 +109,7 @@ Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string&
 class SnapshotWriter {
 public:
     using Sink = std::function<Status(std::string_view)>;
-    SnapshotWriter(const SnapshotHeader& header, Sink sink);
+    SnapshotWriter(const SnapshotHeader& header, Sink sink, const Cipher* cipher = nullptr);
     ~SnapshotWriter();
     SnapshotWriter(const SnapshotWriter&) = delete;
     SnapshotWriter& operator=(const SnapshotWriter&) = delete;
@@ -119,7 +129,7 @@ private:
 class SnapshotReader {
 public:
     using PageFn = std::function<Status(uint32_t pgno, std::string_view page)>;
-    SnapshotReader(std::string name, PageFn on_page);
+    SnapshotReader(std::string name, PageFn on_page, const Cipher* cipher = nullptr);
     ~SnapshotReader();
     SnapshotReader(const SnapshotReader&) = delete;
     SnapshotReader& operator=(const SnapshotReader&) = delete;
@@ -136,6 +146,7 @@ private:
 
 // Reads only the header of a snapshot or segment object from its first bytes
 // (for listings: fetch a range, parse). Errors if the bytes are too short.
+// Headers are never encrypted: listing needs no key.
 Result<SnapshotHeader> peek_snapshot_header(std::string_view prefix, const std::string& name);
 Result<SegmentHeader> peek_segment_header(std::string_view prefix, const std::string& name);
 

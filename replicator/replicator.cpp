@@ -190,6 +190,33 @@ Status Replicator::startup() {
         }
     }
 
+    // Encryption: the key must be the one the newest generation was written
+    // with. Anything else (no key for an encrypted replica, a key for a
+    // plaintext one, another key) is refused unless initial_replication=force
+    // says to start a new generation under the new setting.
+    bool encryption_switch = false;
+    {
+        auto c = open_cipher(*client_, bucket, db_id, config_.encryption, /*create=*/true);
+        if (!c) return std::move(c).error();
+        cipher_ = std::move(c).value();
+    }
+    if (latest) {
+        const std::string snap = snapshot_key(db_id, latest->id);
+        auto h = read_snapshot_header(*client_, bucket, snap, latest->snapshot_bytes);
+        if (!h) return std::move(h).error();
+        if (Status st = check_cipher(h->encryption, cipher_.get(), snap); !st) {
+            Error e = std::move(st).error();
+            if (config_.initial_replication != InitialReplication::Force) {
+                e.message = "cannot replicate " + path_ + ": " + e.message +
+                            ". To start a new generation under this setting (turning encryption on or off, or "
+                            "rotating the key), open once with initial_replication=force";
+                return e;
+            }
+            log::warn(path_ + ": " + e.message + "; a new generation starts (initial_replication=force)");
+            encryption_switch = true;
+        }
+    }
+
     struct stat db_st{}, wal_st{};
     bool db_exists = stat_file(path_, db_st);
     bool wal_exists = stat_file(wal_path_, wal_st);
@@ -206,7 +233,9 @@ Status Replicator::startup() {
     if (local_empty) {
         if (latest && config_.auto_restore) {
             log::info("restoring " + path_ + " from generation " + latest->id + " of s3://" + bucket + "/" + db_id);
-            auto rr = restore_database(*client_, bucket, db_id, path_, RestoreOptions{});
+            RestoreOptions ro;
+            ro.cipher = cipher_;
+            auto rr = restore_database(*client_, bucket, db_id, path_, ro);
             if (!rr) {
                 Error e = std::move(rr).error();
                 e.message = "cannot restore " + path_ + " from the bucket: " + e.message;
@@ -220,6 +249,10 @@ Status Replicator::startup() {
         } else {
             request_snapshot(latest ? "auto-restore is off: a new history starts" : "first start: nothing in the bucket");
         }
+    } else if (encryption_switch) {
+        parent_generation_ = latest->id;
+        parent_seq_ = latest->last_seq;
+        request_snapshot(cipher_ ? "encryption changed: key id " + cipher_->key_id() : "encryption turned off");
     } else if (state && state->restored && state->bucket == bucket && state->db_id == db_id && db_exists &&
                (!wal_exists || wal_st.st_size == 0) && state->db_size == db_st.st_size &&
                state->db_mtime_ns == mtime_ns(db_st) && state->db_ino == db_st.st_ino) {
@@ -646,7 +679,7 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         }
         pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
         pending_bytes_ -= std::min(pending_bytes_, bytes);
-        f.bytes = encode_segment(f.header, frames, &f.sha256);
+        f.bytes = encode_segment(f.header, frames, &f.sha256, cipher_.get());
         inflight_ = std::move(f);
         if (!pending_.empty()) first_pending_time_ = Clock::now();
     }
@@ -738,7 +771,7 @@ Status Replicator::take_snapshot(Lock& lock) {
     if (lineage_.size() > 64) lineage_.resize(64);
     write_state_file(false);
     auto writer = client_->open_writer(config_.bucket, key, s3::PutOptions{});
-    SnapshotWriter sw(h, [&](std::string_view piece) { return writer->write(piece); });
+    SnapshotWriter sw(h, [&](std::string_view piece) { return writer->write(piece); }, cipher_.get());
     std::string page(psz, '\0');
     for (uint32_t pgno = 1; pgno <= db_pages; ++pgno) {
         auto it = latest.find(pgno);
@@ -1094,6 +1127,9 @@ std::string Replicator::status_json() const {
     j["bucket"] = config_.bucket;
     j["endpoint"] = config_.s3.endpoint.empty() ? "aws" : log::redact_url(config_.s3.endpoint);
     j["mode"] = !enabled_ ? "off" : (config_.sync ? "sync" : "async");
+    // The key id names the key without revealing it; the key never appears here.
+    j["encryption"] = cipher_ ? nlohmann::json{{"alg", "aes-256-gcm-hkdf-sha256"}, {"key_id", cipher_->key_id()}}
+                              : nlohmann::json(nullptr);
     std::lock_guard lock(status_mu_);
     j["generation"] = status_generation_;
     j["segment"] = status_seq_;

@@ -146,6 +146,7 @@ private:
     const std::string path_, wal_path_, state_path_;
     const ReplicatorConfig config_;
     std::unique_ptr<s3::Client> client_;
+    std::shared_ptr<const Cipher> cipher_;  // set by startup(), then read-only; null: plaintext
     bool enabled_ = true;
     int db_fd_ = -1;  // read-only; closed only when the last connection is gone (POSIX locks)
 

@@ -39,7 +39,9 @@ bool pwrite_full(int fd, const char* p, size_t n, uint64_t off) {
 // the output file. A retry of the download starts the reader afresh.
 class SnapshotSink final : public s3::http::BodySink {
 public:
-    SnapshotSink(std::string name, int fd) : name_(std::move(name)), fd_(fd) { make_reader(); }
+    SnapshotSink(std::string name, int fd, const Cipher* cipher) : name_(std::move(name)), fd_(fd), cipher_(cipher) {
+        make_reader();
+    }
     bool write(const char* data, size_t n) override {
         auto st = reader_->feed(std::string_view(data, n));
         if (!st) {
@@ -75,12 +77,13 @@ private:
             buf_.append(page);
             if (buf_.size() >= (1u << 20)) return flush_pages();
             return {};
-        });
+        }, cipher_);
     }
     std::string buf_;
     uint64_t buf_offset_ = 0;
     std::string name_;
     int fd_;
+    const Cipher* cipher_;
     std::unique_ptr<SnapshotReader> reader_;
     std::optional<Error> error_;
     uint64_t bytes_ = 0;
@@ -96,12 +99,51 @@ struct TmpFile {
     }
 };
 
+// Magic (8), version (4), header length (4).
+constexpr uint64_t kPreamble = 16;
+constexpr uint64_t kFirstRead = 4096;
+// The same cap the decoder applies: a corrupt length must not size a huge read.
+constexpr uint64_t kMaxHeader = 16u << 20;
+
+// The first bytes of an object, enough to hold its whole header.
+Result<std::string> header_bytes(s3::Client& client, const std::string& bucket, const std::string& key,
+                                 uint64_t size) {
+    if (size == 0) return std::string();
+    auto first = client.get_object(bucket, key, s3::ByteRange{0, std::min(size, kFirstRead)});
+    if (!first) return first;
+    if (first->size() < kPreamble) return first;
+    const auto* u = reinterpret_cast<const unsigned char*>(first->data() + 12);
+    uint64_t need = kPreamble + ((uint64_t{u[0]} << 24) | (uint64_t{u[1]} << 16) | (uint64_t{u[2]} << 8) | u[3]);
+    if (need <= first->size() || need > size || need > kPreamble + kMaxHeader) return first;  // the decoder will judge
+    return client.get_object(bucket, key, s3::ByteRange{0, need});
+}
+
+Error not_found_here(const std::string& key) {
+    return make_error(ErrorKind::Corrupt,
+                      key + " disappeared while it was being read (is someone removing this generation?)",
+                      "MissingObject");
+}
+
 int64_t gen_time_us(const std::string& id) {
     int64_t ms = generation_time_ms(id);
     return ms < 0 ? -1 : ms * 1000;
 }
 
 }  // namespace
+
+Result<SnapshotHeader> read_snapshot_header(s3::Client& client, const std::string& bucket, const std::string& key,
+                                            uint64_t size) {
+    auto bytes = header_bytes(client, bucket, key, size);
+    if (!bytes) return bytes.error().kind == ErrorKind::NotFound ? not_found_here(key) : std::move(bytes).error();
+    return peek_snapshot_header(*bytes, key);
+}
+
+Result<SegmentHeader> read_segment_header(s3::Client& client, const std::string& bucket, const std::string& key,
+                                          uint64_t size) {
+    auto bytes = header_bytes(client, bucket, key, size);
+    if (!bytes) return bytes.error().kind == ErrorKind::NotFound ? not_found_here(key) : std::move(bytes).error();
+    return peek_segment_header(*bytes, key);
+}
 
 Result<std::vector<GenerationInfo>> list_generations(s3::Client& client, const std::string& bucket,
                                                      const std::string& db_id) {
@@ -243,13 +285,20 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     res.generation = chosen.id;
 
     // ---- the snapshot ----
+    // The key is checked on the snapshot's header before anything is
+    // created at the destination: a wrong or missing key is not a corrupt object.
+    std::string snap_key = snapshot_key(db_id, chosen.id);
+    {
+        auto header = read_snapshot_header(client, bucket, snap_key, chosen.snapshot_bytes);
+        if (!header) return std::move(header).error();
+        if (auto st = check_cipher(header->encryption, options.cipher.get(), snap_key); !st) return std::move(st).error();
+    }
     TmpFile tmp;
     tmp.path = output_path + ".restore-tmp";
     tmp.fd = ::open(tmp.path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (tmp.fd < 0) return make_error(ErrorKind::Io, "cannot create " + tmp.path + ": " + errno_text(errno), "OpenFailed");
     const uint64_t total = chosen.snapshot_bytes + chosen.segment_bytes;
-    std::string snap_key = snapshot_key(db_id, chosen.id);
-    SnapshotSink sink(snap_key, tmp.fd);
+    SnapshotSink sink(snap_key, tmp.fd, options.cipher.get());
     auto snapshot_error = [&](Error e) -> Error {
         if (sink.error()) return *sink.error();
         if (e.kind == ErrorKind::NotFound)
@@ -341,7 +390,7 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
             return e;
         }
         res.bytes_downloaded += body->size();
-        auto seg = decode_segment(*body, key);
+        auto seg = decode_segment(*body, key, options.cipher.get());
         if (!seg) return std::move(seg).error();
         const SegmentHeader& h = seg->header;
         if (h.db_id != db_id || h.generation != chosen.id || h.seq != seq)

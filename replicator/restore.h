@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -43,11 +44,22 @@ Status describe_generation(s3::Client& client, const std::string& bucket, const 
 // Database ids present in the bucket (for "no such database" messages).
 Result<std::vector<std::string>> list_databases(s3::Client& client, const std::string& bucket);
 
+// Reads the header of an object of `size` bytes: the first 4 KiB, or more
+// when the header says it is longer. Headers are plaintext even in an
+// encrypted replica. An object gone meanwhile is a Corrupt "MissingObject".
+Result<SnapshotHeader> read_snapshot_header(s3::Client& client, const std::string& bucket, const std::string& key,
+                                            uint64_t size);
+Result<SegmentHeader> read_segment_header(s3::Client& client, const std::string& bucket, const std::string& key,
+                                          uint64_t size);
+
 struct RestoreOptions {
     std::string generation;              // empty: the newest restorable one
     std::optional<int64_t> until_us;     // point in time: transactions committed at or before it
     int parallel = 4;                    // objects in flight
     bool integrity_check = true;
+    // The replica's key (open_cipher()); null for a plaintext replica. A
+    // mismatch either way fails before anything is written (check_cipher()).
+    std::shared_ptr<const Cipher> cipher;
     std::function<void(uint64_t bytes_done, uint64_t bytes_total)> progress;
 };
 

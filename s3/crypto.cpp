@@ -5,7 +5,10 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/kdf.h>
+#include <openssl/rand.h>
 
+#include <cstring>
 #include <stdexcept>
 
 namespace bottomless::s3 {
@@ -72,6 +75,150 @@ std::string base64(const unsigned char* data, size_t n) {
     int len = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), data, static_cast<int>(n));
     out.resize(static_cast<size_t>(len));
     return out;
+}
+
+bool from_base64(std::string_view text, std::string& out) {
+    std::string t(text);
+    for (char& c : t) {
+        if (c == '-') c = '+';
+        else if (c == '_') c = '/';
+    }
+    while (t.size() % 4) t += '=';
+    size_t pad = 0;
+    for (size_t i = t.size(); i > 0 && t[i - 1] == '='; --i) ++pad;
+    if (pad > 2) return false;
+    std::string raw(t.size() / 4 * 3 + 1, '\0');
+    int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(raw.data()),
+                            reinterpret_cast<const unsigned char*>(t.data()), static_cast<int>(t.size()));
+    secure_wipe(t);
+    if (n < 0 || static_cast<size_t>(n) < pad) {
+        secure_wipe(raw);
+        return false;
+    }
+    raw.resize(static_cast<size_t>(n) - pad);  // EVP_DecodeBlock counts padding as zero bytes
+    secure_wipe(out);
+    out = std::move(raw);
+    return true;
+}
+
+bool from_hex(std::string_view text, std::string& out) {
+    if (text.size() % 2) return false;
+    auto nibble = [](char c) -> int {
+        if (c >= '0' && c <= '9') return c - '0';
+        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+        return -1;
+    };
+    std::string raw(text.size() / 2, '\0');
+    for (size_t i = 0; i < raw.size(); ++i) {
+        int hi = nibble(text[2 * i]), lo = nibble(text[2 * i + 1]);
+        if (hi < 0 || lo < 0) {
+            secure_wipe(raw);
+            return false;
+        }
+        raw[i] = static_cast<char>(hi << 4 | lo);
+    }
+    secure_wipe(out);
+    out = std::move(raw);
+    return true;
+}
+
+std::string random_bytes(size_t n) {
+    std::string out(n, '\0');
+    if (n && RAND_bytes(reinterpret_cast<unsigned char*>(out.data()), static_cast<int>(n)) != 1)
+        throw std::runtime_error("RAND_bytes failed: no entropy source");
+    return out;
+}
+
+namespace {
+struct PkeyCtxDeleter {
+    void operator()(EVP_PKEY_CTX* p) const noexcept { EVP_PKEY_CTX_free(p); }
+};
+}  // namespace
+
+std::string hkdf_sha256(std::string_view ikm, std::string_view salt, std::string_view info, size_t n) {
+    std::unique_ptr<EVP_PKEY_CTX, PkeyCtxDeleter> ctx(EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nullptr));
+    if (!ctx) throw std::bad_alloc();
+    auto u = [](std::string_view s) { return reinterpret_cast<const unsigned char*>(s.data()); };
+    std::string out(n, '\0');
+    size_t len = n;
+    // An empty salt means "no salt" (RFC 5869: a string of zeros); OpenSSL
+    // wants that spelled as not setting one.
+    if (EVP_PKEY_derive_init(ctx.get()) != 1 || EVP_PKEY_CTX_set_hkdf_md(ctx.get(), EVP_sha256()) != 1 ||
+        (!salt.empty() && EVP_PKEY_CTX_set1_hkdf_salt(ctx.get(), u(salt), static_cast<int>(salt.size())) != 1) ||
+        EVP_PKEY_CTX_set1_hkdf_key(ctx.get(), u(ikm), static_cast<int>(ikm.size())) != 1 ||
+        EVP_PKEY_CTX_add1_hkdf_info(ctx.get(), u(info), static_cast<int>(info.size())) != 1 ||
+        EVP_PKEY_derive(ctx.get(), reinterpret_cast<unsigned char*>(out.data()), &len) != 1 || len != n)
+        throw std::runtime_error("HKDF-SHA256 failed");
+    return out;
+}
+
+bool scrypt(std::string_view passphrase, std::string_view salt, uint64_t n, uint32_t r, uint32_t p, size_t out_len,
+            uint64_t max_mem, std::string& out) {
+    std::string key(out_len, '\0');
+    if (EVP_PBE_scrypt(passphrase.data(), passphrase.size(), reinterpret_cast<const unsigned char*>(salt.data()),
+                       salt.size(), n, r, p, max_mem, reinterpret_cast<unsigned char*>(key.data()), out_len) != 1) {
+        secure_wipe(key);
+        return false;
+    }
+    secure_wipe(out);
+    out = std::move(key);
+    return true;
+}
+
+void AesGcm::Deleter::operator()(evp_cipher_ctx_st* p) const noexcept { EVP_CIPHER_CTX_free(p); }
+
+AesGcm::AesGcm(std::string_view key) : enc_(EVP_CIPHER_CTX_new()), dec_(EVP_CIPHER_CTX_new()) {
+    if (!enc_ || !dec_) throw std::bad_alloc();
+    if (key.size() != kKeySize) throw std::invalid_argument("AES-256-GCM needs a 32-byte key");
+    auto k = reinterpret_cast<const unsigned char*>(key.data());
+    // The default IV length of GCM in OpenSSL is 12 bytes: no ctrl needed.
+    if (EVP_EncryptInit_ex(enc_.get(), EVP_aes_256_gcm(), nullptr, k, nullptr) != 1 ||
+        EVP_DecryptInit_ex(dec_.get(), EVP_aes_256_gcm(), nullptr, k, nullptr) != 1)
+        throw std::runtime_error("AES-256-GCM init failed");
+}
+
+AesGcm::~AesGcm() = default;  // EVP_CIPHER_CTX_free cleanses the key schedule
+
+void AesGcm::seal(const unsigned char* nonce, std::string_view aad, std::string_view plain, std::string& out) {
+    EVP_CIPHER_CTX* c = enc_.get();
+    const size_t at = out.size();
+    out.resize(at + plain.size() + kTagSize);
+    auto* dst = reinterpret_cast<unsigned char*>(out.data() + at);
+    int len = 0, fin = 0;
+    if (EVP_EncryptInit_ex(c, nullptr, nullptr, nullptr, nonce) != 1 ||
+        (!aad.empty() && EVP_EncryptUpdate(c, nullptr, &len, reinterpret_cast<const unsigned char*>(aad.data()),
+                                           static_cast<int>(aad.size())) != 1) ||
+        (!plain.empty() && EVP_EncryptUpdate(c, dst, &len, reinterpret_cast<const unsigned char*>(plain.data()),
+                                             static_cast<int>(plain.size())) != 1) ||
+        EVP_EncryptFinal_ex(c, dst + (plain.empty() ? 0 : len), &fin) != 1 ||
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, static_cast<int>(kTagSize), dst + plain.size()) != 1)
+        throw std::runtime_error("AES-256-GCM encryption failed");
+}
+
+bool AesGcm::open(const unsigned char* nonce, std::string_view aad, std::string_view sealed, std::string& out) {
+    if (sealed.size() < kTagSize) return false;
+    EVP_CIPHER_CTX* c = dec_.get();
+    const size_t n = sealed.size() - kTagSize;
+    const size_t at = out.size();
+    out.resize(at + n);
+    auto* dst = reinterpret_cast<unsigned char*>(out.data() + at);
+    unsigned char tag[kTagSize];
+    std::memcpy(tag, sealed.data() + n, kTagSize);
+    int len = 0, fin = 0;
+    bool ok = EVP_DecryptInit_ex(c, nullptr, nullptr, nullptr, nonce) == 1 &&
+              (aad.empty() || EVP_DecryptUpdate(c, nullptr, &len, reinterpret_cast<const unsigned char*>(aad.data()),
+                                                static_cast<int>(aad.size())) == 1) &&
+              (n == 0 || EVP_DecryptUpdate(c, dst, &len, reinterpret_cast<const unsigned char*>(sealed.data()),
+                                           static_cast<int>(n)) == 1) &&
+              EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, static_cast<int>(kTagSize), tag) == 1 &&
+              EVP_DecryptFinal_ex(c, dst + (n == 0 ? 0 : len), &fin) == 1;
+    if (!ok) {
+        // Unauthenticated plaintext must not leave this function.
+        secure_wipe(dst, n);
+        out.resize(at);
+    }
+    return ok;
 }
 
 void secure_wipe(void* p, size_t n) noexcept {

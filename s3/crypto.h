@@ -9,6 +9,7 @@
 #include <string_view>
 
 struct evp_md_ctx_st;
+struct evp_cipher_ctx_st;
 
 namespace bottomless::s3 {
 
@@ -26,11 +27,48 @@ std::string base64(const unsigned char* data, size_t n);
 template <size_t N>
 std::string base64(const std::array<unsigned char, N>& d) { return base64(d.data(), N); }
 
+// Decodes standard or URL-safe base64 (padding optional); false on anything else.
+bool from_base64(std::string_view text, std::string& out);
+// Decodes hex digits (either case); false on anything else.
+bool from_hex(std::string_view text, std::string& out);
+
 inline std::string sha256_hex(std::string_view data) { return to_hex(sha256(data)); }
 
 // Overwrites memory that held a secret so it does not linger after use.
 void secure_wipe(void* p, size_t n) noexcept;
 void secure_wipe(std::string& s) noexcept;
+
+// Cryptographically strong random bytes (OpenSSL's RAND_bytes).
+std::string random_bytes(size_t n);
+
+// HKDF-SHA256 (RFC 5869): `n` bytes of key material from `ikm`.
+std::string hkdf_sha256(std::string_view ikm, std::string_view salt, std::string_view info, size_t n);
+
+// scrypt (RFC 7914). Returns false when the parameters are unusable (N not a
+// power of two, memory beyond `max_mem`); `out` is then untouched.
+bool scrypt(std::string_view passphrase, std::string_view salt, uint64_t n, uint32_t r, uint32_t p, size_t out_len,
+            uint64_t max_mem, std::string& out);
+
+// AES-256-GCM with one key and many messages: the key schedule is set up
+// once, each seal/open only sets the 12-byte nonce. Tags are 16 bytes,
+// appended to the ciphertext. Not thread-safe; one per stream.
+class AesGcm {
+public:
+    static constexpr size_t kKeySize = 32, kNonceSize = 12, kTagSize = 16;
+    explicit AesGcm(std::string_view key);  // kKeySize bytes
+    ~AesGcm();
+    AesGcm(const AesGcm&) = delete;
+    AesGcm& operator=(const AesGcm&) = delete;
+    // Appends ciphertext || tag to `out`.
+    void seal(const unsigned char* nonce, std::string_view aad, std::string_view plain, std::string& out);
+    // Appends the plaintext of `sealed` (ciphertext || tag) to `out`; false
+    // when the tag does not verify (nothing is appended then).
+    bool open(const unsigned char* nonce, std::string_view aad, std::string_view sealed, std::string& out);
+
+private:
+    struct Deleter { void operator()(evp_cipher_ctx_st* p) const noexcept; };
+    std::unique_ptr<evp_cipher_ctx_st, Deleter> enc_, dec_;
+};
 
 // Incremental digest for data that arrives in pieces (files, streams).
 class Hasher {

@@ -1,0 +1,330 @@
+// Keys, chunked AES-256-GCM and the per-database KDF object. Layout and
+// reasoning in encryption.h and docs/ENCRYPTION.md.
+#include "replicator/encryption.h"
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "replicator/format.h"
+#include "s3/client.h"
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+
+namespace {
+
+constexpr const char* kAlg = "aes-256-gcm-hkdf-sha256";
+constexpr size_t kKeySize = 32;
+constexpr size_t kSeedSize = 32;
+constexpr size_t kKeyIdSize = 8;
+// scrypt memory is 128 * N * r bytes: 32 MiB at the default cost. The cap
+// refuses a KDF object that would make every open allocate gigabytes.
+constexpr uint64_t kScryptMaxMem = 1ull << 30;
+constexpr uint64_t kScryptMaxN = uint64_t{1} << 22;
+
+void put_be(unsigned char* p, uint64_t v, int bytes) {
+    for (int i = bytes - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<unsigned char>(v);
+}
+
+uint32_t get_be32(const unsigned char* p) {
+    return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
+}
+
+// be64(index) || be32(final): unique per chunk within one object key.
+void chunk_nonce(unsigned char* nonce, uint64_t index, bool final) {
+    put_be(nonce, index, 8);
+    put_be(nonce + 8, final ? 1 : 0, 4);
+}
+
+std::unique_ptr<s3::AesGcm> object_gcm(const Cipher& cipher, const EncryptionInfo& info) {
+    std::string key = cipher.object_key(info);
+    auto gcm = std::make_unique<s3::AesGcm>(key);
+    s3::secure_wipe(key);
+    return gcm;
+}
+
+}  // namespace
+
+// ---- the configured secret ----
+
+EncryptionSecret::~EncryptionSecret() { s3::secure_wipe(material_); }
+EncryptionSecret::EncryptionSecret(const EncryptionSecret& o) : kind_(o.kind_), material_(o.material_) {}
+EncryptionSecret& EncryptionSecret::operator=(const EncryptionSecret& o) {
+    if (this != &o) {
+        s3::secure_wipe(material_);
+        kind_ = o.kind_;
+        material_ = o.material_;
+    }
+    return *this;
+}
+
+Result<EncryptionSecret> EncryptionSecret::key(std::string_view text, const std::string& source) {
+    // Never quote the text: a typo in a key is still most of the key.
+    EncryptionSecret s;
+    s.kind_ = Kind::Key;
+    bool ok = (text.size() == 2 * kKeySize && s3::from_hex(text, s.material_)) ||
+              (s3::from_base64(text, s.material_) && s.material_.size() == kKeySize);
+    if (!ok)
+        return make_error(ErrorKind::InvalidArgument,
+                          source + ": not a 32-byte key (" + std::to_string(text.size()) +
+                              " characters; expected 64 hex digits or base64 of 32 bytes, e.g. from "
+                              "'openssl rand -hex 32')",
+                          "BadEncryptionKey");
+    return s;
+}
+
+Result<EncryptionSecret> EncryptionSecret::passphrase(std::string_view text, const std::string& source) {
+    if (text.empty())
+        return make_error(ErrorKind::InvalidArgument, source + ": the passphrase is empty", "BadEncryptionKey");
+    EncryptionSecret s;
+    s.kind_ = Kind::Passphrase;
+    s.material_.assign(text);
+    return s;
+}
+
+// ---- keys ----
+
+Cipher::Cipher(std::string master) : master_(std::move(master)) {
+    mask_key_ = s3::hkdf_sha256(master_, {}, "bottomless position mask v1", kKeySize);
+    std::string id = s3::hkdf_sha256(master_, {}, "bottomless key id v1", kKeyIdSize);
+    key_id_ = s3::to_hex(reinterpret_cast<const unsigned char*>(id.data()), id.size());
+}
+
+Cipher::~Cipher() {
+    s3::secure_wipe(master_);
+    s3::secure_wipe(mask_key_);
+}
+
+std::shared_ptr<const Cipher> Cipher::from_key(std::string_view key) {
+    if (key.size() != kKeySize) throw std::invalid_argument("Cipher::from_key: the key must be 32 bytes");
+    return std::shared_ptr<const Cipher>(new Cipher(std::string(key)));
+}
+
+Result<std::shared_ptr<const Cipher>> Cipher::from_passphrase(std::string_view passphrase, const KdfParams& kdf) {
+    std::string master;
+    if (kdf.n > kScryptMaxN || !s3::scrypt(passphrase, kdf.salt, kdf.n, kdf.r, kdf.p, kKeySize, kScryptMaxMem, master))
+        return make_error(ErrorKind::InvalidArgument,
+                          "scrypt refused the key derivation parameters N=" + std::to_string(kdf.n) +
+                              " r=" + std::to_string(kdf.r) + " p=" + std::to_string(kdf.p),
+                          "BadKdfParams");
+    auto c = std::shared_ptr<const Cipher>(new Cipher(master));
+    s3::secure_wipe(master);
+    return c;
+}
+
+EncryptionInfo Cipher::new_object() const {
+    EncryptionInfo info;
+    info.alg = kAlg;
+    info.key_id = key_id_;
+    std::string seed = s3::random_bytes(kSeedSize);
+    info.seed = s3::to_hex(reinterpret_cast<const unsigned char*>(seed.data()), seed.size());
+    info.chunk_size = kEncryptionChunkSize;
+    return info;
+}
+
+std::string Cipher::object_key(const EncryptionInfo& info) const {
+    std::string seed;
+    if (!s3::from_hex(info.seed, seed)) throw std::invalid_argument("object seed is not hex");
+    return s3::hkdf_sha256(master_, seed, "bottomless object key v1", kKeySize);
+}
+
+WalPosition Cipher::mask(const WalPosition& pos, const std::string& db_id, const std::string& generation) const {
+    std::string msg = db_id;
+    msg += '\0';
+    msg += generation;
+    msg += '\0';
+    unsigned char b[4 + 4 + 8 + 4 + 4];
+    put_be(b, pos.salt1, 4);
+    put_be(b + 4, pos.salt2, 4);
+    put_be(b + 8, pos.frame, 8);
+    put_be(b + 16, pos.cksum1, 4);
+    put_be(b + 20, pos.cksum2, 4);
+    msg.append(reinterpret_cast<const char*>(b), sizeof b);
+    s3::Sha256Digest d = s3::hmac_sha256(mask_key_, msg);
+    WalPosition out = pos;
+    out.cksum1 = get_be32(d.data());
+    out.cksum2 = get_be32(d.data() + 4);
+    return out;
+}
+
+Status check_cipher(const std::optional<EncryptionInfo>& info, const Cipher* cipher, const std::string& name) {
+    if (info && !cipher)
+        return make_error(ErrorKind::InvalidArgument,
+                          name + " is encrypted (key id " + info->key_id +
+                              ") and no encryption key was given: set LIBSQL_BOTTOMLESS_ENCRYPTION_KEY or "
+                              "LIBSQL_BOTTOMLESS_ENCRYPTION_PASSPHRASE (bottomless-cli: --encryption-key or "
+                              "--encryption-passphrase)",
+                          "EncryptionKeyRequired");
+    if (!info && cipher)
+        return make_error(ErrorKind::InvalidArgument,
+                          name + " is not encrypted, but an encryption key was given: this replica is plaintext; "
+                                 "read it without a key",
+                          "NotEncrypted");
+    if (info && info->key_id != cipher->key_id())
+        return make_error(ErrorKind::InvalidArgument,
+                          "wrong encryption key: " + name + " was encrypted with key id " + info->key_id +
+                              ", the key or passphrase given has key id " + cipher->key_id() +
+                              " (a passphrase typo, or a generation from before a key rotation)",
+                          "WrongEncryptionKey");
+    return {};
+}
+
+std::string object_aad(std::string_view magic, std::string_view header_json) {
+    std::string m = "bottomless object v1";
+    m += '\0';
+    m.append(magic);
+    m.append(header_json);
+    s3::Sha256Digest d = s3::sha256(m);
+    return std::string(reinterpret_cast<const char*>(d.data()), d.size());
+}
+
+// ---- sealing ----
+
+ChunkSealer::ChunkSealer(const Cipher& cipher, const EncryptionInfo& info, std::string aad)
+    : gcm_(object_gcm(cipher, info)), aad_(std::move(aad)), chunk_(info.chunk_size) {
+    plain_.reserve(chunk_);
+    sealed_.reserve(chunk_ + s3::AesGcm::kTagSize);
+}
+
+Status ChunkSealer::write(std::string_view plain, const Emit& emit) {
+    while (!plain.empty()) {
+        // A full chunk is sealed only once more data proves it is not the last.
+        if (plain_.size() == chunk_)
+            if (Status st = seal(false, emit); !st) return st;
+        size_t n = std::min(plain.size(), chunk_ - plain_.size());
+        plain_.append(plain.substr(0, n));
+        plain.remove_prefix(n);
+    }
+    return {};
+}
+
+Status ChunkSealer::finish(const Emit& emit) { return seal(true, emit); }
+
+Status ChunkSealer::seal(bool final, const Emit& emit) {
+    unsigned char nonce[s3::AesGcm::kNonceSize];
+    chunk_nonce(nonce, index_++, final);
+    sealed_.clear();
+    gcm_->seal(nonce, aad_, plain_, sealed_);
+    s3::secure_wipe(plain_.data(), plain_.size());
+    plain_.clear();
+    return emit(sealed_);
+}
+
+// ---- opening ----
+
+ChunkOpener::ChunkOpener(const Cipher& cipher, const EncryptionInfo& info, std::string aad, const std::string& name)
+    : gcm_(object_gcm(cipher, info)), aad_(std::move(aad)), name_(name),
+      sealed_chunk_(info.chunk_size + s3::AesGcm::kTagSize) {
+    sealed_.reserve(sealed_chunk_);
+}
+
+ChunkOpener::~ChunkOpener() { s3::secure_wipe(plain_); }
+
+Status ChunkOpener::feed(std::string_view data, const Out& out) {
+    while (!data.empty()) {
+        if (sealed_.size() == sealed_chunk_)
+            if (Status st = open(false, out); !st) return st;
+        size_t n = std::min(data.size(), sealed_chunk_ - sealed_.size());
+        sealed_.append(data.substr(0, n));
+        data.remove_prefix(n);
+    }
+    return {};
+}
+
+Status ChunkOpener::finish(const Out& out) { return open(true, out); }
+
+Status ChunkOpener::open(bool final, const Out& out) {
+    unsigned char nonce[s3::AesGcm::kNonceSize];
+    const uint64_t index = index_++;
+    chunk_nonce(nonce, index, final);
+    plain_.clear();
+    if (!gcm_->open(nonce, aad_, sealed_, plain_)) {
+        std::string what = final ? "the last chunk (" + std::to_string(index) + ")" : "chunk " + std::to_string(index);
+        return make_error(ErrorKind::Corrupt,
+                          name_ + ": " + what +
+                              " fails authentication: the object was modified, truncated, reordered, or copied from "
+                              "another position (the key is the right one: its key id matches)",
+                          "AuthenticationFailed");
+    }
+    sealed_.clear();
+    Status st = out(plain_);
+    s3::secure_wipe(plain_);
+    return st;
+}
+
+// ---- the KDF object ----
+
+std::string kdf_params_key(const std::string& db_id) { return db_id + "/encryption.json"; }
+
+namespace {
+
+Result<KdfParams> parse_kdf(const std::string& text, const std::string& where) {
+    auto bad = [&](const std::string& why) {
+        return make_error(ErrorKind::Corrupt, where + ": " + why, "BadKdfParams");
+    };
+    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+    if (!j.is_object()) return bad("not a JSON object");
+    if (j.value("format", 0) != 1) return bad("unknown format (this build reads 1): upgrade bottomless");
+    if (j.value("kdf", "") != "scrypt") return bad("unknown kdf '" + j.value("kdf", "") + "'");
+    KdfParams k;
+    try {
+        if (!s3::from_hex(j.at("salt").get<std::string>(), k.salt) || k.salt.size() < 16) return bad("bad salt");
+        k.n = j.at("n").get<uint64_t>();
+        k.r = j.at("r").get<uint32_t>();
+        k.p = j.at("p").get<uint32_t>();
+    } catch (const std::exception&) {
+        return bad("missing or invalid n, r, p or salt");
+    }
+    return k;
+}
+
+std::string kdf_json(const KdfParams& k) {
+    nlohmann::json j = {{"format", 1},
+                        {"kdf", "scrypt"},
+                        {"salt", s3::to_hex(reinterpret_cast<const unsigned char*>(k.salt.data()), k.salt.size())},
+                        {"n", k.n},
+                        {"r", k.r},
+                        {"p", k.p}};
+    return j.dump() + "\n";
+}
+
+}  // namespace
+
+Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std::string& bucket,
+                                                  const std::string& db_id, const EncryptionSecret& secret,
+                                                  bool create) {
+    if (secret.empty()) return std::shared_ptr<const Cipher>();
+    if (secret.kind() == EncryptionSecret::Kind::Key) return Cipher::from_key(secret.material());
+
+    const std::string key = kdf_params_key(db_id);
+    const std::string where = "s3://" + bucket + "/" + key;
+    auto got = client.get_object(bucket, key);
+    if (!got && got.error().kind == ErrorKind::NotFound) {
+        if (!create)
+            return make_error(ErrorKind::NotFound,
+                              where + " does not exist, so no replica of '" + db_id +
+                                  "' was encrypted with a passphrase: it is plaintext (read it without a key) or "
+                                  "encrypted with a raw key (--encryption-key / LIBSQL_BOTTOMLESS_ENCRYPTION_KEY)",
+                              "NoKdfParams");
+        KdfParams fresh;
+        fresh.salt = s3::random_bytes(32);
+        s3::PutOptions opts;
+        opts.if_none_match = true;
+        opts.content_type = "application/json";
+        auto put = client.put_object(bucket, key, kdf_json(fresh), opts);
+        if (put) {
+            log::info("created " + where + " (scrypt salt for the passphrase)");
+            got = kdf_json(fresh);
+        } else if (put.error().kind == ErrorKind::Precondition) {
+            got = client.get_object(bucket, key);  // another process made it first: use theirs
+        } else {
+            return std::move(put).error();
+        }
+    }
+    if (!got) return std::move(got).error();
+    auto kdf = parse_kdf(*got, where);
+    if (!kdf) return std::move(kdf).error();
+    return Cipher::from_passphrase(secret.material(), *kdf);
+}
+
+}  // namespace bottomless::replicator
