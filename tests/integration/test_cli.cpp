@@ -14,6 +14,8 @@
 //     middle segment and the last segment: restore and verify fail naming it,
 //     nothing is written at -o
 //   - scripts/restore-before-start.sh in its cases
+//   - an encrypted replica: ls without the key, restore and verify with the
+//     key (option or environment) or a passphrase, a wrong or missing key
 //
 // Needs BOTTOMLESS_CLI_PATH, BOTTOMLESS_EXT_PATH and BOTTOMLESS_SCRIPTS_DIR
 // (compile definitions) and the test server's environment.
@@ -236,9 +238,9 @@ void load_extension_once() {
 // segment holds.
 class Writer {
 public:
-    Writer(const std::string& path, const std::string& bucket) {
+    Writer(const std::string& path, const std::string& bucket, const std::string& extra = "") {
         load_extension_once();
-        std::string uri = "file:" + path + "?vfs=bottomless&bucket=" + bucket + "&batch_interval_ms=3600000";
+        std::string uri = "file:" + path + "?vfs=bottomless&bucket=" + bucket + "&batch_interval_ms=3600000" + extra;
         sqlite3* raw = nullptr;
         int rc = sqlite3_open_v2(uri.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI,
                                  nullptr);
@@ -968,6 +970,102 @@ TEST_CASE("cli: restore-before-start.sh", "[cli][integration][script]") {
         Run r = run_program({"/bin/bash", script, dir / "x.db"}, env);
         CHECK(r.code == 2);
         r = run_program({"/bin/bash", script, "--", "true"}, env);
+        CHECK(r.code == 2);
+    }
+}
+
+TEST_CASE("cli: an encrypted replica: ls without the key, restore and verify with it", "[cli][integration][encryption]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-enc");
+    TempDir dir;
+    const std::string key = "8d1e36a0c4b7f2e95a6c3b1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f";
+    const std::string other = "1f2e3d4c5b6a79880796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    const std::string pass = "cli-test-passphrase-7";
+    for (const auto& [db, extra] : std::vector<std::pair<std::string, std::string>>{
+             {"k.db", "&encryption_key=" + key}, {"p.db", "&encryption_passphrase=" + pass}}) {
+        Writer w(dir / db, bucket.name(), extra);
+        setup_table(w);
+        for (int i = 1; i <= 20; ++i) insert(w, i);
+        w.flush();
+        w.close();
+    }
+    const std::string out = dir / "out.db";
+    const std::vector<std::string> base = {"-b", bucket.name(), "-d", "k.db"};
+    auto with = [&](std::vector<std::string> extra) {
+        std::vector<std::string> a = base;
+        a.insert(a.end(), extra.begin(), extra.end());
+        return a;
+    };
+
+    SECTION("ls needs no key; with one it says which generations it opens") {
+        Run r = cli(with({"ls"}));
+        REQUIRE(r.code == 0);
+        CHECK(r.out.find("GENERATION") != std::string::npos);
+        json j = ls_json(bucket.name(), "k.db");
+        REQUIRE(j["generations"].size() == 1);
+        CHECK(j["generations"][0]["encrypted"] == true);
+        CHECK(j["generations"][0]["snapshot_bytes"].get<uint64_t>() > 0);
+        CHECK_FALSE(j["generations"][0].contains("key_matches"));
+        r = cli(with({"ls", "-v", "--json", "--encryption-key", key}));
+        REQUIRE(r.code == 0);
+        CHECK(json::parse(r.out)["generations"][0]["key_matches"] == true);
+        r = cli(with({"ls", "-v"}), {{"LIBSQL_BOTTOMLESS_ENCRYPTION_KEY", other}});
+        REQUIRE(r.code == 0);
+        CHECK(r.out.find("(not the given key)") != std::string::npos);
+    }
+    SECTION("restore and verify with the key, from the option or the environment") {
+        Run r = cli(with({"restore", "-o", out, "--encryption-key", key}));
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(out) == range_ids(1, 20));
+        fs::remove(out);
+        r = cli(with({"restore", "-o", out}), {{"LIBSQL_BOTTOMLESS_ENCRYPTION_KEY", key}});
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(out) == range_ids(1, 20));
+        r = cli(with({"verify", "--all"}), {{"LIBSQL_BOTTOMLESS_ENCRYPTION_KEY", key}});
+        CHECK(r.code == 0);
+    }
+    SECTION("a passphrase") {
+        Run r = cli({"-b", bucket.name(), "-d", "p.db", "restore", "-o", out, "--encryption-passphrase", pass});
+        REQUIRE(r.code == 0);
+        CHECK(ids_in(out) == range_ids(1, 20));
+        fs::remove(out);
+        r = cli({"-b", bucket.name(), "-d", "p.db", "restore", "-o", out, "--encryption-passphrase", pass + "x"});
+        CHECK(r.code == 1);
+        CHECK(r.err.find("wrong encryption key") != std::string::npos);
+        CHECK(r.err.find(pass) == std::string::npos);
+        CHECK_FALSE(exists(out));
+    }
+    SECTION("a wrong key, no key, a key for a plaintext replica: named, and nothing at -o") {
+        Run r = cli(with({"restore", "-o", out, "--encryption-key", other}));
+        CHECK(r.code == 1);
+        CHECK(r.err.find("wrong encryption key") != std::string::npos);
+        CHECK(r.err.find("hint:") != std::string::npos);
+        CHECK(r.err.find(other) == std::string::npos);
+        CHECK_FALSE(exists(out));
+        CHECK_FALSE(exists(out + ".restore-tmp"));
+        r = cli(with({"restore", "-o", out}));
+        CHECK(r.code == 1);
+        CHECK(r.err.find("is encrypted") != std::string::npos);
+        CHECK(r.err.find("--encryption-key") != std::string::npos);
+        CHECK_FALSE(exists(out));
+        r = cli(with({"verify"}));
+        CHECK(r.code == 1);
+        CHECK(r.all().find("is encrypted") != std::string::npos);
+
+        Writer w(dir / "plain.db", bucket.name());
+        setup_table(w);
+        w.close();
+        r = cli({"-b", bucket.name(), "-d", "plain.db", "restore", "-o", out, "--encryption-key", key});
+        CHECK(r.code == 1);
+        CHECK(r.err.find("is not encrypted") != std::string::npos);
+        CHECK_FALSE(exists(out));
+    }
+    SECTION("a malformed key is a usage error that does not echo it") {
+        Run r = cli(with({"restore", "-o", out, "--encryption-key", key.substr(0, 40)}));
+        CHECK(r.code == 2);
+        CHECK(r.err.find("--encryption-key") != std::string::npos);
+        CHECK(r.err.find(key.substr(0, 40)) == std::string::npos);
+        r = cli(with({"ls", "--encryption-key", key, "--encryption-passphrase", pass}));
         CHECK(r.code == 2);
     }
 }

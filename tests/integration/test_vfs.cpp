@@ -51,25 +51,6 @@ std::string flush(sqlite3* db) { return query_text(db, "SELECT bottomless_flush(
 
 nlohmann::json status(sqlite3* db) { return nlohmann::json::parse(query_text(db, "SELECT bottomless_status()")); }
 
-std::string shell_quote(const std::string& s) { return "'" + s + "'"; }
-
-// Runs a script in the sqlite3 shell with the extension loaded; returns the output.
-std::string run_shell(const std::string& script, int expect_rc = 0) {
-    TempDir tmp;
-    std::string path = tmp.file("script.sql");
-    std::ofstream(path) << ".bail on\n.load " << BOTTOMLESS_EXT_PATH << "\n" << script;
-    std::string out;
-    int rc = run_command("sqlite3 < " + shell_quote(path), &out);
-    if (rc != expect_rc) FAIL("sqlite3 shell exited " << rc << ":\n" << out);
-    return out;
-}
-
-std::string dump_hash(const std::string& db_path) {
-    std::string out;
-    REQUIRE(run_command("sqlite3 " + shell_quote(db_path) + " .dump | sha256sum", &out) == 0);
-    return out.substr(0, 64);
-}
-
 uint32_t wal_salt1(const std::string& wal) {
     std::ifstream in(wal, std::ios::binary);
     unsigned char h[32];
@@ -131,7 +112,7 @@ TEST_CASE("sqlite3 shell: write, flush, delete, restore, identical", "[vfs][inte
         if (txn % 40 == 39) script << "PRAGMA wal_checkpoint(PASSIVE);\n";
     }
     script << "SELECT bottomless_flush(30000);\n";
-    run_shell(script.str());
+    run_shell(BOTTOMLESS_EXT_PATH, script.str());
     std::string before = dump_hash(db);
     CHECK(integrity_of_file(db) == "ok");
     s.remove_local("app.db");
@@ -151,7 +132,7 @@ TEST_CASE("a transaction larger than the auto-checkpoint size is shipped whole",
     }
     Setup s;
     std::string db = s.dir.file("big.db");
-    run_shell(".open " + s.uri("big.db") +
+    run_shell(BOTTOMLESS_EXT_PATH, ".open " + s.uri("big.db") +
               "\nPRAGMA journal_mode=wal;\nPRAGMA wal_autocheckpoint=100;\nPRAGMA cache_size=50;\n"
               "CREATE TABLE b(id INTEGER PRIMARY KEY, data BLOB);\n"
               "BEGIN;\nWITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<3000)\n"

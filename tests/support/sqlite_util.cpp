@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <stdlib.h>
 #include <sys/wait.h>
 
@@ -145,6 +146,28 @@ int run_command(const std::string& cmd, std::string* output) {
         if (output) output->append(buf, n);
     int status = pclose(p);
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+std::string shell_quote(const std::string& s) {
+    std::string q = "'";
+    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return q + "'";
+}
+
+std::string run_shell(const std::string& extension, const std::string& script, int expect_rc, const std::string& env) {
+    TempDir tmp;
+    std::string path = tmp.file("script.sql");
+    std::ofstream(path) << ".bail on\n.load " << extension << "\n" << script;
+    std::string out;
+    int rc = run_command(env + " sqlite3 < " + shell_quote(path), &out);
+    if (rc != expect_rc) FAIL("sqlite3 shell exited " << rc << ":\n" << out);
+    return out;
+}
+
+std::string dump_hash(const std::string& db_path) {
+    std::string out;
+    REQUIRE(run_command("sqlite3 " + shell_quote(db_path) + " .dump | sha256sum", &out) == 0);
+    return out.substr(0, 64);
 }
 
 }  // namespace bottomless::testing

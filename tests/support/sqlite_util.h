@@ -52,4 +52,12 @@ private:
 // Runs a shell command; returns its exit status and collects stdout+stderr.
 int run_command(const std::string& cmd, std::string* output = nullptr);
 
+std::string shell_quote(const std::string& s);
+// Runs a script in the sqlite3 shell with the extension at `extension`
+// loaded; FAILs unless it exits with expect_rc. Returns the output.
+std::string run_shell(const std::string& extension, const std::string& script, int expect_rc = 0,
+                      const std::string& env = {});
+// SHA-256 (hex) of the shell's .dump of a database file.
+std::string dump_hash(const std::string& db_path);
+
 }  // namespace bottomless::testing

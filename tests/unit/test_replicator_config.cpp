@@ -1,6 +1,7 @@
 // Replication settings: environment, URI parameters (which win), validation.
 #include <catch2/catch.hpp>
 
+#include <cctype>
 #include <map>
 
 #include "replicator/config.h"
@@ -87,4 +88,40 @@ TEST_CASE("endpoint addressing: the environment's choice stands, a URI endpoint 
     REQUIRE(u.ok());
     CHECK(u->s3.endpoint == "http://127.0.0.1:7480");
     CHECK(u->s3.path_style);
+}
+
+TEST_CASE("encryption settings: key or passphrase, URI over environment, never echoed", "[config][encryption]") {
+    const std::string key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    auto none = load_config("/x/y.db", {}, env_of({}));
+    REQUIRE(none.ok());
+    CHECK(none->encryption.empty());
+
+    auto from_env = load_config("/x/y.db", {}, env_of({{"LIBSQL_BOTTOMLESS_ENCRYPTION_KEY", key}}));
+    REQUIRE(from_env.ok());
+    CHECK(from_env->encryption.kind() == EncryptionSecret::Kind::Key);
+    CHECK(from_env->encryption.material().size() == 32);
+
+    // A URI setting replaces the environment's, even of the other kind.
+    auto uri = load_config("/x/y.db", {{"encryption_passphrase", "pw"}},
+                           env_of({{"LIBSQL_BOTTOMLESS_ENCRYPTION_KEY", key}}));
+    REQUIRE(uri.ok());
+    CHECK(uri->encryption.kind() == EncryptionSecret::Kind::Passphrase);
+    CHECK(uri->encryption.material() == "pw");
+
+    auto both = load_config("/x/y.db", {},
+                            env_of({{"LIBSQL_BOTTOMLESS_ENCRYPTION_KEY", key},
+                                    {"LIBSQL_BOTTOMLESS_ENCRYPTION_PASSPHRASE", "pw"}}));
+    REQUIRE_FALSE(both.ok());
+    CHECK(both.error().message.find("both set") != std::string::npos);
+    CHECK_FALSE(load_config("/x/y.db", {{"encryption_key", key}, {"encryption_passphrase", "pw"}}, env_of({})).ok());
+
+    const std::string short_key = key.substr(0, 60);
+    for (auto r : {load_config("/x/y.db", {{"encryption_key", short_key}}, env_of({})),
+                   load_config("/x/y.db", {}, env_of({{"LIBSQL_BOTTOMLESS_ENCRYPTION_KEY", short_key}}))}) {
+        REQUIRE_FALSE(r.ok());
+        std::string lower = r.error().message;
+        for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+        CHECK(lower.find("encryption_key") != std::string::npos);  // names the setting
+        CHECK(r.error().message.find(short_key.substr(4, 20)) == std::string::npos);
+    }
 }
