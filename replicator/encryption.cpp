@@ -181,49 +181,65 @@ std::string object_aad(std::string_view magic, std::string_view header_json) {
 // ---- sealing ----
 
 ChunkSealer::ChunkSealer(const Cipher& cipher, const EncryptionInfo& info, std::string aad)
-    : gcm_(object_gcm(cipher, info)), aad_(std::move(aad)), chunk_(info.chunk_size) {
+    : gcm_(object_gcm(cipher, info)), aad_(std::move(aad)), chunk_(info.chunk_size),
+      sealed_(new unsigned char[info.chunk_size + s3::AesGcm::kTagSize]) {
     plain_.reserve(chunk_);
-    sealed_.reserve(chunk_ + s3::AesGcm::kTagSize);
 }
 
-Status ChunkSealer::write(std::string_view plain, const Emit& emit) {
-    while (!plain.empty()) {
-        // A full chunk is sealed only once more data proves it is not the last.
-        if (plain_.size() == chunk_)
-            if (Status st = seal(false, emit); !st) return st;
-        size_t n = std::min(plain.size(), chunk_ - plain_.size());
-        plain_.append(plain.substr(0, n));
-        plain.remove_prefix(n);
+// A full chunk is sealed only once more data proves it is not the last one.
+Status ChunkSealer::write(std::string_view data, const Emit& emit) {
+    while (!data.empty()) {
+        if (plain_.size() == chunk_) {
+            if (Status st = seal(plain_, false, emit); !st) return st;
+            plain_.clear();
+        }
+        // Whole chunks with more data behind them go straight from the input.
+        while (plain_.empty() && data.size() > chunk_) {
+            if (Status st = seal(data.substr(0, chunk_), false, emit); !st) return st;
+            data.remove_prefix(chunk_);
+        }
+        size_t n = std::min(data.size(), chunk_ - plain_.size());
+        plain_.append(data.substr(0, n));
+        data.remove_prefix(n);
     }
     return {};
 }
 
-Status ChunkSealer::finish(const Emit& emit) { return seal(true, emit); }
+Status ChunkSealer::finish(const Emit& emit) {
+    Status st = seal(plain_, true, emit);
+    plain_.clear();
+    return st;
+}
 
-Status ChunkSealer::seal(bool final, const Emit& emit) {
+Status ChunkSealer::seal(std::string_view plain, bool final, const Emit& emit) {
     unsigned char nonce[s3::AesGcm::kNonceSize];
     chunk_nonce(nonce, index_++, final);
-    sealed_.clear();
-    gcm_->seal(nonce, aad_, plain_, sealed_);
-    s3::secure_wipe(plain_.data(), plain_.size());
-    plain_.clear();
-    return emit(sealed_);
+    gcm_->seal(nonce, aad_, plain, sealed_.get());
+    return emit(std::string_view(reinterpret_cast<const char*>(sealed_.get()), plain.size() + s3::AesGcm::kTagSize));
 }
 
 // ---- opening ----
 
 ChunkOpener::ChunkOpener(const Cipher& cipher, const EncryptionInfo& info, std::string aad, const std::string& name)
     : gcm_(object_gcm(cipher, info)), aad_(std::move(aad)), name_(name),
-      sealed_chunk_(info.chunk_size + s3::AesGcm::kTagSize) {
+      sealed_chunk_(info.chunk_size + s3::AesGcm::kTagSize), plain_(new unsigned char[info.chunk_size]) {
     sealed_.reserve(sealed_chunk_);
 }
 
-ChunkOpener::~ChunkOpener() { s3::secure_wipe(plain_); }
+ChunkOpener::~ChunkOpener() = default;
 
+// A full chunk is opened only once more data proves it is not the last one.
 Status ChunkOpener::feed(std::string_view data, const Out& out) {
     while (!data.empty()) {
-        if (sealed_.size() == sealed_chunk_)
-            if (Status st = open(false, out); !st) return st;
+        if (sealed_.size() == sealed_chunk_) {
+            if (Status st = open(sealed_, false, out); !st) return st;
+            sealed_.clear();
+        }
+        // Whole chunks with more data behind them are opened in place.
+        while (sealed_.empty() && data.size() > sealed_chunk_) {
+            if (Status st = open(data.substr(0, sealed_chunk_), false, out); !st) return st;
+            data.remove_prefix(sealed_chunk_);
+        }
         size_t n = std::min(data.size(), sealed_chunk_ - sealed_.size());
         sealed_.append(data.substr(0, n));
         data.remove_prefix(n);
@@ -231,14 +247,19 @@ Status ChunkOpener::feed(std::string_view data, const Out& out) {
     return {};
 }
 
-Status ChunkOpener::finish(const Out& out) { return open(true, out); }
+Status ChunkOpener::finish(const Out& out) {
+    Status st = open(sealed_, true, out);
+    sealed_.clear();
+    return st;
+}
 
-Status ChunkOpener::open(bool final, const Out& out) {
+Status ChunkOpener::open(std::string_view sealed, bool final, const Out& out) {
     unsigned char nonce[s3::AesGcm::kNonceSize];
     const uint64_t index = index_++;
     chunk_nonce(nonce, index, final);
-    plain_.clear();
-    if (!gcm_->open(nonce, aad_, sealed_, plain_)) {
+    // A short chunk that is not the last, or a chunk that is only part of a
+    // tag, cannot authenticate: the open fails like any other forgery.
+    if (!gcm_->open(nonce, aad_, sealed, plain_.get())) {
         std::string what = final ? "the last chunk (" + std::to_string(index) + ")" : "chunk " + std::to_string(index);
         return make_error(ErrorKind::Corrupt,
                           name_ + ": " + what +
@@ -246,10 +267,7 @@ Status ChunkOpener::open(bool final, const Out& out) {
                               "another position (the key is the right one: its key id matches)",
                           "AuthenticationFailed");
     }
-    sealed_.clear();
-    Status st = out(plain_);
-    s3::secure_wipe(plain_);
-    return st;
+    return out(std::string_view(reinterpret_cast<const char*>(plain_.get()), sealed.size() - s3::AesGcm::kTagSize));
 }
 
 // ---- the KDF object ----

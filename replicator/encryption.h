@@ -120,11 +120,12 @@ public:
     Status finish(const Emit& emit);  // seals the last chunk (possibly empty)
 
 private:
-    Status seal(bool final, const Emit& emit);
+    Status seal(std::string_view plain, bool final, const Emit& emit);
     std::unique_ptr<s3::AesGcm> gcm_;
     std::string aad_;
     size_t chunk_;
-    std::string plain_, sealed_;
+    std::string plain_;                   // a partial chunk, or a full one not yet known not to be the last
+    std::unique_ptr<unsigned char[]> sealed_;  // chunk_ + tag
     uint64_t index_ = 0;
 };
 
@@ -139,12 +140,13 @@ public:
     Status finish(const Out& out);
 
 private:
-    Status open(bool final, const Out& out);
+    Status open(std::string_view sealed, bool final, const Out& out);
     std::unique_ptr<s3::AesGcm> gcm_;
     std::string aad_;
     const std::string& name_;
     size_t sealed_chunk_;
-    std::string sealed_, plain_;
+    std::string sealed_;                      // a chunk arriving in pieces, or the one held back
+    std::unique_ptr<unsigned char[]> plain_;  // one chunk of plaintext
     uint64_t index_ = 0;
 };
 

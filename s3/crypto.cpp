@@ -180,11 +180,8 @@ AesGcm::AesGcm(std::string_view key) : enc_(EVP_CIPHER_CTX_new()), dec_(EVP_CIPH
 
 AesGcm::~AesGcm() = default;  // EVP_CIPHER_CTX_free cleanses the key schedule
 
-void AesGcm::seal(const unsigned char* nonce, std::string_view aad, std::string_view plain, std::string& out) {
+void AesGcm::seal(const unsigned char* nonce, std::string_view aad, std::string_view plain, unsigned char* dst) {
     EVP_CIPHER_CTX* c = enc_.get();
-    const size_t at = out.size();
-    out.resize(at + plain.size() + kTagSize);
-    auto* dst = reinterpret_cast<unsigned char*>(out.data() + at);
     int len = 0, fin = 0;
     if (EVP_EncryptInit_ex(c, nullptr, nullptr, nullptr, nonce) != 1 ||
         (!aad.empty() && EVP_EncryptUpdate(c, nullptr, &len, reinterpret_cast<const unsigned char*>(aad.data()),
@@ -196,13 +193,16 @@ void AesGcm::seal(const unsigned char* nonce, std::string_view aad, std::string_
         throw std::runtime_error("AES-256-GCM encryption failed");
 }
 
-bool AesGcm::open(const unsigned char* nonce, std::string_view aad, std::string_view sealed, std::string& out) {
+void AesGcm::seal(const unsigned char* nonce, std::string_view aad, std::string_view plain, std::string& out) {
+    const size_t at = out.size();
+    out.resize(at + plain.size() + kTagSize);
+    seal(nonce, aad, plain, reinterpret_cast<unsigned char*>(out.data() + at));
+}
+
+bool AesGcm::open(const unsigned char* nonce, std::string_view aad, std::string_view sealed, unsigned char* dst) {
     if (sealed.size() < kTagSize) return false;
     EVP_CIPHER_CTX* c = dec_.get();
     const size_t n = sealed.size() - kTagSize;
-    const size_t at = out.size();
-    out.resize(at + n);
-    auto* dst = reinterpret_cast<unsigned char*>(out.data() + at);
     unsigned char tag[kTagSize];
     std::memcpy(tag, sealed.data() + n, kTagSize);
     int len = 0, fin = 0;
@@ -213,12 +213,17 @@ bool AesGcm::open(const unsigned char* nonce, std::string_view aad, std::string_
                                            static_cast<int>(n)) == 1) &&
               EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, static_cast<int>(kTagSize), tag) == 1 &&
               EVP_DecryptFinal_ex(c, dst + (n == 0 ? 0 : len), &fin) == 1;
-    if (!ok) {
-        // Unauthenticated plaintext must not leave this function.
-        secure_wipe(dst, n);
-        out.resize(at);
-    }
+    if (!ok) secure_wipe(dst, n);  // unauthenticated plaintext must not leave this function
     return ok;
+}
+
+bool AesGcm::open(const unsigned char* nonce, std::string_view aad, std::string_view sealed, std::string& out) {
+    if (sealed.size() < kTagSize) return false;
+    const size_t at = out.size();
+    out.resize(at + sealed.size() - kTagSize);
+    if (open(nonce, aad, sealed, reinterpret_cast<unsigned char*>(out.data() + at))) return true;
+    out.resize(at);
+    return false;
 }
 
 void secure_wipe(void* p, size_t n) noexcept {

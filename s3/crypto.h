@@ -59,10 +59,13 @@ public:
     ~AesGcm();
     AesGcm(const AesGcm&) = delete;
     AesGcm& operator=(const AesGcm&) = delete;
-    // Appends ciphertext || tag to `out`.
+    // Writes ciphertext || tag (plain.size() + kTagSize bytes) to `out`.
+    void seal(const unsigned char* nonce, std::string_view aad, std::string_view plain, unsigned char* out);
     void seal(const unsigned char* nonce, std::string_view aad, std::string_view plain, std::string& out);
-    // Appends the plaintext of `sealed` (ciphertext || tag) to `out`; false
-    // when the tag does not verify (nothing is appended then).
+    // Writes the plaintext of `sealed` (ciphertext || tag) to `out`
+    // (sealed.size() - kTagSize bytes); false when the tag does not verify,
+    // and `out` is then wiped.
+    bool open(const unsigned char* nonce, std::string_view aad, std::string_view sealed, unsigned char* out);
     bool open(const unsigned char* nonce, std::string_view aad, std::string_view sealed, std::string& out);
 
 private:
