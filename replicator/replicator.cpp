@@ -159,6 +159,16 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
     std::lock_guard lock(registry_mu());
     if (auto it = registry().find(path); it != registry().end()) {
         if (auto r = it->second.lock()) {
+            // Another key must not pass unnoticed just because the database
+            // is already open: that open would believe its key is right.
+            if (r->config_.encryption.kind() != config.encryption.kind() ||
+                r->config_.encryption.material() != config.encryption.material())
+                return make_error(ErrorKind::InvalidArgument,
+                                  "database " + path + " is already open in this process with " +
+                                      (r->cipher_ ? "encryption key id " + r->cipher_->key_id() : "no encryption") +
+                                      "; this open gives " +
+                                      (config.encryption.empty() ? "no key" : "another key or passphrase"),
+                                  "EncryptionMismatch");
             if (r->config_.bucket != config.bucket || r->config_.db_id != config.db_id)
                 log::warn("database " + path + " is already replicated to bucket '" + r->config_.bucket + "' as '" +
                           r->config_.db_id + "'; the settings of this open are ignored");

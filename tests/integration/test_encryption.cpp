@@ -376,3 +376,20 @@ TEST_CASE("encrypted objects rearranged in the bucket are refused", "[encryption
         REQUIRE(s.restore("t.db", out, cipher, gen_b).ok());
     }
 }
+
+TEST_CASE("a second connection with another key is refused while the first is open", "[encryption][integration]") {
+    Setup s;
+    Db first = open_db(s.uri("two.db", "&encryption_key=" + kKeyA));
+    exec(first.get(), "PRAGMA journal_mode=wal; CREATE TABLE t(x); INSERT INTO t VALUES(1);");
+    Db same = open_db(s.uri("two.db", "&encryption_key=" + kKeyA));
+    CHECK(query_int(same.get(), "SELECT count(*) FROM t") == 1);
+    for (const std::string& extra : {"&encryption_key=" + kKeyB, std::string()}) {
+        Db other;
+        std::string err;
+        int rc = 0;
+        auto lines = logs_while([&] { rc = try_open_db(s.uri("two.db", extra), other, err); });
+        CHECK(rc == SQLITE_CANTOPEN);
+        CHECK(any_mentions(lines, "already open in this process"));
+        CHECK_FALSE(any_mentions(lines, kKeyB));
+    }
+}
