@@ -334,7 +334,14 @@ bool Context::connect() {
     // library's own warnings (each retry's give-up) would repeat them.
     // LIBSQL_BOTTOMLESS_LOG, read by load_config, still raises the level.
     log::set_level(log::Level::Error);
-    auto cfg = replicator::load_config("bottomless-cli", params);
+    // A key or passphrase on the command line replaces the environment's,
+    // which is then not even validated.
+    const s3::EnvLookup env = [flag = !secret_flag_.empty()](std::string_view name) -> std::optional<std::string> {
+        if (flag && (name == "LIBSQL_BOTTOMLESS_ENCRYPTION_KEY" || name == "LIBSQL_BOTTOMLESS_ENCRYPTION_PASSPHRASE"))
+            return std::nullopt;
+        return s3::process_env()(name);
+    };
+    auto cfg = replicator::load_config("bottomless-cli", params, env);
     if (!cfg) {
         fail(cfg.error().message, cfg.error().code == "BadSetting" ? "fix or unset that variable" : "");
         return false;

@@ -21,6 +21,7 @@ constexpr size_t kKeyIdSize = 8;
 // refuses a KDF object that would make every open allocate gigabytes.
 constexpr uint64_t kScryptMaxMem = 1ull << 30;
 constexpr uint64_t kScryptMaxN = uint64_t{1} << 22;
+constexpr uint32_t kScryptMaxR = 32, kScryptMaxP = 16;
 
 void put_be(unsigned char* p, uint64_t v, int bytes) {
     for (int i = bytes - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<unsigned char>(v);
@@ -148,22 +149,26 @@ WalPosition Cipher::mask(const WalPosition& pos, const std::string& db_id, const
 }
 
 Status check_cipher(const std::optional<EncryptionInfo>& info, const Cipher* cipher, const std::string& name) {
-    if (info && !cipher)
+    return check_key_id(info, cipher ? &cipher->key_id() : nullptr, name);
+}
+
+Status check_key_id(const std::optional<EncryptionInfo>& info, const std::string* key_id, const std::string& name) {
+    if (info && !key_id)
         return make_error(ErrorKind::InvalidArgument,
                           name + " is encrypted (key id " + info->key_id +
                               ") and no encryption key was given: set LIBSQL_BOTTOMLESS_ENCRYPTION_KEY or "
                               "LIBSQL_BOTTOMLESS_ENCRYPTION_PASSPHRASE (bottomless-cli: --encryption-key or "
                               "--encryption-passphrase)",
                           "EncryptionKeyRequired");
-    if (!info && cipher)
+    if (!info && key_id)
         return make_error(ErrorKind::InvalidArgument,
                           name + " is not encrypted, but an encryption key was given: this replica is plaintext; "
                                  "read it without a key",
                           "NotEncrypted");
-    if (info && info->key_id != cipher->key_id())
+    if (info && info->key_id != *key_id)
         return make_error(ErrorKind::InvalidArgument,
                           "wrong encryption key: " + name + " was encrypted with key id " + info->key_id +
-                              ", the key or passphrase given has key id " + cipher->key_id() +
+                              ", the key or passphrase given has key id " + *key_id +
                               " (a passphrase typo, or a generation from before a key rotation)",
                           "WrongEncryptionKey");
     return {};
@@ -282,17 +287,23 @@ Result<KdfParams> parse_kdf(const std::string& text, const std::string& where) {
     };
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
     if (!j.is_object()) return bad("not a JSON object");
-    if (j.value("format", 0) != 1) return bad("unknown format (this build reads 1): upgrade bottomless");
-    if (j.value("kdf", "") != "scrypt") return bad("unknown kdf '" + j.value("kdf", "") + "'");
     KdfParams k;
     try {
+        if (j.at("format").get<int>() != 1) return bad("unknown format (this build reads 1): upgrade bottomless");
+        if (j.at("kdf").get<std::string>() != "scrypt")
+            return bad("unknown kdf '" + j.at("kdf").get<std::string>() + "'");
         if (!s3::from_hex(j.at("salt").get<std::string>(), k.salt) || k.salt.size() < 16) return bad("bad salt");
         k.n = j.at("n").get<uint64_t>();
         k.r = j.at("r").get<uint32_t>();
         k.p = j.at("p").get<uint32_t>();
     } catch (const std::exception&) {
-        return bad("missing or invalid n, r, p or salt");
+        return bad("missing or invalid format, kdf, salt, n, r or p");
     }
+    // Whoever can write the bucket must not be able to make every open
+    // spend hours: the cost stays within what a reasonable setting needs.
+    if (k.n < 2 || k.n > kScryptMaxN || k.r == 0 || k.r > kScryptMaxR || k.p == 0 || k.p > kScryptMaxP)
+        return bad("scrypt cost out of range (N 2.." + std::to_string(kScryptMaxN) + ", r 1.." +
+                   std::to_string(kScryptMaxR) + ", p 1.." + std::to_string(kScryptMaxP) + ")");
     return k;
 }
 
@@ -330,14 +341,12 @@ Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std:
         opts.if_none_match = true;
         opts.content_type = "application/json";
         auto put = client.put_object(bucket, key, kdf_json(fresh), opts);
-        if (put) {
-            log::info("created " + where + " (scrypt salt for the passphrase)");
-            got = kdf_json(fresh);
-        } else if (put.error().kind == ErrorKind::Precondition) {
-            got = client.get_object(bucket, key);  // another process made it first: use theirs
-        } else {
-            return std::move(put).error();
-        }
+        if (put) log::info("created " + where + " (scrypt salt for the passphrase)");
+        else if (put.error().kind != ErrorKind::Precondition) return std::move(put).error();
+        // Ours or a racing process's (Precondition): derive from what the
+        // bucket holds, even on a server that ignored If-None-Match and let
+        // a later create win.
+        got = client.get_object(bucket, key);
     }
     if (!got) return std::move(got).error();
     auto kdf = parse_kdf(*got, where);

@@ -107,6 +107,8 @@ private:
 // (code): EncryptionKeyRequired (encrypted, no key), NotEncrypted (a key was
 // given for a plaintext object), WrongEncryptionKey (another key id).
 Status check_cipher(const std::optional<EncryptionInfo>& info, const Cipher* cipher, const std::string& name);
+// The same, by key id (null: no key given).
+Status check_key_id(const std::optional<EncryptionInfo>& info, const std::string* key_id, const std::string& name);
 
 // The associated data of every chunk of one object.
 std::string object_aad(std::string_view magic, std::string_view header_json);

@@ -206,17 +206,18 @@ Status Replicator::startup() {
     // says to start a new generation under the new setting.
     bool encryption_switch = false;
     {
-        auto c = open_cipher(*client_, bucket, db_id, config_.encryption, /*create=*/true);
-        if (!c) return std::move(c).error();
-        cipher_ = std::move(c).value();
-    }
-    if (latest) {
-        const std::string snap = snapshot_key(db_id, latest->id);
-        auto h = read_snapshot_header(*client_, bucket, snap, latest->snapshot_bytes);
-        if (!h) return std::move(h).error();
-        if (Status st = check_cipher(h->encryption, cipher_.get(), snap); !st) {
+        std::optional<EncryptionInfo> latest_enc;
+        const std::string snap = latest ? snapshot_key(db_id, latest->id) : std::string();
+        if (latest) {
+            auto h = read_snapshot_header(*client_, bucket, snap, latest->snapshot_bytes);
+            if (!h) return std::move(h).error();
+            latest_enc = h->encryption;
+        }
+        const bool force = config_.initial_replication == InitialReplication::Force;
+        // Takes a failed check: an error to return, or OK when forced.
+        auto refuse = [&](Status st) -> Status {
             Error e = std::move(st).error();
-            if (config_.initial_replication != InitialReplication::Force) {
+            if (!force) {
                 e.message = "cannot replicate " + path_ + ": " + e.message +
                             ". To start a new generation under this setting (turning encryption on or off, or "
                             "rotating the key), open once with initial_replication=force";
@@ -224,7 +225,20 @@ Status Replicator::startup() {
             }
             log::warn(path_ + ": " + e.message + "; a new generation starts (initial_replication=force)");
             encryption_switch = true;
-        }
+            return {};
+        };
+        // Encrypted or not is known from the header alone: a refused open
+        // must not derive a key or create the passphrase's KDF object.
+        const std::string some_key;
+        if (latest && latest_enc.has_value() == config_.encryption.empty())
+            if (Status st = check_key_id(latest_enc, config_.encryption.empty() ? nullptr : &some_key, snap); !st)
+                if (Status r = refuse(std::move(st)); !r) return r;
+        auto c = open_cipher(*client_, bucket, db_id, config_.encryption, /*create=*/true);
+        if (!c) return std::move(c).error();
+        cipher_ = std::move(c).value();
+        if (latest && latest_enc && cipher_ && !encryption_switch)
+            if (Status st = check_cipher(latest_enc, cipher_.get(), snap); !st)
+                if (Status r = refuse(std::move(st)); !r) return r;
     }
 
     struct stat db_st{}, wal_st{};
@@ -259,10 +273,6 @@ Status Replicator::startup() {
         } else {
             request_snapshot(latest ? "auto-restore is off: a new history starts" : "first start: nothing in the bucket");
         }
-    } else if (encryption_switch) {
-        parent_generation_ = latest->id;
-        parent_seq_ = latest->last_seq;
-        request_snapshot(cipher_ ? "encryption changed: key id " + cipher_->key_id() : "encryption turned off");
     } else if (state && state->restored && state->bucket == bucket && state->db_id == db_id && db_exists &&
                (!wal_exists || wal_st.st_size == 0) && state->db_size == db_st.st_size &&
                state->db_mtime_ns == mtime_ns(db_st) && state->db_ino == db_st.st_ino) {
@@ -272,6 +282,10 @@ Status Replicator::startup() {
         parent_generation_ = state->generation;
         parent_seq_ = state->seq;
         request_snapshot("the database was restored from generation " + state->generation);
+    } else if (encryption_switch) {
+        parent_generation_ = latest->id;
+        parent_seq_ = latest->last_seq;
+        request_snapshot(cipher_ ? "encryption changed: key id " + cipher_->key_id() : "encryption turned off");
     } else if (!latest) {
         request_snapshot("first start: the bucket has no generation of '" + db_id + "'");
     } else if (state && state->bucket == bucket && state->db_id == db_id && state->generation == latest->id) {

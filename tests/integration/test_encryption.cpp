@@ -245,7 +245,8 @@ TEST_CASE("a wrong, missing or unexpected key is named, and nothing is written",
         };
         for (const Case& c : {Case{"enc.db", "&encryption_key=" + kKeyB, "wrong encryption key", true},
                               Case{"enc.db", "", "is encrypted", false},
-                              Case{"plain.db", "&encryption_key=" + kKeyA, "is not encrypted", false}}) {
+                              Case{"plain.db", "&encryption_key=" + kKeyA, "is not encrypted", false},
+                              Case{"plain.db", "&encryption_passphrase=" + kPassphrase, "is not encrypted", false}}) {
             CAPTURE(c.db, c.says);
             if (c.remove_local) s.remove_local(c.db);
             Db db;
@@ -256,6 +257,8 @@ TEST_CASE("a wrong, missing or unexpected key is named, and nothing is written",
             CHECK(any_mentions(lines, c.says));
             CHECK_FALSE(any_mentions(lines, kKeyA));
             CHECK_FALSE(any_mentions(lines, kKeyB));
+            // A refused open leaves nothing behind in the bucket (no KDF object).
+            CHECK_FALSE(s.client->head_object(s.bucket.name(), c.db + "/encryption.json").ok());
             if (c.remove_local) {
                 CHECK_FALSE(fs::exists(s.dir.file(c.db + ".restore-tmp")));
                 CHECK((!fs::exists(s.dir.file(c.db)) || fs::file_size(s.dir.file(c.db)) == 0));
