@@ -3,6 +3,8 @@
 #include "replicator/encryption.h"
 
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "replicator/format.h"
@@ -102,6 +104,20 @@ std::shared_ptr<const Cipher> Cipher::from_key(std::string_view key) {
 }
 
 Result<std::shared_ptr<const Cipher>> Cipher::from_passphrase(std::string_view passphrase, const KdfParams& kdf) {
+    // Derived once per process: a database opened, closed and opened again
+    // (or many CLI lookups) must not pay scrypt's 0.1 s and 32 MiB each time.
+    // The cache key is an HMAC of the passphrase under the salt, so nothing
+    // here is easier to attack than the derived key it maps to.
+    static std::mutex mu;
+    static std::map<std::string, std::shared_ptr<const Cipher>> cache;  // guarded by mu
+    std::string id = kdf.salt + ":" + std::to_string(kdf.n) + ":" + std::to_string(kdf.r) + ":" +
+                     std::to_string(kdf.p) + ":";
+    s3::Sha256Digest mac = s3::hmac_sha256(kdf.salt, passphrase);
+    id.append(reinterpret_cast<const char*>(mac.data()), mac.size());
+    {
+        std::lock_guard lock(mu);
+        if (auto it = cache.find(id); it != cache.end()) return it->second;
+    }
     std::string master;
     if (kdf.n > kScryptMaxN || !s3::scrypt(passphrase, kdf.salt, kdf.n, kdf.r, kdf.p, kKeySize, kScryptMaxMem, master))
         return make_error(ErrorKind::InvalidArgument,
@@ -110,6 +126,9 @@ Result<std::shared_ptr<const Cipher>> Cipher::from_passphrase(std::string_view p
                           "BadKdfParams");
     auto c = std::shared_ptr<const Cipher>(new Cipher(master));
     s3::secure_wipe(master);
+    std::lock_guard lock(mu);
+    if (cache.size() >= 64) cache.clear();  // a bound, not an LRU: more databases than that re-derive
+    cache.emplace(id, c);
     return c;
 }
 

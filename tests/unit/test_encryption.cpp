@@ -206,6 +206,7 @@ TEST_CASE("a passphrase gives the same key for the same salt, another for anothe
     REQUIRE(a.ok());
     REQUIRE(b.ok());
     CHECK((*a)->key_id() == (*b)->key_id());
+    CHECK(a->get() == b->get());  // derived once per process, then reused
     CHECK((*a)->key_id() != (*Cipher::from_passphrase("correct horsf", k))->key_id());
     KdfParams other = k;
     other.salt = std::string(32, 't');
