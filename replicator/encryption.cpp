@@ -204,35 +204,39 @@ std::string object_aad(std::string_view magic, std::string_view header_json) {
 
 // ---- sealing ----
 
-ChunkSealer::ChunkSealer(const Cipher& cipher, const EncryptionInfo& info, std::string aad)
-    : gcm_(object_gcm(cipher, info)), aad_(std::move(aad)), chunk_(info.chunk_size),
-      sealed_(new unsigned char[info.chunk_size + s3::AesGcm::kTagSize]) {
-    plain_.reserve(chunk_);
-}
-
-// A full chunk is sealed only once more data proves it is not the last one.
-Status ChunkSealer::write(std::string_view data, const Emit& emit) {
+Status ChunkCutter::write(std::string_view data, const Fn& fn) {
     while (!data.empty()) {
-        if (plain_.size() == chunk_) {
-            if (Status st = seal(plain_, false, emit); !st) return st;
-            plain_.clear();
+        if (held_.size() == chunk_) {
+            if (Status st = fn(held_, false); !st) return st;
+            held_.clear();
         }
-        // Whole chunks with more data behind them go straight from the input.
-        while (plain_.empty() && data.size() > chunk_) {
-            if (Status st = seal(data.substr(0, chunk_), false, emit); !st) return st;
+        while (held_.empty() && data.size() > chunk_) {
+            if (Status st = fn(data.substr(0, chunk_), false); !st) return st;
             data.remove_prefix(chunk_);
         }
-        size_t n = std::min(data.size(), chunk_ - plain_.size());
-        plain_.append(data.substr(0, n));
+        size_t n = std::min(data.size(), chunk_ - held_.size());
+        held_.append(data.substr(0, n));
         data.remove_prefix(n);
     }
     return {};
 }
 
-Status ChunkSealer::finish(const Emit& emit) {
-    Status st = seal(plain_, true, emit);
-    plain_.clear();
+Status ChunkCutter::finish(const Fn& fn) {
+    Status st = fn(held_, true);
+    held_.clear();
     return st;
+}
+
+ChunkSealer::ChunkSealer(const Cipher& cipher, const EncryptionInfo& info, std::string aad)
+    : gcm_(object_gcm(cipher, info)), aad_(std::move(aad)), cutter_(info.chunk_size),
+      sealed_(new unsigned char[info.chunk_size + s3::AesGcm::kTagSize]) {}
+
+Status ChunkSealer::write(std::string_view data, const Emit& emit) {
+    return cutter_.write(data, [&](std::string_view plain, bool final) { return seal(plain, final, emit); });
+}
+
+Status ChunkSealer::finish(const Emit& emit) {
+    return cutter_.finish([&](std::string_view plain, bool final) { return seal(plain, final, emit); });
 }
 
 Status ChunkSealer::seal(std::string_view plain, bool final, const Emit& emit) {
@@ -246,35 +250,16 @@ Status ChunkSealer::seal(std::string_view plain, bool final, const Emit& emit) {
 
 ChunkOpener::ChunkOpener(const Cipher& cipher, const EncryptionInfo& info, std::string aad, const std::string& name)
     : gcm_(object_gcm(cipher, info)), aad_(std::move(aad)), name_(name),
-      sealed_chunk_(info.chunk_size + s3::AesGcm::kTagSize), plain_(new unsigned char[info.chunk_size]) {
-    sealed_.reserve(sealed_chunk_);
-}
+      cutter_(info.chunk_size + s3::AesGcm::kTagSize), plain_(new unsigned char[info.chunk_size]) {}
 
 ChunkOpener::~ChunkOpener() = default;
 
-// A full chunk is opened only once more data proves it is not the last one.
 Status ChunkOpener::feed(std::string_view data, const Out& out) {
-    while (!data.empty()) {
-        if (sealed_.size() == sealed_chunk_) {
-            if (Status st = open(sealed_, false, out); !st) return st;
-            sealed_.clear();
-        }
-        // Whole chunks with more data behind them are opened in place.
-        while (sealed_.empty() && data.size() > sealed_chunk_) {
-            if (Status st = open(data.substr(0, sealed_chunk_), false, out); !st) return st;
-            data.remove_prefix(sealed_chunk_);
-        }
-        size_t n = std::min(data.size(), sealed_chunk_ - sealed_.size());
-        sealed_.append(data.substr(0, n));
-        data.remove_prefix(n);
-    }
-    return {};
+    return cutter_.write(data, [&](std::string_view sealed, bool final) { return open(sealed, final, out); });
 }
 
 Status ChunkOpener::finish(const Out& out) {
-    Status st = open(sealed_, true, out);
-    sealed_.clear();
-    return st;
+    return cutter_.finish([&](std::string_view sealed, bool final) { return open(sealed, final, out); });
 }
 
 Status ChunkOpener::open(std::string_view sealed, bool final, const Out& out) {

@@ -113,6 +113,21 @@ Status check_key_id(const std::optional<EncryptionInfo>& info, const std::string
 // The associated data of every chunk of one object.
 std::string object_aad(std::string_view magic, std::string_view header_json);
 
+// Cuts a stream into chunks of a fixed size and hands each on with whether it
+// is the last. A full chunk is held back until more data proves it is not the
+// last; whole chunks with more data behind them go straight from the input.
+class ChunkCutter {
+public:
+    using Fn = std::function<Status(std::string_view chunk, bool final)>;
+    explicit ChunkCutter(size_t chunk) : chunk_(chunk) { held_.reserve(chunk); }
+    Status write(std::string_view data, const Fn& fn);
+    Status finish(const Fn& fn);  // the held chunk (possibly empty) is the last
+
+private:
+    size_t chunk_;
+    std::string held_;
+};
+
 // Seals a body stream into chunks.
 class ChunkSealer {
 public:
@@ -125,9 +140,8 @@ private:
     Status seal(std::string_view plain, bool final, const Emit& emit);
     std::unique_ptr<s3::AesGcm> gcm_;
     std::string aad_;
-    size_t chunk_;
-    std::string plain_;                   // a partial chunk, or a full one not yet known not to be the last
-    std::unique_ptr<unsigned char[]> sealed_;  // chunk_ + tag
+    ChunkCutter cutter_;                       // of plaintext chunks
+    std::unique_ptr<unsigned char[]> sealed_;  // one chunk and its tag
     uint64_t index_ = 0;
 };
 
@@ -146,8 +160,7 @@ private:
     std::unique_ptr<s3::AesGcm> gcm_;
     std::string aad_;
     const std::string& name_;
-    size_t sealed_chunk_;
-    std::string sealed_;                      // a chunk arriving in pieces, or the one held back
+    ChunkCutter cutter_;                      // of sealed chunks (tag included)
     std::unique_ptr<unsigned char[]> plain_;  // one chunk of plaintext
     uint64_t index_ = 0;
 };
