@@ -87,8 +87,8 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
         // the temp file's growth against the snapshot's page count (from its
         // header) tells how far it is.
         uint64_t raw = 0;
-        auto h = replicator::read_snapshot_header(ctx.client(), ctx.bucket(), replicator::snapshot_key(db_id, choice.generation),
-                                      choice.snapshot_bytes);
+        auto h = replicator::read_snapshot_header(
+            ctx.client(), ctx.bucket(), replicator::snapshot_key(db_id, choice.generation), choice.snapshot_bytes);
         if (h) raw = static_cast<uint64_t>(h->db_pages) * h->page_size;
         ticker = std::thread([&, raw] {
             // Only this thread draws until it is joined.

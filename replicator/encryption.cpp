@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "replicator/format.h"
+#include "replicator/wal.h"
 #include "s3/client.h"
 #include "s3/log.h"
 
@@ -15,7 +16,6 @@ namespace bottomless::replicator {
 
 namespace {
 
-constexpr const char* kAlg = "aes-256-gcm-hkdf-sha256";
 constexpr size_t kKeySize = 32;
 constexpr size_t kSeedSize = 32;
 constexpr size_t kKeyIdSize = 8;
@@ -27,10 +27,6 @@ constexpr uint32_t kScryptMaxR = 32, kScryptMaxP = 16;
 
 void put_be(unsigned char* p, uint64_t v, int bytes) {
     for (int i = bytes - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<unsigned char>(v);
-}
-
-uint32_t get_be32(const unsigned char* p) {
-    return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
 }
 
 // be64(index) || be32(final): unique per chunk within one object key.
@@ -134,7 +130,7 @@ Result<std::shared_ptr<const Cipher>> Cipher::from_passphrase(std::string_view p
 
 EncryptionInfo Cipher::new_object() const {
     EncryptionInfo info;
-    info.alg = kAlg;
+    info.alg = kEncryptionAlg;
     info.key_id = key_id_;
     std::string seed = s3::random_bytes(kSeedSize);
     info.seed = s3::to_hex(reinterpret_cast<const unsigned char*>(seed.data()), seed.size());
@@ -162,8 +158,8 @@ WalPosition Cipher::mask(const WalPosition& pos, const std::string& db_id, const
     msg.append(reinterpret_cast<const char*>(b), sizeof b);
     s3::Sha256Digest d = s3::hmac_sha256(mask_key_, msg);
     WalPosition out = pos;
-    out.cksum1 = get_be32(d.data());
-    out.cksum2 = get_be32(d.data() + 4);
+    out.cksum1 = read_be32(d.data());
+    out.cksum2 = read_be32(d.data() + 4);
     return out;
 }
 

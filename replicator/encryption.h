@@ -38,6 +38,7 @@ namespace bottomless::replicator {
 struct WalPosition;
 
 constexpr uint32_t kEncryptionChunkSize = 64u << 10;
+constexpr const char* kEncryptionAlg = "aes-256-gcm-hkdf-sha256";  // the only one there is
 
 // The "encryption" object of an encrypted object's header.
 struct EncryptionInfo {

@@ -236,8 +236,8 @@ std::string check_common(const std::string& db_id, const std::string& generation
 
 std::string check_encryption(const std::optional<EncryptionInfo>& e) {
     if (!e) return {};
-    if (e->alg != "aes-256-gcm-hkdf-sha256")
-        return "encryption.alg: '" + e->alg + "' is not one this build reads (aes-256-gcm-hkdf-sha256)";
+    if (e->alg != kEncryptionAlg)
+        return "encryption.alg: '" + e->alg + "' is not one this build reads (" + kEncryptionAlg + ")";
     if (e->key_id.size() != 16 || !is_lower_hex(e->key_id)) return "encryption.key_id: not 16 hex digits";
     if (e->seed.size() != 64 || !is_lower_hex(e->seed)) return "encryption.seed: not 64 hex digits";
     if (e->chunk_size < 1024 || e->chunk_size > (16u << 20))

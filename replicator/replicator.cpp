@@ -228,10 +228,11 @@ Status Replicator::startup() {
             return {};
         };
         // Encrypted or not is known from the header alone: a refused open
-        // must not derive a key or create the passphrase's KDF object.
-        const std::string some_key;
+        // must not derive a key or create the passphrase's KDF object. (For
+        // this check only whether there is a key counts, not its id.)
+        const std::string any_key_id;
         if (latest && latest_enc.has_value() == config_.encryption.empty())
-            if (Status st = check_key_id(latest_enc, config_.encryption.empty() ? nullptr : &some_key, snap); !st)
+            if (Status st = check_key_id(latest_enc, config_.encryption.empty() ? nullptr : &any_key_id, snap); !st)
                 if (Status r = refuse(std::move(st)); !r) return r;
         auto c = open_cipher(*client_, bucket, db_id, config_.encryption, /*create=*/true);
         if (!c) return std::move(c).error();
@@ -1152,7 +1153,7 @@ std::string Replicator::status_json() const {
     j["endpoint"] = config_.s3.endpoint.empty() ? "aws" : log::redact_url(config_.s3.endpoint);
     j["mode"] = !enabled_ ? "off" : (config_.sync ? "sync" : "async");
     // The key id names the key without revealing it; the key never appears here.
-    j["encryption"] = cipher_ ? nlohmann::json{{"alg", "aes-256-gcm-hkdf-sha256"}, {"key_id", cipher_->key_id()}}
+    j["encryption"] = cipher_ ? nlohmann::json{{"alg", kEncryptionAlg}, {"key_id", cipher_->key_id()}}
                               : nlohmann::json(nullptr);
     std::lock_guard lock(status_mu_);
     j["generation"] = status_generation_;

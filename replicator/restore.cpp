@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "replicator/sqlite_api.h"
+#include "replicator/wal.h"
 #include "s3/log.h"
 
 namespace bottomless::replicator {
@@ -112,8 +113,7 @@ Result<std::string> header_bytes(s3::Client& client, const std::string& bucket, 
     auto first = client.get_object(bucket, key, s3::ByteRange{0, std::min(size, kFirstRead)});
     if (!first) return first;
     if (first->size() < kPreamble) return first;
-    const auto* u = reinterpret_cast<const unsigned char*>(first->data() + 12);
-    uint64_t need = kPreamble + ((uint64_t{u[0]} << 24) | (uint64_t{u[1]} << 16) | (uint64_t{u[2]} << 8) | u[3]);
+    uint64_t need = kPreamble + read_be32(reinterpret_cast<const unsigned char*>(first->data() + 12));
     if (need <= first->size() || need > size || need > kPreamble + kMaxHeader) return first;  // the decoder will judge
     return client.get_object(bucket, key, s3::ByteRange{0, need});
 }

@@ -21,6 +21,7 @@
 #include "replicator/restore.h"
 #include "s3/crypto.h"
 #include "s3/log.h"
+#include "support/object_bytes.h"
 #include "support/s3_env.h"
 #include "support/sqlite_util.h"
 
@@ -80,17 +81,6 @@ struct Setup {
 replicator::EncryptionSecret key_secret(const std::string& hex) { return *replicator::EncryptionSecret::key(hex, "k"); }
 
 std::string flush(sqlite3* db) { return query_text(db, "SELECT bottomless_flush(30000)"); }
-
-std::string with_trailer(std::string content) {
-    auto d = s3::sha256(content);
-    content.append(reinterpret_cast<const char*>(d.data()), d.size());
-    return content;
-}
-
-size_t body_start(const std::string& obj) {
-    const auto* u = reinterpret_cast<const unsigned char*>(obj.data() + 12);
-    return 16 + ((size_t{u[0]} << 24) | (size_t{u[1]} << 16) | (size_t{u[2]} << 8) | u[3]);
-}
 
 std::vector<std::string> logs_while(const std::function<void()>& fn) {
     std::vector<std::string> lines;
@@ -339,7 +329,7 @@ TEST_CASE("encrypted objects rearranged in the bucket are refused", "[encryption
     SECTION("the snapshot's chunks: flipped, swapped, truncated") {
         const std::string key = replicator::snapshot_key("t.db", gen_a);
         const std::string orig = s.get(key);
-        const size_t b = body_start(orig), chunk = replicator::kEncryptionChunkSize + 16;
+        const size_t b = object_body_start(orig), chunk = replicator::kEncryptionChunkSize + 16;
         REQUIRE(orig.size() - 32 - b > 4 * chunk);
         std::string content = orig.substr(0, orig.size() - 32);
 
@@ -371,7 +361,7 @@ TEST_CASE("encrypted objects rearranged in the bucket are refused", "[encryption
         std::string forged = seg_a.substr(0, seg_a.size() - 32);
         size_t at = forged.find(gen_a);
         REQUIRE(at != std::string::npos);
-        REQUIRE(at < body_start(seg_a));
+        REQUIRE(at < object_body_start(seg_a));
         forged.replace(at, gen_b.size(), gen_b);
         s.put(to, with_trailer(forged));
         expect_refused(gen_b, "AuthenticationFailed");

@@ -15,9 +15,12 @@
 #include "replicator/encryption.h"
 #include "replicator/format.h"
 #include "s3/crypto.h"
+#include "support/object_bytes.h"
 
 using namespace bottomless;
 using namespace bottomless::replicator;
+using bottomless::testing::object_body_start;
+using bottomless::testing::with_trailer;
 
 namespace {
 
@@ -31,21 +34,6 @@ std::string hex(std::string_view s) { return s3::to_hex(reinterpret_cast<const u
 
 std::shared_ptr<const Cipher> key_cipher(char fill) { return Cipher::from_key(std::string(32, fill)); }
 
-uint32_t be32_at(std::string_view s, size_t off) {
-    const auto* p = reinterpret_cast<const unsigned char*>(s.data() + off);
-    return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | p[3];
-}
-
-// Where an object's body lies: after magic, version, length and header;
-// before the 32-byte trailer.
-size_t body_start(std::string_view obj) { return 16 + be32_at(obj, 12); }
-
-std::string with_trailer(std::string content) {
-    auto d = s3::sha256(content);
-    content.append(reinterpret_cast<const char*>(d.data()), d.size());
-    return content;
-}
-
 struct Parts {
     std::string head;                 // preamble and header
     std::vector<std::string> chunks;  // sealed chunks, tag included
@@ -53,7 +41,7 @@ struct Parts {
 
 Parts split(const std::string& obj, size_t chunk) {
     Parts p;
-    size_t b = body_start(obj);
+    size_t b = object_body_start(obj);
     p.head = obj.substr(0, b);
     std::string_view body = std::string_view(obj).substr(b, obj.size() - 32 - b);
     const size_t sealed = chunk + s3::AesGcm::kTagSize;
