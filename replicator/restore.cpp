@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <future>
 #include <fstream>
@@ -201,10 +202,28 @@ Result<std::vector<std::string>> list_databases(s3::Client& client, const std::s
     return out;
 }
 
+std::string sqlite_file_uri(const std::string& path) {
+    // RFC 3986 as SQLite reads it: '?' would start the query, '#' a fragment
+    // and '%' an escape, so a path holding them would name another file.
+    // An absolute path gets an empty authority ("file://" + "/a"): "file:" +
+    // "//host/x" would make "host" the authority.
+    std::string uri = path.starts_with('/') ? "file://" : "file:";
+    for (unsigned char c : path) {
+        if (c == '?' || c == '#' || c == '%' || c < 0x20 || c == 0x7f) {
+            char buf[4];
+            std::snprintf(buf, sizeof buf, "%%%02X", c);
+            uri += buf;
+        } else {
+            uri += static_cast<char>(c);
+        }
+    }
+    return uri;
+}
+
 Status integrity_check(const std::string& path) {
     sqlite3* db = nullptr;
     // immutable=1: no locks, no WAL or shm files; the file is ours alone here.
-    std::string uri = "file:" + path + "?immutable=1";
+    std::string uri = sqlite_file_uri(path) + "?immutable=1";
     int rc = sqlite3_open_v2(uri.c_str(), &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, "unix");
     auto close = [&] { sqlite3_close(db); };
     if (rc != SQLITE_OK) {
@@ -295,7 +314,12 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     }
     TmpFile tmp;
     tmp.path = output_path + ".restore-tmp";
-    tmp.fd = ::open(tmp.path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    // A leftover temp file (an interrupted restore) is replaced, never
+    // followed: O_EXCL|O_NOFOLLOW refuse a symlink planted at that name,
+    // which would otherwise make the restore write through it.
+    if (::unlink(tmp.path.c_str()) != 0 && errno != ENOENT)
+        return make_error(ErrorKind::Io, "cannot remove the stale " + tmp.path + ": " + errno_text(errno), "OpenFailed");
+    tmp.fd = ::open(tmp.path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (tmp.fd < 0) return make_error(ErrorKind::Io, "cannot create " + tmp.path + ": " + errno_text(errno), "OpenFailed");
     const uint64_t total = chosen.snapshot_bytes + chosen.segment_bytes;
     SnapshotSink sink(snap_key, tmp.fd, options.cipher.get());

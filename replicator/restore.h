@@ -86,5 +86,8 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
 // Runs PRAGMA integrity_check on a database file (read-only). Uses the
 // host's SQLite inside the extension.
 Status integrity_check(const std::string& path);
+// The SQLite URI ("file:...") naming `path`, with the characters URIs give a
+// meaning ('?', '#', '%', controls) escaped, so it opens that file and no other.
+std::string sqlite_file_uri(const std::string& path);
 
 }  // namespace bottomless::replicator

@@ -94,14 +94,26 @@ void fn_snapshot(sqlite3_context* ctx, int, sqlite3_value**) {
 }
 
 int register_functions(sqlite3* db) {
-    int rc = sqlite3_create_function(db, "bottomless_status", 0, SQLITE_UTF8, nullptr, fn_status, nullptr, nullptr);
-    if (rc == SQLITE_OK)
-        rc = sqlite3_create_function(db, "bottomless_flush", 0, SQLITE_UTF8, nullptr, fn_flush, nullptr, nullptr);
-    if (rc == SQLITE_OK)
-        rc = sqlite3_create_function(db, "bottomless_flush", 1, SQLITE_UTF8, nullptr, fn_flush, nullptr, nullptr);
-    if (rc == SQLITE_OK)
-        rc = sqlite3_create_function(db, "bottomless_snapshot", 0, SQLITE_UTF8, nullptr, fn_snapshot, nullptr, nullptr);
-    return rc;
+    // SQLITE_DIRECTONLY: these functions have side effects (uploads, a new
+    // generation) or reveal replication state, so only SQL the application
+    // runs itself may call them, never a view or trigger planted in the
+    // database file (SQLite's "unsafe use of ..." error).
+    constexpr int kFlags = SQLITE_UTF8 | SQLITE_DIRECTONLY;
+    struct Fn {
+        const char* name;
+        int args;
+        void (*fn)(sqlite3_context*, int, sqlite3_value**);
+    };
+    static constexpr Fn kFunctions[] = {
+        {"bottomless_status", 0, fn_status},
+        {"bottomless_flush", 0, fn_flush},
+        {"bottomless_flush", 1, fn_flush},
+        {"bottomless_snapshot", 0, fn_snapshot},
+    };
+    for (const Fn& f : kFunctions)
+        if (int rc = sqlite3_create_function(db, f.name, f.args, kFlags, nullptr, f.fn, nullptr, nullptr); rc != SQLITE_OK)
+            return rc;
+    return SQLITE_OK;
 }
 
 bool default_requested() {
