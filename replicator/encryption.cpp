@@ -279,8 +279,6 @@ Status ChunkOpener::open(std::string_view sealed, bool final, const Out& out) {
 
 std::string kdf_params_key(const std::string& db_id) { return db_id + "/encryption.json"; }
 
-namespace {
-
 Result<KdfParams> parse_kdf(const std::string& text, const std::string& where) {
     auto bad = [&](const std::string& why) {
         return make_error(ErrorKind::Corrupt, where + ": " + why, "BadKdfParams");
@@ -306,6 +304,8 @@ Result<KdfParams> parse_kdf(const std::string& text, const std::string& where) {
                    std::to_string(kScryptMaxR) + ", p 1.." + std::to_string(kScryptMaxP) + ")");
     return k;
 }
+
+namespace {
 
 std::string kdf_json(const KdfParams& k) {
     nlohmann::json j = {{"format", 1},

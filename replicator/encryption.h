@@ -168,6 +168,9 @@ private:
 
 // "<db_id>/encryption.json": the scrypt salt and cost of the database.
 std::string kdf_params_key(const std::string& db_id);
+// Parses and bounds-checks the KDF object's text; `where` (its location) goes
+// into errors. Exposed for the fuzzer (tests/fuzz/fuzz_kdf.cpp).
+Result<KdfParams> parse_kdf(const std::string& text, const std::string& where);
 
 // The master key for db_id. A passphrase needs the KDF object: it is read,
 // or created when `create` is set and none exists (a conditional create, so

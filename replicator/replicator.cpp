@@ -17,9 +17,37 @@
 #include <unordered_map>
 
 #include "replicator/restore.h"
+#include "replicator/state_file.h"
 #include "s3/log.h"
 
 namespace bottomless::replicator {
+
+std::optional<LocalState> parse_state_file(std::string_view text, const std::string& path) {
+    try {
+        nlohmann::json j = nlohmann::json::parse(text);
+        if (j.value("format", 0) != 1) return std::nullopt;
+        LocalState s;
+        s.bucket = j.at("bucket");
+        s.db_id = j.at("db_id");
+        s.generation = j.at("generation");
+        s.prev_sha256 = j.at("prev_sha256");
+        s.seq = j.at("seq");
+        const auto& p = j.at("position");
+        s.position = WalPosition{p.at("salt1"), p.at("salt2"), p.at("frame"), p.at("cksum1"), p.at("cksum2")};
+        s.clean_close = j.value("clean_close", false);
+        s.restored = j.value("restored", false);
+        if (j.contains("lineage"))
+            for (const auto& g : j["lineage"]) s.lineage.push_back(g.get<std::string>());
+        s.db_size = j.value("db_size", int64_t{-1});
+        s.db_mtime_ns = j.value("db_mtime_ns", int64_t{-1});
+        s.db_ino = j.value("db_ino", uint64_t{0});
+        return s;
+    } catch (const std::exception& e) {
+        log::warn("ignoring unreadable replication state " + path + ": " + e.what());
+        return std::nullopt;
+    }
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -68,43 +96,12 @@ std::map<std::string, std::weak_ptr<Replicator>>& registry() {
     return *m;
 }
 
-struct LocalState {
-    std::string bucket, db_id, generation, prev_sha256;
-    uint64_t seq = 0;
-    WalPosition position;
-    bool clean_close = false;
-    bool restored = false;  // written by restore_database(), not by a replicator
-    std::vector<std::string> lineage;  // generations this file's replicators started
-    int64_t db_size = -1, db_mtime_ns = -1;
-    uint64_t db_ino = 0;
-};
-
 std::optional<LocalState> read_state_file(const std::string& path) {
     std::ifstream in(path);
     if (!in) return std::nullopt;
-    try {
-        nlohmann::json j = nlohmann::json::parse(in);
-        if (j.value("format", 0) != 1) return std::nullopt;
-        LocalState s;
-        s.bucket = j.at("bucket");
-        s.db_id = j.at("db_id");
-        s.generation = j.at("generation");
-        s.prev_sha256 = j.at("prev_sha256");
-        s.seq = j.at("seq");
-        const auto& p = j.at("position");
-        s.position = WalPosition{p.at("salt1"), p.at("salt2"), p.at("frame"), p.at("cksum1"), p.at("cksum2")};
-        s.clean_close = j.value("clean_close", false);
-        s.restored = j.value("restored", false);
-        if (j.contains("lineage"))
-            for (const auto& g : j["lineage"]) s.lineage.push_back(g.get<std::string>());
-        s.db_size = j.value("db_size", int64_t{-1});
-        s.db_mtime_ns = j.value("db_mtime_ns", int64_t{-1});
-        s.db_ino = j.value("db_ino", uint64_t{0});
-        return s;
-    } catch (const std::exception& e) {
-        log::warn("ignoring unreadable replication state " + path + ": " + e.what());
-        return std::nullopt;
-    }
+    std::ostringstream text;
+    text << in.rdbuf();
+    return parse_state_file(text.str(), path);
 }
 
 bool stat_file(const std::string& path, struct stat& st) { return ::stat(path.c_str(), &st) == 0; }
