@@ -202,7 +202,7 @@ Result<ReplicatorConfig> load_config(const std::string& db_path, const std::map<
                           "BadSetting");
     for (const auto& [k, v] : uri_params) {
         if (is_sqlite_uri_parameter(k)) continue;
-        auto it = std::find_if(settings().begin(), settings().end(), [&](const Setting& s) { return k == s.name; });
+        auto it = std::find_if(settings().begin(), settings().end(), [&key = k](const Setting& s) { return key == s.name; });
         if (it == settings().end()) {
             std::string known;
             for (const auto& s : settings()) known += std::string(known.empty() ? "" : ", ") + s.name;
