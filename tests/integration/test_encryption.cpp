@@ -257,7 +257,7 @@ TEST_CASE("a wrong, missing or unexpected key is named, and nothing is written",
     }
 }
 
-TEST_CASE("key rotation starts a new generation when forced; each generation keeps its key",
+TEST_CASE("key rotation starts a new generation when forced, and each generation keeps its key",
           "[encryption][integration]") {
     Setup s;
     {

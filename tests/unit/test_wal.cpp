@@ -246,7 +246,7 @@ TEST_CASE("wal_checksum matches hand-computed values in both byte orders", "[wal
     }
 }
 
-TEST_CASE("WAL headers with either magic parse; any defect rejects them", "[wal]") {
+TEST_CASE("WAL headers with either magic parse, and any defect rejects them", "[wal]") {
     uint32_t magic = GENERATE(kWalMagicLittleEndian, kWalMagicBigEndian);
     std::string h = make_header(magic, 4096, 0xdeadbeef, 0x01020304);
     auto parsed = parse_wal_header(u8(h));
