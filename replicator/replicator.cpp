@@ -83,6 +83,10 @@ bool pread_full(int fd, void* buf, size_t n, uint64_t off) {
     return true;
 }
 
+// How long an open waits for another process's start-up (which may be a
+// restore of a large database) before it gives up with SQLITE_BUSY.
+constexpr std::chrono::seconds kStartupWait{120};
+
 // The registry of running replicators by canonical path. A recursive mutex:
 // a replicator that fails to start is destroyed inside acquire(), and the
 // destructor takes the lock too (it serialises a closing replicator's final
@@ -152,7 +156,8 @@ std::shared_ptr<Replicator> Replicator::find(const std::string& path) {
     return it == registry().end() ? nullptr : it->second.lock();
 }
 
-Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path, const ReplicatorConfig& config) {
+Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path, const ReplicatorConfig& config,
+                                                       long* leader_elsewhere) {
     std::lock_guard lock(registry_mu());
     if (auto it = registry().find(path); it != registry().end()) {
         if (auto r = it->second.lock()) {
@@ -172,8 +177,20 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
             return r;
         }
     }
+    // Before anything touches the bucket or the state file: is another
+    // process replicating this database? Two replicating processes would
+    // each ship to a generation of their own and the newest would lack the
+    // other's commits (a fork, and a lost commit at restore).
+    auto election = LeaderLock::acquire(path, kStartupWait);
+    if (!election) return std::move(election).error();
+    if (!election->leader()) {
+        if (leader_elsewhere) *leader_elsewhere = election->leader_pid() > 0 ? election->leader_pid() : -1;
+        return std::shared_ptr<Replicator>();
+    }
     std::shared_ptr<Replicator> r(new Replicator(path, config));
+    r->leader_lock_.emplace(std::move(election).value());
     if (auto st = r->startup(); !st) return std::move(st).error();
+    r->leader_lock_->startup_done();
     registry()[path] = r;
     return r;
 }
@@ -1149,6 +1166,8 @@ std::string Replicator::status_json() const {
     j["bucket"] = config_.bucket;
     j["endpoint"] = config_.s3.endpoint.empty() ? "aws" : log::redact_url(config_.s3.endpoint);
     j["mode"] = !enabled_ ? "off" : (config_.sync ? "sync" : "async");
+    j["role"] = "leader";
+    j["leader_pid"] = leader_lock_ ? leader_lock_->leader_pid() : 0;
     // The key id names the key without revealing it; the key never appears here.
     j["encryption"] = cipher_ ? nlohmann::json{{"alg", kEncryptionAlg}, {"key_id", cipher_->key_id()}}
                               : nlohmann::json(nullptr);

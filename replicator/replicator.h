@@ -24,6 +24,7 @@
 
 #include "replicator/config.h"
 #include "replicator/format.h"
+#include "replicator/leader_lock.h"
 #include "replicator/wal.h"
 #include "s3/client.h"
 #include "s3/result.h"
@@ -35,7 +36,12 @@ public:
     // The replicator of the database at `path` (canonical): the running one,
     // or a new one after the start-up decision (which may restore the file
     // from the bucket, or fail per LIBSQL_BOTTOMLESS_INITIAL_REPLICATION).
-    static Result<std::shared_ptr<Replicator>> acquire(const std::string& path, const ReplicatorConfig& config);
+    // Only one process replicates a database (the leader, leader_lock.h).
+    // When another process leads, the result is null and *leader_elsewhere
+    // is set to its pid (-1 when unknown): this process must not write the
+    // database (the VFS opens it read-only), or the history would fork.
+    static Result<std::shared_ptr<Replicator>> acquire(const std::string& path, const ReplicatorConfig& config,
+                                                       long* leader_elsewhere = nullptr);
     // The running replicator of `path`, if any (for the WAL and journals).
     static std::shared_ptr<Replicator> find(const std::string& path);
 
@@ -148,6 +154,7 @@ private:
     std::unique_ptr<s3::Client> client_;
     std::shared_ptr<const Cipher> cipher_;  // set by startup(), then read-only; null: plaintext
     bool enabled_ = true;
+    std::optional<LeaderLock> leader_lock_;  // held for the replicator's lifetime (released last)
     int db_fd_ = -1;  // read-only; closed only when the last connection is gone (POSIX locks)
 
     // Observations from the VFS. obs_mu_ is held only to copy small values.

@@ -30,21 +30,49 @@ namespace {
 
 using bottomless::replicator::Replicator;
 
-Replicator* connection_replicator(sqlite3_context* ctx) {
+sqlite3_file* main_file(sqlite3_context* ctx) {
     sqlite3* db = sqlite3_context_db_handle(ctx);
     sqlite3_file* file = nullptr;
-    if (sqlite3_file_control(db, "main", SQLITE_FCNTL_FILE_POINTER, &file) != SQLITE_OK || !file) return nullptr;
-    if (!bottomless::vfs::is_bottomless_file(file)) {
+    if (sqlite3_file_control(db, "main", SQLITE_FCNTL_FILE_POINTER, &file) != SQLITE_OK) return nullptr;
+    return file;
+}
+
+std::string follower_message(long leader) {
+    return "bottomless: " + (leader > 0 ? "process " + std::to_string(leader) : std::string("another process")) +
+           " replicates this database; this connection is read-only and does not replicate";
+}
+
+Replicator* connection_replicator(sqlite3_context* ctx) {
+    sqlite3_file* file = main_file(ctx);
+    if (!file || !bottomless::vfs::is_bottomless_file(file)) {
         sqlite3_result_error(ctx, "bottomless: this database was not opened with vfs=bottomless", -1);
         return nullptr;
     }
     Replicator* r = bottomless::vfs::replicator_of(file);
-    if (!r) sqlite3_result_error(ctx, "bottomless: replication is off for this database (initial_replication=skip)", -1);
+    if (long leader = bottomless::vfs::leader_elsewhere(file)) {
+        std::string m = follower_message(leader);
+        sqlite3_result_error(ctx, m.c_str(), -1);
+    } else if (!r) {
+        sqlite3_result_error(ctx, "bottomless: replication is off for this database (initial_replication=skip)", -1);
+    }
     return r;
 }
 
 void fn_status(sqlite3_context* ctx, int, sqlite3_value**) {
     try {
+        // A follower connection answers with who leads instead of an error:
+        // status is how an operator finds out.
+        if (sqlite3_file* file = main_file(ctx)) {
+            if (long leader = bottomless::vfs::leader_elsewhere(file)) {
+                std::string s = nlohmann::json{{"role", "follower"},
+                                               {"leader_pid", leader > 0 ? nlohmann::json(leader) : nlohmann::json()},
+                                               {"read_only", true},
+                                               {"message", follower_message(leader)}}
+                                    .dump();
+                sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+                return;
+            }
+        }
         if (Replicator* r = connection_replicator(ctx)) {
             std::string s = r->status_json();
             sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);

@@ -61,7 +61,12 @@ enum class Kind { MainDb, Wal };
 struct ShimFile {
     sqlite3_file base;  // must come first: SQLite sees this
     Kind kind;
-    std::shared_ptr<Replicator> repl;  // may be null (replication skipped)
+    std::shared_ptr<Replicator> repl;  // may be null (replication skipped, or another process leads)
+    // Main db: another process replicates this database (its pid, -1 when
+    // unknown). This connection is read-only and never writes the file:
+    // a checkpoint here could empty a WAL whose frames the leader has not
+    // shipped yet.
+    long leader_elsewhere = 0;
     // Main db: region 0 of the wal-index, when mapped.
     volatile void* shm0 = nullptr;
     bool holds_ckpt = false;
@@ -172,6 +177,7 @@ int x_close(sqlite3_file* f) {
 
 int main_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
     ShimFile* s = shim(f);
+    if (s->leader_elsewhere) return SQLITE_READONLY;  // a checkpoint (the pager itself is read-only)
     if (s->repl) {
         // In WAL mode only checkpoints write the database file; without a WAL
         // open, a write is a rollback-journal transaction the WAL never saw.
@@ -184,6 +190,7 @@ int main_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
 
 int main_truncate(sqlite3_file* f, sqlite3_int64 size) {
     ShimFile* s = shim(f);
+    if (s->leader_elsewhere) return SQLITE_READONLY;
     if (s->repl) {
         if (s->repl->wal_is_open()) s->repl->note_db_write();
         else s->repl->note_write_outside_wal();
@@ -465,6 +472,7 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
 
     std::shared_ptr<Replicator> repl;
     std::string canon;
+    long leader_elsewhere = 0;
     int rc = guarded(SQLITE_CANTOPEN, [&]() -> int {
         if (main_db) {
             canon = canonical_path(name);
@@ -474,13 +482,23 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
                 sqlite3_log(SQLITE_CANTOPEN, "bottomless: %s", cfg.error().message.c_str());
                 return SQLITE_CANTOPEN;
             }
-            auto r = Replicator::acquire(canon, *cfg);
+            auto r = Replicator::acquire(canon, *cfg, &leader_elsewhere);
             if (!r) {
+                const int code = r.error().code == "StartupBusy" ? SQLITE_BUSY : SQLITE_CANTOPEN;
                 log::error("cannot open " + canon + ": " + r.error().describe());
-                sqlite3_log(SQLITE_CANTOPEN, "bottomless: %s", r.error().describe().c_str());
-                return SQLITE_CANTOPEN;
+                sqlite3_log(code, "bottomless: %s", r.error().describe().c_str());
+                return code;
             }
-            if ((*r)->enabled()) repl = std::move(r).value();
+            if (leader_elsewhere) {
+                std::string who = leader_elsewhere > 0 ? "process " + std::to_string(leader_elsewhere) : "another process";
+                std::string m = canon + " is replicated by " + who +
+                                "; this connection is read-only (bottomless replicates a database from one process "
+                                "at a time: write it from that process, or reopen once it has closed)";
+                log::warn(m);
+                sqlite3_log(SQLITE_READONLY, "bottomless: %s", m.c_str());
+            } else if (*r && (*r)->enabled()) {
+                repl = std::move(r).value();
+            }
         } else {
             std::string n(name);
             if (n.size() > 4 && n.compare(n.size() - 4, 4, "-wal") == 0)
@@ -495,12 +513,16 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
     s->base.pMethods = nullptr;           // stays null on failure: SQLite will not call xClose
     s->kind = main_db ? Kind::MainDb : Kind::Wal;
     s->repl = std::move(repl);
+    s->leader_elsewhere = leader_elsewhere;
     sqlite3_file* l = s->lower();
     rc = g_lower->xOpen(g_lower, name, l, flags, out_flags);
     if (rc != SQLITE_OK) {
         s->~ShimFile();
         return rc;
     }
+    // A follower's pager is read-only: writes fail with SQLITE_READONLY
+    // ("attempt to write a readonly database") instead of forking the history.
+    if (leader_elsewhere && out_flags) *out_flags = (*out_flags & ~SQLITE_OPEN_READWRITE) | SQLITE_OPEN_READONLY;
     int v = l->pMethods ? l->pMethods->iVersion : 1;
     v = v < 1 ? 1 : (v > 3 ? 3 : v);
     s->base.pMethods = main_db ? &g_main_methods[v] : &g_wal_methods[v];
@@ -569,6 +591,11 @@ Replicator* replicator_of(sqlite3_file* f) {
     for (int v = 1; v <= 3; ++v)
         if (f->pMethods == &g_main_methods[v]) return shim(f)->repl.get();
     return nullptr;
+}
+
+long leader_elsewhere(sqlite3_file* f) {
+    if (!is_bottomless_file(f)) return 0;
+    return shim(f)->leader_elsewhere;
 }
 
 bool is_bottomless_file(sqlite3_file* f) {

@@ -19,5 +19,8 @@ int register_vfs(bool make_default);
 // nullptr (another VFS, or replication skipped).
 replicator::Replicator* replicator_of(sqlite3_file* file);
 bool is_bottomless_file(sqlite3_file* file);
+// Non-zero when another process replicates the database behind `file`: its
+// pid (-1 when unknown). Such a connection is read-only.
+long leader_elsewhere(sqlite3_file* file);
 
 }  // namespace bottomless::vfs
