@@ -3,6 +3,7 @@
 #include "replicator/encryption.h"
 
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -19,11 +20,8 @@ namespace {
 constexpr size_t kKeySize = 32;
 constexpr size_t kSeedSize = 32;
 constexpr size_t kKeyIdSize = 8;
-// scrypt memory is 128 * N * r bytes: 32 MiB at the default cost. The cap
-// refuses a KDF object that would make every open allocate gigabytes.
-constexpr uint64_t kScryptMaxMem = 1ull << 30;
-constexpr uint64_t kScryptMaxN = uint64_t{1} << 22;
-constexpr uint32_t kScryptMaxR = 32, kScryptMaxP = 16;
+// The KDF object's size: ~150 bytes when we write it.
+constexpr size_t kKdfObjectMaxBytes = 64u << 10;
 
 void put_be(unsigned char* p, uint64_t v, int bytes) {
     for (int i = bytes - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<unsigned char>(v);
@@ -115,7 +113,10 @@ Result<std::shared_ptr<const Cipher>> Cipher::from_passphrase(std::string_view p
         if (auto it = cache.find(id); it != cache.end()) return it->second;
     }
     std::string master;
-    if (kdf.n > kScryptMaxN || !s3::scrypt(passphrase, kdf.salt, kdf.n, kdf.r, kdf.p, kKeySize, kScryptMaxMem, master))
+    // The ceiling holds for every caller; the floor is for what comes from
+    // the bucket (parse_kdf), so tests may derive cheaply.
+    if (kdf.n > kScryptMaxN || kdf.r > kScryptMaxR || kdf.p > kScryptMaxP || scrypt_memory(kdf) > kScryptMaxMem ||
+        !s3::scrypt(passphrase, kdf.salt, kdf.n, kdf.r, kdf.p, kKeySize, kScryptMaxMem + (1u << 20), master))
         return make_error(ErrorKind::InvalidArgument,
                           "scrypt refused the key derivation parameters N=" + std::to_string(kdf.n) +
                               " r=" + std::to_string(kdf.r) + " p=" + std::to_string(kdf.p),
@@ -279,35 +280,65 @@ Status ChunkOpener::open(std::string_view sealed, bool final, const Out& out) {
 
 std::string kdf_params_key(const std::string& db_id) { return db_id + "/encryption.json"; }
 
+namespace {
+
+// An unsigned JSON integer no larger than max. Floats are refused before any
+// get<>(): converting 1e30 to an integer is undefined behaviour.
+bool kdf_uint(const nlohmann::json& j, const char* key, uint64_t max, uint64_t& out) {
+    auto it = j.find(key);
+    if (it == j.end() || !it->is_number_unsigned() || it->get<uint64_t>() > max) return false;
+    out = it->get<uint64_t>();
+    return true;
+}
+
+}  // namespace
+
+uint64_t scrypt_memory(const KdfParams& k) {
+    // 128 * N * r, saturating (N and r are bounded first by every caller that trusts it).
+    if (k.r != 0 && k.n > std::numeric_limits<uint64_t>::max() / 128 / k.r) return std::numeric_limits<uint64_t>::max();
+    return 128 * k.n * k.r;
+}
+
 Result<KdfParams> parse_kdf(const std::string& text, const std::string& where) {
     auto bad = [&](const std::string& why) {
         return make_error(ErrorKind::Corrupt, where + ": " + why, "BadKdfParams");
     };
-    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+    std::string why;
+    nlohmann::json j = parse_untrusted_json(text, kKdfObjectMaxBytes, &why);
+    if (j.is_discarded()) return bad("not valid JSON (" + why + ")");
     if (!j.is_object()) return bad("not a JSON object");
+    uint64_t format = 0, n = 0, r = 0, p = 0;
+    if (!kdf_uint(j, "format", 1000, format)) return bad("missing or invalid format");
+    if (format != 1) return bad("unknown format (this build reads 1): upgrade bottomless");
+    auto kdf = j.find("kdf");
+    if (kdf == j.end() || !kdf->is_string()) return bad("missing or invalid kdf");
+    if (kdf->get_ref<const std::string&>() != "scrypt") return bad("unknown kdf (this build knows scrypt)");
     KdfParams k;
-    try {
-        if (j.at("format").get<int>() != 1) return bad("unknown format (this build reads 1): upgrade bottomless");
-        if (j.at("kdf").get<std::string>() != "scrypt")
-            return bad("unknown kdf '" + j.at("kdf").get<std::string>() + "'");
-        if (!s3::from_hex(j.at("salt").get<std::string>(), k.salt) || k.salt.size() < 16) return bad("bad salt");
-        k.n = j.at("n").get<uint64_t>();
-        k.r = j.at("r").get<uint32_t>();
-        k.p = j.at("p").get<uint32_t>();
-    } catch (const std::exception&) {
-        return bad("missing or invalid format, kdf, salt, n, r or p");
-    }
-    // Whoever can write the bucket must not be able to make every open
-    // spend hours: the cost stays within what a reasonable setting needs.
-    if (k.n < 2 || k.n > kScryptMaxN || k.r == 0 || k.r > kScryptMaxR || k.p == 0 || k.p > kScryptMaxP)
-        return bad("scrypt cost out of range (N 2.." + std::to_string(kScryptMaxN) + ", r 1.." +
-                   std::to_string(kScryptMaxR) + ", p 1.." + std::to_string(kScryptMaxP) + ")");
+    auto salt = j.find("salt");
+    if (salt == j.end() || !salt->is_string() || !s3::from_hex(salt->get_ref<const std::string&>(), k.salt) ||
+        k.salt.size() < 16 || k.salt.size() > 1024)
+        return bad("missing or invalid salt (hex, 16 to 1024 bytes)");
+    // Whoever can write the bucket can plant this object. Too cheap a cost
+    // makes guessing the passphrase from a stolen bucket nearly free; too
+    // high a cost makes every open spend seconds and gigabytes.
+    const std::string range = "scrypt cost out of range (N a power of two from " + std::to_string(kScryptMinN) +
+                              " to " + std::to_string(kScryptMaxN) + ", r " + std::to_string(kScryptMinR) + ".." +
+                              std::to_string(kScryptMaxR) + ", p 1.." + std::to_string(kScryptMaxP) +
+                              ", memory 128*N*r at most " + std::to_string(kScryptMaxMem >> 20) +
+                              " MiB): whoever wrote it is not bottomless; remove it only if no replica uses it";
+    if (!kdf_uint(j, "n", kScryptMaxN, n) || !kdf_uint(j, "r", kScryptMaxR, r) || !kdf_uint(j, "p", kScryptMaxP, p))
+        return bad("missing, non-integer or too large n, r or p; " + range);
+    k.n = n;
+    k.r = static_cast<uint32_t>(r);
+    k.p = static_cast<uint32_t>(p);
+    if (k.n < kScryptMinN || (k.n & (k.n - 1)) != 0 || k.r < kScryptMinR || k.p == 0 ||
+        scrypt_memory(k) > kScryptMaxMem)
+        return bad("N=" + std::to_string(k.n) + " r=" + std::to_string(k.r) + " p=" + std::to_string(k.p) + ": " +
+                   range);
     return k;
 }
 
-namespace {
-
-std::string kdf_json(const KdfParams& k) {
+std::string kdf_params_json(const KdfParams& k) {
     nlohmann::json j = {{"format", 1},
                         {"kdf", "scrypt"},
                         {"salt", s3::to_hex(reinterpret_cast<const unsigned char*>(k.salt.data()), k.salt.size())},
@@ -316,8 +347,6 @@ std::string kdf_json(const KdfParams& k) {
                         {"p", k.p}};
     return j.dump() + "\n";
 }
-
-}  // namespace
 
 Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std::string& bucket,
                                                   const std::string& db_id, const EncryptionSecret& secret,
@@ -340,7 +369,7 @@ Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std:
         s3::PutOptions opts;
         opts.if_none_match = true;
         opts.content_type = "application/json";
-        auto put = client.put_object(bucket, key, kdf_json(fresh), opts);
+        auto put = client.put_object(bucket, key, kdf_params_json(fresh), opts);
         if (put) log::info("created " + where + " (scrypt salt for the passphrase)");
         else if (put.error().kind != ErrorKind::Precondition) return std::move(put).error();
         // Ours or a racing process's (Precondition): derive from what the

@@ -79,6 +79,14 @@ struct KdfParams {
     uint32_t r = 8, p = 1;
 };
 
+// Bounds on a KDF object read from the bucket (docs/ENCRYPTION.md). The floor
+// keeps offline guessing expensive; the ceiling keeps a planted object from
+// making every open spend seconds and gigabytes. scrypt's memory is 128*N*r.
+constexpr uint64_t kScryptMinN = uint64_t{1} << 14, kScryptMaxN = uint64_t{1} << 20;
+constexpr uint32_t kScryptMinR = 8, kScryptMaxR = 32, kScryptMaxP = 4;
+constexpr uint64_t kScryptMaxMem = 256ull << 20;
+uint64_t scrypt_memory(const KdfParams& k);
+
 class Cipher {
 public:
     // From the 32 raw bytes of a master key.
@@ -168,9 +176,12 @@ private:
 
 // "<db_id>/encryption.json": the scrypt salt and cost of the database.
 std::string kdf_params_key(const std::string& db_id);
-// Parses and bounds-checks the KDF object's text; `where` (its location) goes
-// into errors. Exposed for the fuzzer (tests/fuzz/fuzz_kdf.cpp).
+// Parses and bounds-checks the KDF object's text (the kScrypt* bounds above);
+// any defect is Corrupt "BadKdfParams" naming `where` (its location).
+// Exposed for the fuzzer (tests/fuzz/fuzz_kdf.cpp) and the golden objects.
 Result<KdfParams> parse_kdf(const std::string& text, const std::string& where);
+// The KDF object's text as open_cipher() writes it.
+std::string kdf_params_json(const KdfParams& k);
 
 // The master key for db_id. A passphrase needs the KDF object: it is read,
 // or created when `create` is set and none exists (a conditional create, so

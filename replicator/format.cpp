@@ -10,6 +10,7 @@
 #include "replicator/format.h"
 
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -32,9 +33,6 @@ using json = nlohmann::json;
 constexpr size_t kMagicSize = 8;
 constexpr size_t kPreambleSize = kMagicSize + 4 + 4;  // magic, version, header length
 constexpr size_t kTrailerSize = 32;                   // SHA-256
-// A header is a few hundred bytes (a segment's grows by ~60 per transaction);
-// the cap stops a corrupt length from sizing a huge buffer.
-constexpr uint32_t kMaxHeaderSize = 16u << 20;
 // Snapshot output goes to the sink in pieces of this size: large enough for
 // an S3 multipart part to be assembled cheaply, small enough to keep memory flat.
 constexpr size_t kSnapshotChunk = 1u << 20;
@@ -43,6 +41,7 @@ constexpr int kZstdLevel = 3;
 constexpr uint64_t kGenerationTimeMax = (uint64_t{1} << 48) - 1;
 constexpr size_t kGenerationIdSize = 16 + 1 + 8;
 constexpr size_t kSegmentSeqDigits = 12;
+constexpr uint32_t kMaxEncryptionChunk = 1u << 20;
 
 struct CCtxDeleter {
     void operator()(ZSTD_CCtx* c) const noexcept { ZSTD_freeCCtx(c); }
@@ -240,8 +239,9 @@ std::string check_encryption(const std::optional<EncryptionInfo>& e) {
         return "encryption.alg: '" + e->alg + "' is not one this build reads (" + kEncryptionAlg + ")";
     if (e->key_id.size() != 16 || !is_lower_hex(e->key_id)) return "encryption.key_id: not 16 hex digits";
     if (e->seed.size() != 64 || !is_lower_hex(e->seed)) return "encryption.seed: not 64 hex digits";
-    if (e->chunk_size < 1024 || e->chunk_size > (16u << 20))
-        return "encryption.chunk_size: " + std::to_string(e->chunk_size) + " is outside 1 KiB .. 16 MiB";
+    // Writers use 64 KiB; a decoder holds two chunks, so the header must not pick more.
+    if (e->chunk_size < 1024 || e->chunk_size > kMaxEncryptionChunk)
+        return "encryption.chunk_size: " + std::to_string(e->chunk_size) + " is outside 1 KiB .. 1 MiB";
     return {};
 }
 
@@ -260,16 +260,23 @@ std::string check_segment_header(const SegmentHeader& h) {
         if (h.txns[i].frames == 0) return "txns[" + std::to_string(i) + "].frames: 0";
         if (h.txns[i].db_pages == 0) return "txns[" + std::to_string(i) + "].db_pages: 0";
     }
+    // Declarations bound what decoding may produce; a ratio test would
+    // refuse legitimate sparse pages, a declared cap does not.
+    if (h.txns.size() > kMaxSegmentTxns)
+        return "txns: " + std::to_string(h.txns.size()) + " transactions, more than the " +
+               std::to_string(kMaxSegmentTxns) + " a segment may hold";
+    const uint64_t body = h.frame_count() * (4 + uint64_t{h.page_size});
+    if (body > kMaxSegmentBodyBytes)
+        return "txns: " + std::to_string(h.frame_count()) + " frames of " + std::to_string(h.page_size) +
+               " bytes decode to " + std::to_string(body) + " bytes, more than the " +
+               std::to_string(kMaxSegmentBodyBytes) + " a segment may hold";
     return check_encryption(h.encryption);
 }
 
-json parse_json_object(std::string_view text) {
-    json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-    return j.is_object() ? j : json();
-}
-
 Result<SnapshotHeader> snapshot_header_from_json(std::string_view text, const std::string& name) {
-    json j = parse_json_object(text);
+    std::string why;
+    json j = parse_untrusted_json(text, kMaxHeaderSize, &why);
+    if (j.is_discarded()) return corrupt(name, "snapshot header is not valid JSON (" + why + ")");
     if (!j.is_object()) return corrupt(name, "snapshot header is not a JSON object");
     SnapshotHeader h;
     FieldReader r(j, "");
@@ -290,7 +297,9 @@ Result<SnapshotHeader> snapshot_header_from_json(std::string_view text, const st
 }
 
 Result<SegmentHeader> segment_header_from_json(std::string_view text, const std::string& name) {
-    json j = parse_json_object(text);
+    std::string why;
+    json j = parse_untrusted_json(text, kMaxHeaderSize, &why);
+    if (j.is_discarded()) return corrupt(name, "segment header is not valid JSON (" + why + ")");
     if (!j.is_object()) return corrupt(name, "segment header is not a JSON object");
     SegmentHeader h;
     FieldReader r(j, "");
@@ -302,6 +311,10 @@ Result<SegmentHeader> segment_header_from_json(std::string_view text, const std:
     r.position("end", h.end);
     r.str("prev_sha256", h.prev_sha256);
     if (const json* txns = r.array("txns")) {
+        if (txns->size() > kMaxSegmentTxns)
+            return corrupt(name, "segment header field txns: " + std::to_string(txns->size()) +
+                                     " transactions, more than the " + std::to_string(kMaxSegmentTxns) +
+                                     " a segment may hold");
         h.txns.reserve(txns->size());
         for (size_t i = 0; i < txns->size() && r.bad().empty(); ++i) {
             const json& t = (*txns)[i];
@@ -394,6 +407,8 @@ public:
         cctx_.reset(ZSTD_createCCtx());
         if (!cctx_) throw std::bad_alloc();
         check_zstd(ZSTD_CCtx_setParameter(cctx_.get(), ZSTD_c_compressionLevel, kZstdLevel), "ZSTD_c_compressionLevel");
+        // Pinned: readers refuse a larger window (kZstdWindowLog in format.h).
+        check_zstd(ZSTD_CCtx_setParameter(cctx_.get(), ZSTD_c_windowLog, kZstdWindowLog), "ZSTD_c_windowLog");
         check_zstd(ZSTD_CCtx_setPledgedSrcSize(cctx_.get(), pledged_size), "ZSTD_CCtx_setPledgedSrcSize");
         zbuf_.resize(ZSTD_CStreamOutSize());
     }
@@ -486,6 +501,9 @@ public:
         if (c == Compression::Zstd) {
             dctx_.reset(ZSTD_createDCtx());
             if (!dctx_) throw std::bad_alloc();
+            // The frame header names the window the decoder must allocate:
+            // never more than a writer of this format uses.
+            check_zstd(ZSTD_DCtx_setParameter(dctx_.get(), ZSTD_d_windowLogMax, kZstdWindowLog), "ZSTD_d_windowLogMax");
         }
     }
 
@@ -506,6 +524,10 @@ public:
             ZSTD_outBuffer out{record_.data(), record_.size(), fill_};
             size_t before_in = in.pos;
             size_t r = ZSTD_decompressStream(dctx_.get(), &out, &in);
+            if (ZSTD_isError(r) && ZSTD_getErrorCode(r) == ZSTD_error_frameParameter_windowTooLarge)
+                return corrupt(name_, std::string(kind_) + " body's zstd frame asks for a window larger than " +
+                                          std::to_string(1u << kZstdWindowLog) +
+                                          " bytes, more than any writer of this format uses");
             if (ZSTD_isError(r))
                 return corrupt(name_,
                                std::string(kind_) + " body does not decompress (zstd: " + ZSTD_getErrorName(r) + ")");
@@ -637,8 +659,11 @@ std::string encode_segment(const SegmentHeader& plain_header, const std::vector<
         out.append(chunk);
         return {};
     });
-    // The emit callback never fails, so the Status results below are always OK.
     const std::string header_json = segment_header_json(header);
+    if (header_json.size() > kMaxHeaderSize)
+        throw std::invalid_argument("encode_segment: header of " + std::to_string(header_json.size()) +
+                                    " bytes exceeds the " + std::to_string(kMaxHeaderSize) + "-byte limit");
+    // The emit callback never fails, so the Status results below are always OK.
     (void)enc.write_raw(preamble(kSegmentMagic, header_json));
     if (cipher) enc.start_sealing(*cipher, *header.encryption, object_aad(kSegmentMagic, header_json));
     if (header.compression == Compression::Zstd)
@@ -657,7 +682,8 @@ std::string encode_segment(const SegmentHeader& plain_header, const std::vector<
     return out;
 }
 
-Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string& name, const Cipher* cipher) {
+Result<std::string> for_each_segment_frame(std::string_view bytes, const std::string& name, const Cipher* cipher,
+                                           const SegmentHeaderFn& on_header, const SegmentFrameFn& on_frame) {
     Result<std::string_view> text = header_text(bytes, kSegmentMagic, "segment", name);
     if (!text) return std::move(text).error();
     const size_t body_start = kPreambleSize + text->size();
@@ -675,48 +701,103 @@ Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string&
     if (std::memcmp(digest.data(), trailer.data(), kTrailerSize) != 0)
         return corrupt(name, "checksum mismatch: the trailer is not the SHA-256 of the content (corrupt or truncated)");
 
-    Result<SegmentHeader> header = segment_header_from_json(*text, name);
-    if (!header) return std::move(header).error();
-    if (Status st = check_cipher(header->encryption, cipher, name); !st) return std::move(st).error();
+    Result<SegmentHeader> parsed = segment_header_from_json(*text, name);
+    if (!parsed) return std::move(parsed).error();
+    const SegmentHeader& header = *parsed;
+    if (Status st = check_cipher(header.encryption, cipher, name); !st) return std::move(st).error();
 
-    DecodedSegment seg;
-    seg.header = std::move(*header);
-    seg.sha256 = s3::to_hex(digest);
-    const uint64_t expected = seg.header.frame_count();
-    const size_t record_size = 4 + seg.header.page_size;
+    // frame_count() is bounded by check_segment_header (kMaxSegmentBodyBytes).
+    const uint64_t expected = header.frame_count();
+    const size_t record_size = 4 + header.page_size;
     std::string_view body = content.substr(body_start);
-    if (seg.header.compression == Compression::None && !seg.header.encryption) {
-        if (body.size() / record_size != expected || body.size() % record_size != 0)
-            return corrupt(name, "segment body is " + std::to_string(body.size()) + " bytes, expected " +
-                                     std::to_string(expected) + " frames of " + std::to_string(record_size));
-        seg.frames.reserve(expected);
-    } else {
-        // The txns list is only a claim until the body backs it: do not let it size a buffer.
-        seg.frames.reserve(std::min<uint64_t>(expected, 1024));
-    }
+    if (header.compression == Compression::None && !header.encryption &&
+        (body.size() / record_size != expected || body.size() % record_size != 0))
+        return corrupt(name, "segment body is " + std::to_string(body.size()) + " bytes, expected " +
+                                 std::to_string(expected) + " frames of " + std::to_string(record_size));
+    if (on_header)
+        if (Status st = on_header(header); !st) return std::move(st).error();
 
-    BodyDecoder dec(seg.header.compression, record_size, name, "segment", cipher, seg.header.encryption,
-                    seg.header.encryption ? object_aad(kSegmentMagic, *text) : std::string());
+    BodyDecoder dec(header.compression, record_size, name, "segment", cipher, header.encryption,
+                    header.encryption ? object_aad(kSegmentMagic, *text) : std::string());
+    uint64_t frames = 0;
+    // Runs as each record leaves the decompressor: a body that decodes to
+    // more than its header declares stops here, not after it was all inflated.
     auto on_record = [&](std::string_view rec) -> Status {
-        if (seg.frames.size() == expected)
+        if (frames == expected)
             return corrupt(name,
                            "segment body holds more frames than its txns list (" + std::to_string(expected) + ")");
-        SegmentFrame f;
-        f.pgno = get_be32(rec.data());
-        if (f.pgno == 0)
-            return corrupt(name, "segment frame " + std::to_string(seg.frames.size() + 1) + " has page number 0");
-        f.page.assign(rec.substr(4));
-        seg.frames.push_back(std::move(f));
-        return {};
+        const uint32_t pgno = get_be32(rec.data());
+        if (pgno == 0) return corrupt(name, "segment frame " + std::to_string(frames + 1) + " has page number 0");
+        return on_frame(frames++, pgno, rec.substr(4));
     };
     if (Status st = dec.feed(body, on_record); !st) return std::move(st).error();
     if (Status st = dec.end(on_record); !st) return std::move(st).error();
     if (!dec.frame_ended()) return corrupt(name, "segment body is truncated: its zstd frame does not end");
-    if (dec.partial_bytes() != 0 || seg.frames.size() != expected)
-        return corrupt(name, "segment body holds " + std::to_string(seg.frames.size()) +
+    if (dec.partial_bytes() != 0 || frames != expected)
+        return corrupt(name, "segment body holds " + std::to_string(frames) +
                                  (dec.partial_bytes() ? " whole frames and a partial one" : " frames") +
                                  ", its txns list " + std::to_string(expected));
+    return s3::to_hex(digest);
+}
+
+Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string& name, const Cipher* cipher) {
+    DecodedSegment seg;
+    auto on_header = [&](const SegmentHeader& h) -> Status {
+        seg.header = h;
+        // The txns list is only a claim until the body backs it: do not let it size a buffer.
+        seg.frames.reserve(std::min<uint64_t>(h.frame_count(), 1024));
+        return {};
+    };
+    auto on_frame = [&](uint64_t, uint32_t pgno, std::string_view page) -> Status {
+        seg.frames.push_back(SegmentFrame{pgno, std::string(page)});
+        return {};
+    };
+    Result<std::string> sha = for_each_segment_frame(bytes, name, cipher, on_header, on_frame);
+    if (!sha) return std::move(sha).error();
+    seg.sha256 = std::move(*sha);
     return seg;
+}
+
+uint64_t max_segment_object_size() {
+    // zstd's worst case for incompressible input, then a GCM tag per chunk
+    // at the smallest chunk size a reader accepts.
+    const uint64_t zstd = ZSTD_compressBound(kMaxSegmentBodyBytes);
+    const uint64_t sealed = zstd + (zstd / 1024 + 1) * s3::AesGcm::kTagSize;
+    return kPreambleSize + kMaxHeaderSize + sealed + kTrailerSize;
+}
+
+// ---- untrusted JSON ----
+
+json parse_untrusted_json(std::string_view text, size_t max_bytes, std::string* why) {
+    auto refuse = [&](std::string reason) {
+        if (why) *why = std::move(reason);
+        return json(json::value_t::discarded);
+    };
+    if (text.size() > max_bytes)
+        return refuse(std::to_string(text.size()) + " bytes, more than the " + std::to_string(max_bytes) +
+                      "-byte limit");
+    // Depth first, with a scan that needs no memory: nlohmann parses deep
+    // input iteratively, but copies and some visitors recurse per level, and
+    // none of our documents is more than a few levels deep.
+    int depth = 0;
+    bool in_string = false, escaped = false;
+    for (char c : text) {
+        if (in_string) {
+            if (escaped) escaped = false;
+            else if (c == '\\') escaped = true;
+            else if (c == '"') in_string = false;
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == '[' || c == '{') {
+            if (++depth > kMaxJsonDepth)
+                return refuse("nested deeper than " + std::to_string(kMaxJsonDepth) + " levels");
+        } else if ((c == ']' || c == '}') && depth > 0) {
+            --depth;
+        }
+    }
+    json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) return refuse("not valid JSON");
+    return j;
 }
 
 // ---- snapshot writer ----
@@ -751,6 +832,12 @@ SnapshotWriter::SnapshotWriter(const SnapshotHeader& plain_header, Sink sink, co
         return;
     }
     const std::string header_json = snapshot_header_json(header);
+    if (header_json.size() > kMaxHeaderSize) {
+        impl_->failed = make_error(ErrorKind::InvalidArgument,
+                                   "snapshot header of " + std::to_string(header_json.size()) +
+                                       " bytes exceeds the " + std::to_string(kMaxHeaderSize) + "-byte limit");
+        return;
+    }
     if (Status st = impl_->enc.write_raw(preamble(kSnapshotMagic, header_json)); !st) {
         impl_->failed = std::move(st).error();
         return;

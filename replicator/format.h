@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -29,6 +30,25 @@ namespace bottomless::replicator {
 constexpr uint32_t kFormatVersion = 1;
 constexpr char kSnapshotMagic[9] = "BTLSSNAP";
 constexpr char kSegmentMagic[9] = "BTLSSEGM";
+
+// Limits that hold on both sides: the writer never produces an object past
+// them, and a reader refuses one before it costs memory, disk or time
+// (docs/FORMAT.md "Limits"). Everything in the bucket is untrusted.
+//
+// A header is a few hundred bytes plus ~60 per transaction of a segment.
+constexpr uint32_t kMaxHeaderSize = 1u << 20;
+// JSON nesting: our headers are 3 deep (object, txns array, txn object).
+constexpr int kMaxJsonDepth = 8;
+// Transactions in one segment: keeps the header far below kMaxHeaderSize
+// (~77 bytes per transaction at worst).
+constexpr size_t kMaxSegmentTxns = 8192;
+// Decoded body of one segment: frame_count x (4 + page_size). A transaction
+// larger than this is shipped by a snapshot instead.
+constexpr uint64_t kMaxSegmentBodyBytes = 1ull << 30;
+// zstd window (2 MiB, what level 3 picks for large inputs): the writer pins
+// it, the reader refuses frames that ask for more (ZSTD_d_windowLogMax), so
+// a 10-byte frame cannot make a reader allocate 128 MiB.
+constexpr int kZstdWindowLog = 21;
 
 enum class Compression { None, Zstd };
 const char* to_string(Compression c);
@@ -100,8 +120,25 @@ std::string encode_segment(const SegmentHeader& header, const std::vector<Segmen
 
 // Decodes and validates a segment: magic, version, trailer checksum, header
 // fields, frame count and sizes. `name` (the object key) goes into errors.
+// Holds every frame in memory (up to kMaxSegmentBodyBytes): for small
+// segments and tests; restore streams with for_each_segment_frame().
 Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string& name,
                                       const Cipher* cipher = nullptr);
+
+// The same checks, streaming: the trailer is verified over `bytes` first,
+// then on_header sees the header (an error from it stops everything), then
+// on_frame gets each frame (0-based index, page number, page) as it is
+// decompressed, one record in memory at a time. Decoding stops the moment
+// the body holds more than the header declares. Frames already handed out
+// are to be discarded if the result is an error. Returns the hex trailer.
+using SegmentHeaderFn = std::function<Status(const SegmentHeader&)>;
+using SegmentFrameFn = std::function<Status(uint64_t index, uint32_t pgno, std::string_view page)>;
+Result<std::string> for_each_segment_frame(std::string_view bytes, const std::string& name, const Cipher* cipher,
+                                           const SegmentHeaderFn& on_header, const SegmentFrameFn& on_frame);
+
+// The largest object a valid segment can be (header, compressed or sealed
+// body at its worst, trailer): a bound for downloading one.
+uint64_t max_segment_object_size();
 
 // Streams a snapshot out: call add_page() db_pages times, then finish().
 // Output goes to `sink` in pieces (e.g. an S3 multipart writer); memory is
@@ -149,6 +186,13 @@ private:
 // Headers are never encrypted: listing needs no key.
 Result<SnapshotHeader> peek_snapshot_header(std::string_view prefix, const std::string& name);
 Result<SegmentHeader> peek_segment_header(std::string_view prefix, const std::string& name);
+
+// Parses JSON from an untrusted source (bucket object, local state file):
+// refuses more than max_bytes and nesting deeper than kMaxJsonDepth before
+// nlohmann sees the text, so neither size nor depth can exhaust memory or
+// stack. Returns a discarded value (is_discarded()) on any defect, with the
+// reason in *why when given. Never throws on bad input.
+nlohmann::json parse_untrusted_json(std::string_view text, size_t max_bytes, std::string* why = nullptr);
 
 // Generation ids: 16 hex digits of (2^48 - 1 - milliseconds since the Unix
 // epoch), a dash, 8 random hex digits. Newer ids sort first in S3 listings.

@@ -23,24 +23,43 @@
 namespace bottomless::replicator {
 
 std::optional<LocalState> parse_state_file(std::string_view text, const std::string& path) {
+    // Integers are type-checked before get<>(): a float such as 1e30
+    // converted to an integer is undefined behaviour.
+    auto u = [](const nlohmann::json& v, uint64_t max) {
+        if (!v.is_number_unsigned() || v.get<uint64_t>() > max) throw std::runtime_error("integer field out of range");
+        return v.get<uint64_t>();
+    };
+    auto i = [](const nlohmann::json& j, const char* key) -> int64_t {
+        auto it = j.find(key);
+        if (it == j.end()) return -1;
+        if (!it->is_number_integer() || (it->is_number_unsigned() && it->get<uint64_t>() > INT64_MAX))
+            throw std::runtime_error(std::string(key) + ": not an integer");
+        return it->get<int64_t>();
+    };
     try {
-        nlohmann::json j = nlohmann::json::parse(text);
-        if (j.value("format", 0) != 1) return std::nullopt;
+        std::string why;
+        nlohmann::json j = parse_untrusted_json(text, 1u << 20, &why);
+        if (j.is_discarded()) throw std::runtime_error(why);
+        if (!j.is_object() || !j.contains("format") || !j["format"].is_number_unsigned() || j["format"] != 1)
+            return std::nullopt;
         LocalState s;
         s.bucket = j.at("bucket");
         s.db_id = j.at("db_id");
         s.generation = j.at("generation");
         s.prev_sha256 = j.at("prev_sha256");
-        s.seq = j.at("seq");
+        s.seq = u(j.at("seq"), UINT64_MAX);
         const auto& p = j.at("position");
-        s.position = WalPosition{p.at("salt1"), p.at("salt2"), p.at("frame"), p.at("cksum1"), p.at("cksum2")};
+        s.position = WalPosition{static_cast<uint32_t>(u(p.at("salt1"), UINT32_MAX)),
+                                 static_cast<uint32_t>(u(p.at("salt2"), UINT32_MAX)), u(p.at("frame"), UINT64_MAX),
+                                 static_cast<uint32_t>(u(p.at("cksum1"), UINT32_MAX)),
+                                 static_cast<uint32_t>(u(p.at("cksum2"), UINT32_MAX))};
         s.clean_close = j.value("clean_close", false);
         s.restored = j.value("restored", false);
         if (j.contains("lineage"))
             for (const auto& g : j["lineage"]) s.lineage.push_back(g.get<std::string>());
-        s.db_size = j.value("db_size", int64_t{-1});
-        s.db_mtime_ns = j.value("db_mtime_ns", int64_t{-1});
-        s.db_ino = j.value("db_ino", uint64_t{0});
+        s.db_size = i(j, "db_size");
+        s.db_mtime_ns = i(j, "db_mtime_ns");
+        s.db_ino = j.contains("db_ino") ? u(j["db_ino"], UINT64_MAX) : 0;
         return s;
     } catch (const std::exception& e) {
         log::warn("ignoring unreadable replication state " + path + ": " + e.what());
@@ -707,7 +726,20 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         std::vector<SegmentFrame> frames;
         uint64_t bytes = 0;
         size_t n = 0;
-        while (n < pending_.size() && (n == 0 || bytes + pending_[n].bytes <= config_.batch_max_bytes)) {
+        // A segment must stay within what readers accept (format.h): its
+        // header under kMaxHeaderSize, its decoded body under
+        // kMaxSegmentBodyBytes. One transaction larger than that goes into
+        // the bucket as a snapshot instead.
+        auto body = [&](const PendingTxn& t) { return t.frames.size() * (4 + uint64_t{page_size_}); };
+        if (body(pending_.front()) > kMaxSegmentBodyBytes) {
+            request_snapshot("a transaction of " + std::to_string(pending_.front().frames.size()) +
+                             " pages is larger than a segment may hold");
+            return {};
+        }
+        uint64_t seg_body = 0;
+        while (n < pending_.size() && n < kMaxSegmentTxns && seg_body + body(pending_[n]) <= kMaxSegmentBodyBytes &&
+               (n == 0 || bytes + pending_[n].bytes <= config_.batch_max_bytes)) {
+            seg_body += body(pending_[n]);
             PendingTxn& t = pending_[n];
             f.header.txns.push_back(SegmentTxn{static_cast<uint32_t>(t.frames.size()), t.db_pages, t.commit_us});
             bytes += t.bytes;

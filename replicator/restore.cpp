@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -37,11 +38,52 @@ bool pwrite_full(int fd, const char* p, size_t n, uint64_t off) {
     return true;
 }
 
+// Disk use of a restore. Object sizes say little about what they decode to
+// (a 262 KB snapshot can declare 8 GiB of zero pages, a few KB of segment
+// can decode to a GiB of distinct pages), so every extension of the restored
+// file is checked against the free space of its file system first: a
+// hostile or oversized bucket fails the restore with a clear error instead
+// of filling the disk.
+class SpaceGuard {
+public:
+    explicit SpaceGuard(std::string dir) : dir_(std::move(dir)) {}
+    // Before the file grows to `end` bytes; `what` says which object wants it.
+    Status reserve(uint64_t end, const std::string& what) {
+        if (end <= checked_) return {};
+        struct statvfs vfs{};
+        if (::statvfs(dir_.c_str(), &vfs) != 0) return {};  // unknown: the writes themselves will tell
+        const uint64_t avail = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+        // Checked with some slack ahead, so a file growing page by page
+        // costs one statvfs per kSlack bytes, not one per page.
+        const uint64_t want = end + kSlack - std::min(extent_, end);
+        if (want > avail)
+            return make_error(ErrorKind::Io,
+                              what + ": the restored file would grow to " + std::to_string(end) + " bytes, " +
+                                  std::to_string(end - std::min(extent_, end)) + " more than now, but the file system of " +
+                                  dir_ + " has only " + std::to_string(avail) +
+                                  " bytes free; free some space or restore to another file system (if the size is "
+                                  "absurd, the object is damaged or planted: run verify)",
+                              "NoSpace");
+        extent_ = std::max(extent_, end);
+        checked_ = end + kSlack;
+        return {};
+    }
+
+private:
+    static constexpr uint64_t kSlack = 8u << 20;
+    std::string dir_;
+    uint64_t extent_ = 0;   // the largest size reserved so far
+    uint64_t checked_ = 0;  // growth up to here needs no new check
+};
+
 // Feeds a downloaded snapshot into a SnapshotReader that writes pages into
 // the output file. A retry of the download starts the reader afresh.
+// Pages past `max_pages` (what the header declared when the free space was
+// checked) stop it, even if the object changed since.
 class SnapshotSink final : public s3::http::BodySink {
 public:
-    SnapshotSink(std::string name, int fd, const Cipher* cipher) : name_(std::move(name)), fd_(fd), cipher_(cipher) {
+    SnapshotSink(std::string name, int fd, const Cipher* cipher, uint32_t max_pages)
+        : name_(std::move(name)), fd_(fd), cipher_(cipher), max_pages_(max_pages) {
         make_reader();
     }
     bool write(const char* data, size_t n) override {
@@ -75,6 +117,11 @@ private:
         buf_.clear();
         // Pages come in order: gather them into 1 MiB writes.
         reader_ = std::make_unique<SnapshotReader>(name_, [this](uint32_t pgno, std::string_view page) -> Status {
+            if (pgno > max_pages_)
+                return make_error(ErrorKind::Corrupt,
+                                  name_ + ": holds more than the " + std::to_string(max_pages_) +
+                                      " pages its header declared (the object changed during the restore?)",
+                                  "WrongObject");
             if (buf_.empty()) buf_offset_ = static_cast<uint64_t>(pgno - 1) * page.size();
             buf_.append(page);
             if (buf_.size() >= (1u << 20)) return flush_pages();
@@ -86,6 +133,7 @@ private:
     std::string name_;
     int fd_;
     const Cipher* cipher_;
+    uint32_t max_pages_;
     std::unique_ptr<SnapshotReader> reader_;
     std::optional<Error> error_;
     uint64_t bytes_ = 0;
@@ -105,7 +153,7 @@ struct TmpFile {
 constexpr uint64_t kPreamble = 16;
 constexpr uint64_t kFirstRead = 4096;
 // The same cap the decoder applies: a corrupt length must not size a huge read.
-constexpr uint64_t kMaxHeader = 16u << 20;
+constexpr uint64_t kMaxHeader = kMaxHeaderSize;
 
 // The first bytes of an object, enough to hold its whole header.
 Result<std::string> header_bytes(s3::Client& client, const std::string& bucket, const std::string& key,
@@ -307,10 +355,21 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     // The key is checked on the snapshot's header before anything is
     // created at the destination: a wrong or missing key is not a corrupt object.
     std::string snap_key = snapshot_key(db_id, chosen.id);
+    std::string out_dir = output_path.substr(0, output_path.find_last_of('/') + 1);
+    if (out_dir.empty()) out_dir = ".";
+    SpaceGuard space(out_dir);
+    uint32_t snap_pages = 0;
     {
         auto header = read_snapshot_header(client, bucket, snap_key, chosen.snapshot_bytes);
         if (!header) return std::move(header).error();
         if (auto st = check_cipher(header->encryption, options.cipher.get(), snap_key); !st) return std::move(st).error();
+        // The declared size against the free space, before a byte is written.
+        snap_pages = header->db_pages;
+        if (auto st = space.reserve(uint64_t{header->db_pages} * header->page_size,
+                                    "snapshot " + snap_key + " declares " + std::to_string(header->db_pages) +
+                                        " pages of " + std::to_string(header->page_size) + " bytes");
+            !st)
+            return std::move(st).error();
     }
     TmpFile tmp;
     tmp.path = output_path + ".restore-tmp";
@@ -322,7 +381,7 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     tmp.fd = ::open(tmp.path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (tmp.fd < 0) return make_error(ErrorKind::Io, "cannot create " + tmp.path + ": " + errno_text(errno), "OpenFailed");
     const uint64_t total = chosen.snapshot_bytes + chosen.segment_bytes;
-    SnapshotSink sink(snap_key, tmp.fd, options.cipher.get());
+    SnapshotSink sink(snap_key, tmp.fd, options.cipher.get(), snap_pages);
     auto snapshot_error = [&](Error e) -> Error {
         if (sink.error()) return *sink.error();
         if (e.kind == ErrorKind::NotFound)
@@ -414,42 +473,57 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
             return e;
         }
         res.bytes_downloaded += body->size();
-        auto seg = decode_segment(*body, key, options.cipher.get());
-        if (!seg) return std::move(seg).error();
-        const SegmentHeader& h = seg->header;
-        if (h.db_id != db_id || h.generation != chosen.id || h.seq != seq)
-            return make_error(ErrorKind::Corrupt, key + " holds segment " + std::to_string(h.seq) + " of " + h.db_id +
-                                                      "/" + h.generation + ": it is not the object this key should hold",
-                              "WrongObject");
-        if (h.prev_sha256 != res.last_sha256 || !(h.start == res.position))
-            return make_error(ErrorKind::Corrupt,
-                              key + " does not continue the previous object (chain broken): the history forks or an "
-                                    "object was replaced",
-                              "ChainBroken");
-        if (h.page_size != res.page_size)
-            return make_error(ErrorKind::Corrupt, key + " has page size " + std::to_string(h.page_size) +
-                                                      ", the snapshot " + std::to_string(res.page_size),
-                              "ChainBroken");
-        size_t f = 0;
-        for (const auto& txn : h.txns) {
-            if (options.until_us && txn.commit_us > *options.until_us) {
-                stop = true;
-                break;
+        // Frames are written as they are decoded: memory holds the object
+        // and one page, whatever the segment decodes to. Frames written
+        // before a later error do not matter: the temp file is discarded.
+        SegmentHeader h;
+        uint64_t apply_frames = 0;  // frames of the transactions at or before the point in time
+        size_t apply_txns = 0;
+        auto on_header = [&](const SegmentHeader& sh) -> Status {
+            if (sh.db_id != db_id || sh.generation != chosen.id || sh.seq != seq)
+                return make_error(ErrorKind::Corrupt,
+                                  key + " holds segment " + std::to_string(sh.seq) + " of " + sh.db_id + "/" +
+                                      sh.generation + ": it is not the object this key should hold",
+                                  "WrongObject");
+            if (sh.prev_sha256 != res.last_sha256 || !(sh.start == res.position))
+                return make_error(ErrorKind::Corrupt,
+                                  key + " does not continue the previous object (chain broken): the history forks or "
+                                        "an object was replaced",
+                                  "ChainBroken");
+            if (sh.page_size != res.page_size)
+                return make_error(ErrorKind::Corrupt, key + " has page size " + std::to_string(sh.page_size) +
+                                                          ", the snapshot " + std::to_string(res.page_size),
+                                  "ChainBroken");
+            for (const auto& txn : sh.txns) {
+                if (options.until_us && txn.commit_us > *options.until_us) break;
+                apply_frames += txn.frames;
+                ++apply_txns;
             }
-            for (uint32_t k = 0; k < txn.frames; ++k, ++f) {
-                const auto& fr = seg->frames[f];
-                if (!pwrite_full(tmp.fd, fr.page.data(), fr.page.size(),
-                                 static_cast<uint64_t>(fr.pgno - 1) * res.page_size))
-                    return make_error(ErrorKind::Io, "cannot write " + tmp.path + ": " + errno_text(errno), "WriteFailed");
-            }
-            res.db_pages = txn.db_pages;
-            res.last_commit_us = txn.commit_us;
+            h = sh;
+            return {};
+        };
+        auto on_frame = [&](uint64_t index, uint32_t pgno, std::string_view page) -> Status {
+            if (index >= apply_frames) return {};  // decoded (and so validated), not applied
+            const uint64_t off = static_cast<uint64_t>(pgno - 1) * res.page_size;
+            if (auto st = space.reserve(off + page.size(), "segment " + key); !st) return st;
+            if (!pwrite_full(tmp.fd, page.data(), page.size(), off))
+                return make_error(ErrorKind::Io, "cannot write " + tmp.path + ": " + errno_text(errno), "WriteFailed");
+            return {};
+        };
+        auto seg_sha = for_each_segment_frame(*body, key, options.cipher.get(), on_header, on_frame);
+        if (!seg_sha) return std::move(seg_sha).error();
+        body->clear();
+        body->shrink_to_fit();
+        for (size_t t = 0; t < apply_txns; ++t) {
+            res.db_pages = h.txns[t].db_pages;
+            res.last_commit_us = h.txns[t].commit_us;
             ++res.transactions;
         }
+        stop = apply_txns < h.txns.size();
         if (stop) break;
         res.seq = seq;
         res.position = h.end;
-        res.last_sha256 = seg->sha256;
+        res.last_sha256 = *seg_sha;
         if (options.progress) options.progress(res.bytes_downloaded, total);
     }
     for (auto& [seq, fut] : inflight) fut.wait();  // do not leave downloads running into freed state

@@ -364,3 +364,82 @@ TEST_CASE("rearranged encrypted chunks fail authentication", "[encryption][corru
         expect_auth_failure(join(b));
     }
 }
+
+// ---- issue 13: KDF parameters from the bucket are bounded ----
+
+namespace {
+
+std::string kdf_text(const std::string& n, const std::string& r, const std::string& p,
+                     const std::string& format = "1") {
+    return "{\"format\":" + format + ",\"kdf\":\"scrypt\",\"salt\":\"" + std::string(64, 'a') + "\",\"n\":" + n +
+           ",\"r\":" + r + ",\"p\":" + p + "}";
+}
+
+}  // namespace
+
+TEST_CASE("KDF objects from the bucket must have a sane scrypt cost", "[encryption][hostile]") {
+    // What open_cipher writes reads back.
+    KdfParams def;
+    def.salt = std::string(32, 'x');
+    auto back = parse_kdf(kdf_params_json(def), "w");
+    REQUIRE(back.ok());
+    CHECK(back->n == def.n);
+    CHECK(back->r == 8);
+    CHECK(back->p == 1);
+    CHECK(back->salt == def.salt);
+    CHECK(parse_kdf(kdf_text("16384", "8", "1"), "w").ok());                        // the floor
+    CHECK(parse_kdf(kdf_text("262144", "8", "4"), "w").ok());                       // 256 MiB, p 4
+    CHECK(parse_kdf(kdf_text(std::to_string(1 << 20), "2", "1"), "w").error().code == "BadKdfParams");  // r < 8
+
+    struct Bad {
+        const char *n, *r, *p, *why;
+    };
+    const Bad bad = GENERATE(Bad{"2", "1", "1", "N=2 r=1"},                 // nearly free to guess (issue 13)
+                             Bad{"8192", "8", "1", "N=8192"},               // under the floor
+                             Bad{"4194304", "8", "16", "too large"},         // 512x the default cost
+                             Bad{"1048576", "8", "1", "N=1048576 r=8"},     // 1 GiB of memory
+                             Bad{"32768", "64", "1", "too large"},           // r over the ceiling
+                             Bad{"32768", "8", "5", "too large"},            // p over the ceiling
+                             Bad{"32767", "8", "1", "N=32767"},              // not a power of two
+                             Bad{"1e30", "8", "1", "non-integer"},           // a float: get<uint64_t> was UB
+                             Bad{"32768.0", "8", "1", "non-integer"},
+                             Bad{"-32768", "8", "1", "non-integer"},
+                             Bad{"32768", "8.5", "1", "non-integer"},
+                             Bad{"32768", "8", "0", "p=0"},
+                             Bad{"32768", "8", "1e300", "non-integer"},
+                             Bad{"\"32768\"", "8", "1", "non-integer"});
+    CAPTURE(bad.n, bad.r, bad.p);
+    auto r = parse_kdf(kdf_text(bad.n, bad.r, bad.p), "s3://b/db/encryption.json");
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().kind == ErrorKind::Corrupt);
+    CHECK(r.error().code == "BadKdfParams");
+    CHECK(r.error().message.find("s3://b/db/encryption.json") != std::string::npos);
+    CHECK(r.error().message.find(bad.why) != std::string::npos);
+}
+
+TEST_CASE("KDF objects: format, kdf and salt are checked, floats and nesting refused", "[encryption][hostile]") {
+    CHECK(parse_kdf(kdf_text("32768", "8", "1", "1.5"), "w").error().message.find("invalid format") != std::string::npos);
+    CHECK(parse_kdf(kdf_text("32768", "8", "1", "1e30"), "w").error().message.find("invalid format") != std::string::npos);
+    CHECK(parse_kdf(kdf_text("32768", "8", "1", "2"), "w").error().message.find("upgrade") != std::string::npos);
+    CHECK(parse_kdf("{\"format\":1,\"kdf\":\"argon2\"}", "w").error().message.find("unknown kdf") != std::string::npos);
+    CHECK(parse_kdf("{\"format\":1,\"kdf\":\"scrypt\",\"salt\":\"zz\",\"n\":32768,\"r\":8,\"p\":1}", "w")
+              .error()
+              .message.find("salt") != std::string::npos);
+    std::string deep = "{\"format\":1,\"x\":" + std::string(30000, '[') + std::string(30000, ']') + "}";
+    auto r = parse_kdf(deep, "w");
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().message.find("nested deeper") != std::string::npos);
+    CHECK(parse_kdf(std::string(100000, ' ') + kdf_text("32768", "8", "1"), "w").error().message.find("limit") !=
+          std::string::npos);
+    CHECK(parse_kdf("not json", "w").error().code == "BadKdfParams");
+}
+
+TEST_CASE("Cipher::from_passphrase refuses a cost above the ceiling whatever its caller", "[encryption][hostile]") {
+    KdfParams k;
+    k.salt = std::string(32, 's');
+    k.n = uint64_t{1} << 21;
+    CHECK(Cipher::from_passphrase("x", k).error().code == "BadKdfParams");
+    k.n = uint64_t{1} << 14;
+    k.p = 5;
+    CHECK(Cipher::from_passphrase("x", k).error().code == "BadKdfParams");
+}

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "replicator/format.h"
+#include "replicator/state_file.h"
 #include "s3/crypto.h"
 
 using namespace bottomless;
@@ -998,4 +999,262 @@ TEST_CASE("object keys", "[format][keys]") {
             CHECK(got == 77);
         }
     }
+}
+
+// ---- issue 13: the decoders survive a hostile bucket ----
+
+namespace {
+
+std::string segment_header_text(const SegmentHeader& h) {
+    json txns = json::array();
+    for (const auto& t : h.txns) txns.push_back({{"frames", t.frames}, {"db_pages", t.db_pages}, {"commit_us", t.commit_us}});
+    auto pos = [](const WalPosition& p) {
+        return json{{"salt1", p.salt1}, {"salt2", p.salt2}, {"frame", p.frame}, {"cksum1", p.cksum1}, {"cksum2", p.cksum2}};
+    };
+    return json{{"db_id", h.db_id},       {"generation", h.generation}, {"seq", h.seq},
+                {"page_size", h.page_size}, {"start", pos(h.start)},      {"end", pos(h.end)},
+                {"prev_sha256", h.prev_sha256}, {"txns", txns},           {"compression", to_string(h.compression)}}
+        .dump();
+}
+
+// A zstd frame whose header asks for a 2^window_log window: the size is not
+// pledged, so zstd keeps the window it was given.
+std::string zstd_with_window(const std::string& data, int window_log) {
+    std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
+    REQUIRE_FALSE(ZSTD_isError(ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_windowLog, window_log)));
+    std::string out(ZSTD_compressBound(data.size()) + 64, '\0');
+    ZSTD_outBuffer o{out.data(), out.size(), 0};
+    ZSTD_inBuffer i{data.data(), data.size(), 0};
+    REQUIRE_FALSE(ZSTD_isError(ZSTD_compressStream2(cctx.get(), &o, &i, ZSTD_e_continue)));
+    REQUIRE(ZSTD_compressStream2(cctx.get(), &o, &i, ZSTD_e_end) == 0);
+    out.resize(o.pos);
+    return out;
+}
+
+// The window a zstd frame asks for, read from its header by hand (RFC 8878
+// 3.1.1.1): the Window_Descriptor, or the content size of a single-segment frame.
+uint64_t zstd_window(std::string_view frame) {
+    REQUIRE(frame.size() >= 6);
+    REQUIRE(get_be32(frame, 0) == 0x28B52FFDu);  // magic 0xFD2FB528, little-endian on the wire
+    const auto fhd = static_cast<unsigned char>(frame[4]);
+    if (fhd & 0x20) {  // single segment: window = content size
+        const int fcs_code = fhd >> 6;
+        const size_t fcs_size = fcs_code == 0 ? 1 : (fcs_code == 1 ? 2 : (fcs_code == 2 ? 4 : 8));
+        const size_t off = 5 + ((fhd & 3) == 0 ? 0 : (1u << ((fhd & 3) - 1)));
+        uint64_t v = 0;
+        for (size_t i = 0; i < fcs_size; ++i) v |= uint64_t{static_cast<unsigned char>(frame[off + i])} << (8 * i);
+        return fcs_code == 1 ? v + 256 : v;
+    }
+    const auto wd = static_cast<unsigned char>(frame[5]);
+    const uint64_t base = uint64_t{1} << (10 + (wd >> 3));
+    return base + (base / 8) * (wd & 7);
+}
+
+}  // namespace
+
+TEST_CASE("a deeply nested header is refused, not a crash", "[format][hostile]") {
+    // 300 000 levels overflowed the stack in a deep copy (issue 13).
+    const size_t depth = GENERATE(size_t{9}, size_t{300000});
+    std::string nested = "{\"db_id\":" + std::string(depth, '[') + std::string(depth, ']') + "}";
+    std::string snap = build_object(kSnapshotMagic, 1, nested, "");
+    std::string seg = build_object(kSegmentMagic, 1, nested, "");
+
+    auto ph = peek_snapshot_header(snap, "snap");
+    REQUIRE_FALSE(ph.ok());
+    CHECK(ph.error().kind == ErrorKind::Corrupt);
+    CHECK(mentions(ph.error(), "nested deeper than 8"));
+    CHECK(mentions(ph.error(), "snap"));
+    auto sh = peek_segment_header(seg, "seg");
+    REQUIRE_FALSE(sh.ok());
+    CHECK(mentions(sh.error(), "nested deeper than 8"));
+    auto ds = decode_segment(seg, "seg");
+    REQUIRE_FALSE(ds.ok());
+    CHECK(mentions(ds.error(), "nested deeper than 8"));
+    std::mt19937 rng(1);
+    Read r = read_snapshot(snap, "snap", rng, 100000);
+    REQUIRE(r.error);
+    CHECK(mentions(*r.error, "nested deeper than 8"));
+}
+
+TEST_CASE("untrusted JSON: depth and size limits, brackets in strings do not count", "[format][hostile]") {
+    std::string why;
+    CHECK(parse_untrusted_json("[[[[[[[[1]]]]]]]]", 100, &why).is_array());  // 8 deep: allowed
+    CHECK(parse_untrusted_json("[[[[[[[[[1]]]]]]]]]", 100, &why).is_discarded());
+    CHECK(why.find("nested deeper") != std::string::npos);
+    CHECK(parse_untrusted_json("{\"a\":\"[[[[[[[[[[[[\\\"[[[[[[[[\"}", 100).is_object());
+    CHECK(parse_untrusted_json("{\"a\":1}", 6, &why).is_discarded());
+    CHECK(why.find("7 bytes, more than the 6-byte limit") != std::string::npos);
+    CHECK(parse_untrusted_json("{\"a\":", 100, &why).is_discarded());
+    CHECK(why == "not valid JSON");
+    // Unbalanced closers cannot make room for deeper nesting.
+    CHECK(parse_untrusted_json("]]]]]]]]]][[[[[[[[[1]]]]]]]]]", 100).is_discarded());
+}
+
+TEST_CASE("headers are capped at 1 MiB on both sides", "[format][hostile]") {
+    // A preamble announcing more than the cap is refused before anything is read.
+    std::string big(kMaxHeaderSize + 1, ' ');
+    auto r = peek_snapshot_header(build_object(kSnapshotMagic, 1, big, ""), "snap");
+    REQUIRE_FALSE(r.ok());
+    CHECK(mentions(r.error(), "exceeds the 1048576-byte limit"));
+
+    // The writer: a segment at the transaction cap, with the widest values,
+    // stays under the header cap; one more transaction is refused.
+    SegmentHeader h = sample_segment_header(Compression::Zstd, 512);
+    h.db_id = std::string(1024, '\x01');  // escapes to 6 bytes each
+    h.txns.assign(kMaxSegmentTxns, SegmentTxn{1, 4294967295u, std::numeric_limits<int64_t>::min()});
+    std::vector<SegmentFrame> frames(kMaxSegmentTxns, SegmentFrame{1, std::string(512, 'x')});
+    std::string sha;
+    std::string obj = encode_segment(h, frames, &sha);
+    CHECK(get_be32(obj, 12) < kMaxHeaderSize);
+    auto back = decode_segment(obj, "seg");
+    REQUIRE(back.ok());
+    CHECK(back->frames.size() == kMaxSegmentTxns);
+
+    h.txns.push_back(SegmentTxn{1, 1, 1});
+    frames.push_back(SegmentFrame{1, std::string(512, 'x')});
+    CHECK_THROWS_WITH(encode_segment(h, frames, &sha), Catch::Contains("more than the 8192 a segment may hold"));
+    // And a reader refuses such a header.
+    std::string text = segment_header_text(h);
+    auto p = peek_segment_header(build_object(kSegmentMagic, 1, text, ""), "seg");
+    REQUIRE_FALSE(p.ok());
+    CHECK(mentions(p.error(), "more than the 8192 a segment may hold"));
+}
+
+TEST_CASE("a segment's declared size is capped before anything is decoded", "[format][hostile]") {
+    SegmentHeader h = sample_segment_header(Compression::Zstd, 65536);
+    h.txns = {{4294967295u, 10, 1}};  // 256 TiB of pages
+    std::string obj = build_object(kSegmentMagic, 1, segment_header_text(h), zstd_compress(std::string(100, 'x')));
+    auto r = decode_segment(obj, "seg");
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().kind == ErrorKind::Corrupt);
+    CHECK(mentions(r.error(), "a segment may hold"));
+    // The writer never produces one.
+    h.txns = {{16385, 10, 1}};  // just over 1 GiB at 64 KiB pages
+    std::vector<SegmentFrame> frames;  // never looked at: the header is refused first
+    CHECK_THROWS_WITH(encode_segment(h, frames, nullptr), Catch::Contains("a segment may hold"));
+}
+
+TEST_CASE("a decompression bomb segment stops at its declared size", "[format][hostile]") {
+    // 64 MiB of records compress to a few KiB; the header claims 3 frames.
+    const uint32_t psz = 4096;
+    std::string rec(4 + psz, '\0');
+    rec[3] = 1;  // page 1
+    std::string body;
+    for (int i = 0; i < (64 << 20) / static_cast<int>(rec.size()); ++i) body += rec;
+    std::string z = zstd_compress(body);
+    CHECK(z.size() < 64 * 1024);
+    SegmentHeader h = sample_segment_header(Compression::Zstd, psz);
+    h.txns = {{3, 1, 1}};
+    std::string obj = build_object(kSegmentMagic, 1, segment_header_text(h), z);
+    uint64_t frames_out = 0;
+    auto r = for_each_segment_frame(obj, "bomb", nullptr, nullptr, [&](uint64_t, uint32_t, std::string_view) {
+        ++frames_out;
+        return Status{};
+    });
+    REQUIRE_FALSE(r.ok());
+    CHECK(mentions(r.error(), "more frames than its txns list (3)"));
+    CHECK(frames_out == 3);  // it stopped right there, not after inflating 64 MiB
+    auto d = decode_segment(obj, "bomb");
+    REQUIRE_FALSE(d.ok());
+    CHECK(mentions(d.error(), "more frames than its txns list"));
+}
+
+TEST_CASE("a streamed segment gives the same frames as the in-memory decoder", "[format][segment]") {
+    std::mt19937 rng(13);
+    for (Compression c : {Compression::None, Compression::Zstd}) {
+        SegmentHeader h = sample_segment_header(c);
+        auto frames = sample_frames(rng, 6, 4096);
+        std::string sha;
+        std::string obj = encode_segment(h, frames, &sha);
+        std::vector<SegmentFrame> got;
+        std::optional<SegmentHeader> seen;
+        auto r = for_each_segment_frame(
+            obj, "seg", nullptr,
+            [&](const SegmentHeader& sh) {
+                CHECK(got.empty());  // the header comes before any frame
+                seen = sh;
+                return Status{};
+            },
+            [&](uint64_t i, uint32_t pgno, std::string_view page) {
+                CHECK(i == got.size());
+                got.push_back({pgno, std::string(page)});
+                return Status{};
+            });
+        REQUIRE(r.ok());
+        CHECK(*r == sha);
+        REQUIRE(seen);
+        check_same(*seen, h);
+        REQUIRE(got.size() == frames.size());
+        for (size_t i = 0; i < got.size(); ++i) CHECK((got[i].pgno == frames[i].pgno && got[i].page == frames[i].page));
+        // An error from a callback stops the decoding and is passed on.
+        auto stop = for_each_segment_frame(obj, "seg", nullptr, nullptr, [&](uint64_t i, uint32_t, std::string_view) {
+            return i == 2 ? Status(make_error(ErrorKind::Io, "disk full", "NoSpace")) : Status{};
+        });
+        REQUIRE_FALSE(stop.ok());
+        CHECK(stop.error().code == "NoSpace");
+    }
+}
+
+TEST_CASE("zstd windows: the writer pins 2 MiB, readers refuse larger", "[format][hostile]") {
+    // A tiny frame asking for a 128 MiB window (issue 13: it was allocated).
+    std::string page(4096, 'a');
+    std::string z = zstd_with_window(page, 27);
+    REQUIRE(zstd_window(z) == (uint64_t{1} << 27));
+    CHECK(z.size() < 100);
+    SnapshotHeader sh = sample_snapshot_header(Compression::Zstd, 4096, 1);
+    std::string snap = build_object(kSnapshotMagic, 1, json::parse(header_json_of(write_snapshot(sh, {page}).bytes)).dump(), z);
+    std::mt19937 rng(5);
+    Read r = read_snapshot(snap, "snap", rng, 1 << 20);
+    REQUIRE(r.error);
+    CHECK(mentions(*r.error, "window larger than 2097152 bytes"));
+    SegmentHeader gh = sample_segment_header(Compression::Zstd);
+    gh.txns = {{1, 1, 1}};
+    std::string rec(4, '\0');
+    rec[3] = 1;
+    rec += page;
+    auto d = decode_segment(build_object(kSegmentMagic, 1, segment_header_text(gh), zstd_with_window(rec, 27)), "seg");
+    REQUIRE_FALSE(d.ok());
+    CHECK(mentions(d.error(), "window larger than"));
+    // Within the limit is fine.
+    auto ok = decode_segment(build_object(kSegmentMagic, 1, segment_header_text(gh), zstd_with_window(rec, kZstdWindowLog)), "seg");
+    CHECK(ok.ok());
+
+    // Our writer on an 8 MiB incompressible snapshot: the window stays at the pin.
+    std::mt19937 prng(9);
+    std::vector<std::string> pages;
+    for (int i = 0; i < 2048; ++i) pages.push_back(random_bytes(prng, 4096));
+    Written w = write_snapshot(sample_snapshot_header(Compression::Zstd, 4096, 2048), pages);
+    CHECK(zstd_window(std::string_view(w.bytes).substr(16 + get_be32(w.bytes, 12))) <= (uint64_t{1} << kZstdWindowLog));
+    std::mt19937 rrng(3);
+    Read back = read_snapshot(w.bytes, "snap", rrng, 1 << 20);
+    CHECK_FALSE(back.error);
+    CHECK(back.pages.size() == 2048);
+}
+
+TEST_CASE("max_segment_object_size bounds any valid segment", "[format][hostile]") {
+    CHECK(max_segment_object_size() > kMaxSegmentBodyBytes);
+    CHECK(max_segment_object_size() < kMaxSegmentBodyBytes + (kMaxSegmentBodyBytes >> 4));
+}
+
+TEST_CASE("the state file reader refuses floats, out-of-range integers and deep nesting", "[format][hostile]") {
+    auto state = [](const std::string& seq, const std::string& salt1, const std::string& extra = "") {
+        return "{\"format\":1,\"bucket\":\"b\",\"db_id\":\"d\",\"generation\":\"g\",\"prev_sha256\":\"\","
+               "\"seq\":" + seq + ",\"position\":{\"salt1\":" + salt1 +
+               ",\"salt2\":2,\"frame\":3,\"cksum1\":4,\"cksum2\":5}" + extra + "}";
+    };
+    auto ok = parse_state_file(state("7", "1", ",\"db_size\":4096,\"db_ino\":12"), "s");
+    REQUIRE(ok);
+    CHECK(ok->seq == 7);
+    CHECK(ok->position == WalPosition{1, 2, 3, 4, 5});
+    CHECK(ok->db_size == 4096);
+    CHECK(ok->db_ino == 12);
+    CHECK(ok->db_mtime_ns == -1);
+    // 1e30 into an integer was undefined behaviour (issue 13).
+    CHECK_FALSE(parse_state_file(state("1e30", "1"), "s"));
+    CHECK_FALSE(parse_state_file(state("7", "1e30"), "s"));
+    CHECK_FALSE(parse_state_file(state("7", "4294967296"), "s"));  // salts are u32
+    CHECK_FALSE(parse_state_file(state("-1", "1"), "s"));
+    CHECK_FALSE(parse_state_file(state("7", "1", ",\"db_size\":1e30"), "s"));
+    CHECK_FALSE(parse_state_file(state("7", "1", ",\"db_ino\":-5"), "s"));
+    CHECK_FALSE(parse_state_file(state("7", "1", ",\"x\":" + std::string(100000, '[') + std::string(100000, ']')), "s"));
 }
