@@ -7,6 +7,7 @@
 
 #include "cli/common.h"
 #include "cli/history.h"
+#include "s3/log.h"
 
 namespace bottomless::cli {
 namespace {
@@ -91,10 +92,13 @@ int ls_databases(Context& ctx, bool as_json) {
     auto dbs = replicator::list_databases(ctx.client(), ctx.bucket());
     if (!dbs) return ctx.fail(dbs.error());
     if (as_json) {
-        std::printf("%s\n", json{{"bucket", ctx.bucket()}, {"databases", *dbs}}.dump(2).c_str());
+        // Names come from the server: invalid UTF-8 must not throw in dump().
+        std::printf("%s\n", json{{"bucket", ctx.bucket()}, {"databases", *dbs}}
+                                .dump(2, ' ', false, json::error_handler_t::replace)
+                                .c_str());
         return kExitOk;
     }
-    for (const auto& d : *dbs) std::printf("%s\n", d.c_str());
+    for (const auto& d : *dbs) std::printf("%s\n", log::printable(d, 300).c_str());
     if (dbs->empty()) ctx.note("bucket '" + ctx.bucket() + "' holds no databases");
     else ctx.note("(" + std::to_string(dbs->size()) + " database(s); 'bottomless-cli -d ID ls' lists one's generations)");
     return kExitOk;

@@ -13,6 +13,7 @@
 
 #include "cli/common.h"
 #include "cli/history.h"
+#include "s3/log.h"
 
 namespace bottomless::cli {
 namespace {
@@ -135,6 +136,15 @@ int run_rm(Context& ctx, const Args& args) {
         }
         ++n_removed;
         auto ks = deletion_order(*db, g);
+        // Defence in depth (the client already drops listed keys outside the
+        // requested prefix): only keys under this generation's exact prefix
+        // are ever deleted, whatever the server listed.
+        const std::string prefix = replicator::generation_prefix(*db, g.info.id);
+        for (const auto& k : ks)
+            if (k.compare(0, prefix.size(), prefix) != 0)
+                return ctx.fail("the listing of generation " + g.info.id + " of '" + *db + "' holds '" +
+                                    log::printable(k, 300) + "', which is not under " + prefix + "; nothing was deleted",
+                                "the server does not honour the listing prefix: do not run rm against it");
         objects += ks.size();
         bytes += g.total_bytes();
         removed.push_back({{"id", g.info.id}, {"created", format_time_us(g.info.created_ms * 1000)},
@@ -164,7 +174,7 @@ int run_rm(Context& ctx, const Args& args) {
                                  {"bytes", bytes},
                                  {"newest_restorable", newest},
                                  {"failed", failed}}
-                                .dump(2)
+                                .dump(2, ' ', false, json::error_handler_t::replace)
                                 .c_str());
     } else if (!ctx.quiet()) {
         if (n_removed == 0)
@@ -177,8 +187,10 @@ int run_rm(Context& ctx, const Args& args) {
     }
     if (!failed.empty()) {
         for (const auto& f : failed)
-            std::fprintf(stderr, "%s rm: could not delete %s: %s %s\n", kProgram, f["key"].get<std::string>().c_str(),
-                         f["code"].get<std::string>().c_str(), f["message"].get<std::string>().c_str());
+            std::fprintf(stderr, "%s rm: could not delete %s: %s %s\n", kProgram,
+                         log::printable(f["key"].get<std::string>(), 300).c_str(),
+                         log::printable(f["code"].get<std::string>(), 64).c_str(),
+                         log::printable(f["message"].get<std::string>(), 512).c_str());
         return ctx.fail(std::to_string(failed.size()) + " object(s) could not be deleted",
                         "check the credentials' s3:DeleteObject permission and run rm again");
     }

@@ -367,7 +367,7 @@ std::string Context::known_databases() {
             s += " ... (" + std::to_string(dbs->size()) + " in all; see bottomless-cli ls)";
             break;
         }
-        s += " " + d;
+        s += " " + log::printable(d, 200);  // a name from the server
     }
     return s;
 }

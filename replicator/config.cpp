@@ -53,10 +53,12 @@ bool apply_secret(ReplicatorConfig& c, Result<EncryptionSecret> s) {
 
 const std::vector<Setting>& settings() {
     static const std::vector<Setting> kSettings = {
-        {"endpoint", "a URL", [](ReplicatorConfig& c, const std::string& v) {
+        {"endpoint", "an http:// or https:// URL naming a host, such as https://s3.example.com or http://127.0.0.1:7480",
+         [](ReplicatorConfig& c, const std::string& v) {
              std::string ep = v;
              while (!ep.empty() && ep.back() == '/') ep.pop_back();
              if (ep.find("://") == std::string::npos) ep = "https://" + ep;
+             if (!s3::validate_endpoint(ep).ok()) return false;  // file:// and friends never reach libcurl
              // The environment's endpoint is already in c.s3, with the
              // addressing LIBSQL_BOTTOMLESS_S3_PATH_STYLE chose; only a
              // different one (a URI parameter) switches to path-style.
@@ -64,7 +66,13 @@ const std::vector<Setting>& settings() {
              c.s3.endpoint = ep;
              return !v.empty();
          }},
-        {"bucket", "a bucket name", [](ReplicatorConfig& c, const std::string& v) { c.bucket = v; return !v.empty(); }},
+        {"bucket",
+         "an S3 bucket name: 3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or "
+         "digit, no '..', not an IP address",
+         [](ReplicatorConfig& c, const std::string& v) {
+             c.bucket = v;
+             return s3::validate_bucket_name(v).ok();
+         }},
         {"database_id", "letters, digits, '.', '_' or '-'",
          [](ReplicatorConfig& c, const std::string& v) { c.db_id = v; return validate_db_id(v).ok(); }},
         {"initial_replication", "error, force or skip", [](ReplicatorConfig& c, const std::string& v) {
@@ -181,7 +189,7 @@ Result<ReplicatorConfig> load_config(const std::string& db_path, const std::map<
 
     auto invalid = [](const std::string& name, const std::string& value, const Setting& s) {
         return make_error(ErrorKind::InvalidArgument,
-                          name + (s.secret ? "" : "=" + value) + " is not valid: expected " + s.what, "BadSetting");
+                          name + (s.secret ? "" : "=" + log::printable(value, 200)) + " is not valid: expected " + s.what, "BadSetting");
     };
     int env_secrets = 0;
     for (const auto& s : settings()) {

@@ -202,6 +202,10 @@ Result<std::vector<GenerationInfo>> list_generations(s3::Client& client, const s
     req.delimiter = "/";
     auto st = client.list_objects(bucket, req, [&](const s3::ListPage& page) {
         for (const auto& p : page.common_prefixes) {
+            // The client drops prefixes outside req.prefix; still, server text
+            // never drives a substr that can throw.
+            if (p.size() <= req.prefix.size() + 1 || p.compare(0, req.prefix.size(), req.prefix) != 0 || p.back() != '/')
+                continue;
             std::string id = p.substr(req.prefix.size(), p.size() - req.prefix.size() - 1);
             int64_t ms = generation_time_ms(id);
             if (ms < 0) continue;  // not ours
@@ -243,7 +247,8 @@ Result<std::vector<std::string>> list_databases(s3::Client& client, const std::s
     s3::ListRequest req;
     req.delimiter = "/";
     auto st = client.list_objects(bucket, req, [&](const s3::ListPage& page) {
-        for (const auto& p : page.common_prefixes) out.push_back(p.substr(0, p.size() - 1));
+        for (const auto& p : page.common_prefixes)
+            if (p.size() > 1 && p.back() == '/') out.push_back(p.substr(0, p.size() - 1));
         return true;
     });
     if (!st) return std::move(st).error();

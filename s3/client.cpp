@@ -10,6 +10,7 @@
 #include <cstring>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "s3/crypto.h"
@@ -29,6 +30,8 @@ struct Client::Call {
     http::BodySource* body = nullptr;
     std::string payload_sha256;   // hex; computed from body when empty
     http::BodySink* sink = nullptr;
+    uint64_t max_body = http::kMaxSmallBody;  // cap on a 2xx body (see http::Request)
+    std::optional<ByteRange> range;           // a ranged GET: its answer is checked
     int attempts = 0;             // out: how many were made
 };
 
@@ -83,8 +86,33 @@ bool is_retryable(const Error& e) {
     }
 }
 
+// Keys may come from a listing (a server's text): escaped for the terminal.
 std::string describe_target(const std::string& bucket, const std::string& key) {
-    return key.empty() ? "bucket '" + bucket + "'" : "s3://" + bucket + "/" + key;
+    return key.empty() ? "bucket '" + bucket + "'" : "s3://" + bucket + "/" + log::printable(key, 300);
+}
+
+thread_local std::chrono::steady_clock::time_point t_deadline = std::chrono::steady_clock::time_point::max();
+
+std::string range_text(const ByteRange& r) {
+    return "bytes " + std::to_string(r.offset) + "-" + (r.length ? std::to_string(r.offset + *r.length - 1) : "");
+}
+
+// "bytes FIRST-LAST/TOTAL" (TOTAL may be "*").
+bool parse_content_range(std::string_view v, uint64_t& first, uint64_t& last) {
+    if (v.rfind("bytes ", 0) != 0) return false;
+    v.remove_prefix(6);
+    auto num = [&](uint64_t& out, char end) {
+        size_t i = 0;
+        out = 0;
+        while (i < v.size() && v[i] >= '0' && v[i] <= '9') {
+            if (out > (UINT64_MAX - 9) / 10) return false;
+            out = out * 10 + static_cast<uint64_t>(v[i++] - '0');
+        }
+        if (i == 0 || i >= v.size() || v[i] != end) return false;
+        v.remove_prefix(i + 1);
+        return true;
+    };
+    return num(first, '-') && num(last, '/') && first <= last;
 }
 
 class FileSink final : public http::BodySink {
@@ -166,7 +194,29 @@ Client::Client(ClientConfig config)
     timeouts_.verify_tls = config_.verify_tls;
     if (config_.part_size < (5ull << 20)) config_.part_size = 5ull << 20;
     if (config_.part_concurrency < 1) config_.part_concurrency = 1;
+    if (!config_.endpoint.empty()) {
+        // Also for configurations built by hand, not through config_from_env.
+        if (auto st = validate_endpoint(config_.endpoint); !st) {
+            config_error_ = std::move(st).error();
+        } else if (std::string sch = config_.endpoint.substr(0, 5); (sch == "http:" || sch == "HTTP:") &&
+                   !is_loopback_host(endpoint_host(config_.endpoint))) {
+            static std::atomic<bool> warned{false};
+            if (!warned.exchange(true))
+                log::warn("endpoint " + log::redact_url(config_.endpoint) +
+                          " is plain http to a host other than this machine: request signatures, the access key id, "
+                          "any session token and the data travel unencrypted and can be read or replayed on the "
+                          "network; use https://");
+        }
+    }
 }
+
+DeadlineScope::DeadlineScope(std::chrono::steady_clock::time_point deadline) : saved_(t_deadline) {
+    t_deadline = std::min(t_deadline, deadline);
+}
+
+DeadlineScope::~DeadlineScope() { t_deadline = saved_; }
+
+std::chrono::steady_clock::time_point DeadlineScope::current() { return t_deadline; }
 
 Client::~Client() = default;
 
@@ -241,7 +291,32 @@ void Client::throttle() {
 Error Client::error_from_response(const Call& call, const http::Response& resp) const {
     Error e;
     std::string target = describe_target(call.bucket, call.key);
-    e.request_id = resp.header("x-amz-request-id");
+    // Everything the server wrote is escaped before it can reach a terminal or a log.
+    e.request_id = log::printable(resp.header("x-amz-request-id"), 128);
+    if (!resp.callback_error.empty()) {
+        e.kind = ErrorKind::Io;
+        e.code = resp.callback_error == "out of memory" ? "OutOfMemory" : "CallbackFailed";
+        e.message = std::string(call.op) + " " + target + ": the transfer was stopped: " + resp.callback_error;
+        return e;
+    }
+    if (resp.too_large) {
+        e.kind = ErrorKind::Corrupt;
+        e.http_status = static_cast<int>(resp.status);
+        if (call.range && resp.status == 200) {
+            e.code = "RangeIgnored";
+            e.message = std::string(call.op) + " " + target + ": the server answered a request for " +
+                        range_text(*call.range) +
+                        " with the whole object (HTTP 200): it ignores the Range header; use an S3 server that "
+                        "supports ranged GETs";
+        } else {
+            e.code = "ResponseTooLarge";
+            e.message = std::string(call.op) + " " + target + ": the server's answer is larger than the " +
+                        std::to_string(call.max_body) +
+                        " bytes this request can return (or its headers exceed " +
+                        std::to_string(http::kMaxHeaderBytes) + " bytes); the transfer was stopped";
+        }
+        return e;
+    }
     if (resp.status == 0) {
         e.kind = ErrorKind::Transport;
         e.code = http::curl_code_name(resp.curl_code);
@@ -255,16 +330,17 @@ Error Client::error_from_response(const Call& call, const http::Response& resp) 
     e.http_status = static_cast<int>(resp.status);
     auto body = xml::parse_error(resp.body);
     if (body) {
-        e.code = body->code;
-        if (e.request_id.empty()) e.request_id = body->request_id;
+        e.code = log::printable(body->code, 64);
+        if (e.request_id.empty()) e.request_id = log::printable(body->request_id, 128);
     }
-    std::string server_msg = body && !body->message.empty() ? " (server: " + body->message + ")" : "";
+    std::string server_msg = body && !body->message.empty() ? " (server: " + log::printable(body->message, 512) + ")" : "";
     long s = resp.status;
     if (resp.curl_code != 0 && s >= 200 && s < 300) {
         // A 2xx whose body was cut short or whose transfer failed midway.
         e.kind = resp.sink_failed ? ErrorKind::Io : ErrorKind::Transport;
         e.code = http::curl_code_name(resp.curl_code);
         e.message = std::string(call.op) + " " + target + ": " + resp.curl_error;
+        if (resp.sink_failed) e.message = std::string(call.op) + " " + target + ": cannot write the downloaded data locally";
         return e;
     }
     if (s == 404) {
@@ -322,6 +398,10 @@ Error Client::error_from_response(const Call& call, const http::Response& resp) 
 }
 
 Result<http::Response> Client::execute(Call& call) {
+    if (config_error_) return *config_error_;
+    if (!call.bucket.empty()) {
+        if (auto st = validate_bucket_name(call.bucket); !st) return std::move(st).error();
+    }
     if (call.payload_sha256.empty()) {
         if (call.body) {
             if (auto st = hash_source(*call.body, call.payload_sha256, nullptr); !st) return std::move(st).error();
@@ -337,9 +417,25 @@ Result<http::Response> Client::execute(Call& call) {
 
     thread_local std::minstd_rand rng{std::random_device{}()};
     const auto start = std::chrono::steady_clock::now();
+    // Every attempt ends by the retry budget's end (stretched by the
+    // transfer's size, see http::Request) and never after the caller's
+    // DeadlineScope: no request can be held open forever by a slow server.
+    const auto budget_end = start + config_.retry.max_elapsed;
+    const auto hard_deadline = DeadlineScope::current();
+    auto deadline_error = [&](const Error* last) {
+        Error e = make_error(ErrorKind::Cancelled,
+                             std::string(call.op) + " " + describe_target(call.bucket, call.key) +
+                                 ": the caller's deadline passed" +
+                                 (last ? " after " + std::to_string(call.attempts - 1) + " attempt(s); last error: " +
+                                             last->message
+                                       : std::string(" before the request could be sent")),
+                             "DeadlineExceeded");
+        return e;
+    };
     Error last;
     for (call.attempts = 1;; ++call.attempts) {
         throttle();
+        if (std::chrono::steady_clock::now() >= hard_deadline) return deadline_error(call.attempts > 1 ? &last : nullptr);
         if (call.sink && call.attempts > 1 && !call.sink->reset())
             return make_error(ErrorKind::Io, std::string(call.op) + ": cannot reset the local output before a retry",
                               "ResetFailed");
@@ -359,6 +455,10 @@ Result<http::Response> Client::execute(Call& call) {
         for (auto& h : signed_req.headers_to_add) req.headers.push_back(std::move(h));
         req.body = call.body;
         req.sink = call.sink;
+        req.max_body_bytes = call.max_body;
+        req.deadline = std::min(budget_end, hard_deadline);
+        req.hard_deadline = hard_deadline;
+        req.min_rate = config_.min_transfer_rate;
 
         stats_.requests.fetch_add(1, std::memory_order_relaxed);
         if (call.attempts > 1) stats_.retries.fetch_add(1, std::memory_order_relaxed);
@@ -378,6 +478,7 @@ Result<http::Response> Client::execute(Call& call) {
         bool ok = resp.curl_code == 0 && resp.status >= 200 && resp.status < 300;
         if (ok) return resp;
         last = error_from_response(call, resp);
+        if (resp.timed_out && std::chrono::steady_clock::now() >= hard_deadline) return deadline_error(&last);
         if (!is_retryable(last)) return last;
 
         auto elapsed = std::chrono::steady_clock::now() - start;
@@ -385,6 +486,7 @@ Result<http::Response> Client::execute(Call& call) {
         auto cap = std::min<std::chrono::milliseconds>(config_.retry.max_delay, config_.retry.base_delay * (1ll << shift));
         auto delay = std::chrono::milliseconds(
             std::uniform_int_distribution<long long>(0, std::max<long long>(cap.count(), 0))(rng));
+        if (std::chrono::steady_clock::now() + delay >= hard_deadline) return deadline_error(&last);
         if (call.attempts >= config_.retry.max_attempts || elapsed + delay > config_.retry.max_elapsed) {
             auto secs = std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count() / 1000.0;
             char buf[32];
@@ -468,8 +570,10 @@ Status Client::delete_bucket_and_objects(const std::string& bucket) {
         auto out = delete_objects(bucket, keys);
         if (!out) return std::move(out).error();
         if (!out->failed.empty())
-            return make_error(ErrorKind::Server, "cannot delete " + out->failed[0].key + ": " + out->failed[0].message,
-                              out->failed[0].code);
+            return make_error(ErrorKind::Server,
+                              "cannot delete " + log::printable(out->failed[0].key, 300) + ": " +
+                                  log::printable(out->failed[0].message, 512),
+                              log::printable(out->failed[0].code, 64));
     }
     return delete_bucket(bucket);
 }
@@ -605,41 +709,82 @@ Result<PutResult> Client::put_object_from_file(const std::string& bucket, const 
     return done;
 }
 
+Status Client::check_range_answer(const Call& call, const http::Response& resp, const ByteRange& range) const {
+    const std::string what = std::string(call.op) + " " + describe_target(call.bucket, call.key) + ": ";
+    auto bad = [&](const std::string& code, const std::string& why) {
+        Error e = make_error(ErrorKind::Corrupt, what + why, code);
+        e.http_status = static_cast<int>(resp.status);
+        e.request_id = log::printable(resp.header("x-amz-request-id"), 128);
+        return e;
+    };
+    if (resp.status == 200) {
+        // A server without Range support sends the whole object. That is the
+        // answer only when the range starts at 0 and the object fits in it
+        // (the cap already refused anything longer).
+        if (range.offset == 0) return {};
+        return bad("RangeIgnored", "the server answered a request for " + range_text(range) +
+                                       " with the whole object (HTTP 200): it ignores the Range header; use an S3 "
+                                       "server that supports ranged GETs");
+    }
+    if (resp.status != 206)
+        return bad("BadContentRange", "a ranged GET was answered with HTTP " + std::to_string(resp.status));
+    uint64_t first = 0, last = 0;
+    std::string cr = resp.header("content-range");
+    if (!parse_content_range(cr, first, last))
+        return bad("BadContentRange", "the answer to a ranged GET has no valid Content-Range ('" +
+                                          log::printable(cr, 100) + "')");
+    // The first byte must be the one asked for; the last may come early only
+    // at the end of the object (a range past it is clamped by S3).
+    bool ok = first == range.offset && last - first + 1 == resp.body_bytes;
+    if (ok && range.length) ok = last <= range.offset + *range.length - 1;
+    if (!ok)
+        return bad("BadContentRange", "asked for " + range_text(range) + ", the server sent '" +
+                                          log::printable(cr, 100) + "' with " + std::to_string(resp.body_bytes) +
+                                          " bytes");
+    return {};
+}
+
 Result<ObjectInfo> Client::get_object_to_sink(const std::string& bucket, const std::string& key, http::BodySink& sink,
-                                              std::optional<ByteRange> range) {
+                                              std::optional<ByteRange> range, uint64_t max_bytes) {
     Call c;
     c.op = "GetObject";
     c.method = "GET";
     c.bucket = bucket;
     c.key = key;
     c.sink = &sink;
+    c.max_body = max_bytes ? max_bytes : UINT64_MAX;
     if (range) {
         std::string v = "bytes=" + std::to_string(range->offset) + "-";
         if (range->length) {
             if (*range->length == 0) return ObjectInfo{key, 0, {}, {}, {}};
             v += std::to_string(range->offset + *range->length - 1);
+            c.max_body = std::min(c.max_body, *range->length);
         }
         c.headers.emplace_back("Range", v);
+        c.range = range;
     }
     stats_.gets.fetch_add(1, std::memory_order_relaxed);
     auto r = execute(c);
     if (!r) return std::move(r).error();
+    if (range) {
+        if (auto st = check_range_answer(c, *r, *range); !st) return std::move(st).error();
+    }
     ObjectInfo info = info_from_headers(key, *r);
     // curl already fails on a short body when Content-Length is known; this
     // catches a server that sent none.
     std::string cl = r->header("content-length");
     if (!cl.empty() && std::strtoull(cl.c_str(), nullptr, 10) != r->body_bytes)
-        return make_error(ErrorKind::Transport, "GetObject s3://" + bucket + "/" + key + ": body shorter than Content-Length",
+        return make_error(ErrorKind::Transport, "GetObject " + describe_target(bucket, key) + ": body shorter than Content-Length",
                           "ShortBody");
     info.size = r->body_bytes;
     return info;
 }
 
 Result<std::string> Client::get_object(const std::string& bucket, const std::string& key,
-                                       std::optional<ByteRange> range, ObjectInfo* info) {
+                                       std::optional<ByteRange> range, ObjectInfo* info, uint64_t max_bytes) {
     std::string out;
     StringSink sink(out);
-    auto r = get_object_to_sink(bucket, key, sink, range);
+    auto r = get_object_to_sink(bucket, key, sink, range, max_bytes ? max_bytes : config_.max_get_bytes);
     if (!r) return std::move(r).error();
     if (info) *info = std::move(r).value();
     return out;
@@ -698,7 +843,8 @@ Result<ObjectInfo> Client::get_object_to_file(const std::string& bucket, const s
 
     if (size <= config_.multipart_threshold || head->etag.empty()) {
         FileSink sink(f.fd);
-        auto r = get_object_to_sink(bucket, key, sink);
+        // The HEAD said how large the object is: nothing larger is written.
+        auto r = get_object_to_sink(bucket, key, sink, std::nullopt, std::max<uint64_t>(size, 1));
         if (!r) {
             Error e = std::move(r).error();
             if (sink.err()) e.message += " (" + tmp + ": " + errno_text(sink.err()) + ")";
@@ -727,10 +873,13 @@ Result<ObjectInfo> Client::get_object_to_file(const std::string& bucket, const s
                 c.sink = &sink;
                 c.headers.emplace_back("Range", "bytes=" + std::to_string(off) + "-" + std::to_string(off + len - 1));
                 c.headers.emplace_back("If-Match", "\"" + head->etag + "\"");
+                c.range = ByteRange{off, len};
+                c.max_body = len;
                 stats_.gets.fetch_add(1, std::memory_order_relaxed);
                 auto r = execute(c);
                 std::optional<Error> e;
                 if (!r) e = std::move(r).error();
+                else if (auto st = check_range_answer(c, *r, *c.range); !st) e = std::move(st).error();
                 else if (r->body_bytes != len)
                     e = make_error(ErrorKind::Transport, "GetObject s3://" + bucket + "/" + key + ": range at " +
                                                              std::to_string(off) + " came back short", "ShortBody");
@@ -836,18 +985,80 @@ Result<ListPage> Client::list_objects_page(const std::string& bucket, const List
     stats_.lists.fetch_add(1, std::memory_order_relaxed);
     auto r = execute(c);
     if (!r) return std::move(r).error();
-    return xml::parse_list_objects_v2(r->body);
+    auto page = xml::parse_list_objects_v2(r->body);
+    if (!page) return page;
+    // A server that ignores `prefix` (or a hostile one) must not hand a
+    // caller keys of another database: they are dropped here, once, for all.
+    const std::string& prefix = request.prefix;
+    auto outside = [&](const std::string& k) { return k.compare(0, prefix.size(), prefix) != 0; };
+    std::string example;
+    auto note = [&](const std::string& k) {
+        if (example.empty()) example = k;
+        ++page->dropped;
+    };
+    auto& objs = page->objects;
+    objs.erase(std::remove_if(objs.begin(), objs.end(),
+                              [&](const ObjectInfo& o) {
+                                  if (!outside(o.key)) return false;
+                                  note(o.key);
+                                  return true;
+                              }),
+               objs.end());
+    auto& cps = page->common_prefixes;
+    cps.erase(std::remove_if(cps.begin(), cps.end(),
+                             [&](const std::string& p) {
+                                 // A CommonPrefix is the requested prefix plus at least one
+                                 // character and the delimiter; anything else is not an answer.
+                                 bool bad = outside(p) || p.size() <= prefix.size() || request.delimiter.empty() ||
+                                            p.size() < prefix.size() + request.delimiter.size() ||
+                                            p.compare(p.size() - request.delimiter.size(), request.delimiter.size(),
+                                                      request.delimiter) != 0;
+                                 if (bad) note(p);
+                                 return bad;
+                             }),
+              cps.end());
+    if (page->dropped)
+        log::warn("ListObjectsV2 " + describe_target(bucket, "") + " prefix '" + log::printable(prefix, 300) +
+                  "': the server returned " + std::to_string(page->dropped) +
+                  " key(s) or prefix(es) outside the requested prefix (e.g. '" + log::printable(example, 300) +
+                  "'); they were ignored. Is the server ignoring the prefix parameter?");
+    return page;
 }
 
 Status Client::list_objects(const std::string& bucket, ListRequest request,
                             const std::function<bool(const ListPage&)>& on_page) {
+    // A listing must end: every token is new, keys move forward (S3 lists in
+    // ascending order, page after page), and pages are bounded in number.
+    std::set<std::string> seen_tokens;
+    std::string last_key;
+    uint64_t pages = 0, empty_in_a_row = 0;
+    auto fail = [&](const std::string& code, const std::string& why) {
+        return make_error(ErrorKind::Corrupt,
+                          "ListObjectsV2 " + describe_target(bucket, "") + " prefix '" +
+                              log::printable(request.prefix, 300) + "': " + why + " after " + std::to_string(pages) +
+                              " page(s); the server's listing cannot be trusted",
+                          code);
+    };
     for (;;) {
         auto page = list_objects_page(bucket, request);
         if (!page) return std::move(page).error();
+        ++pages;
+        if (!page->objects.empty()) {
+            if (!last_key.empty() && page->objects.front().key <= last_key)
+                return fail("ListOutOfOrder", "a page repeats or goes back before keys already listed ('" +
+                                                  log::printable(page->objects.front().key, 300) + "')");
+            last_key = page->objects.back().key;
+        }
         if (!on_page(*page)) return {};
         if (!page->is_truncated) return {};
-        if (page->next_continuation_token == request.continuation_token)
-            return make_error(ErrorKind::Corrupt, "ListObjectsV2 returned the same continuation token twice", "ListLoop");
+        empty_in_a_row = page->objects.empty() && page->common_prefixes.empty() ? empty_in_a_row + 1 : 0;
+        if (empty_in_a_row >= kMaxEmptyListPages)
+            return fail("ListTooLong", std::to_string(empty_in_a_row) + " empty truncated pages in a row");
+        if (pages >= kMaxListPages)
+            return fail("ListTooLong", "the listing did not end within " + std::to_string(kMaxListPages) + " pages");
+        if (page->next_continuation_token == request.continuation_token ||
+            !seen_tokens.insert(page->next_continuation_token).second)
+            return fail("ListLoop", "a continuation token came back a second time");
         request.continuation_token = page->next_continuation_token;
     }
 }
@@ -856,11 +1067,23 @@ Result<std::vector<ObjectInfo>> Client::list_all(const std::string& bucket, cons
     std::vector<ObjectInfo> out;
     ListRequest req;
     req.prefix = prefix;
+    bool too_many = false;
     auto st = list_objects(bucket, req, [&](const ListPage& p) {
+        if (out.size() + p.objects.size() > kMaxListKeys) {
+            too_many = true;
+            return false;
+        }
         out.insert(out.end(), p.objects.begin(), p.objects.end());
         return true;
     });
     if (!st) return std::move(st).error();
+    if (too_many)
+        return make_error(ErrorKind::Corrupt,
+                          "ListObjectsV2 " + describe_target(bucket, "") + " prefix '" + log::printable(prefix, 300) +
+                              "' lists more than " + std::to_string(kMaxListKeys) +
+                              " keys, more than bottomless holds in memory; prune old generations (rm) or check the "
+                              "server",
+                          "ListTooLong");
     return out;
 }
 

@@ -60,6 +60,32 @@ struct ClientStats {
 
 class ObjectWriter;
 
+// Listing limits (see list_objects). A real listing of a bottomless bucket
+// is far below them; a server that loops or invents keys hits them.
+constexpr uint64_t kMaxListPages = 100'000;        // 100 million keys at 1000 a page
+constexpr uint64_t kMaxListKeys = 10'000'000;      // list_all holds them in memory (~1-2 GiB)
+constexpr uint64_t kMaxEmptyListPages = 1'000;     // truncated pages in a row with nothing on them
+
+// A deadline for every S3 request the current thread makes while the scope
+// lives (nested scopes keep the earliest). No attempt starts after it, a
+// running one is abandoned at it, and the error is Cancelled/Transport naming
+// it. For callers with a budget of their own (sync commit, shutdown), on top
+// of the retry policy's max_elapsed.
+class DeadlineScope {
+public:
+    explicit DeadlineScope(std::chrono::steady_clock::time_point deadline);
+    explicit DeadlineScope(std::chrono::milliseconds from_now)
+        : DeadlineScope(std::chrono::steady_clock::now() + from_now) {}
+    ~DeadlineScope();
+    DeadlineScope(const DeadlineScope&) = delete;
+    DeadlineScope& operator=(const DeadlineScope&) = delete;
+    // The current thread's deadline; time_point::max() when there is none.
+    static std::chrono::steady_clock::time_point current();
+
+private:
+    std::chrono::steady_clock::time_point saved_;
+};
+
 class Client {
 public:
     explicit Client(ClientConfig config);
@@ -88,11 +114,22 @@ public:
     // part_size * part_concurrency, whatever the file's size.
     Result<PutResult> put_object_from_file(const std::string& bucket, const std::string& key, const std::string& path,
                                            const PutOptions& options = {});
+    // Into memory. The body is capped: by the range's length for a ranged
+    // GET, else by max_bytes (0: config().max_get_bytes); a larger answer is
+    // a Corrupt error (ResponseTooLarge) and is abandoned when its
+    // Content-Length arrives. A ranged GET must come back as 206 with the
+    // asked Content-Range (shorter only at the object's end); a 200 is taken
+    // only when it is the whole object, starts at offset 0 and fits the range
+    // (what a server without Range support answers for a small object);
+    // anything else is RangeIgnored/BadContentRange.
     Result<std::string> get_object(const std::string& bucket, const std::string& key,
-                                   std::optional<ByteRange> range = std::nullopt, ObjectInfo* info = nullptr);
-    // Streams the body into sink; the sink is reset before every retry.
+                                   std::optional<ByteRange> range = std::nullopt, ObjectInfo* info = nullptr,
+                                   uint64_t max_bytes = 0);
+    // Streams the body into sink; the sink is reset before every retry. Same
+    // range rules; the cap is the range's length, else max_bytes (0: none,
+    // the sink bounds what it stores).
     Result<ObjectInfo> get_object_to_sink(const std::string& bucket, const std::string& key, http::BodySink& sink,
-                                          std::optional<ByteRange> range = std::nullopt);
+                                          std::optional<ByteRange> range = std::nullopt, uint64_t max_bytes = 0);
     // Writes to path + ".part" and renames into place after a complete, length-checked download.
     Result<ObjectInfo> get_object_to_file(const std::string& bucket, const std::string& key, const std::string& path);
     Result<ObjectInfo> head_object(const std::string& bucket, const std::string& key);
@@ -102,6 +139,16 @@ public:
 
     // Listing: one page, or every page (following continuation tokens) with a
     // callback per page that may return false to stop.
+    //
+    // Nothing a server lists is trusted: every key and CommonPrefix that does
+    // not start with the requested prefix (or a CommonPrefix that is not
+    // longer than it) is dropped, counted in ListPage::dropped and warned
+    // about, so no caller can act on another database's keys. list_objects
+    // fails with a Corrupt error when a continuation token comes back a second
+    // time (ListLoop), when a page's keys do not sort after the previous
+    // page's (ListOutOfOrder), after kMaxEmptyListPages empty truncated pages
+    // in a row or kMaxListPages pages (ListTooLong); list_all also past
+    // kMaxListKeys keys.
     Result<ListPage> list_objects_page(const std::string& bucket, const ListRequest& request);
     Status list_objects(const std::string& bucket, ListRequest request,
                         const std::function<bool(const ListPage&)>& on_page);
@@ -134,6 +181,7 @@ private:
     std::string host_for(const std::string& bucket) const;
     std::string path_for(const std::string& bucket, const std::string& key) const;
     std::string base_url_for(const std::string& bucket) const;
+    Status check_range_answer(const Call& call, const http::Response& resp, const ByteRange& range) const;
     Error error_from_response(const Call& call, const http::Response& resp) const;
     void throttle();
     Result<PutResult> put_single(const std::string& bucket, const std::string& key, http::BodySource& body,
@@ -143,6 +191,7 @@ private:
                                      uint64_t size);
 
     ClientConfig config_;
+    std::optional<Error> config_error_;  // a bad endpoint: every call fails with it
     http::Timeouts timeouts_;
     Signer signer_;
     http::ConnectionPool pool_;

@@ -57,8 +57,27 @@ struct ClientConfig {
     uint64_t part_size = 8ull << 20;            // S3 minimum is 5 MiB (but the last part)
     int part_concurrency = 2;                   // parts in flight per upload
     double max_requests_per_second = 0;         // 0: unlimited
+    uint64_t max_get_bytes = 1ull << 30;        // cap of a whole-object GET into memory when the caller gives none
+    // A request's deadline is the retry budget (retry.max_elapsed, from the
+    // call's start) plus the transfer's declared size at this rate: large
+    // objects get time, a trickling server does not get forever.
+    uint64_t min_transfer_rate = 256 * 1024;    // bytes per second
     std::string profile = "default";
 };
+
+// An S3 endpoint is an http:// or https:// URL naming a host (and a port):
+// libcurl speaks many protocols, and file:// once let CreateBucket truncate a
+// local file. No user-info, query, fragment, spaces or control characters.
+Status validate_endpoint(std::string_view endpoint);
+// S3's bucket naming rules: 3 to 63 characters; lowercase letters, digits,
+// '.' and '-'; starts and ends with a letter or digit; no "..", not an IPv4
+// address. The name becomes part of a URL path or host, so nothing else may
+// slip in.
+Status validate_bucket_name(std::string_view bucket);
+// The host part of an endpoint URL ("http://[::1]:7480/x" -> "::1").
+std::string endpoint_host(std::string_view endpoint);
+// 127.0.0.0/8, ::1 and localhost: where plain http does not leave the machine.
+bool is_loopback_host(std::string_view host);
 
 // Resolves everything from the environment and AWS files. Errors name every place looked.
 Result<ClientConfig> config_from_env(const EnvLookup& env = process_env());

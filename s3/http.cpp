@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -82,59 +83,162 @@ struct Transfer {
     Response* resp = nullptr;
     CURL* curl = nullptr;
     uint64_t upload_offset = 0;
+    long status = 0;               // of the response being received (from its status line)
+    uint64_t header_bytes = 0;     // of that response
+    // What a callback caught. Fixed storage: recording it must not allocate,
+    // it may be a bad_alloc being recorded.
+    char callback_error[160] = {0};
 };
 
-size_t read_cb(char* buf, size_t size, size_t nitems, void* userdata) {
-    auto* t = static_cast<Transfer*>(userdata);
-    int64_t n = t->req->body->read_at(t->upload_offset, buf, size * nitems);
-    if (n < 0) return CURL_READFUNC_ABORT;
-    t->upload_offset += static_cast<uint64_t>(n);
-    return static_cast<size_t>(n);
+// Called inside a catch block of a callback: remembers what was thrown.
+void record_exception(Transfer* t) noexcept {
+    const char* what = "unknown exception";
+    try {
+        throw;
+    } catch (const std::bad_alloc&) {
+        what = "out of memory";
+    } catch (const std::exception& e) {
+        what = e.what();
+    } catch (...) {
+    }
+    if (!t->callback_error[0]) std::snprintf(t->callback_error, sizeof t->callback_error, "%s", what);
 }
 
-int seek_cb(void* userdata, curl_off_t offset, int origin) {
+size_t read_cb(char* buf, size_t size, size_t nitems, void* userdata) noexcept {
     auto* t = static_cast<Transfer*>(userdata);
-    if (origin != SEEK_SET || offset < 0 || static_cast<uint64_t>(offset) > t->req->body->size())
-        return CURL_SEEKFUNC_CANTSEEK;
-    t->upload_offset = static_cast<uint64_t>(offset);
-    return CURL_SEEKFUNC_OK;
+    try {
+        int64_t n = t->req->body->read_at(t->upload_offset, buf, size * nitems);
+        if (n < 0) return CURL_READFUNC_ABORT;
+        t->upload_offset += static_cast<uint64_t>(n);
+        return static_cast<size_t>(n);
+    } catch (...) {
+        record_exception(t);
+        return CURL_READFUNC_ABORT;
+    }
 }
 
-size_t write_cb(char* data, size_t size, size_t nmemb, void* userdata) {
+int seek_cb(void* userdata, curl_off_t offset, int origin) noexcept {
+    auto* t = static_cast<Transfer*>(userdata);
+    try {
+        if (origin != SEEK_SET || offset < 0 || static_cast<uint64_t>(offset) > t->req->body->size())
+            return CURL_SEEKFUNC_CANTSEEK;
+        t->upload_offset = static_cast<uint64_t>(offset);
+        return CURL_SEEKFUNC_OK;
+    } catch (...) {
+        record_exception(t);
+        return CURL_SEEKFUNC_FAIL;
+    }
+}
+
+bool success(long status) { return status >= 200 && status < 300; }
+
+size_t write_cb(char* data, size_t size, size_t nmemb, void* userdata) noexcept {
     auto* t = static_cast<Transfer*>(userdata);
     size_t n = size * nmemb;
-    long status = 0;
-    curl_easy_getinfo(t->curl, CURLINFO_RESPONSE_CODE, &status);
-    t->resp->body_bytes += n;
-    if (t->req->sink && status >= 200 && status < 300) {
-        if (!t->req->sink->write(data, n)) {
-            t->resp->sink_failed = true;
+    try {
+        long status = 0;
+        curl_easy_getinfo(t->curl, CURLINFO_RESPONSE_CODE, &status);
+        Response& r = *t->resp;
+        if (!success(status)) {
+            // An error body is only read for its <Error> document: keep the
+            // start, stop the transfer once it is clearly not a normal one.
+            size_t room = r.body.size() < kMaxErrorBody ? static_cast<size_t>(kMaxErrorBody - r.body.size()) : 0;
+            r.body.append(data, std::min(n, room));
+            r.body_bytes += n;
+            return n <= room ? n : 0;
+        }
+        if (r.body_bytes + n > t->req->max_body_bytes) {
+            r.too_large = true;
             return 0;  // aborts the transfer with CURLE_WRITE_ERROR
         }
+        r.body_bytes += n;
+        if (t->req->sink) {
+            if (!t->req->sink->write(data, n)) {
+                r.sink_failed = true;
+                return 0;
+            }
+            return n;
+        }
+        r.body.append(data, n);
         return n;
+    } catch (...) {
+        record_exception(t);
+        return 0;
     }
-    t->resp->body.append(data, n);
-    return n;
 }
 
-size_t header_cb(char* data, size_t size, size_t nitems, void* userdata) {
+size_t header_cb(char* data, size_t size, size_t nitems, void* userdata) noexcept {
     auto* t = static_cast<Transfer*>(userdata);
     size_t n = size * nitems;
-    std::string_view line(data, n);
-    if (line.rfind("HTTP/", 0) == 0) {  // a new response (after 100-continue or a retry inside curl)
-        t->resp->headers.clear();
+    try {
+        std::string_view line(data, n);
+        if (line.rfind("HTTP/", 0) == 0) {  // a new response (after 100-continue or a retry inside curl)
+            t->resp->headers.clear();
+            t->header_bytes = n;
+            t->status = 0;
+            if (auto sp = line.find(' '); sp != std::string_view::npos && line.size() >= sp + 4) {
+                long st = 0;
+                for (size_t i = sp + 1; i < sp + 4; ++i) st = st * 10 + (line[i] >= '0' && line[i] <= '9' ? line[i] - '0' : 0);
+                t->status = st;
+            }
+            return n;
+        }
+        t->header_bytes += n;
+        if (t->header_bytes > kMaxHeaderBytes) {
+            t->resp->too_large = true;
+            return 0;
+        }
+        auto colon = line.find(':');
+        if (colon == std::string_view::npos) return n;
+        std::string name(line.substr(0, colon));
+        for (char& c : name)
+            if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+        std::string_view v = line.substr(colon + 1);
+        while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
+        while (!v.empty() && (v.back() == '\r' || v.back() == '\n' || v.back() == ' ')) v.remove_suffix(1);
+        // A 2xx that announces more than the caller can take is refused
+        // before its body: a server ignoring Range cannot push a whole object
+        // into a header read. (A HEAD's Content-Length is the object's size,
+        // not a body.)
+        if (name == "content-length" && success(t->status) && t->req->method != "HEAD") {
+            uint64_t len = 0;
+            bool digits = !v.empty();
+            for (char c : v) {
+                if (c < '0' || c > '9' || len > (UINT64_MAX - 9) / 10) { digits = false; break; }
+                len = len * 10 + static_cast<uint64_t>(c - '0');
+            }
+            if (digits && len > t->req->max_body_bytes) {
+                t->resp->too_large = true;
+                return 0;
+            }
+        }
+        t->resp->headers.emplace_back(std::move(name), std::string(v));
         return n;
+    } catch (...) {
+        record_exception(t);
+        return 0;
     }
-    auto colon = line.find(':');
-    if (colon == std::string_view::npos) return n;
-    std::string name(line.substr(0, colon));
-    for (char& c : name)
-        if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-    std::string_view v = line.substr(colon + 1);
-    while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
-    while (!v.empty() && (v.back() == '\r' || v.back() == '\n' || v.back() == ' ')) v.remove_suffix(1);
-    t->resp->headers.emplace_back(std::move(name), std::string(v));
-    return n;
+}
+
+// Enforces the request's deadline; the transfer's declared size (known once
+// the headers arrive) buys time at the minimum rate, so a large object over a
+// slow link is not cut off while a trickling server still is.
+int xferinfo_cb(void* userdata, curl_off_t dltotal, curl_off_t, curl_off_t ultotal, curl_off_t) noexcept {
+    auto* t = static_cast<Transfer*>(userdata);
+    const Request& r = *t->req;
+    auto now = std::chrono::steady_clock::now();
+    if (now >= r.hard_deadline) {
+        t->resp->timed_out = true;
+        return 1;
+    }
+    if (r.deadline == std::chrono::steady_clock::time_point::max()) return 0;
+    uint64_t bytes = static_cast<uint64_t>(std::max<curl_off_t>(dltotal, 0)) + static_cast<uint64_t>(std::max<curl_off_t>(ultotal, 0));
+    auto extra = std::chrono::milliseconds(r.min_rate ? static_cast<int64_t>(std::min<uint64_t>(bytes / r.min_rate, 1ull << 30) * 1000) : 0);
+    if (now >= r.deadline && now - r.deadline >= extra) {
+        t->resp->timed_out = true;
+        return 1;
+    }
+    return 0;
 }
 
 struct SlistDeleter {
@@ -154,7 +258,10 @@ using Slist = std::unique_ptr<curl_slist, SlistDeleter>;
 
 Response perform_on(CURL* h, const Request& req, const Timeouts& to) {
     Response resp;
-    Transfer t{&req, &resp, h, 0};
+    Transfer t;
+    t.req = &req;
+    t.resp = &resp;
+    t.curl = h;
     curl_easy_reset(h);  // keeps the connection cache: keep-alive survives
 
     Slist headers;
@@ -179,6 +286,10 @@ Response perform_on(CURL* h, const Request& req, const Timeouts& to) {
     SETOPT(h, CURLOPT_URL, req.url.c_str());
     // S3 keys may contain "/./" or "/../": curl must send the path as signed.
     SETOPT(h, CURLOPT_PATH_AS_IS, 1L);
+    // S3 is HTTP: never let a configured URL reach file://, ftp:// or any
+    // other protocol libcurl knows (file:// once truncated a local file).
+    SETOPT(h, CURLOPT_PROTOCOLS_STR, "http,https");
+    SETOPT(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
     SETOPT(h, CURLOPT_NOSIGNAL, 1L);
     SETOPT(h, CURLOPT_HTTPHEADER, headers.get());
     SETOPT(h, CURLOPT_TCP_NODELAY, 1L);
@@ -196,6 +307,14 @@ Response perform_on(CURL* h, const Request& req, const Timeouts& to) {
     SETOPT(h, CURLOPT_HEADERDATA, &t);
     SETOPT(h, CURLOPT_WRITEFUNCTION, write_cb);
     SETOPT(h, CURLOPT_WRITEDATA, &t);
+    SETOPT(h, CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
+    SETOPT(h, CURLOPT_XFERINFODATA, &t);
+    SETOPT(h, CURLOPT_NOPROGRESS, 0L);
+    if (req.hard_deadline != std::chrono::steady_clock::time_point::max()) {
+        // Belt and braces for the progress callback: curl's own timer.
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(req.hard_deadline - std::chrono::steady_clock::now());
+        SETOPT(h, CURLOPT_TIMEOUT_MS, static_cast<long>(std::max<int64_t>(left.count(), 1)));
+    }
     // Signed requests must not be redirected: the signature covers the host.
     SETOPT(h, CURLOPT_FOLLOWLOCATION, 0L);
 
@@ -228,6 +347,12 @@ Response perform_on(CURL* h, const Request& req, const Timeouts& to) {
     long status = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
     resp.status = status;
+    if (t.callback_error[0]) resp.callback_error = t.callback_error;
+    if (resp.timed_out || rc == CURLE_OPERATION_TIMEDOUT) {
+        resp.timed_out = true;
+        resp.curl_code = CURLE_OPERATION_TIMEDOUT;
+        resp.curl_error = "no complete answer before the request's deadline";
+    }
     // Detach pointers into this stack frame before the handle goes back to the pool.
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, nullptr);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, nullptr);

@@ -62,12 +62,29 @@ public:
     virtual bool reset() = 0;
 };
 
+// Caps on what a server may send back, whatever the request. A response
+// past a cap is abandoned mid-transfer: a hostile or broken server can cost a
+// request, never the process's memory.
+constexpr uint64_t kMaxErrorBody = 64 * 1024;   // error bodies are kept up to this, then the transfer stops
+constexpr uint64_t kMaxHeaderBytes = 64 * 1024; // all header lines of one response together
+constexpr uint64_t kMaxSmallBody = 8ull << 20;  // default body cap: S3's XML answers (a 1000-key page is ~0.5 MiB)
+
 struct Request {
     std::string method;   // GET HEAD PUT POST DELETE
     std::string url;      // fully encoded
     HeaderList headers;
     BodySource* body = nullptr;
     BodySink* sink = nullptr;
+    // Most bytes a 2xx body may have (checked against Content-Length as soon
+    // as it arrives, and against the bytes received): beyond it the transfer
+    // is aborted and Response::too_large is set.
+    uint64_t max_body_bytes = kMaxSmallBody;
+    // The attempt is abandoned at `deadline`, extended by the declared size of
+    // the transfer (request body + response Content-Length) at `min_rate`
+    // bytes/s, but never past `hard_deadline`. max(): no limit.
+    std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+    std::chrono::steady_clock::time_point hard_deadline = std::chrono::steady_clock::time_point::max();
+    uint64_t min_rate = 256 * 1024;
 };
 
 struct Response {
@@ -78,6 +95,9 @@ struct Response {
     int curl_code = 0;              // CURLE_OK = 0
     std::string curl_error;         // curl's message for curl_code
     bool sink_failed = false;       // the sink refused data
+    bool too_large = false;         // the 2xx body (or the headers) passed its cap; transfer aborted
+    bool timed_out = false;         // the request's deadline passed; curl_code is CURLE_OPERATION_TIMEDOUT
+    std::string callback_error;     // an exception caught inside a libcurl callback (transfer aborted)
 
     std::string header(std::string_view lowercase_name) const;
 };
@@ -111,7 +131,11 @@ private:
 };
 
 // Performs one request. Never throws for network failures; they come back
-// as Response::curl_code. Safe to call from many threads with one pool.
+// as Response::curl_code. Only http and https are spoken (also on
+// redirects), whatever the URL says. No exception ever crosses libcurl's C
+// frames: one thrown by a sink, a source or an allocation inside a callback
+// is caught there, aborts the transfer and comes back as
+// Response::callback_error. Safe to call from many threads with one pool.
 Response perform(ConnectionPool& pool, const Request& req, const Timeouts& timeouts);
 
 // Idempotent process-wide curl_global_init.

@@ -37,4 +37,14 @@ inline void trace(std::string_view m) { if (enabled(Level::Trace)) write(Level::
 // signatures and credentials in URLs never reach a log line.
 std::string redact_url(std::string_view url);
 
+// Makes text that came from a server or a bucket (error messages, codes,
+// object keys) safe to put on a terminal or in a log line: a hostile server
+// must not be able to move the cursor, rewrite earlier lines or forge log
+// entries. C0 controls and DEL become \n, \r, \t or \xNN; C1 controls,
+// bidirectional overrides and line/paragraph separators become \u{NNNN};
+// bytes that are not valid UTF-8 become \xNN; a backslash becomes \\ so the
+// escaping stays unambiguous. Other UTF-8 (non-ASCII names) is kept. Output
+// beyond max_bytes is cut and ends in "...".
+std::string printable(std::string_view text, size_t max_bytes = 1024);
+
 }  // namespace bottomless::log

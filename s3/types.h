@@ -29,6 +29,7 @@ struct ListPage {
     std::vector<std::string> common_prefixes;
     bool is_truncated = false;
     std::string next_continuation_token;
+    uint64_t dropped = 0;  // keys and prefixes the server sent outside the requested prefix (not in the lists above)
 };
 
 struct CompletedPart {

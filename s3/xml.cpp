@@ -6,6 +6,8 @@
 
 #include <sstream>
 
+#include "s3/log.h"
+
 namespace bottomless::s3::xml {
 namespace {
 
@@ -90,8 +92,10 @@ Result<std::string> parse_complete_multipart(std::string_view body) {
     pugi::xml_document doc;
     if (auto r = load(doc, body, "CompleteMultipartUpload"); !r) return std::move(r).error();
     if (pugi::xml_node err = doc.child("Error")) {
-        Error e = make_error(ErrorKind::Server, text(err, "Message"), text(err, "Code"));
-        e.request_id = text(err, "RequestId");
+        // Server text: escaped before it can reach a terminal or a log line.
+        Error e = make_error(ErrorKind::Server, "CompleteMultipartUpload failed: " + log::printable(text(err, "Message"), 512),
+                             log::printable(text(err, "Code"), 64));
+        e.request_id = log::printable(text(err, "RequestId"), 128);
         if (e.code == "InternalError" || e.code == "SlowDown") e.kind = ErrorKind::Throttled;
         return e;
     }

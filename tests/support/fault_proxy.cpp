@@ -1,4 +1,5 @@
-// The fault-injecting test proxy (see fault_proxy.h).
+// The fault-injecting test proxy (see fault_proxy.h). The misbehaving-server
+// faults rewrite or invent answers; everything they add is for tests only.
 //
 // One accept thread and one thread per client connection; each connection
 // thread owns its client socket and its own keep-alive upstream socket. Every
@@ -20,6 +21,7 @@
 #include <cerrno>
 #include <charconv>
 #include <chrono>
+#include <cstdio>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -383,6 +385,103 @@ std::string error_response(Fault fault, std::string_view method) {
     return out;
 }
 
+// ---- helpers for the misbehaving-server faults ----
+
+// The final response head: status line and header lines, each ending in CRLF.
+std::string_view final_head(const Response& r) {
+    std::string_view all(r.bytes.data(), r.body_start);
+    size_t start = all.rfind("\r\nHTTP/1.");
+    start = start == std::string_view::npos ? 0 : start + 2;
+    std::string_view head = all.substr(start);
+    // Keep the last header line's CRLF (header() needs it), drop the blank line.
+    if (head.size() >= 4 && head.substr(head.size() - 4) == "\r\n\r\n") head.remove_suffix(2);
+    return head;
+}
+
+// The response body with any chunked framing removed.
+std::string plain_body(const Response& r) {
+    std::string_view body(r.bytes.data() + r.body_start, r.bytes.size() - r.body_start);
+    if (!header_has(final_head(r), "transfer-encoding", "chunked")) return std::string(body);
+    std::string out;
+    size_t pos = 0;
+    for (;;) {
+        size_t eol = body.find("\r\n", pos);
+        if (eol == std::string_view::npos) break;
+        size_t n = 0;
+        auto [p, ec] = std::from_chars(body.data() + pos, body.data() + eol, n, 16);
+        if (ec != std::errc() || n == 0 || eol + 2 + n > body.size()) break;
+        out.append(body.substr(eol + 2, n));
+        pos = eol + 2 + n + 2;
+    }
+    return out;
+}
+
+// The head with its framing headers replaced by a Content-Length for `body`
+// (and the status line replaced when `status_line` is given).
+std::string rebuild(std::string_view head, const std::string& body, std::string_view status_line = {}) {
+    std::string out;
+    size_t pos = 0;
+    bool first = true;
+    while (pos < head.size()) {
+        size_t eol = head.find("\r\n", pos);
+        if (eol == std::string_view::npos) eol = head.size();
+        std::string_view line = head.substr(pos, eol - pos);
+        pos = eol + 2;
+        if (first) {
+            out.append(status_line.empty() ? line : status_line).append("\r\n");
+            first = false;
+            continue;
+        }
+        size_t colon = line.find(':');
+        std::string_view name = line.substr(0, colon == std::string_view::npos ? 0 : colon);
+        if (iequals(name, "content-length") || iequals(name, "transfer-encoding") || iequals(name, "content-range"))
+            continue;
+        out.append(line).append("\r\n");
+    }
+    out += "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n";
+    return out + body;
+}
+
+// The value of query parameter `name` in a request-target (not decoded).
+std::string query_param(std::string_view target, std::string_view name) {
+    size_t q = target.find('?');
+    while (q != std::string_view::npos) {
+        size_t start = q + 1;
+        size_t end = target.find('&', start);
+        std::string_view kv = target.substr(start, end == std::string_view::npos ? std::string_view::npos : end - start);
+        if (kv.substr(0, kv.find('=')) == name) {
+            size_t eq = kv.find('=');
+            return eq == std::string_view::npos ? std::string() : std::string(kv.substr(eq + 1));
+        }
+        q = end;
+    }
+    return {};
+}
+
+bool is_list_request(const Request& req) {
+    return req.method == "GET" && req.target.find("list-type=2") != std::string::npos;
+}
+
+// A ListObjectsV2 body made truncated with `token` as the next one.
+std::string with_token(std::string xml, const std::string& token) {
+    for (const char* tag : {"NextContinuationToken", "IsTruncated"}) {
+        std::string open = std::string("<") + tag + ">", close = std::string("</") + tag + ">";
+        size_t a = xml.find(open);
+        if (a == std::string::npos) continue;
+        size_t b = xml.find(close, a);
+        if (b != std::string::npos) xml.erase(a, b + close.size() - a);
+    }
+    size_t end = xml.rfind("</ListBucketResult>");
+    if (end == std::string::npos) return xml;
+    xml.insert(end, "<IsTruncated>true</IsTruncated><NextContinuationToken>" + token + "</NextContinuationToken>");
+    return xml;
+}
+
+std::string xml_response(const std::string& body) {
+    return "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nx-amz-request-id: fault-proxy\r\nContent-Length: " +
+           std::to_string(body.size()) + "\r\n\r\n" + body;
+}
+
 }  // namespace
 
 struct FaultProxy::Impl {
@@ -437,6 +536,8 @@ struct FaultProxy::Impl {
     struct Decision {
         Fault fault;
         int stall_ms;
+        int trickle_bytes;
+        int trickle_ms;
     };
 
     Decision take_fault(const Request& req) {
@@ -452,7 +553,7 @@ struct FaultProxy::Impl {
             fault = always_fault_;
         }
         if (fault != Fault::None) ++faults_injected_;
-        return {fault, stall_ms_};
+        return {fault, stall_ms_, trickle_bytes_, trickle_ms_};
     }
 
     // Runs one client connection; returning closes it.
@@ -503,9 +604,131 @@ struct FaultProxy::Impl {
                 // The server has acted on the request; the client never learns.
                 upstream.exchange(*req);
                 return;
+            case Fault::IgnoreRange:
+            case Fault::EndlessBody:
+            case Fault::Trickle:
+            case Fault::LoopTokens:
+            case Fault::ReplayListing:
+            case Fault::ForeignKeys:
+                if (!misbehave(client.get(), upstream, *req, d)) return;
+                break;
             }
             if (req->close) return;
         }
+    }
+
+    // The misbehaving-server faults; false when the connection must close.
+    bool misbehave(int client, Upstream& upstream, const Request& req, const Decision& d) {
+        switch (d.fault) {
+        case Fault::EndlessBody: {
+            if (!write_all(client, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                   "Transfer-Encoding: chunked\r\n\r\n", stopping_))
+                return false;
+            const std::string chunk = "10000\r\n" + std::string(0x10000, 'z') + "\r\n";
+            // Until the client hangs up (or the proxy stops): a server that never ends.
+            while (!stopping_.load() && write_all(client, chunk, stopping_)) count_sent(chunk.size());
+            return false;
+        }
+        case Fault::Trickle: {
+            std::optional<Response> resp = upstream.exchange(req);
+            if (!resp) return false;
+            std::string_view rest = resp->bytes;
+            const size_t step = static_cast<size_t>(std::max(d.trickle_bytes, 1));
+            while (!rest.empty() && !stopping_.load()) {
+                std::string_view piece = rest.substr(0, step);
+                if (!write_all(client, piece, stopping_)) return false;
+                count_sent(piece.size());
+                rest.remove_prefix(piece.size());
+                const auto until = Clock::now() + std::chrono::milliseconds(d.trickle_ms);
+                while (!rest.empty() && !stopping_.load() && Clock::now() < until) {
+                    // A client that gave up closes its end: stop trickling then.
+                    pollfd p{client, POLLIN, 0};
+                    if (::poll(&p, 1, 10) > 0) {
+                        char b;
+                        if (::recv(client, &b, 1, MSG_PEEK) <= 0) return false;
+                    }
+                }
+            }
+            return !resp->close;
+        }
+        case Fault::IgnoreRange: {
+            std::optional<Response> resp = upstream.exchange(req);
+            if (!resp) return false;
+            std::string_view head = final_head(*resp);
+            auto cr = header(head, "content-range");  // "bytes A-B/TOTAL"
+            size_t first = 0, last = 0, total = 0;
+            if (head.substr(9, 3) != "206" || !cr ||
+                std::sscanf(std::string(*cr).c_str(), "bytes %zu-%zu/%zu", &first, &last, &total) != 3 ||
+                total > (size_t{256} << 20) || last >= total) {
+                return write_all(client, resp->bytes, stopping_) && !resp->close;
+            }
+            std::string whole(total, '\0');
+            std::string part = plain_body(*resp);
+            whole.replace(first, std::min(part.size(), total - first), part.substr(0, total - first));
+            return write_all(client, rebuild(head, whole, "HTTP/1.1 200 OK"), stopping_) && !resp->close;
+        }
+        case Fault::LoopTokens:
+        case Fault::ReplayListing: {
+            if (!is_list_request(req)) {
+                std::optional<Response> resp = upstream.exchange(req);
+                return resp && write_all(client, resp->bytes, stopping_) && !resp->close;
+            }
+            const std::string token = query_param(req.target, "continuation-token");
+            if (token.empty()) {
+                std::optional<Response> resp = upstream.exchange(req);
+                if (!resp) return false;
+                std::string body = plain_body(*resp);
+                {
+                    std::lock_guard lock(mu_);
+                    last_list_body_ = body;
+                }
+                return write_all(client, rebuild(final_head(*resp), with_token(body, next_token(d.fault, ""))),
+                                 stopping_) &&
+                       !resp->close;
+            }
+            std::string body;
+            if (d.fault == Fault::LoopTokens) {
+                body = R"(<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">)"
+                       "<KeyCount>0</KeyCount></ListBucketResult>";
+            } else {
+                std::lock_guard lock(mu_);
+                body = last_list_body_;
+            }
+            return write_all(client, xml_response(with_token(body, next_token(d.fault, token))), stopping_);
+        }
+        case Fault::ForeignKeys: {
+            std::optional<Response> resp = upstream.exchange(req);
+            if (!resp) return false;
+            if (!is_list_request(req) || final_head(*resp).substr(9, 3) != "200")
+                return write_all(client, resp->bytes, stopping_) && !resp->close;
+            std::string body = plain_body(*resp);
+            std::string extra;
+            {
+                std::lock_guard lock(mu_);
+                for (const auto& k : foreign_keys_)
+                    extra += "<Contents><Key>" + k + "</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+                             "<ETag>&quot;d41d8cd98f00b204e9800998ecf8427e&quot;</ETag><Size>1</Size></Contents>";
+                for (const auto& p : foreign_prefixes_) extra += "<CommonPrefixes><Prefix>" + p + "</Prefix></CommonPrefixes>";
+            }
+            size_t end = body.rfind("</ListBucketResult>");
+            if (end != std::string::npos) body.insert(end, extra);
+            return write_all(client, rebuild(final_head(*resp), body), stopping_) && !resp->close;
+        }
+        default:
+            return false;
+        }
+    }
+
+    // LoopTokens alternates A and B; ReplayListing never repeats a token.
+    std::string next_token(Fault f, const std::string& current) {
+        if (f == Fault::LoopTokens) return current == "A" ? "B" : "A";
+        std::lock_guard lock(mu_);
+        return "replay" + std::to_string(++tokens_made_);
+    }
+
+    void count_sent(size_t n) {
+        std::lock_guard lock(mu_);
+        fault_bytes_sent_ += static_cast<long long>(n);
     }
 
     const std::string upstream_host_;
@@ -521,6 +744,12 @@ struct FaultProxy::Impl {
     std::string filter_method_;
     std::string filter_path_;
     int stall_ms_ = 3000;
+    int trickle_bytes_ = 4;
+    int trickle_ms_ = 200;
+    std::vector<std::string> foreign_keys_, foreign_prefixes_;
+    std::string last_list_body_;  // ReplayListing's page
+    long long tokens_made_ = 0;
+    long long fault_bytes_sent_ = 0;
     int requests_seen_ = 0;
     int faults_injected_ = 0;
 
@@ -570,6 +799,23 @@ void FaultProxy::set_filter(std::string method, std::string path_substring) {
 void FaultProxy::set_stall_ms(int ms) {
     std::lock_guard lock(impl_->mu_);
     impl_->stall_ms_ = std::max(ms, 0);
+}
+
+void FaultProxy::set_trickle(int bytes, int every_ms) {
+    std::lock_guard lock(impl_->mu_);
+    impl_->trickle_bytes_ = std::max(bytes, 1);
+    impl_->trickle_ms_ = std::max(every_ms, 0);
+}
+
+void FaultProxy::set_foreign_listing(std::vector<std::string> keys, std::vector<std::string> prefixes) {
+    std::lock_guard lock(impl_->mu_);
+    impl_->foreign_keys_ = std::move(keys);
+    impl_->foreign_prefixes_ = std::move(prefixes);
+}
+
+long long FaultProxy::bytes_sent_by_faults() const {
+    std::lock_guard lock(impl_->mu_);
+    return impl_->fault_bytes_sent_;
 }
 
 int FaultProxy::requests_seen() const {

@@ -16,6 +16,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace bottomless::testing {
 
@@ -27,6 +28,18 @@ enum class Fault {
     Stall,               // read the request, send nothing for stall_ms, then close; nothing forwarded
     TruncateBody,        // forward; send the headers and half the response body, then close
     DropResponse,        // forward and read the whole response (the server acted), then close silently
+
+    // A misbehaving server (hostile or broken), for the client's defences:
+    IgnoreRange,         // forward; a 206 answer is turned into 200 with the whole object (bytes outside
+                         // the range are zeros; the object's size comes from Content-Range)
+    EndlessBody,         // answer 200 with a chunked body that never ends; nothing forwarded
+    Trickle,             // forward; send the answer (head included) trickle_bytes every trickle_ms
+    LoopTokens,          // ListObjectsV2: a request without a continuation token is forwarded and its page
+                         // made truncated with token "A"; one with a token gets an empty truncated page
+                         // with the other token (A, B, A, B, ...) and is not forwarded
+    ReplayListing,       // ListObjectsV2: a request without a token is forwarded and its page made truncated
+                         // with a fresh token; one with a token gets that same page again with a fresh token
+    ForeignKeys,         // ListObjectsV2: forward, then add set_foreign_listing()'s keys and prefixes
 };
 
 class FaultProxy {
@@ -55,6 +68,12 @@ public:
     // set_filter("", "") removes the filter.
     void set_filter(std::string method, std::string path_substring);
     void set_stall_ms(int ms);  // default 3000
+    void set_trickle(int bytes, int every_ms);  // default 4 bytes every 200 ms
+    // What ForeignKeys adds to a listing page: <Contents> keys and <CommonPrefixes>.
+    void set_foreign_listing(std::vector<std::string> keys, std::vector<std::string> prefixes);
+    // Bytes the proxy sent to clients for faults that write bodies of their
+    // own (EndlessBody, Trickle): how much a client took before giving up.
+    long long bytes_sent_by_faults() const;
 
     int requests_seen() const;    // requests fully read from clients
     int faults_injected() const;  // requests that got a fault other than None

@@ -170,3 +170,82 @@ TEST_CASE("region and endpoint resolution order", "[config]") {
         CHECK(cfg->verify_tls);
     }
 }
+
+TEST_CASE("an endpoint must be an http or https URL naming a host", "[config]") {
+    for (const char* ok : {"http://127.0.0.1:7480", "https://s3.eu-west-1.amazonaws.com", "HTTPS://Minio.local",
+                           "http://[::1]:9000", "https://s3.example.com/ignored/path", "http://my_host:1"}) {
+        CAPTURE(ok);
+        CHECK(validate_endpoint(ok).ok());
+    }
+    for (const char* bad : {"file://localhost", "file:///etc/passwd", "ftp://host", "gopher://127.0.0.1:70",
+                            "dict://127.0.0.1:11211", "ldap://h", "scp://h", "http://", "http://:80", "http://host:",
+                            "http://host:0", "http://host:99999", "http://host:12a", "http://user:pw@host",
+                            "http://host?x=1", "http://host#f", "http://ho st", "http://host\r\nX: y", "host",
+                            "http://[::1", "http://h\xc3\xa9"}) {
+        CAPTURE(bad);
+        auto st = validate_endpoint(bad);
+        REQUIRE_FALSE(st.ok());
+        CHECK(st.error().kind == ErrorKind::InvalidArgument);
+        CHECK(st.error().code == "BadEndpoint");
+        CHECK(st.error().message.find("http:// or https://") != std::string::npos);
+        CHECK(st.error().message.find('\r') == std::string::npos);
+    }
+}
+
+TEST_CASE("a file:// endpoint is refused when the configuration is read", "[config]") {
+    TempDir home;
+    std::map<std::string, std::string> vars{{"HOME", home.path.string()},
+                                            {"AWS_ACCESS_KEY_ID", "A"},
+                                            {"AWS_SECRET_ACCESS_KEY", "S"}};
+    SECTION("from bottomless's variable") {
+        vars["LIBSQL_BOTTOMLESS_ENDPOINT"] = "file://localhost";
+        auto cfg = config_from_env(env_of(vars));
+        REQUIRE_FALSE(cfg.ok());
+        CHECK(cfg.error().message.find("LIBSQL_BOTTOMLESS_ENDPOINT") != std::string::npos);
+        CHECK(cfg.error().message.find("scheme 'file' is not supported") != std::string::npos);
+    }
+    SECTION("from the AWS profile") {
+        home.write(".aws/config", "[default]\nendpoint_url=ftp://files.example.com\n");
+        auto cfg = config_from_env(env_of(vars));
+        REQUIRE_FALSE(cfg.ok());
+        CHECK(cfg.error().message.find("endpoint_url") != std::string::npos);
+    }
+    SECTION("a scheme-less value still becomes https") {
+        vars["AWS_ENDPOINT_URL"] = "s3.example.com:9000";
+        auto cfg = config_from_env(env_of(vars));
+        REQUIRE(cfg.ok());
+        CHECK(cfg->endpoint == "https://s3.example.com:9000");
+    }
+}
+
+TEST_CASE("bucket names follow S3's rules", "[config]") {
+    const std::string longest(63, 'a');
+    for (const std::string& ok : {std::string("bottomless"), std::string("abc"), std::string("my-bucket.2026"),
+                                  std::string("0numbers9"), longest}) {
+        CAPTURE(ok);
+        CHECK(validate_bucket_name(ok).ok());
+    }
+    for (std::string bad : {std::string("ab"), std::string(64, 'a'), std::string("My-Bucket"), std::string("under_score"),
+                            std::string("-lead"), std::string("trail-"), std::string(".dot"), std::string("a..b"),
+                            std::string("192.168.5.4"), std::string("a/b"), std::string("a?b"), std::string("a b"),
+                            std::string("b\x1b[2J"), std::string("", 0)}) {
+        CAPTURE(bad);
+        auto st = validate_bucket_name(bad);
+        REQUIRE_FALSE(st.ok());
+        CHECK(st.error().code == "InvalidBucketName");
+        CHECK(st.error().message.find('\x1b') == std::string::npos);
+    }
+}
+
+TEST_CASE("loopback hosts are recognised for the plain-http warning", "[config]") {
+    CHECK(is_loopback_host("127.0.0.1"));
+    CHECK(is_loopback_host("127.1.2.3"));
+    CHECK(is_loopback_host("localhost"));
+    CHECK(is_loopback_host("::1"));
+    CHECK_FALSE(is_loopback_host("127.0.0.1.evil.com"));
+    CHECK_FALSE(is_loopback_host("10.0.0.1"));
+    CHECK_FALSE(is_loopback_host("s3.amazonaws.com"));
+    CHECK(endpoint_host("http://[::1]:7480/x") == "::1");
+    CHECK(endpoint_host("http://127.0.0.1:7480") == "127.0.0.1");
+    CHECK(endpoint_host("https://s3.example.com/p") == "s3.example.com");
+}

@@ -125,3 +125,24 @@ TEST_CASE("encryption settings: key or passphrase, URI over environment, never e
         CHECK(r.error().message.find(short_key.substr(4, 20)) == std::string::npos);
     }
 }
+
+TEST_CASE("a URI endpoint other than http or https and a bad bucket name are refused on open", "[config]") {
+    // endpoint=file://localhost once made CreateBucket truncate a local file.
+    for (const char* ep : {"file://localhost", "file:///etc/passwd", "ftp://host", "gopher://127.0.0.1:70"}) {
+        CAPTURE(ep);
+        auto c = load_config("/x/y.db", {{"endpoint", ep}, {"bucket", "b-ok"}}, env_of({}));
+        REQUIRE_FALSE(c.ok());
+        CHECK(c.error().code == "BadSetting");
+        CHECK(c.error().message.find("http:// or https://") != std::string::npos);
+    }
+    for (const char* b : {"UPPER", "a", "has_underscore", "../x", "10.0.0.1", "x\x1b[2Jy"}) {
+        CAPTURE(b);
+        auto c = load_config("/x/y.db", {{"bucket", b}}, env_of({}));
+        REQUIRE_FALSE(c.ok());
+        CHECK(c.error().message.find("S3 bucket name") != std::string::npos);
+        CHECK(c.error().message.find('\x1b') == std::string::npos);  // the value is escaped in the message
+    }
+    auto env = load_config("/x/y.db", {}, env_of({{"LIBSQL_BOTTOMLESS_ENDPOINT", "file://localhost"}}));
+    REQUIRE_FALSE(env.ok());
+    CHECK(env.error().code == "BadEndpoint");
+}
