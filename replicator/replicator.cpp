@@ -14,6 +14,7 @@
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <stdexcept>
 #include <unordered_map>
 
 #include "replicator/restore.h"
@@ -921,6 +922,39 @@ Status Replicator::take_snapshot(Lock& lock) {
     return {};
 }
 
+namespace {
+std::atomic<int> g_injected_uploader_exceptions{0};
+}
+
+void testing_inject_uploader_exceptions(int n) { g_injected_uploader_exceptions.store(n); }
+
+void Replicator::guarded_step(Lock& lock, bool force) noexcept {
+    // The uploader thread's exception barrier: an exception leaving a
+    // thread's entry point terminates the host application. A step that
+    // throws (out of memory, a library failure) is recorded in status and
+    // retried after the usual back-off; the application never notices.
+    auto fail = [this](const char* what) noexcept {
+        try {
+            note_failure(make_error(ErrorKind::Io, std::string("internal error in the uploader: ") + what +
+                                                       " (retrying; the application is not affected)",
+                                    "UploaderException"));
+        } catch (...) {
+            retry_after_ = Clock::now() + std::chrono::seconds(1);
+        }
+    };
+    try {
+        if (g_injected_uploader_exceptions.load() > 0 && g_injected_uploader_exceptions.fetch_sub(1) > 0)
+            throw std::runtime_error("injected by a test");
+        (void)step(lock, force);
+    } catch (const std::bad_alloc&) {
+        fail("out of memory");
+    } catch (const std::exception& e) {
+        fail(e.what());
+    } catch (...) {
+        fail("unknown exception");
+    }
+}
+
 Status Replicator::step(Lock& lock, bool force) {
     if (!force && Clock::now() < retry_after_) return {};
     if (broken_outside_wal_.load()) request_snapshot("the database file was written outside the WAL");
@@ -964,7 +998,7 @@ void Replicator::run() {
         {
             std::lock_guard net(net_mu_);
             Lock lock(upload_mu_);
-            (void)step(lock, force);
+            guarded_step(lock, force);
         }
         if (stopping) break;
     }
@@ -975,7 +1009,7 @@ void Replicator::run() {
             std::lock_guard net(net_mu_);
             Lock lock(upload_mu_);
             retry_after_ = {};
-            (void)step(lock, true);
+            guarded_step(lock, true);
             bool done = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_ &&
                         (!need_snapshot_ || generation_.empty());
             if (done && !need_snapshot_) return;

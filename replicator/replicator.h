@@ -31,6 +31,10 @@
 
 namespace bottomless::replicator {
 
+// Test hook: the next `n` uploader steps (in any replicator of this
+// process) throw, as a failing library or an allocation would.
+void testing_inject_uploader_exceptions(int n);
+
 class Replicator {
 public:
     // The replicator of the database at `path` (canonical): the running one,
@@ -136,6 +140,7 @@ private:
     // need net_mu_ and release upload_mu_ while a request is on the wire.
     using Lock = std::unique_lock<std::mutex>;
     Status step(Lock& lock, bool force);
+    void guarded_step(Lock& lock, bool force) noexcept;  // step() behind the uploader's exception barrier
     Status capture();
     Status upload_pending(Lock& lock, bool force, std::chrono::steady_clock::time_point deadline);
     Status upload_inflight(Lock& lock);

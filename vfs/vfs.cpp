@@ -246,6 +246,43 @@ void report_commit(ShimFile* s) {
     if (s->repl && read_wal_index(s, h)) s->repl->note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
 }
 
+// Runs an observation that must never stop the lock call around it: a
+// failure (out of memory) is logged and the lock goes ahead. A commit missed
+// this way is found later (the wal-index moved behind the replicator's back)
+// and answered with a new generation: costly, never a loss.
+template <class F>
+void observe(F&& body) noexcept {
+    try {
+        body();
+    } catch (const std::exception& e) {
+        sqlite3_log(SQLITE_IOERR_SHMLOCK, "bottomless: %s", e.what());
+    } catch (...) {
+        sqlite3_log(SQLITE_IOERR_SHMLOCK, "bottomless: unknown exception in xShmLock");
+    }
+}
+
+// The replicator's veto on an exclusive shm lock: SQLITE_BUSY refuses it.
+int shm_lock_veto(ShimFile* s, Replicator* r, int ofst, int n) {
+    if (ofst == kShmRestartOfst && n == kShmRestartN) {
+        // walRestartLog (under the write lock, so the header is stable):
+        // refused, SQLite appends instead of overwriting unshipped frames.
+        WalIndexHeader h;
+        bool allowed;
+        if (read_wal_index(s, h)) {
+            // Frames another process committed are captured with ours.
+            r->note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
+            allowed = r->restart_allowed(h.salt1, h.salt2, h.mx_frame);
+        } else {
+            allowed = r->restart_allowed();
+        }
+        if (!allowed) return SQLITE_BUSY;
+    }
+    if (ofst == kShmCkptLock && n == 1 && !r->checkpoint_allowed()) {
+        return SQLITE_BUSY;  // a snapshot is reading the database file
+    }
+    return SQLITE_OK;
+}
+
 int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
     ShimFile* s = shim(f);
     sqlite3_file* l = s->lower();
@@ -253,29 +290,18 @@ int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
     const bool lock = (flags & SQLITE_SHM_LOCK) != 0;
     const bool excl = (flags & SQLITE_SHM_EXCLUSIVE) != 0;
     if (r && lock && excl) {
-        if (ofst == kShmRestartOfst && n == kShmRestartN) {
-            // walRestartLog (under the write lock, so the header is stable):
-            // refused, SQLite appends instead of overwriting unshipped frames.
-            WalIndexHeader h;
-            bool allowed;
-            if (read_wal_index(s, h)) {
-                // Frames another process committed are captured with ours.
-                r->note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
-                allowed = r->restart_allowed(h.salt1, h.salt2, h.mx_frame);
-            } else {
-                allowed = r->restart_allowed();
-            }
-            if (!allowed) return SQLITE_BUSY;
-        }
-        if (ofst == kShmCkptLock && n == 1 && !r->checkpoint_allowed()) {
-            return SQLITE_BUSY;  // a snapshot is reading the database file
-        }
+        // Nothing is held yet: a failure of ours may refuse the lock.
+        int veto = guarded(SQLITE_IOERR_SHMLOCK, [&] { return shm_lock_veto(s, r, ofst, n); });
+        if (veto != SQLITE_OK) return veto;
     }
-    if (r && !lock && excl && ofst <= kShmWriteLock && kShmWriteLock < ofst + n) report_commit(s);
+    // An unlock must happen whatever we fail to observe.
+    if (r && !lock && excl && ofst <= kShmWriteLock && kShmWriteLock < ofst + n) observe([&] { report_commit(s); });
     int rc = l->pMethods->xShmLock(l, ofst, n, flags);
     if (r && rc == SQLITE_OK && lock && excl && ofst == kShmWriteLock && n == 1) {
-        WalIndexHeader h;
-        if (read_wal_index(s, h)) r->check_wal_index(h.salt1, h.salt2, h.mx_frame);
+        observe([&] {
+            WalIndexHeader h;
+            if (read_wal_index(s, h)) r->check_wal_index(h.salt1, h.salt2, h.mx_frame);
+        });
     }
     if (r && rc == SQLITE_OK && excl && ofst == kShmCkptLock && n == 1) {
         if (lock && !s->holds_ckpt) {

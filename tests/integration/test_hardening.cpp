@@ -6,9 +6,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
+#include "replicator/replicator.h"
 #include "replicator/restore.h"
 #include "support/s3_env.h"
 #include "support/sqlite_util.h"
@@ -89,4 +92,34 @@ TEST_CASE("restore never writes through a symlink planted at its temp file", "[h
     CHECK(content == "precious");
     CHECK(integrity_of_file(out) == "ok");
     CHECK_FALSE(fs::exists(fs::symlink_status(out + ".restore-tmp")));
+}
+
+TEST_CASE("an exception on the uploader thread never reaches the application", "[hardening]") {
+    register_bottomless();
+    auto client = server_client();
+    TestBucket bucket(*client, "hard");
+    TempDir dir;
+    const std::string uri = "file:" + dir.file("app.db") + "?vfs=bottomless&bucket=" + bucket.name() +
+                            "&batch_interval_ms=50";
+    Db db = open_db(uri);
+    exec(db.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(x)");
+    query_text(db.get(), "SELECT bottomless_flush(30000)");
+    // The next uploader steps throw, as a library failure or bad_alloc would.
+    // Before the barrier an exception leaving the thread terminated the host.
+    replicator::testing_inject_uploader_exceptions(3);
+    for (int i = 0; i < 20; ++i) exec(db.get(), "INSERT INTO t VALUES (" + std::to_string(i) + ")");
+    // Reads and writes go on; status tells what happened; replication resumes.
+    CHECK(query_int(db.get(), "SELECT count(*) FROM t") == 20);
+    for (int i = 0; i < 200 && query_text(db.get(), "SELECT bottomless_status() ->> 'last_error'").empty(); ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK_THAT(query_text(db.get(), "SELECT bottomless_status() ->> 'last_error'"),
+               Catch::Contains("internal error in the uploader: injected by a test"));
+    query_text(db.get(), "SELECT bottomless_flush(60000)");
+    const std::string local = content_hash(db.get());
+    db.reset();
+    replicator::testing_inject_uploader_exceptions(0);
+    const std::string out = dir.file("restored.db");
+    auto r = replicator::restore_database(*client, bucket.name(), "app.db", out);
+    REQUIRE(r.ok());
+    CHECK(content_hash_of_file(out) == local);
 }
