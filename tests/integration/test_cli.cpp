@@ -13,6 +13,11 @@
 //   - corruption: a flipped byte, a truncation, a deletion of the snapshot, a
 //     middle segment and the last segment: restore and verify fail naming it,
 //     nothing is written at -o
+//   - the chain, by error code: a segment of another generation relabelled
+//     (trailer recomputed, with and without its start copied), a start that
+//     does not continue the previous end, a missing middle segment
+//   - the point-in-time boundary: a commit at exactly T is in, T - 1 µs not;
+//     a generation whose snapshot is at exactly T serves T (library and CLI)
 //   - scripts/restore-before-start.sh in its cases
 //   - an encrypted replica: ls without the key, restore and verify with the
 //     key (option or environment) or a passphrase, a wrong or missing key
@@ -43,6 +48,7 @@
 #include <nlohmann/json.hpp>
 
 #include "replicator/format.h"
+#include "replicator/restore.h"
 #include "s3/client.h"
 #include "support/s3_env.h"
 
@@ -841,6 +847,237 @@ TEST_CASE("cli: a damaged object fails restore and verify, naming it", "[cli][in
     // Put it back: everything verifies again.
     REQUIRE(client->put_object(bucket.name(), key, *original).ok());
     CHECK(cli({"-b", bucket.name(), "-d", "app.db", "verify", "--all", "-q"}).code == 0);
+}
+
+// ---- the chain check and the point-in-time boundary, each proven by a name ----
+
+namespace {
+
+// Restores through the library (the code the VFS's auto-restore and the CLI
+// share) and returns the error code, or "" on success.
+std::string restore_code(s3::Client& client, const std::string& bucket, const std::string& out,
+                         const replicator::RestoreOptions& opt = {}, replicator::RestoreResult* result = nullptr) {
+    auto r = replicator::restore_database(client, bucket, "app.db", out, opt);
+    if (r.ok()) {
+        if (result) *result = *r;
+        return "";
+    }
+    UNSCOPED_INFO("restore_database: " << r.error().describe());
+    return r.error().code;
+}
+
+replicator::DecodedSegment fetch_segment(s3::Client& client, const std::string& bucket, const std::string& key) {
+    auto body = client.get_object(bucket, key);
+    REQUIRE(body.ok());
+    auto seg = replicator::decode_segment(*body, key);
+    REQUIRE(seg.ok());
+    return std::move(seg).value();
+}
+
+// Writes `seg` (edited) back under `key`, encoded afresh: its SHA-256 trailer
+// is valid, so only the chain can tell that it does not belong there.
+void put_segment(s3::Client& client, const std::string& bucket, const std::string& key,
+                 const replicator::DecodedSegment& seg) {
+    std::string sha;
+    std::string bytes = replicator::encode_segment(seg.header, seg.frames, &sha);
+    REQUIRE(replicator::decode_segment(bytes, key).ok());
+    REQUIRE(client.put_object(bucket, key, bytes).ok());
+}
+
+}  // namespace
+
+TEST_CASE("cli: a broken chain is refused by name: a foreign segment, a gap, a start that does not continue",
+          "[cli][integration][corrupt][chain]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-chain");
+    TempDir dir;
+    // Generation A: snapshot + 3 segments; generation B: snapshot + 3 segments.
+    std::string older, newer;
+    {
+        Writer w(dir / "app.db", bucket.name());
+        setup_table(w);
+        int id = 0;
+        for (int s = 0; s < 3; ++s) {
+            insert(w, ++id);
+            insert(w, ++id);
+            w.flush();
+        }
+        newer = w.snapshot();
+        for (int s = 0; s < 3; ++s) {
+            insert(w, ++id);
+            insert(w, ++id);
+            w.flush();
+        }
+        w.close();
+    }
+    json ls = ls_json(bucket.name(), "app.db");
+    REQUIRE(ls["generations"].size() == 2);
+    REQUIRE(ls["generations"][0]["id"] == newer);
+    older = ls["generations"][1]["id"];
+    REQUIRE(ls["generations"][0]["last_seq"] == 3);
+    REQUIRE(ls["generations"][1]["last_seq"] == 3);
+    const std::string out = dir / "out.db";
+    REQUIRE(restore_code(*client, bucket.name(), out).empty());  // intact, it restores
+    CHECK(ids_in(out) == range_ids(1, 12));
+    fs::remove(out);
+
+    const std::string victim = replicator::segment_key("app.db", newer, 2);
+    const auto original = fetch_segment(*client, bucket.name(), victim);
+    std::string expect;
+
+    SECTION("a segment of another generation, relabelled as this one's, trailer recomputed") {
+        auto foreign = fetch_segment(*client, bucket.name(), replicator::segment_key("app.db", older, 2));
+        foreign.header.generation = newer;
+        put_segment(*client, bucket.name(), victim, foreign);
+        expect = "ChainBroken";
+    }
+    SECTION("the same, with its start copied too: only the previous object's checksum differs") {
+        auto foreign = fetch_segment(*client, bucket.name(), replicator::segment_key("app.db", older, 2));
+        foreign.header.generation = newer;
+        foreign.header.start = original.header.start;
+        REQUIRE(foreign.header.prev_sha256 != original.header.prev_sha256);
+        put_segment(*client, bucket.name(), victim, foreign);
+        expect = "ChainBroken";
+    }
+    SECTION("a start that does not continue the previous end (the previous checksum is right)") {
+        auto moved = original;
+        moved.header.start.frame += 1;
+        moved.header.start.cksum1 ^= 1;
+        put_segment(*client, bucket.name(), victim, moved);
+        expect = "ChainBroken";
+    }
+    SECTION("a missing middle segment") {
+        REQUIRE(client->delete_object(bucket.name(), victim).ok());
+        expect = "MissingSegment";
+    }
+
+    // The library (restore_database: auto-restore and the CLI) names it ...
+    CHECK(restore_code(*client, bucket.name(), out) == expect);
+    CHECK_FALSE(exists(out));
+    CHECK_FALSE(exists(out + ".restore-tmp"));
+    // ... and so do the CLI's restore and verify, naming the object.
+    Run r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-o", out});
+    CHECK(r.code == 1);
+    CHECK(r.err.find(victim) != std::string::npos);
+    CHECK_FALSE(exists(out));
+    r = cli({"-b", bucket.name(), "-d", "app.db", "verify"});
+    CHECK(r.code == 1);
+    CHECK(r.all().find(victim) != std::string::npos);
+    // A point in time that the segment before the damage proves complete is
+    // still served (from the same generation).
+    replicator::RestoreOptions before;
+    before.generation = newer;
+    before.until_us = fetch_segment(*client, bucket.name(), replicator::segment_key("app.db", newer, 1))
+                          .header.txns.front()
+                          .commit_us;
+    REQUIRE(restore_code(*client, bucket.name(), out, before).empty());
+    CHECK(ids_in(out) == range_ids(1, 7));
+}
+
+TEST_CASE("cli: point in time: a commit at exactly T is restored, one microsecond later is not",
+          "[cli][integration][pitr]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-pitr-edge");
+    TempDir dir;
+    // Generation A: snapshot (table t), segment 1 = rows 1..3, segment 2 =
+    // rows 4..6; generation B: a snapshot of rows 1..6 and nothing else.
+    std::string newer;
+    {
+        Writer w(dir / "app.db", bucket.name());
+        setup_table(w);
+        for (int id = 1; id <= 6; ++id) {
+            insert(w, id);
+            if (id % 3 == 0) w.flush();
+        }
+        newer = w.snapshot();
+        w.close();
+    }
+    json ls = ls_json(bucket.name(), "app.db");
+    REQUIRE(ls["generations"].size() == 2);
+    REQUIRE(ls["generations"][0]["id"] == newer);
+    REQUIRE(ls["generations"][0]["segments"] == 0);
+    const std::string older = ls["generations"][1]["id"];
+    std::vector<int64_t> commit(7);  // commit[id], from the segments
+    for (uint64_t seq : {1, 2}) {
+        auto seg = fetch_segment(*client, bucket.name(), replicator::segment_key("app.db", older, seq));
+        REQUIRE(seg.header.txns.size() == 3);
+        for (int k = 0; k < 3; ++k) commit[static_cast<size_t>((seq - 1) * 3 + k + 1)] = seg.header.txns[k].commit_us;
+    }
+    int n = 0;
+    // Restores the state at T through the library; checks the rows and, if
+    // given, the generation it came from.
+    auto check_at = [&](int64_t T, int rows, const std::string& generation, const std::string& from = {}) {
+        INFO("T = " << rfc3339(T) << " (" << T << "), generation " << (generation.empty() ? "any" : generation));
+        replicator::RestoreOptions opt;
+        opt.until_us = T;
+        opt.generation = generation;
+        replicator::RestoreResult res;
+        const std::string out = dir / ("r" + std::to_string(n++) + ".db");
+        REQUIRE(restore_code(*client, bucket.name(), out, opt, &res).empty());
+        CHECK(ids_in(out) == range_ids(1, rows));
+        if (!from.empty()) CHECK(res.generation == from);
+        fs::remove(out);
+    };
+
+    SECTION("inside a segment, at the first transaction of a segment, at the last of a generation") {
+        for (int k : {2, 4, 6}) {
+            INFO("transaction " << k << " committed at " << rfc3339(commit[static_cast<size_t>(k)]));
+            check_at(commit[static_cast<size_t>(k)], k, older);
+            check_at(commit[static_cast<size_t>(k)] - 1, k - 1, older);
+        }
+        // The CLI, in each accepted time syntax.
+        for (int style : {0, 1, 2}) {
+            const std::string out = dir / ("cli" + std::to_string(style) + ".db");
+            Run r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "-q", "-o", out, "-g", older, "--utc-time",
+                         time_arg(commit[5], style)});
+            REQUIRE(r.code == 0);
+            CHECK(ids_in(out) == range_ids(1, 5));
+        }
+    }
+    SECTION("a generation whose snapshot was taken at exactly T serves T; at T - 1 µs the older one does") {
+        // Make B's snapshot record its last commit at the instant its id
+        // names (re-encoded, trailer valid): then T = that instant is the
+        // boundary of both the generation choice (id time) and the snapshot
+        // check (last commit), in the library and in the CLI.
+        const std::string key = replicator::snapshot_key("app.db", newer);
+        const int64_t T = replicator::generation_time_ms(newer) * 1000;
+        REQUIRE(T > commit[6]);
+        auto body = client->get_object(bucket.name(), key);
+        REQUIRE(body.ok());
+        std::vector<std::string> pages;
+        replicator::SnapshotReader reader(key, [&](uint32_t, std::string_view p) {
+            pages.emplace_back(p);
+            return Status{};
+        });
+        REQUIRE(reader.feed(*body).ok());
+        auto header = reader.finish();
+        REQUIRE(header.ok());
+        replicator::SnapshotHeader h = *header;
+        h.last_commit_us = T;
+        std::string rewritten;
+        replicator::SnapshotWriter writer(h, [&](std::string_view b) {
+            rewritten.append(b);
+            return Status{};
+        });
+        for (const auto& p : pages) REQUIRE(writer.add_page(p).ok());
+        REQUIRE(writer.finish().ok());
+        REQUIRE(client->put_object(bucket.name(), key, rewritten).ok());
+
+        check_at(T, 6, "", newer);
+        check_at(T - 1, 6, "", older);
+        check_at(commit[6], 6, "", older);
+        check_at(commit[6] - 1, 5, "", older);
+        // The CLI chooses the generation itself (cli/history.cpp): the same boundary.
+        for (auto [t, gen] : {std::make_pair(T, newer), std::make_pair(T - 1, older)}) {
+            INFO("T = " << rfc3339(t));
+            Run r = cli({"-b", bucket.name(), "-d", "app.db", "restore", "--json", "-o", dir / "c.db", "--utc-time",
+                         rfc3339(t)});
+            REQUIRE(r.code == 0);
+            CHECK(json::parse(r.out)["generation"] == gen);
+            CHECK(ids_in(dir / "c.db") == range_ids(1, 6));
+            fs::remove(dir / "c.db");
+        }
+    }
 }
 
 TEST_CASE("cli: restore-before-start.sh", "[cli][integration][script]") {
