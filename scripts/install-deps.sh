@@ -9,6 +9,8 @@ PACKAGES=(
   build-essential cmake pkg-config
   libcurl4-openssl-dev libssl-dev libsqlite3-dev nlohmann-json3-dev
   libpugixml-dev libzstd-dev catch2
+  # the fuzzers (scripts/fuzz.sh): clang and its libFuzzer/sanitizer runtimes
+  clang-14 libclang-rt-14-dev
   # tests and demo
   sqlite3 curl python3 iptables uuid-runtime iproute2 procps
   # the test S3 server: Ceph's RADOS Gateway as a one-machine cluster

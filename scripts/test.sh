@@ -30,3 +30,4 @@ export PATH="$BUILD_DIR:$PATH"
 
 # --no-tests=error: a filter that matches nothing is a failure, not a green run.
 ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error --timeout 600 -j"$JOBS" "$@"
+[ "${FUZZ:-1}" = 0 ] || "$ROOT/scripts/fuzz.sh" ci  # every fuzzer ~20 s (FUZZ=0 skips; docs/TESTING.md)
