@@ -18,6 +18,7 @@
 //     does not continue the previous end, a missing middle segment
 //   - the point-in-time boundary: a commit at exactly T is in, T - 1 µs not;
 //     a generation whose snapshot is at exactly T serves T (library and CLI)
+//   - a 64 MiB database: multipart snapshot upload, parallel ranged-GET restore
 //   - scripts/restore-before-start.sh in its cases
 //   - an encrypted replica: ls without the key, restore and verify with the
 //     key (option or environment) or a passphrase, a wrong or missing key
@@ -856,8 +857,9 @@ namespace {
 // Restores through the library (the code the VFS's auto-restore and the CLI
 // share) and returns the error code, or "" on success.
 std::string restore_code(s3::Client& client, const std::string& bucket, const std::string& out,
-                         const replicator::RestoreOptions& opt = {}, replicator::RestoreResult* result = nullptr) {
-    auto r = replicator::restore_database(client, bucket, "app.db", out, opt);
+                         const replicator::RestoreOptions& opt = {}, replicator::RestoreResult* result = nullptr,
+                         const std::string& db_id = "app.db") {
+    auto r = replicator::restore_database(client, bucket, db_id, out, opt);
     if (r.ok()) {
         if (result) *result = *r;
         return "";
@@ -1078,6 +1080,74 @@ TEST_CASE("cli: point in time: a commit at exactly T is restored, one microsecon
             fs::remove(dir / "c.db");
         }
     }
+}
+
+TEST_CASE("cli: a 64 MiB database: multipart snapshot upload, parallel ranged-GET restore", "[cli][integration][large]") {
+    // Sizes past the thresholds: a snapshot object above the client's part
+    // size goes up multipart (s3/config.h part_size, 8 MiB), one above 16 MiB
+    // comes down as parallel 8 MiB ranged GETs (restore.cpp). Random rows, so
+    // zstd cannot shrink the object below either.
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-large");
+    TempDir dir;
+    const std::string db_path = dir / "big.db";
+    constexpr int kRows = 264, kRowBytes = 256 * 1024;  // 66 MiB of blobs
+    {
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open(db_path.c_str(), &raw) == SQLITE_OK);
+        Db db(raw);
+        exec(db.get(), "PRAGMA journal_mode=wal; CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB); BEGIN");
+        for (int i = 1; i <= kRows; ++i)
+            exec(db.get(), "INSERT INTO t VALUES(" + std::to_string(i) + ", randomblob(" + std::to_string(kRowBytes) + "))");
+        exec(db.get(), "COMMIT; PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+    REQUIRE(fs::file_size(db_path) >= (64ull << 20));
+    // Opened with bottomless, the existing file becomes the first snapshot.
+    {
+        Writer w(db_path, bucket.name());
+        w.flush();
+        w.close();
+    }
+    auto listed = objects(*client, bucket.name(), "big.db/");
+    REQUIRE(listed.size() == 1);  // the snapshot alone
+    const auto& snap = listed[0];
+    INFO("snapshot " << snap.key << ", " << snap.size << " bytes, ETag " << snap.etag);
+    REQUIRE(snap.size >= (64ull << 20));
+    // A multipart object's ETag is "<md5 of the part md5s>-<parts>".
+    const auto dash = snap.etag.rfind('-');
+    REQUIRE(dash != std::string::npos);
+    CHECK(std::stoul(snap.etag.substr(dash + 1)) >= 8);
+
+    // The library, with a fresh client so its counters hold this restore only.
+    const std::string out = dir / "restored.db";
+    auto restorer = testing::server_client();
+    replicator::RestoreOptions opt;
+    opt.parallel = 4;
+    replicator::RestoreResult res;
+    REQUIRE(restore_code(*restorer, bucket.name(), out, opt, &res, "big.db").empty());
+    const uint64_t chunks = (snap.size + (8ull << 20) - 1) / (8ull << 20);
+    // One GET of the header, then one ranged GET per 8 MiB (a whole-object
+    // GET would make it 2).
+    CHECK(restorer->stats().gets >= chunks + 1);
+    CHECK(res.bytes_downloaded >= snap.size);
+
+    auto same_rows = [&](const std::string& restored) {
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open_v2(db_path.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+        Db db(raw);
+        exec(db.get(), "ATTACH '" + restored + "' AS r");
+        CHECK(query_text(db.get(), "PRAGMA r.integrity_check") == "ok");
+        CHECK(query_text(db.get(), "SELECT count(*) FROM r.t") == std::to_string(kRows));
+        CHECK(query_text(db.get(), "SELECT count(*) FROM t JOIN r.t AS rt USING(id) WHERE t.b = rt.b") ==
+              std::to_string(kRows));
+    };
+    same_rows(out);
+
+    // The CLI (default --parallel 4).
+    const std::string out2 = dir / "cli.db";
+    Run r = cli({"-b", bucket.name(), "-d", "big.db", "restore", "-q", "-o", out2});
+    REQUIRE(r.code == 0);
+    same_rows(out2);
 }
 
 TEST_CASE("cli: restore-before-start.sh", "[cli][integration][script]") {
