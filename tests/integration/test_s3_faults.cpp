@@ -17,6 +17,8 @@
 #include <fstream>
 #include <functional>
 #include <mutex>
+#include <new>
+#include <stdexcept>
 #include <vector>
 
 #include "s3/client.h"
@@ -433,4 +435,31 @@ TEST_CASE("plain http to another host is warned about once per process", "[s3][i
     cfg.endpoint = "http://127.0.0.1:9000";
     Client local(cfg);
     CHECK(logs.count("plain http") == 1);
+}
+
+TEST_CASE("an exception thrown by a sink never crosses libcurl", "[s3][integration][hostile]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client);
+    REQUIRE(client->put_object(bucket.name(), "obj", std::string(300 * 1024, 'e')).ok());
+    struct ThrowingSink final : http::BodySink {
+        bool bad_alloc;
+        explicit ThrowingSink(bool b) : bad_alloc(b) {}
+        bool write(const char*, size_t) override {
+            if (bad_alloc) throw std::bad_alloc();
+            throw std::runtime_error("sink exploded");
+        }
+        bool reset() override { return true; }
+    };
+    ThrowingSink boom(false), oom(true);
+    auto r = client->get_object_to_sink(bucket.name(), "obj", boom);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().kind == ErrorKind::Io);
+    CHECK(r.error().code == "CallbackFailed");
+    CHECK(r.error().message.find("sink exploded") != std::string::npos);
+    auto m = client->get_object_to_sink(bucket.name(), "obj", oom);
+    REQUIRE_FALSE(m.ok());
+    CHECK(m.error().code == "OutOfMemory");
+    CHECK(client->stats().retries == 0);
+    // The pool is still usable afterwards.
+    CHECK(client->get_object(bucket.name(), "obj").ok());
 }
