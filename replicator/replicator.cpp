@@ -11,9 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -22,51 +20,6 @@
 #include "s3/log.h"
 
 namespace bottomless::replicator {
-
-std::optional<LocalState> parse_state_file(std::string_view text, const std::string& path) {
-    // Integers are type-checked before get<>(): a float such as 1e30
-    // converted to an integer is undefined behaviour.
-    auto u = [](const nlohmann::json& v, uint64_t max) {
-        if (!v.is_number_unsigned() || v.get<uint64_t>() > max) throw std::runtime_error("integer field out of range");
-        return v.get<uint64_t>();
-    };
-    auto i = [](const nlohmann::json& j, const char* key) -> int64_t {
-        auto it = j.find(key);
-        if (it == j.end()) return -1;
-        if (!it->is_number_integer() || (it->is_number_unsigned() && it->get<uint64_t>() > INT64_MAX))
-            throw std::runtime_error(std::string(key) + ": not an integer");
-        return it->get<int64_t>();
-    };
-    try {
-        std::string why;
-        nlohmann::json j = parse_untrusted_json(text, 1u << 20, &why);
-        if (j.is_discarded()) throw std::runtime_error(why);
-        if (!j.is_object() || !j.contains("format") || !j["format"].is_number_unsigned() || j["format"] != 1)
-            return std::nullopt;
-        LocalState s;
-        s.bucket = j.at("bucket");
-        s.db_id = j.at("db_id");
-        s.generation = j.at("generation");
-        s.prev_sha256 = j.at("prev_sha256");
-        s.seq = u(j.at("seq"), UINT64_MAX);
-        const auto& p = j.at("position");
-        s.position = WalPosition{static_cast<uint32_t>(u(p.at("salt1"), UINT32_MAX)),
-                                 static_cast<uint32_t>(u(p.at("salt2"), UINT32_MAX)), u(p.at("frame"), UINT64_MAX),
-                                 static_cast<uint32_t>(u(p.at("cksum1"), UINT32_MAX)),
-                                 static_cast<uint32_t>(u(p.at("cksum2"), UINT32_MAX))};
-        s.clean_close = j.value("clean_close", false);
-        s.restored = j.value("restored", false);
-        if (j.contains("lineage"))
-            for (const auto& g : j["lineage"]) s.lineage.push_back(g.get<std::string>());
-        s.db_size = i(j, "db_size");
-        s.db_mtime_ns = i(j, "db_mtime_ns");
-        s.db_ino = j.contains("db_ino") ? u(j["db_ino"], UINT64_MAX) : 0;
-        return s;
-    } catch (const std::exception& e) {
-        log::warn("ignoring unreadable replication state " + path + ": " + e.what());
-        return std::nullopt;
-    }
-}
 
 namespace {
 
@@ -78,7 +31,6 @@ int64_t now_us() {
         .count();
 }
 
-std::string errno_text(int e) { return std::strerror(e); }
 
 struct Fd {
     int fd = -1;
@@ -120,13 +72,6 @@ std::map<std::string, std::weak_ptr<Replicator>>& registry() {
     return *m;
 }
 
-std::optional<LocalState> read_state_file(const std::string& path) {
-    std::ifstream in(path);
-    if (!in) return std::nullopt;
-    std::ostringstream text;
-    text << in.rdbuf();
-    return parse_state_file(text.str(), path);
-}
 
 bool stat_file(const std::string& path, struct stat& st) { return ::stat(path.c_str(), &st) == 0; }
 
@@ -1267,37 +1212,25 @@ std::string Replicator::status_json() const {
 
 void Replicator::write_state_file(bool clean_close) {
     if (generation_.empty() && lineage_.empty()) return;
-    nlohmann::json j;
-    j["format"] = 1;
-    j["bucket"] = config_.bucket;
-    j["db_id"] = config_.db_id;
-    j["generation"] = generation_;
-    j["seq"] = seq_;
-    j["prev_sha256"] = prev_sha256_;
-    j["position"] = {{"salt1", durable_.salt1}, {"salt2", durable_.salt2}, {"frame", durable_.frame},
-                     {"cksum1", durable_.cksum1}, {"cksum2", durable_.cksum2}};
-    j["updated_us"] = now_us();
-    j["lineage"] = lineage_;
+    LocalState st;
+    st.bucket = config_.bucket;
+    st.db_id = config_.db_id;
+    st.generation = generation_;
+    st.seq = seq_;
+    st.prev_sha256 = prev_sha256_;
+    st.position = durable_;
+    st.lineage = lineage_;
     struct stat db{}, wal{};
     bool fully_shipped = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_;
     if (clean_close && fully_shipped && stat_file(path_, db) && !stat_file(wal_path_, wal)) {
-        j["clean_close"] = true;
-        j["db_size"] = static_cast<int64_t>(db.st_size);
-        j["db_mtime_ns"] = mtime_ns(db);
-        j["db_ino"] = static_cast<uint64_t>(db.st_ino);
+        st.clean_close = true;
+        st.db_size = static_cast<int64_t>(db.st_size);
+        st.db_mtime_ns = mtime_ns(db);
+        st.db_ino = static_cast<uint64_t>(db.st_ino);
     }
     // Not fsynced on purpose: a stale state file only makes the next start
     // unable to prove continuity, which costs a new generation, never data.
-    std::string tmp = state_path_ + ".tmp";
-    {
-        std::ofstream out(tmp, std::ios::trunc);
-        out << j.dump() << "\n";
-        if (!out) {
-            log::warn("cannot write " + tmp);
-            return;
-        }
-    }
-    if (::rename(tmp.c_str(), state_path_.c_str()) != 0) log::warn("cannot rename " + tmp + ": " + errno_text(errno));
+    if (Status w = replicator::write_state_file(state_path_, st); !w) log::warn(w.error().message);
 }
 
 }  // namespace bottomless::replicator

@@ -13,12 +13,11 @@
 #include <cstdio>
 #include <cstring>
 #include <future>
-#include <fstream>
 #include <map>
 
-#include <nlohmann/json.hpp>
 
 #include "replicator/sqlite_api.h"
+#include "replicator/state_file.h"
 #include "replicator/wal.h"
 #include "s3/log.h"
 
@@ -564,21 +563,20 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     // of refusing a file it cannot vouch for (initial_replication=error).
     struct stat st{};
     if (::stat(output_path.c_str(), &st) == 0) {
-        nlohmann::json j;
-        j["format"] = 1;
-        j["bucket"] = bucket;
-        j["db_id"] = db_id;
-        j["generation"] = res.generation;
-        j["seq"] = res.seq;
-        j["prev_sha256"] = res.last_sha256;
-        j["position"] = {{"salt1", res.position.salt1}, {"salt2", res.position.salt2}, {"frame", res.position.frame},
-                         {"cksum1", res.position.cksum1}, {"cksum2", res.position.cksum2}};
-        j["restored"] = true;
-        j["db_size"] = static_cast<int64_t>(st.st_size);
-        j["db_mtime_ns"] = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-        j["db_ino"] = static_cast<uint64_t>(st.st_ino);
-        std::ofstream out(output_path + "-bottomless", std::ios::trunc);
-        out << j.dump() << "\n";
+        LocalState note;
+        note.bucket = bucket;
+        note.db_id = db_id;
+        note.generation = res.generation;
+        note.seq = res.seq;
+        note.prev_sha256 = res.last_sha256;
+        note.position = res.position;
+        note.restored = true;
+        note.db_size = static_cast<int64_t>(st.st_size);
+        note.db_mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+        note.db_ino = static_cast<uint64_t>(st.st_ino);
+        // Without the note the file still opens; it only cannot be vouched
+        // for (initial_replication decides), so a failure is a warning.
+        if (Status w = write_state_file(output_path + "-bottomless", note); !w) log::warn(w.error().message);
     }
     res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return res;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "replicator/format.h"
+#include "s3/result.h"
 
 namespace bottomless::replicator {
 
@@ -23,12 +24,23 @@ struct LocalState {
     bool clean_close = false;
     bool restored = false;  // written by restore_database(), not by a replicator
     std::vector<std::string> lineage;  // generations this file's replicators started
-    int64_t db_size = -1, db_mtime_ns = -1;
+    int64_t db_size = -1, db_mtime_ns = -1;  // set with clean_close or restored
     uint64_t db_ino = 0;
 };
 
 // Parses a state file's text; nullopt (with a warning naming `path`) when it
 // is not a state this build reads.
 std::optional<LocalState> parse_state_file(std::string_view text, const std::string& path);
+
+// Reads "<database>-bottomless"; nullopt when it is missing, not a regular
+// file (a symlink is not followed), larger than a state can be, or unreadable.
+std::optional<LocalState> read_state_file(const std::string& path);
+
+// Replaces the state file atomically: a temp file unique to this process and
+// call, created 0600 (it holds WAL checksums, which for an encrypted replica
+// are secrets: a function of page content) without following symlinks, then
+// renamed over `path`. Not fsynced: a stale state only costs a new
+// generation at the next start, never data. The one writer of the format.
+Status write_state_file(const std::string& path, const LocalState& state);
 
 }  // namespace bottomless::replicator

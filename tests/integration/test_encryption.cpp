@@ -357,13 +357,20 @@ TEST_CASE("encrypted objects rearranged in the bucket are refused", "[encryption
         // As it is: its header names generation A.
         s.put(to, seg_a);
         expect_refused(gen_b, "WrongObject");
-        // Its header edited to claim generation B: the body no longer authenticates.
+        // Its header edited to claim generation B: the chain check (which
+        // runs before any body is read) refuses it.
         std::string forged = seg_a.substr(0, seg_a.size() - 32);
         size_t at = forged.find(gen_a);
         REQUIRE(at != std::string::npos);
         REQUIRE(at < object_body_start(seg_a));
         forged.replace(at, gen_b.size(), gen_b);
         s.put(to, with_trailer(forged));
+        expect_refused(gen_b, "ChainBroken");
+        // Generation B's own header (a valid chain) over A's body: only the
+        // AEAD can tell, and it does (the header is the associated data).
+        std::string spliced = seg_b.substr(0, object_body_start(seg_b)) +
+                              seg_a.substr(object_body_start(seg_a), seg_a.size() - 32 - object_body_start(seg_a));
+        s.put(to, with_trailer(spliced));
         expect_refused(gen_b, "AuthenticationFailed");
         s.put(to, seg_b);
         REQUIRE(s.restore("t.db", out, cipher, gen_b).ok());
