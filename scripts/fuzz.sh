@@ -37,7 +37,7 @@ build() {
   cmake -S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DBOTTOMLESS_FUZZ=ON \
     -DCMAKE_C_COMPILER="${FUZZ_CC:-clang-14}" -DCMAKE_CXX_COMPILER="${FUZZ_CXX:-clang++-14}" -DBOTTOMLESS_TESTS=OFF -DBOTTOMLESS_BENCH=OFF \
     "${launcher[@]}" >/dev/null
-  cmake --build "$BUILD_DIR" -j"${JOBS:-$(nproc)}" --target fuzzers fuzz_make_seeds >/dev/null
+  nice -n 10 cmake --build "$BUILD_DIR" -j"${JOBS:-$(nproc)}" --target fuzzers fuzz_make_seeds >/dev/null
 }
 
 dict_flag() {  # a harness's dictionary, if it has one
