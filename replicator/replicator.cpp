@@ -1029,6 +1029,11 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
     if (need_snapshot_) {
         if (auto st = take_snapshot(lock); !st) return st;
     }
+    // Every request for this commit ends by its deadline, also one that a
+    // server trickles or hangs (the retry policy alone would only stop
+    // between attempts). A snapshot above is bounded by the retry budget
+    // instead: cut at sync_timeout, a large one could never complete.
+    s3::DeadlineScope request_deadline(deadline);
     Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
     unsigned char h[kWalHeaderSize];
     std::optional<WalHeader> hdr;

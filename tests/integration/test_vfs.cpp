@@ -437,6 +437,16 @@ TEST_CASE("sync mode: COMMIT is durable when it returns, refused when S3 cannot 
     int rc = try_exec(db.get(), "INSERT INTO t(v) VALUES('refused');", err);
     CHECK((rc & 0xff) == SQLITE_IOERR);
     CHECK(query_int(db.get(), "SELECT count(*) FROM t WHERE v='refused'") == 0);  // not visible locally either
+    // A server that answers a few bytes at a time holds no commit past its
+    // timeout (2 s here; generous slack for a loaded machine).
+    proxy.set_trickle(4, 300);
+    proxy.inject_always(testing::Fault::Trickle);
+    auto t0 = std::chrono::steady_clock::now();
+    rc = try_exec(db.get(), "INSERT INTO t(v) VALUES('trickled');", err);
+    auto waited = std::chrono::steady_clock::now() - t0;
+    CHECK((rc & 0xff) == SQLITE_IOERR);
+    CHECK(waited < std::chrono::seconds(6));
+    CHECK(query_int(db.get(), "SELECT count(*) FROM t WHERE v='trickled'") == 0);
     proxy.clear();
     exec(db.get(), "INSERT INTO t(v) VALUES('after');");
     CHECK(query_int(db.get(), "SELECT count(*) FROM t") == 21);
