@@ -52,6 +52,7 @@
 #include "replicator/restore.h"
 #include "s3/client.h"
 #include "support/s3_env.h"
+#include "support/seed.h"
 
 #ifndef BOTTOMLESS_CLI_PATH
 #error "BOTTOMLESS_CLI_PATH must name the built bottomless-cli"
@@ -316,7 +317,7 @@ TEST_CASE("cli: restore at a point in time holds exactly the transactions commit
     };
     constexpr int kTxns = 60;
     std::vector<Txn> txns(kTxns + 1);  // 1-based
-    std::mt19937_64 rng(std::random_device{}());
+    std::mt19937_64 rng(testing::test_seed());  // printed on failure; BOTTOMLESS_TEST_SEED repeats it
     {
         Writer w(db_path, bucket.name());
         setup_table(w);

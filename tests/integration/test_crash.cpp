@@ -19,6 +19,7 @@
 
 #include "replicator/restore.h"
 #include "support/s3_env.h"
+#include "support/seed.h"
 #include "support/sqlite_util.h"
 
 using namespace bottomless;
@@ -46,6 +47,17 @@ long long last_logged(const std::string& log) {
     long long k = 0, v;
     while (in >> v) k = v;
     return k;
+}
+
+// Waits (polling, up to `limit`) until `ready` holds; false if it never did.
+template <class Pred>
+bool wait_for(Pred ready, std::chrono::seconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (!ready()) {
+        if (std::chrono::steady_clock::now() > deadline) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return true;
 }
 
 // Checks the committed-prefix property; returns m, the last transaction held.
@@ -77,13 +89,32 @@ TEST_CASE("SIGKILL at random moments: every restore is a committed prefix", "[vf
     std::string log = dir.file("writer.log");
     std::string uri = "file:" + path + "?vfs=bottomless&bucket=" + bucket.name() + "&batch_interval_ms=100" +
                       (mode == "sync" ? "&sync=1" : "");
-    std::mt19937 rng(std::random_device{}());
+    std::mt19937 rng(test_seed());  // printed on failure; BOTTOMLESS_TEST_SEED repeats the kill moments
     long long restored_max = 0;
     int restores = 0;
     const int n = mode == "sync" ? std::max(1, iterations() / 3) : iterations();
     for (int i = 0; i < n; ++i) {
+        const long long logged_before = last_logged(log);
         pid_t pid = spawn_writer(uri, log, rng());
-        std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 900));
+        // The moment of the kill is random, but tied to what the writer did,
+        // not to the wall clock alone: on a loaded machine a writer may take
+        // seconds to open. The first run lives until a snapshot is in the
+        // bucket (so there is a history to restore); then runs alternate
+        // between a kill any time after the start (the open, the restore,
+        // the snapshot of a new generation included) and a kill while
+        // transactions commit.
+        bool reached = true;
+        if (i == 0) {
+            reached = wait_for(
+                [&] {
+                    auto l = client->list_all(bucket.name(), "crash.db/");
+                    return l.ok() && !l->empty();
+                },
+                std::chrono::seconds(120));
+        } else if (i % 2 == 0) {
+            reached = wait_for([&] { return last_logged(log) > logged_before; }, std::chrono::seconds(120));
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(i % 2 == 1 ? 300 + rng() % 900 : rng() % 600));
         kill(pid, SIGKILL);
         int status = 0;
         waitpid(pid, &status, 0);
@@ -98,6 +129,7 @@ TEST_CASE("SIGKILL at random moments: every restore is a committed prefix", "[vf
             FAIL_CHECK("the writer exited on its own: " << text << "\nstate file: " << state << "\ngenerations: " << gens);
         }
 
+        CHECK(reached);  // the writer made progress within two minutes
         long long logged = last_logged(log);
         std::string out = dir.file("restore-" + std::to_string(i) + ".db");
         auto r = replicator::restore_database(*client, bucket.name(), "crash.db", out, {});

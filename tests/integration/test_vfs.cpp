@@ -383,15 +383,23 @@ TEST_CASE("S3 outage under async writes: no error to the app, everything durable
     std::string gen_before = status(db.get())["generation"];
 
     proxy.inject_always(testing::Fault::ResetBeforeRequest);  // the server is gone
-    auto t0 = std::chrono::steady_clock::now();
-    int n = 0;
-    while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10)) {
+    // Writes go on until the unshipped bytes outgrow the memory budget (an
+    // amount of work, not of wall-clock time: a loaded machine gets there
+    // too), then a few more, each slowed by back-pressure but never failed.
+    int n = 0, past_cap = 0;
+    while (past_cap < 3) {
         exec(db.get(), "INSERT INTO t(pad) VALUES(randomblob(5000));");  // never an error
         ++n;
         if (n % 20 == 0) exec(db.get(), "PRAGMA wal_checkpoint(PASSIVE);");
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        if (past_cap > 0 || status(db.get())["pending_bytes"].get<uint64_t>() > 1048576) ++past_cap;
+        REQUIRE(n < 5000);
     }
+    // The uploader reports the outage once its retries of an attempt give up.
     auto st = status(db.get());
+    for (auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+         st["last_error"].is_null() && std::chrono::steady_clock::now() < deadline; st = status(db.get()))
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK(st["pending_bytes"].get<uint64_t>() > 1048576);
     CHECK(st["pending_transactions"].get<int>() > 0);
     CHECK_FALSE(st["last_error"].is_null());
     CHECK(st["pending_bytes"].get<uint64_t>() > 0);
@@ -530,12 +538,13 @@ TEST_CASE("data before metadata: no segment is written before its snapshot is du
     proxy.inject_always(testing::Fault::Status503SlowDown);  // every snapshot upload fails
     Db db = open_db(s.uri("dbm.db"));
     exec(db.get(), "PRAGMA journal_mode=wal; CREATE TABLE t(v);");
-    for (int i = 0; i < 30; ++i) {
-        exec(db.get(), "INSERT INTO t VALUES(" + std::to_string(i) + ");");
-        std::this_thread::sleep_for(std::chrono::milliseconds(30));
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));  // several batch intervals
-    CHECK(proxy.faults_injected() > 0);
+    for (int i = 0; i < 30; ++i) exec(db.get(), "INSERT INTO t VALUES(" + std::to_string(i) + ");");
+    // Wait for the event, not for a time: several snapshot uploads have
+    // failed (several uploader rounds, each with batches due, went by).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (proxy.faults_injected() < 3 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    REQUIRE(proxy.faults_injected() >= 3);
     auto listed = s.client->list_all(s.bucket.name(), "dbm.db/");
     REQUIRE(listed.ok());
     CHECK(listed->empty());  // segments wait for the snapshot they chain to
