@@ -5,9 +5,15 @@
 // segment preamble with the right length), or, when it starts with "BTLS",
 // a raw object prefix taken as it is (bad magic, version, length fields).
 // Structure comes from the dictionary (fuzz_object_header.dict: field names,
-// JSON punctuation) and from seeds that are real headers; run with
-// -max_len of 1 MiB or more so deep nesting and huge headers are reached.
+// JSON punctuation), from seeds that are real headers, and from a custom
+// mutator that now and then inserts a deeply nested member ("z":[[[…]]] or
+// "z":{"a":{"a":…}}) right after a '{': byte-level mutations and dictionary
+// words alone take hours to build the depth that overflows a recursive
+// parser. Run with -max_len of 1 MiB or more and -len_control=0
+// (scripts/fuzz.sh does) so such inputs are allowed from the start.
 #include <cstdint>
+#include <cstring>
+#include <random>
 #include <string>
 
 #include "fuzz_common.h"
@@ -37,6 +43,32 @@ void check_common(const Header& h) {
 }
 
 }  // namespace
+
+extern "C" size_t LLVMFuzzerMutate(uint8_t* data, size_t size, size_t max_size);
+
+extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size, unsigned int seed) {
+    std::minstd_rand rng(seed);
+    const uint8_t* brace = size ? static_cast<const uint8_t*>(std::memchr(data, '{', size)) : nullptr;
+    if (rng() % 8 != 0 || !brace || max_size < size + 16) return LLVMFuzzerMutate(data, size, max_size);
+    // After some '{' (the first one, or a later one by luck of the draw).
+    size_t at = static_cast<size_t>(brace - data) + 1;
+    for (size_t i = at; i < size; ++i)
+        if (data[i] == '{' && rng() % 4 == 0) at = i + 1;
+    const bool arrays = rng() % 2 == 0;
+    const std::string open = arrays ? "[" : "{\"a\":", close = arrays ? "]" : "}";
+    const size_t room = (max_size - size - 6) / (open.size() + close.size());
+    const size_t depth = std::max<size_t>(1, room >> (rng() % 12));
+    std::string member = "\"z\":";
+    member.reserve(5 + depth * (open.size() + close.size()) + 2);
+    for (size_t i = 0; i < depth; ++i) member += open;
+    if (!arrays) member += "0";
+    for (size_t i = 0; i < depth; ++i) member += close;
+    member += ",";
+    if (size + member.size() > max_size) return LLVMFuzzerMutate(data, size, max_size);
+    std::memmove(data + at + member.size(), data + at, size - at);
+    std::memcpy(data + at, member.data(), member.size());
+    return size + member.size();
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     fuzz::quiet_logs();
