@@ -81,16 +81,13 @@ Result<EncryptionSecret> EncryptionSecret::passphrase(std::string_view text, con
 
 // ---- keys ----
 
-Cipher::Cipher(std::string master) : master_(std::move(master)) {
-    mask_key_ = s3::hkdf_sha256(master_, {}, "bottomless position mask v1", kKeySize);
-    std::string id = s3::hkdf_sha256(master_, {}, "bottomless key id v1", kKeyIdSize);
+Cipher::Cipher(std::string_view master)
+    : master_(master), mask_key_(s3::hkdf_sha256(master, {}, "bottomless position mask v1", kKeySize)) {
+    std::string id = s3::hkdf_sha256(master_.view(), {}, "bottomless key id v1", kKeyIdSize);
     key_id_ = s3::to_hex(reinterpret_cast<const unsigned char*>(id.data()), id.size());
 }
 
-Cipher::~Cipher() {
-    s3::secure_wipe(master_);
-    s3::secure_wipe(mask_key_);
-}
+Cipher::~Cipher() = default;  // SecretBytes wipes
 
 std::shared_ptr<const Cipher> Cipher::from_key(std::string_view key) {
     if (key.size() != kKeySize) throw std::invalid_argument("Cipher::from_key: the key must be 32 bytes");
@@ -98,19 +95,25 @@ std::shared_ptr<const Cipher> Cipher::from_key(std::string_view key) {
 }
 
 Result<std::shared_ptr<const Cipher>> Cipher::from_passphrase(std::string_view passphrase, const KdfParams& kdf) {
-    // Derived once per process: a database opened, closed and opened again
-    // (or many CLI lookups) must not pay scrypt's 0.1 s and 32 MiB each time.
-    // The cache key is an HMAC of the passphrase under the salt, so nothing
-    // here is easier to attack than the derived key it maps to.
+    // Derived once while in use: every connection and database sharing a
+    // passphrase and salt (or many CLI lookups) shares one derivation, not
+    // scrypt's 0.1 s and 32 MiB each. The cache holds weak references: the
+    // master key lives while a database (or command) holds the Cipher, as
+    // ENCRYPTION.md says, not for the process lifetime. The cache key is an
+    // HMAC of the passphrase under the salt, so nothing here is easier to
+    // attack than the derived key it maps to.
     static std::mutex mu;
-    static std::map<std::string, std::shared_ptr<const Cipher>> cache;  // guarded by mu
+    static std::map<std::string, std::weak_ptr<const Cipher>> cache;  // guarded by mu
     std::string id = kdf.salt + ":" + std::to_string(kdf.n) + ":" + std::to_string(kdf.r) + ":" +
                      std::to_string(kdf.p) + ":";
     s3::Sha256Digest mac = s3::hmac_sha256(kdf.salt, passphrase);
     id.append(reinterpret_cast<const char*>(mac.data()), mac.size());
     {
         std::lock_guard lock(mu);
-        if (auto it = cache.find(id); it != cache.end()) return it->second;
+        if (auto it = cache.find(id); it != cache.end()) {
+            if (auto c = it->second.lock()) return c;
+            cache.erase(it);
+        }
     }
     std::string master;
     // The ceiling holds for every caller; the floor is for what comes from
@@ -124,8 +127,8 @@ Result<std::shared_ptr<const Cipher>> Cipher::from_passphrase(std::string_view p
     auto c = std::shared_ptr<const Cipher>(new Cipher(master));
     s3::secure_wipe(master);
     std::lock_guard lock(mu);
-    if (cache.size() >= 64) cache.clear();  // a bound, not an LRU: more databases than that re-derive
-    cache.emplace(id, c);
+    std::erase_if(cache, [](const auto& e) { return e.second.expired(); });
+    cache[id] = c;
     return c;
 }
 
@@ -142,7 +145,7 @@ EncryptionInfo Cipher::new_object() const {
 std::string Cipher::object_key(const EncryptionInfo& info) const {
     std::string seed;
     if (!s3::from_hex(info.seed, seed)) throw std::invalid_argument("object seed is not hex");
-    return s3::hkdf_sha256(master_, seed, "bottomless object key v1", kKeySize);
+    return s3::hkdf_sha256(master_.view(), seed, "bottomless object key v1", kKeySize);
 }
 
 WalPosition Cipher::mask(const WalPosition& pos, const std::string& db_id, const std::string& generation) const {
@@ -157,7 +160,7 @@ WalPosition Cipher::mask(const WalPosition& pos, const std::string& db_id, const
     put_be(b + 16, pos.cksum1, 4);
     put_be(b + 20, pos.cksum2, 4);
     msg.append(reinterpret_cast<const char*>(b), sizeof b);
-    s3::Sha256Digest d = s3::hmac_sha256(mask_key_, msg);
+    s3::Sha256Digest d = s3::hmac_sha256(mask_key_.view(), msg);
     WalPosition out = pos;
     out.cksum1 = read_be32(d.data());
     out.cksum2 = read_be32(d.data() + 4);

@@ -108,8 +108,11 @@ public:
     WalPosition mask(const WalPosition& pos, const std::string& db_id, const std::string& generation) const;
 
 private:
-    explicit Cipher(std::string master);
-    std::string master_, mask_key_, key_id_;
+    explicit Cipher(std::string_view master);
+    // Both keys in pages excluded from core dumps, wiped when the last
+    // database (or CLI command) using this Cipher lets go of it.
+    s3::SecretBytes master_, mask_key_;
+    std::string key_id_;
 };
 
 // Is `cipher` the right one for an object whose header says `info`? Errors

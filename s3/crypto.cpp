@@ -8,7 +8,11 @@
 #include <openssl/kdf.h>
 #include <openssl/rand.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstring>
+#include <new>
 #include <stdexcept>
 
 namespace bottomless::s3 {
@@ -228,6 +232,23 @@ bool AesGcm::open(const unsigned char* nonce, std::string_view aad, std::string_
 
 void secure_wipe(void* p, size_t n) noexcept {
     if (p && n) OPENSSL_cleanse(p, n);
+}
+
+SecretBytes::SecretBytes(std::string_view bytes) : size_(bytes.size()) {
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    mapped_ = std::max<size_t>(page, (bytes.size() + page - 1) / page * page);
+    void* p = ::mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    data_ = static_cast<char*>(p);
+    dont_dump_ = ::madvise(p, mapped_, MADV_DONTDUMP) == 0;
+    locked_ = ::mlock(p, mapped_) == 0;  // best effort: RLIMIT_MEMLOCK may be small
+    if (size_) std::memcpy(data_, bytes.data(), size_);
+}
+
+SecretBytes::~SecretBytes() {
+    secure_wipe(data_, mapped_);
+    if (locked_) ::munlock(data_, mapped_);
+    ::munmap(data_, mapped_);
 }
 
 void secure_wipe(std::string& s) noexcept {

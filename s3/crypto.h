@@ -38,6 +38,28 @@ inline std::string sha256_hex(std::string_view data) { return to_hex(sha256(data
 void secure_wipe(void* p, size_t n) noexcept;
 void secure_wipe(std::string& s) noexcept;
 
+// Key material that lives as long as a database is open: kept in pages of
+// its own, excluded from core dumps (MADV_DONTDUMP) and, where the memlock
+// limit allows, from swap (mlock); wiped and unmapped on destruction.
+class SecretBytes {
+public:
+    explicit SecretBytes(std::string_view bytes);
+    // Copies, then wipes the source (a derived key's only other copy).
+    explicit SecretBytes(std::string&& bytes) : SecretBytes(std::string_view(bytes)) { secure_wipe(bytes); }
+    ~SecretBytes();
+    SecretBytes(const SecretBytes&) = delete;
+    SecretBytes& operator=(const SecretBytes&) = delete;
+    std::string_view view() const { return {data_, size_}; }
+    // Whether the pages are excluded from core dumps (false only if the
+    // kernel refused; the bytes are still wiped at the end).
+    bool dump_excluded() const { return dont_dump_; }
+
+private:
+    char* data_ = nullptr;
+    size_t size_ = 0, mapped_ = 0;
+    bool dont_dump_ = false, locked_ = false;
+};
+
 // Cryptographically strong random bytes (OpenSSL's RAND_bytes).
 std::string random_bytes(size_t n);
 

@@ -8,6 +8,10 @@
 // notice.
 #include <catch2/catch.hpp>
 
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -442,4 +446,49 @@ TEST_CASE("Cipher::from_passphrase refuses a cost above the ceiling whatever its
     k.n = uint64_t{1} << 14;
     k.p = 5;
     CHECK(Cipher::from_passphrase("x", k).error().code == "BadKdfParams");
+}
+
+TEST_CASE("a passphrase's master key lives while a Cipher is held, not for the process lifetime", "[encryption]") {
+    KdfParams k;
+    k.salt = std::string(32, 'l');
+    k.n = 1024;
+    auto a = Cipher::from_passphrase("lifetime", k);
+    REQUIRE(a.ok());
+    std::weak_ptr<const Cipher> held = *a;
+    {
+        auto b = Cipher::from_passphrase("lifetime", k);
+        REQUIRE(b.ok());
+        CHECK(b->get() == a->get());  // shared while in use
+    }
+    a = Cipher::from_passphrase("other", k);  // the last holder lets go
+    // Before: the process-wide cache kept every master key until exit.
+    CHECK(held.expired());
+}
+
+TEST_CASE("key material sits in pages excluded from core dumps", "[encryption]") {
+    s3::SecretBytes secret(std::string(32, 'k'));
+    CHECK(secret.view() == std::string(32, 'k'));
+    REQUIRE(secret.dump_excluded());
+    // The kernel's own view: the mapping holding the bytes carries "dd"
+    // (do not dump) in /proc/self/smaps.
+    const auto addr = reinterpret_cast<uintptr_t>(secret.view().data());
+    std::ifstream smaps("/proc/self/smaps");
+    std::string line;
+    bool in_mapping = false, found = false;
+    while (std::getline(smaps, line)) {
+        unsigned long lo = 0, hi = 0;
+        // A mapping's first line: "lo-hi perms offset dev inode path"; the
+        // attribute lines after it are "Name: value".
+        const bool header = std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi) == 2 && line.find(':') > line.find(' ');
+        if (header) {
+            in_mapping = addr >= lo && addr < hi;
+            continue;
+        }
+        if (in_mapping && line.rfind("VmFlags:", 0) == 0) {
+            found = true;
+            CHECK_THAT(line, Catch::Contains(" dd"));
+            break;
+        }
+    }
+    CHECK(found);
 }
