@@ -98,6 +98,14 @@ const std::vector<Setting>& settings() {
         {"max_pending_bytes", "bytes (>= 1 MiB)", [](ReplicatorConfig& c, const std::string& v) {
              return parse_u64(v, c.max_pending_bytes) && c.max_pending_bytes >= (1u << 20);
          }},
+        {"max_wal_bytes", "bytes (0: no budget)",
+         [](ReplicatorConfig& c, const std::string& v) { return parse_u64(v, c.max_wal_bytes); }},
+        {"wal_budget_policy", "warn or fail", [](ReplicatorConfig& c, const std::string& v) {
+             std::string l = lower(v);
+             if (l != "warn" && l != "fail") return false;
+             c.wal_budget_fail = l == "fail";
+             return true;
+         }},
         {"sync_timeout_ms", "milliseconds (>= 1)", [](ReplicatorConfig& c, const std::string& v) {
              uint64_t n;
              if (!parse_u64(v, n) || n == 0) return false;

@@ -25,7 +25,12 @@ struct ReplicatorConfig {
     std::chrono::milliseconds batch_interval{1000};
     uint64_t batch_max_bytes = 16ull << 20;  // ship a batch early when it grows past this
     Compression compression = Compression::Zstd;
-    uint64_t max_pending_bytes = 64ull << 20;        // unshipped WAL bytes before writers are slowed
+    uint64_t max_pending_bytes = 64ull << 20;        // memory for unshipped frames; past it they stay in the WAL
+    // Disk budget for a WAL that cannot restart because it holds unshipped
+    // frames (S3 down or slow). 0: no budget. Past it: a warning (policy
+    // warn), or writes fail with SQLITE_FULL until S3 catches up (fail).
+    uint64_t max_wal_bytes = 1ull << 30;
+    bool wal_budget_fail = false;
     std::chrono::milliseconds sync_timeout{10'000};  // sync mode: give up on a commit after this
     std::chrono::milliseconds shutdown_timeout{10'000};
     uint64_t snapshot_after_bytes = 1ull << 30;      // new generation after this much WAL (0: never)

@@ -442,17 +442,29 @@ void Replicator::wake() {
     cv_.notify_all();
 }
 
-void Replicator::apply_backpressure() {
-    if (!enabled_ || config_.sync) return;
-    if (unshipped_bytes_.load() <= config_.max_pending_bytes) return;
-    wake();
-    auto deadline = Clock::now() + std::chrono::seconds(2);
-    std::unique_lock lock(cv_mu_);
-    durable_cv_.wait_until(lock, deadline, [&] { return unshipped_bytes_.load() <= config_.max_pending_bytes || stop_; });
-    if (unshipped_bytes_.load() > config_.max_pending_bytes)
-        log::warn(path_ + ": " + std::to_string(unshipped_bytes_.load() >> 20) +
-                  " MiB committed but not in S3 yet (limit " + std::to_string(config_.max_pending_bytes >> 20) +
-                  " MiB); writes go on, the WAL grows until S3 catches up");
+bool Replicator::wal_write_allowed(uint64_t end) {
+    if (end > wal_bytes_.load()) wal_bytes_.store(end);
+    if (!enabled_ || config_.max_wal_bytes == 0 || end <= config_.max_wal_bytes) return true;
+    // Over the budget. Ours to answer only while unshipped frames are what
+    // keeps the WAL from restarting; a WAL grown by the application's own
+    // long readers or transactions is SQLite's business.
+    if (durable_index_.load() >= noted_index_.load()) return true;
+    if (!wal_over_budget_.exchange(true)) {
+        const std::string m = path_ + ": the WAL has grown past max_wal_bytes (" +
+                              std::to_string(config_.max_wal_bytes >> 20) +
+                              " MiB) because committed transactions are not in S3 yet (" +
+                              std::to_string(unshipped_bytes_.load() >> 20) + " MiB unshipped; check bottomless_status() "
+                              "last_error). " +
+                              (config_.wal_budget_fail ? "Writes fail with SQLITE_FULL until S3 catches up "
+                                                         "(wal_budget_policy=fail)"
+                                                       : "Writes go on and the WAL keeps growing "
+                                                         "(wal_budget_policy=warn)");
+        log::warn(m);
+        std::lock_guard lock(status_mu_);
+        last_error_ = m;
+        last_error_us_ = now_us();
+    }
+    return !config_.wal_budget_fail;
 }
 
 // ---------------------------------------------------------------------------
@@ -1197,6 +1209,16 @@ std::string Replicator::status_json() const {
     uint64_t noted = noted_index_.load(), durable = durable_index_.load();
     j["pending_transactions"] = noted > durable ? noted - durable : 0;
     j["pending_bytes"] = unshipped_bytes_.load();
+    // Where unshipped frames wait: "memory" (they may leave the WAL, which
+    // restarts as usual), "wal" (past max_pending_bytes: the WAL keeps them
+    // and grows), "none".
+    j["pending_in"] = noted <= durable ? "none"
+                      : unshipped_bytes_.load() > config_.max_pending_bytes ? "wal"
+                                                                              : "memory";
+    j["wal_bytes"] = wal_bytes_.load();
+    j["wal_budget"] = {{"max_wal_bytes", config_.max_wal_bytes},
+                       {"policy", config_.wal_budget_fail ? "fail" : "warn"},
+                       {"exceeded", wal_over_budget_.load()}};
     int64_t lag_ms = 0;
     int64_t oldest = oldest_unshipped_us_.load();
     if (noted > durable && oldest > 0) lag_ms = std::max<int64_t>(0, (now_us() - oldest) / 1000);

@@ -100,8 +100,13 @@ public:
     // means the transaction is durable in S3 and may be committed locally.
     Status commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
                        uint32_t page_size);
-    // Writers are slowed here when unshipped data passes max_pending_bytes.
-    void apply_backpressure();
+    // A frame is about to be written, ending at byte `end` of the WAL. In
+    // async mode a writer never waits for S3: false only under the "fail"
+    // WAL budget policy, when unshipped frames hold a WAL past
+    // max_wal_bytes (the VFS fails the write with SQLITE_FULL). Cheap: atomics.
+    bool wal_write_allowed(uint64_t end);
+    // The WAL was restarted (a new header at offset 0).
+    void note_wal_restart() { wal_bytes_.store(0); wal_over_budget_.store(false); }
 
     // ---- SQL surface ----
     Result<WalPosition> flush(std::chrono::milliseconds timeout);  // bottomless_flush()
@@ -180,6 +185,8 @@ private:
     std::atomic<uint64_t> durable_salts_{0};   // salt1 << 32 | salt2 of durable_, for the shm hooks
     std::atomic<uint64_t> durable_frame_{0};   // durable_.frame, for the shm hooks
     std::atomic<int64_t> oldest_unshipped_us_{0};  // commit time of the oldest commit not yet durable (0: none)
+    std::atomic<uint64_t> wal_bytes_{0};           // highest WAL offset written since the last restart
+    std::atomic<bool> wal_over_budget_{false};     // warned about this WAL epoch's size already
 
     // net_mu_ serialises network work (segment uploads, snapshots, sync
     // commits); it is taken before upload_mu_. upload_mu_ guards the state

@@ -340,6 +340,7 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
             }
             int rc = l->pMethods->xWrite(l, buf, n, off);
             if (rc == SQLITE_OK) {
+                r->note_wal_restart();
                 if (auto h = replicator::parse_wal_header(p)) {
                     s->page_size = h->page_size;
                     s->salt1 = h->salt1;
@@ -350,8 +351,13 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
             return rc;
         }
         if (is_frame_header(s, n, off)) {
+            // Writers never wait for S3; past the WAL budget the policy
+            // decides (SQLite rolls the transaction back on SQLITE_FULL).
+            if (!r->wal_write_allowed(static_cast<uint64_t>(off) + 24 + s->page_size)) {
+                sqlite3_log(SQLITE_FULL, "bottomless: the WAL is over max_wal_bytes while S3 is behind");
+                return SQLITE_FULL;
+            }
             bool commit = be32(p + 4) != 0;
-            if (commit) r->apply_backpressure();  // once per transaction, bounded
             if (commit) {
                 s->commit_pending = true;
                 s->commit_offset = off;
