@@ -13,6 +13,7 @@
 #include <set>
 #include <thread>
 
+#include "s3/credentials.h"
 #include "s3/crypto.h"
 #include "s3/log.h"
 #include "s3/xml.h"
@@ -33,6 +34,8 @@ struct Client::Call {
     uint64_t max_body = http::kMaxSmallBody;  // cap on a 2xx body (see http::Request)
     std::optional<ByteRange> range;           // a ranged GET: its answer is checked
     int attempts = 0;             // out: how many were made
+    std::string key_id;           // the access key id and source the last attempt was signed with (messages)
+    std::string key_source;
 };
 
 namespace {
@@ -194,6 +197,8 @@ Client::Client(ClientConfig config)
     timeouts_.verify_tls = config_.verify_tls;
     if (config_.part_size < (5ull << 20)) config_.part_size = 5ull << 20;
     if (config_.part_concurrency < 1) config_.part_concurrency = 1;
+    credentials_ = config_.credentials_provider;
+    if (!credentials_) credentials_ = std::make_shared<StaticCredentialsProvider>(config_.credentials);
     if (!config_.endpoint.empty()) {
         // Also for configurations built by hand, not through config_from_env.
         if (auto st = validate_endpoint(config_.endpoint); !st) {
@@ -354,11 +359,12 @@ Error Client::error_from_response(const Call& call, const http::Response& resp) 
             e.message = "multipart upload for " + target + " no longer exists (completed or aborted)";
         else
             e.message = target + " does not exist";
-    } else if (s == 403 || s == 401) {
+    } else if (s == 403 || s == 401 || e.code == "ExpiredToken" || e.code == "InvalidToken" ||
+               e.code == "TokenRefreshRequired") {  // AWS answers an expired token with 400
         e.kind = ErrorKind::Auth;
         if (e.code.empty()) e.code = "AccessDenied";
-        std::string who = "access key id '" + config_.credentials.access_key_id + "' (from " +
-                          (config_.credentials.source.empty() ? "configuration" : config_.credentials.source) + ")";
+        std::string who = "access key id '" + call.key_id + "' (from " +
+                          (call.key_source.empty() ? "configuration" : call.key_source) + ")";
         if (e.code == "SignatureDoesNotMatch")
             e.message = "the server rejected the request signature: the secret access key does not match " + who +
                         "; check AWS_SECRET_ACCESS_KEY or the profile's aws_secret_access_key";
@@ -367,7 +373,8 @@ Error Client::error_from_response(const Call& call, const http::Response& resp) 
         else if (e.code == "RequestTimeTooSkewed")
             e.message = "the system clock differs too much from the server's; fix the clock (NTP) and retry";
         else if (e.code == "ExpiredToken" || e.code == "InvalidToken")
-            e.message = "the session token was rejected; refresh AWS_SESSION_TOKEN or the profile's credentials";
+            e.message = "the session token of " + who +
+                        " was rejected; refresh AWS_SESSION_TOKEN or the profile's credentials";
         else
             e.message = std::string(call.op) + " on " + target + " was denied for " + who +
                         "; check the credentials' permissions";
@@ -433,6 +440,7 @@ Result<http::Response> Client::execute(Call& call) {
         return e;
     };
     Error last;
+    bool refreshed_after_refusal = false;
     for (call.attempts = 1;; ++call.attempts) {
         throttle();
         if (std::chrono::steady_clock::now() >= hard_deadline) return deadline_error(call.attempts > 1 ? &last : nullptr);
@@ -446,7 +454,14 @@ Result<http::Response> Client::execute(Call& call) {
         sreq.headers = call.headers;
         sreq.headers.emplace_back("Host", host);
         sreq.payload_hash = call.payload_sha256;
-        SigningResult signed_req = signer_.sign(sreq, config_.credentials, clock_());
+        // The current credentials for this attempt: a refresh swaps the
+        // provider's pointer, this attempt keeps the ones it signed with.
+        auto creds = credentials_->current();
+        if (!creds) return std::move(creds).error();
+        std::shared_ptr<const Credentials> used = std::move(creds).value();
+        call.key_id = used->access_key_id;
+        call.key_source = used->source;
+        SigningResult signed_req = signer_.sign(sreq, *used, clock_());
 
         http::Request req;
         req.method = call.method;
@@ -479,6 +494,20 @@ Result<http::Response> Client::execute(Call& call) {
         if (ok) return resp;
         last = error_from_response(call, resp);
         if (resp.timed_out && std::chrono::steady_clock::now() >= hard_deadline) return deadline_error(&last);
+        // Temporary credentials the server refuses (expired early, clock
+        // skew, revoked; Ceph RGW says AccessDenied for an expired token):
+        // fetch new ones and try once more at once. The provider honours this
+        // at most once per few seconds, so a real permission problem does not
+        // turn every request into a credentials fetch.
+        if (last.kind == ErrorKind::Auth && !refreshed_after_refusal && !used->session_token.empty() &&
+            (last.code == "ExpiredToken" || last.code == "InvalidToken" || last.code == "TokenRefreshRequired" ||
+             last.code == "InvalidAccessKeyId" || last.code == "AccessDenied") &&
+            credentials_->invalidate(*used)) {
+            refreshed_after_refusal = true;
+            log::info(std::string(call.op) + " " + describe_target(call.bucket, call.key) + ": " + last.code +
+                      " for temporary credentials from " + call.key_source + "; fetching new ones");
+            continue;
+        }
         if (!is_retryable(last)) return last;
 
         auto elapsed = std::chrono::steady_clock::now() - start;
@@ -1194,7 +1223,13 @@ std::string Client::presign(const std::string& method, const std::string& bucket
     sreq.path = path_for(bucket, key);
     sreq.headers.emplace_back("Host", host_for(bucket));
     sreq.payload_hash = "UNSIGNED-PAYLOAD";  // the body is unknown when the URL is made
-    SigningResult r = signer_.presign(sreq, config_.credentials, clock_(), expires);
+    auto creds = credentials_->current();
+    if (!creds) {
+        log::warn("presign " + describe_target(bucket, key) + ": no credentials: " + creds.error().describe());
+        return {};
+    }
+    // A URL signed with temporary credentials dies with them, whatever `expires` says.
+    SigningResult r = signer_.presign(sreq, **creds, clock_(), expires);
     return base_url_for(bucket) + uri_encode(sreq.path, false) + "?" + r.presigned_query;
 }
 

@@ -164,7 +164,8 @@ public:
                                                 uint64_t expected_size, const PutOptions& options = {});
     Status abort_multipart_upload(const std::string& bucket, const std::string& key, const std::string& upload_id);
 
-    // A presigned GET/PUT URL valid for `expires`.
+    // A presigned GET/PUT URL valid for `expires` (and no longer than the
+    // temporary credentials it is signed with); empty when there are no credentials.
     std::string presign(const std::string& method, const std::string& bucket, const std::string& key,
                         std::chrono::seconds expires);
 
@@ -192,6 +193,9 @@ private:
 
     ClientConfig config_;
     std::optional<Error> config_error_;  // a bad endpoint: every call fails with it
+    // What every request is signed with: config_.credentials_provider, or the
+    // static config_.credentials. Each attempt takes its current credentials.
+    std::shared_ptr<CredentialsProvider> credentials_;
     http::Timeouts timeouts_;
     Signer signer_;
     http::ConnectionPool pool_;

@@ -1,6 +1,7 @@
 // Resolution of S3 settings from the environment and the AWS shared files.
 #include "s3/config.h"
 
+#include "s3/credentials.h"
 #include "s3/log.h"
 
 #include <cstdlib>
@@ -313,9 +314,21 @@ Result<ClientConfig> config_from_env(const EnvLookup& env) {
     if (auto ca = nonempty(env, "AWS_CA_BUNDLE")) cfg.ca_bundle = *ca;
     else if (auto ca2 = get(prof, "ca_bundle")) cfg.ca_bundle = *ca2;
 
-    auto creds = resolve_credentials(env, cfg.profile);
-    if (!creds) return std::move(creds).error();
-    cfg.credentials = std::move(creds).value();
+    ChainSettings chain;
+    chain.region = cfg.region;
+    chain.ca_bundle = cfg.ca_bundle;
+    chain.verify_tls = cfg.verify_tls;
+    auto provider = default_credentials_provider(env, cfg.profile, chain);
+    if (!provider) return std::move(provider).error();
+    if (dynamic_cast<StaticCredentialsProvider*>(provider->get())) {
+        // Static keys stay plain data in the config (callers may edit them).
+        auto c = (*provider)->current();
+        if (!c) return std::move(c).error();
+        cfg.credentials = **c;
+    } else {
+        cfg.credentials.source = (*provider)->describe();
+        cfg.credentials_provider = std::move(provider).value();
+    }
     return cfg;
 }
 

@@ -1,10 +1,10 @@
 // Where the S3 client's settings come from: endpoint, region, credentials,
 // TLS and retry knobs, resolved the way the AWS CLI resolves them.
 //
-// Credentials, in the AWS CLI's order:
-//   1. AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN)
-//   2. the shared credentials file (AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials), [profile]
-//   3. the config file (AWS_CONFIG_FILE or ~/.aws/config), [profile NAME] or [default]
+// Credentials: the AWS chain of s3/credentials.h (environment, a profile's
+// role_arn, web identity, the shared credentials file, credential_process,
+// the config file, container credentials, EC2 instance metadata).
+// resolve_credentials below is its static part alone (environment and files).
 // The profile is AWS_PROFILE, else "default". Region: AWS_REGION,
 // AWS_DEFAULT_REGION, the profile's `region`, else us-east-1. Endpoint:
 // LIBSQL_BOTTOMLESS_ENDPOINT, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the
@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -23,6 +24,8 @@
 #include "s3/sigv4.h"
 
 namespace bottomless::s3 {
+
+class CredentialsProvider;  // s3/credentials.h
 
 // Environment lookup, injectable so tests do not touch the real environment.
 using EnvLookup = std::function<std::optional<std::string>(std::string_view name)>;
@@ -46,7 +49,11 @@ struct ClientConfig {
     std::string endpoint;        // "http://127.0.0.1:7480"; empty: AWS
     std::string region = "us-east-1";
     bool path_style = true;      // custom endpoints: path-style; AWS: virtual-hosted
-    Credentials credentials;
+    Credentials credentials;     // static keys; used when credentials_provider is null
+    // Temporary credentials that refresh themselves (STS, container, IMDS,
+    // credential_process); when set, the client signs with its current ones
+    // and `credentials` is ignored. config_from_env sets it for those sources.
+    std::shared_ptr<CredentialsProvider> credentials_provider;
     std::string ca_bundle;       // AWS_CA_BUNDLE
     bool verify_tls = true;
     RetryPolicy retry;
@@ -82,7 +89,8 @@ bool is_loopback_host(std::string_view host);
 // Resolves everything from the environment and AWS files. Errors name every place looked.
 Result<ClientConfig> config_from_env(const EnvLookup& env = process_env());
 
-// The credentials part alone.
+// The static part of the chain alone: environment, then the shared
+// credentials file, then the config file (no network, no process).
 Result<Credentials> resolve_credentials(const EnvLookup& env, const std::string& profile);
 
 }  // namespace bottomless::s3
