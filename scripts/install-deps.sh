@@ -11,6 +11,8 @@ PACKAGES=(
   libpugixml-dev libzstd-dev catch2
   # the fuzzers (scripts/fuzz.sh): clang and its libFuzzer/sanitizer runtimes
   clang-14 libclang-rt-14-dev
+  # packages (scripts/package.sh) and their tests: CPack's Depends, the wheel, a venv
+  dpkg-dev python3-setuptools python3-wheel python3-venv
   # tests and demo
   sqlite3 curl python3 iptables uuid-runtime iproute2 procps
   # the test S3 server: Ceph's RADOS Gateway as a one-machine cluster
