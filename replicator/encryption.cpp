@@ -353,7 +353,7 @@ std::string kdf_params_json(const KdfParams& k) {
 
 Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std::string& bucket,
                                                   const std::string& db_id, const EncryptionSecret& secret,
-                                                  bool create) {
+                                                  bool create, std::string* kdf_text) {
     if (secret.empty()) return std::shared_ptr<const Cipher>();
     if (secret.kind() == EncryptionSecret::Kind::Key) return Cipher::from_key(secret.material());
 
@@ -383,6 +383,7 @@ Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std:
     if (!got) return std::move(got).error();
     auto kdf = parse_kdf(*got, where);
     if (!kdf) return std::move(kdf).error();
+    if (kdf_text) *kdf_text = *got;
     return Cipher::from_passphrase(secret.material(), *kdf);
 }
 

@@ -189,7 +189,9 @@ std::string kdf_params_json(const KdfParams& k);
 // The master key for db_id. A passphrase needs the KDF object: it is read,
 // or created when `create` is set and none exists (a conditional create, so
 // two processes racing agree on one salt). Empty secret: nullptr.
+// *kdf_text (if given) receives the KDF object's text for a passphrase.
 Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std::string& bucket,
-                                                  const std::string& db_id, const EncryptionSecret& secret, bool create);
+                                                  const std::string& db_id, const EncryptionSecret& secret, bool create,
+                                                  std::string* kdf_text = nullptr);
 
 }  // namespace bottomless::replicator

@@ -91,6 +91,45 @@ std::string fmt_time_us(int64_t us) {
     return out;
 }
 
+// Whether the local files are exactly where `state`'s history ends: the WAL
+// still in the recorded epoch, its frame at the recorded position a commit
+// with the recorded checksums; or, after a clean close, no WAL and a
+// database file untouched since (size, mtime, inode). Local reads only.
+struct LocalProof {
+    bool proven = false;
+    uint32_t page_size = 0;          // from the WAL header (0: no WAL)
+    uint64_t last_commit_frame = 0;  // committed frames of the recorded epoch in the WAL
+};
+
+LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path) {
+    LocalProof proof;
+    auto scan = scan_wal_file(wal_path);
+    if (!scan) return proof;
+    const WalPosition& at = state.position;
+    if (scan->has_header && scan->header.salt1 == at.salt1 && scan->header.salt2 == at.salt2 &&
+        at.frame <= scan->last_commit_frame) {
+        if (at.frame == 0) {
+            proof.proven = scan->header.cksum1 == at.cksum1 && scan->header.cksum2 == at.cksum2;
+        } else {
+            Fd fd(::open(wal_path.c_str(), O_RDONLY | O_CLOEXEC));
+            unsigned char fh[kWalFrameHeaderSize];
+            if (fd.fd >= 0 && pread_full(fd.fd, fh, sizeof fh, wal_frame_offset(scan->header.page_size, at.frame))) {
+                auto h = parse_frame_header(fh);
+                proof.proven = h.cksum1 == at.cksum1 && h.cksum2 == at.cksum2 && h.is_commit();
+            }
+        }
+        if (proof.proven) {
+            proof.page_size = scan->header.page_size;
+            proof.last_commit_frame = scan->last_commit_frame;
+        }
+    } else if (!scan->has_header && state.clean_close) {
+        struct stat db{};
+        proof.proven = ::stat(db_path.c_str(), &db) == 0 && state.db_size == db.st_size &&
+                       state.db_mtime_ns == mtime_ns(db) && state.db_ino == db.st_ino;
+    }
+    return proof;
+}
+
 uint32_t db_header_page_size(const unsigned char* h) {
     uint32_t v = (static_cast<uint32_t>(h[16]) << 8) | h[17];
     return v == 1 ? 65536 : v;
@@ -160,7 +199,105 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
     return r;
 }
 
+bool Replicator::start_offline() {
+    // initial_replication=force asks for a decision against the bucket; a
+    // restored file's note starts a new history (both need the bucket).
+    if (config_.initial_replication == InitialReplication::Force) return false;
+    auto state = read_state_file(state_path_);
+    if (!state || state->restored || state->generation.empty() || state->bucket != config_.bucket ||
+        state->db_id != config_.db_id)
+        return false;
+    // The key must provably be the generation's: its id, derived locally
+    // (a passphrase from the KDF parameters the state file recorded).
+    std::shared_ptr<const Cipher> cipher;
+    if (config_.encryption.kind() == EncryptionSecret::Kind::Key) {
+        cipher = Cipher::from_key(config_.encryption.material());
+    } else if (config_.encryption.kind() == EncryptionSecret::Kind::Passphrase) {
+        if (state->kdf.empty()) return false;
+        auto kdf = parse_kdf(state->kdf, state_path_);
+        if (!kdf) return false;
+        auto c = Cipher::from_passphrase(config_.encryption.material(), *kdf);
+        if (!c) return false;
+        cipher = std::move(c).value();
+    }
+    if ((cipher ? cipher->key_id() : std::string()) != state->key_id) return false;
+    LocalProof proof = prove_local(*state, path_, wal_path_);
+    if (!proof.proven) return false;
+
+    cipher_ = std::move(cipher);
+    kdf_text_ = state->kdf;
+    generation_ = state->generation;
+    seq_ = state->seq;
+    prev_sha256_ = state->prev_sha256;
+    captured_ = state->position;
+    lineage_ = state->lineage;
+    if (proof.page_size) page_size_ = proof.page_size;
+    mark_durable(state->position, 0);
+    // Until the uploader has seen the bucket agree, nothing is uploaded.
+    deferred_check_ = true;
+    log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_) +
+              " without asking S3 (the local files prove it); the bucket is checked before the first upload");
+    if (proof.last_commit_frame > state->position.frame)
+        note_commit(state->position.salt1, state->position.salt2, proof.last_commit_frame, proof.page_size);
+    return true;
+}
+
+Status Replicator::verify_bucket() {
+    const auto& bucket = config_.bucket;
+    const auto& db_id = config_.db_id;
+    if (auto st = client_->create_bucket(bucket); !st) return st;
+    auto gens = list_generations(*client_, bucket, db_id);
+    if (!gens) return std::move(gens).error();
+    const GenerationInfo* latest = nullptr;
+    for (auto& g : *gens) {
+        if (auto st = describe_generation(*client_, bucket, db_id, g); !st) return st;
+        if (g.has_snapshot) {
+            latest = &g;
+            break;
+        }
+    }
+    if (latest) {
+        auto h = read_snapshot_header(*client_, bucket, snapshot_key(db_id, latest->id), latest->snapshot_bytes);
+        if (!h) return std::move(h).error();
+        if (Status st = check_cipher(h->encryption, cipher_.get(), snapshot_key(db_id, latest->id)); !st) {
+            // Another writer moved the bucket to another key. Uploading under
+            // ours would start a history the next open refuses: stop, say why.
+            halted_.store(true);
+            Error e = std::move(st).error();
+            e.message = "replication stopped: " + e.message + ". The bucket's newest generation " + latest->id +
+                        " is not under this database's key; reopen with initial_replication=force to start a new "
+                        "generation under this key";
+            return e;
+        }
+    }
+    deferred_check_ = false;
+    if (latest && latest->id == generation_ && latest->last_seq == seq_) {
+        log::info(path_ + ": the bucket agrees: generation " + generation_ + " ends at segment " + std::to_string(seq_));
+        return {};
+    }
+    // The bucket moved on while we were offline (another writer, a restore
+    // elsewhere, or an upload whose outcome we never learnt): a new
+    // generation whose parent is the bucket's newest, so nothing there is lost.
+    if (latest) {
+        parent_generation_ = latest->id;
+        parent_seq_ = latest->last_seq;
+    }
+    generation_.clear();
+    {
+        std::lock_guard olock(obs_mu_);
+        commits_.clear();
+    }
+    request_snapshot(latest ? "the bucket's newest generation " + latest->id + " (segment " +
+                                  std::to_string(latest->last_seq) + ") is not where this file's history ended"
+                            : "the bucket holds no generation of '" + db_id + "' any more");
+    return {};
+}
+
 Status Replicator::startup() {
+    if (start_offline()) {
+        start_uploader();
+        return {};
+    }
     const auto& bucket = config_.bucket;
     const auto& db_id = config_.db_id;
     if (auto st = client_->create_bucket(bucket); !st) {
@@ -213,7 +350,7 @@ Status Replicator::startup() {
         if (latest && latest_enc.has_value() == config_.encryption.empty())
             if (Status st = check_key_id(latest_enc, config_.encryption.empty() ? nullptr : &any_key_id, snap); !st)
                 if (Status r = refuse(std::move(st)); !r) return r;
-        auto c = open_cipher(*client_, bucket, db_id, config_.encryption, /*create=*/true);
+        auto c = open_cipher(*client_, bucket, db_id, config_.encryption, /*create=*/true, &kdf_text_);
         if (!c) return std::move(c).error();
         cipher_ = std::move(c).value();
         if (latest && latest_enc && cipher_ && !encryption_switch)
@@ -271,30 +408,10 @@ Status Replicator::startup() {
     } else if (state && state->bucket == bucket && state->db_id == db_id && state->generation == latest->id) {
         // We wrote the bucket's newest generation. Continue it only if the
         // local files still are exactly where that history ends.
-        bool proven = false;
         WalPosition start = state->position;
-        auto scan = scan_wal_file(wal_path_);
-        if (latest->last_seq == state->seq && scan) {
-            if (scan->has_header && scan->header.salt1 == state->position.salt1 &&
-                scan->header.salt2 == state->position.salt2 && state->position.frame <= scan->last_commit_frame) {
-                if (state->position.frame == 0) {
-                    proven = scan->header.cksum1 == state->position.cksum1 && scan->header.cksum2 == state->position.cksum2;
-                } else {
-                    Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
-                    unsigned char fh[kWalFrameHeaderSize];
-                    if (fd.fd >= 0 && pread_full(fd.fd, fh, sizeof fh,
-                                                 wal_frame_offset(scan->header.page_size, state->position.frame))) {
-                        auto h = parse_frame_header(fh);
-                        proven = h.cksum1 == state->position.cksum1 && h.cksum2 == state->position.cksum2 &&
-                                 h.is_commit();
-                    }
-                }
-                if (proven) page_size_ = scan->header.page_size;
-            } else if (!scan->has_header && state->clean_close && db_exists && state->db_size == db_st.st_size &&
-                       state->db_mtime_ns == mtime_ns(db_st) && state->db_ino == db_st.st_ino) {
-                proven = true;  // closed cleanly, WAL checkpointed away, file untouched since
-            }
-        }
+        LocalProof proof = latest->last_seq == state->seq ? prove_local(*state, path_, wal_path_) : LocalProof{};
+        bool proven = proof.proven;
+        if (proven && proof.page_size) page_size_ = proof.page_size;
         if (proven) {
             generation_ = state->generation;
             seq_ = state->seq;
@@ -302,11 +419,9 @@ Status Replicator::startup() {
             captured_ = start;
             mark_durable(start, 0);
             log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
-            if (scan->has_header && scan->header.salt1 == start.salt1 && scan->header.salt2 == start.salt2 &&
-                scan->last_commit_frame > start.frame) {
-                // Frames committed locally but never shipped (a crash): ship them now.
-                note_commit(start.salt1, start.salt2, scan->last_commit_frame, scan->header.page_size);
-            }
+            // Frames committed locally but never shipped (a crash): ship them now.
+            if (proof.last_commit_frame > start.frame)
+                note_commit(start.salt1, start.salt2, proof.last_commit_frame, proof.page_size);
         } else {
             parent_generation_ = latest->id;
             parent_seq_ = latest->last_seq;
@@ -348,9 +463,13 @@ Status Replicator::startup() {
         }
     }
 
+    start_uploader();
+    return {};
+}
+
+void Replicator::start_uploader() {
     db_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);  // may not exist yet: opened on first snapshot
     thread_ = std::thread([this] { run(); });
-    return {};
 }
 
 Replicator::~Replicator() {
@@ -885,6 +1004,17 @@ std::atomic<int> g_injected_uploader_exceptions{0};
 
 void testing_inject_uploader_exceptions(int n) { g_injected_uploader_exceptions.store(n); }
 
+Status Replicator::check_bucket_first() {
+    if (halted_.load()) {
+        std::lock_guard lock(status_mu_);
+        return make_error(ErrorKind::InvalidArgument, last_error_, "ReplicationStopped");
+    }
+    if (!deferred_check_) return {};
+    Status st = verify_bucket();
+    if (!st) note_failure(st.error());
+    return st;
+}
+
 void Replicator::guarded_step(Lock& lock, bool force) noexcept {
     // The uploader thread's exception barrier: an exception leaving a
     // thread's entry point terminates the host application. A step that
@@ -914,6 +1044,7 @@ void Replicator::guarded_step(Lock& lock, bool force) noexcept {
 
 Status Replicator::step(Lock& lock, bool force) {
     if (!force && Clock::now() < retry_after_) return {};
+    if (Status st = check_bucket_first(); !st) return st;
     if (broken_outside_wal_.load()) request_snapshot("the database file was written outside the WAL");
     if (foreign_writer_.exchange(false))
         request_snapshot("the WAL changed behind bottomless's back (another process writing without it?)");
@@ -1030,6 +1161,7 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
     std::lock_guard net(net_mu_);
     Lock lock(upload_mu_);
     auto deadline = Clock::now() + config_.sync_timeout;
+    if (Status st = check_bucket_first(); !st) return st;
     if (need_snapshot_ || generation_.empty()) {
         {
             std::lock_guard olock(obs_mu_);
@@ -1247,6 +1379,8 @@ void Replicator::write_state_file(bool clean_close) {
     st.prev_sha256 = prev_sha256_;
     st.position = durable_;
     st.lineage = lineage_;
+    st.key_id = cipher_ ? cipher_->key_id() : std::string();
+    st.kdf = kdf_text_;
     struct stat db{}, wal{};
     bool fully_shipped = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_;
     if (clean_close && fully_shipped && stat_file(path_, db) && !stat_file(wal_path_, wal)) {

@@ -118,6 +118,15 @@ public:
 private:
     Replicator(std::string path, ReplicatorConfig config);
     Status startup();
+    // Continues the recorded generation with no S3 request when the state
+    // file and the local files prove it (the bucket is checked later).
+    bool start_offline();
+    void start_uploader();
+    // Deferred start-up check, before the first upload: does the bucket still
+    // end where the state file says? If not, a new generation (parent: the
+    // bucket's newest). A key the bucket's newest generation does not use halts.
+    Status verify_bucket();
+    Status check_bucket_first();  // halted, or verify_bucket() once
     void run();  // the uploader thread
 
     struct PendingTxn {
@@ -165,6 +174,7 @@ private:
     std::shared_ptr<const Cipher> cipher_;  // set by startup(), then read-only; null: plaintext
     bool enabled_ = true;
     std::optional<LeaderLock> leader_lock_;  // held for the replicator's lifetime (released last)
+    std::string kdf_text_;  // the passphrase's KDF object (recorded in the state file); set at start-up
     int db_fd_ = -1;  // read-only; closed only when the last connection is gone (POSIX locks)
 
     // Observations from the VFS. obs_mu_ is held only to copy small values.
@@ -206,6 +216,8 @@ private:
     uint64_t pending_bytes_ = 0;
     std::optional<InFlight> inflight_;
     bool need_snapshot_ = false;
+    bool deferred_check_ = false;  // started offline: verify_bucket() before any upload
+    std::atomic<bool> halted_{false};  // the bucket's newest generation is under another key
     std::string snapshot_reason_;
     std::string parent_generation_;
     uint64_t parent_seq_ = 0;

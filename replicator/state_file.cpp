@@ -60,6 +60,8 @@ std::optional<LocalState> parse_state_file(std::string_view text, const std::str
         s.db_size = i(j, "db_size");
         s.db_mtime_ns = i(j, "db_mtime_ns");
         s.db_ino = j.contains("db_ino") ? u(j["db_ino"], UINT64_MAX) : 0;
+        if (j.contains("key_id")) s.key_id = j["key_id"].get<std::string>();
+        if (j.contains("kdf")) s.kdf = j["kdf"].get<std::string>();
         return s;
     } catch (const std::exception& e) {
         log::warn("ignoring unreadable replication state " + path + ": " + e.what());
@@ -107,6 +109,8 @@ Status write_state_file(const std::string& path, const LocalState& s) {
     if (!s.lineage.empty()) j["lineage"] = s.lineage;
     if (s.clean_close) j["clean_close"] = true;
     if (s.restored) j["restored"] = true;
+    if (!s.key_id.empty()) j["key_id"] = s.key_id;
+    if (!s.kdf.empty()) j["kdf"] = s.kdf;
     if (s.clean_close || s.restored) {
         j["db_size"] = s.db_size;
         j["db_mtime_ns"] = s.db_mtime_ns;

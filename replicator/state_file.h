@@ -26,6 +26,11 @@ struct LocalState {
     std::vector<std::string> lineage;  // generations this file's replicators started
     int64_t db_size = -1, db_mtime_ns = -1;  // set with clean_close or restored
     uint64_t db_ino = 0;
+    // What the generation is encrypted with, so a start can prove it holds
+    // the right key without asking the bucket: the key id (empty: plaintext),
+    // and for a passphrase the KDF object's text (salt and cost; no secret).
+    std::string key_id;
+    std::string kdf;
 };
 
 // Parses a state file's text; nullopt (with a warning naming `path`) when it

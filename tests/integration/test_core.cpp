@@ -151,3 +151,86 @@ TEST_CASE("a snapshot of a large database does not stall the writer", "[core][sn
     db.reset();
     CHECK(s.restored_hash("snap.db") == local);
 }
+
+TEST_CASE("a database whose state file proves continuity opens with S3 down and no request", "[core][offline]") {
+    register_bottomless();
+    Setup s;
+    {
+        Db db = open_db(s.uri("off.db"));
+        exec(db.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES ('before')");
+        query_text(db.get(), "SELECT bottomless_flush(30000)");
+    }
+    const std::string gen = [&] {
+        Db db = open_db(s.uri("off.db"));
+        return status(db.get())["generation"].get<std::string>();
+    }();
+
+    // S3 hangs: every request stalls. Before, the open waited ~30 s for it and
+    // failed with SQLITE_CANTOPEN.
+    s.proxy.set_stall_ms(60'000);
+    s.proxy.inject_always(Fault::Stall);
+    const int seen_before = s.proxy.requests_seen();
+    auto t0 = Clock::now();
+    Db db = open_db(s.uri("off.db"));
+    CHECK(seconds_since(t0) < 2.0);
+    exec(db.get(), "INSERT INTO t VALUES ('offline 1'); INSERT INTO t VALUES ('offline 2')");
+    CHECK(query_int(db.get(), "SELECT count(*) FROM t") == 3);
+    CHECK(s.proxy.requests_seen() == seen_before);  // the open itself asked S3 nothing
+
+    // S3 back: the uploader checks the bucket, which agrees, and continues
+    // the same generation (no snapshot).
+    s.proxy.clear();
+    query_text(db.get(), "SELECT bottomless_flush(60000)");
+    auto st = status(db.get());
+    CHECK(st["generation"] == gen);
+    CHECK(st["snapshots_uploaded"] == 0);
+    const std::string local = content_hash(db.get());
+    db.reset();
+    CHECK(s.restored_hash("off.db") == local);
+}
+
+TEST_CASE("an offline open finds the bucket moved on: a new generation whose parent is the bucket's newest", "[core][offline]") {
+    register_bottomless();
+    Setup s;
+    {
+        Db db = open_db(s.uri("mv.db"));
+        exec(db.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES ('one')");
+        query_text(db.get(), "SELECT bottomless_flush(30000)");
+    }
+    // Meanwhile another machine restored the database and wrote a new
+    // generation of the same database id.
+    const std::string elsewhere = s.dir.file("elsewhere.db");
+    {
+        auto r = replicator::restore_database(*s.client, s.bucket.name(), "mv.db", elsewhere);
+        REQUIRE(r.ok());
+        Db other = open_db("file:" + elsewhere + "?vfs=bottomless&bucket=" + s.bucket.name() + "&endpoint=" +
+                           s.proxy.url() + "&database_id=mv.db");
+        exec(other.get(), "INSERT INTO t VALUES ('elsewhere')");
+        query_text(other.get(), "SELECT bottomless_flush(30000)");
+    }
+    auto gens = replicator::list_generations(*s.client, s.bucket.name(), "mv.db");
+    REQUIRE(gens.ok());
+    REQUIRE(gens->size() == 2);
+    const std::string theirs = (*gens)[0].id;
+
+    // This machine's file still proves its own history locally: it opens
+    // without asking S3, and the uploader then sees the bucket moved on.
+    Db db = open_db(s.uri("mv.db"));
+    exec(db.get(), "INSERT INTO t VALUES ('two')");
+    query_text(db.get(), "SELECT bottomless_flush(60000)");
+    auto st = status(db.get());
+    CHECK(st["generation"] != theirs);
+    CHECK(st["snapshots_uploaded"] == 1);
+    gens = replicator::list_generations(*s.client, s.bucket.name(), "mv.db");
+    REQUIRE(gens.ok());
+    REQUIRE(gens->size() == 3);
+    REQUIRE(replicator::describe_generation(*s.client, s.bucket.name(), "mv.db", (*gens)[0]).ok());
+    auto head = replicator::read_snapshot_header(*s.client, s.bucket.name(),
+                                                 replicator::snapshot_key("mv.db", (*gens)[0].id),
+                                                 (*gens)[0].snapshot_bytes);
+    REQUIRE(head.ok());
+    CHECK(head->parent_generation == theirs);  // nothing of theirs is lost: it is the parent
+    const std::string local = content_hash(db.get());
+    db.reset();
+    CHECK(s.restored_hash("mv.db") == local);
+}
