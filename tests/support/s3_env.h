@@ -17,14 +17,25 @@ std::unique_ptr<s3::Client> server_client();
 // The test server's port (for a FaultProxy in front of it).
 int server_port();
 
-// True in AddressSanitizer/ThreadSanitizer builds. The system's sqlite3 shell
-// cannot load an instrumented extension there, so tests that drive the
-// shell are skipped (with a warning) in those builds only.
+// True when the sqlite3 shell cannot load the extension in this build: a
+// sanitizer build (the system's shell is not instrumented) for which
+// tests/CMakeLists.txt found no sanitizer runtime to preload. Otherwise the
+// sqlite3 on PATH is a wrapper that preloads it (catch_main.cpp), and tests
+// that drive the shell run in sanitizer builds too.
 constexpr bool sanitizer_build() {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if (defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)) && !defined(BOTTOMLESS_SHELL_DIR)
     return true;
 #else
     return false;
+#endif
+}
+
+// The sqlite3 shell to exec by path (the wrapper in sanitizer builds).
+inline std::string sqlite3_shell() {
+#ifdef BOTTOMLESS_SHELL_DIR
+    return BOTTOMLESS_SHELL_DIR "/sqlite3";
+#else
+    return "/usr/bin/sqlite3";
 #endif
 }
 
