@@ -456,7 +456,11 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     std::map<uint64_t, std::future<Result<std::string>>> inflight;
     auto fetch = [&](uint64_t seq) {
         std::string key = segment_key(db_id, chosen.id, seq);
-        return std::async(std::launch::async, [&client, bucket, key]() { return client.get_object(bucket, key); });
+        // Capped at the largest object a valid segment can be (format.h), not
+        // at the client's default, which a legitimate 1 GiB segment may exceed.
+        return std::async(std::launch::async, [&client, bucket, key]() {
+            return client.get_object(bucket, key, std::nullopt, nullptr, max_segment_object_size());
+        });
     };
     for (uint64_t seq = 1; seq <= last_seq && !stop; ++seq) {
         while (next_fetch <= last_seq && static_cast<int>(inflight.size()) < window) {
