@@ -359,7 +359,7 @@ Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std:
 
     const std::string key = kdf_params_key(db_id);
     const std::string where = "s3://" + bucket + "/" + key;
-    auto got = client.get_object(bucket, key);
+    auto got = client.get_object(bucket, key, std::nullopt, nullptr, kKdfObjectMaxBytes);
     if (!got && got.error().kind == ErrorKind::NotFound) {
         if (!create)
             return make_error(ErrorKind::NotFound,
@@ -378,7 +378,7 @@ Result<std::shared_ptr<const Cipher>> open_cipher(s3::Client& client, const std:
         // Ours or a racing process's (Precondition): derive from what the
         // bucket holds, even on a server that ignored If-None-Match and let
         // a later create win.
-        got = client.get_object(bucket, key);
+        got = client.get_object(bucket, key, std::nullopt, nullptr, kKdfObjectMaxBytes);
     }
     if (!got) return std::move(got).error();
     auto kdf = parse_kdf(*got, where);

@@ -394,7 +394,8 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     };
     constexpr uint64_t kChunk = 8ull << 20;
     if (chosen.snapshot_bytes <= 2 * kChunk || options.parallel <= 1) {
-        auto got = client.get_object_to_sink(bucket, snap_key, sink);
+        // No more than the listing said the object holds.
+        auto got = client.get_object_to_sink(bucket, snap_key, sink, std::nullopt, chosen.snapshot_bytes);
         if (!got) return snapshot_error(std::move(got).error());
     } else {
         // A large snapshot comes down as ranged GETs, several in flight, fed
