@@ -394,8 +394,10 @@ int Context::fail(const Error& e, const std::string& context) {
     int code = kExitFailure;
     switch (e.kind) {
     case ErrorKind::Auth:
-        hint = "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or AWS_PROFILE '" +
-               config_.s3.profile + "' in ~/.aws/credentials), that they may read bucket '" + bucket_ +
+        hint = "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; or AWS_PROFILE '" +
+               config_.s3.profile +
+               "' in ~/.aws/credentials or ~/.aws/config, with its role_arn, credential_process or web identity; "
+               "or the container or instance role), that they may read bucket '" + bucket_ +
                "', and the system clock";
         break;
     case ErrorKind::NotFound:

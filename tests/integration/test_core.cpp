@@ -3,11 +3,13 @@
 // snapshot uploads — and the WAL's growth has a budget with a policy.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "replicator/format.h"
 #include "replicator/restore.h"
 #include "support/fault_proxy.h"
 #include "support/s3_env.h"
@@ -233,4 +235,38 @@ TEST_CASE("an offline open finds the bucket moved on: a new generation whose par
     const std::string local = content_hash(db.get());
     db.reset();
     CHECK(s.restored_hash("mv.db") == local);
+}
+
+TEST_CASE("a backlog is cut into segments every reader accepts (at most 8192 transactions each)", "[core]") {
+    register_bottomless();
+    Setup s;
+    // A batch interval, size and memory budget that would otherwise put the
+    // whole backlog in one segment at the flush.
+    Db db = open_db(s.uri("cut.db", "&batch_interval_ms=600000&batch_max_bytes=1073741824&max_pending_bytes=536870912"));
+    exec(db.get(), "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; CREATE TABLE t(x)");
+    query_text(db.get(), "SELECT bottomless_flush(30000)");
+    const int n = static_cast<int>(replicator::kMaxSegmentTxns) + 500;
+    for (int i = 0; i < n; ++i) exec(db.get(), "INSERT INTO t VALUES (" + std::to_string(i) + ")");
+    query_text(db.get(), "SELECT bottomless_flush(120000)");
+    const std::string gen = status(db.get())["generation"];
+    const std::string local = content_hash(db.get());
+    db.reset();
+
+    replicator::GenerationInfo g;
+    g.id = gen;
+    REQUIRE(replicator::describe_generation(*s.client, s.bucket.name(), "cut.db", g).ok());
+    REQUIRE(g.last_seq >= 2);
+    size_t txns = 0, largest = 0;
+    for (uint64_t seq = 1; seq <= g.last_seq; ++seq) {
+        auto key = replicator::segment_key("cut.db", gen, seq);
+        auto info = s.client->head_object(s.bucket.name(), key);
+        REQUIRE(info.ok());
+        auto h = replicator::read_segment_header(*s.client, s.bucket.name(), key, info->size);
+        REQUIRE(h.ok());
+        txns += h->txns.size();
+        largest = std::max(largest, h->txns.size());
+    }
+    CHECK(largest == replicator::kMaxSegmentTxns);
+    CHECK(txns == static_cast<size_t>(n));
+    CHECK(s.restored_hash("cut.db") == local);
 }
