@@ -46,7 +46,7 @@ sanitizer_run() {  # build dir, cmake option, ctest args...
     shift 2
     local launcher=()
     command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
-    cmake -S "$ROOT" -B "$dir" -DCMAKE_BUILD_TYPE="${SAN_BUILD_TYPE:-Release}" -DBOTTOMLESS_WERROR=ON "$option" \
+    cmake -S "$ROOT" -B "$dir" -DCMAKE_BUILD_TYPE="${SAN_BUILD_TYPE:-Debug}" -DBOTTOMLESS_WERROR=ON "$option" \
         "${launcher[@]}" >/dev/null
     if [[ "$option" == *TSAN* ]]; then
         cmake --build "$dir" -j"$JOBS" --target vfs_tests integration_tests
