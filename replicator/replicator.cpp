@@ -1,6 +1,7 @@
 // The replicator core. See replicator.h for the contract, docs/SEMANTICS.md
 // for the guarantees and docs/FORMAT.md for what lands in the bucket.
 #include "replicator/replicator.h"
+#include "replicator/metrics.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -688,6 +689,7 @@ void Replicator::record_error(const Error& e) {
     std::lock_guard lock(status_mu_);
     last_error_ = e.describe();
     last_error_us_ = now_us();
+    ++errors_;
 }
 
 void Replicator::note_failure(const Error& e) {
@@ -1367,6 +1369,40 @@ std::string Replicator::status_json() const {
     j["last_error"] = last_error_.empty() ? nlohmann::json(nullptr) : nlohmann::json(last_error_);
     if (!last_error_.empty()) j["last_error_at"] = fmt_time_us(last_error_us_);
     return j.dump();
+}
+
+void Replicator::for_each(const std::function<void(const Replicator&)>& fn) {
+    std::lock_guard lock(registry_mu());
+    for (auto& [path, weak] : registry())
+        if (auto r = weak.lock()) fn(*r);
+}
+
+ReplicatorMetrics Replicator::metrics() const {
+    ReplicatorMetrics m;
+    m.database = path_;
+    m.database_id = config_.db_id;
+    m.bucket = config_.bucket;
+    m.mode = !enabled_ ? "off" : (config_.sync ? "sync" : "async");
+    uint64_t noted = noted_index_.load(), durable = durable_index_.load();
+    m.commits_observed = noted;
+    m.commits_durable = durable;
+    m.pending_transactions = noted > durable ? noted - durable : 0;
+    m.pending_bytes = unshipped_bytes_.load();
+    int64_t oldest = oldest_unshipped_us_.load();
+    if (noted > durable && oldest > 0) m.lag_seconds = std::max<int64_t>(0, now_us() - oldest) / 1e6;
+    m.wal_bytes = wal_bytes_.load();
+    m.wal_budget_exceeded = wal_over_budget_.load();
+    if (client_) m.s3 = client_->stats();
+    std::lock_guard lock(status_mu_);
+    m.generation = status_generation_;
+    m.segment = status_seq_;
+    m.last_durable_commit_us = last_durable_commit_us_;
+    m.segments_uploaded = segments_uploaded_;
+    m.snapshots_uploaded = snapshots_uploaded_;
+    m.bytes_uploaded = bytes_uploaded_;
+    m.wal_bytes_shipped = wal_bytes_shipped_;
+    m.errors = errors_;
+    return m;
 }
 
 void Replicator::write_state_file(bool clean_close) {

@@ -15,6 +15,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -34,6 +35,8 @@ namespace bottomless::replicator {
 // Test hook: the next `n` uploader steps (in any replicator of this
 // process) throw, as a failing library or an allocation would.
 void testing_inject_uploader_exceptions(int n);
+
+struct ReplicatorMetrics;  // replicator/metrics.h
 
 class Replicator {
 public:
@@ -114,6 +117,11 @@ public:
     // client's retry budget); returns its id.
     Result<std::string> snapshot_now();
     std::string status_json() const;  // bottomless_status()
+    // bottomless_metrics() (replicator/metrics.h): a copy of the counters,
+    // and a visit of every running replicator of the process (under the
+    // registry's lock: `fn` must be quick and must not open or close a database).
+    ReplicatorMetrics metrics() const;
+    static void for_each(const std::function<void(const Replicator&)>& fn);
 
 private:
     Replicator(std::string path, ReplicatorConfig config);
@@ -237,6 +245,7 @@ private:
     std::string last_error_;
     int64_t last_error_us_ = 0;
     int64_t last_durable_commit_us_ = 0;
+    uint64_t errors_ = 0;  // record_error() calls, for bottomless_metrics()
     uint64_t segments_uploaded_ = 0;
     uint64_t snapshots_uploaded_ = 0;
     uint64_t bytes_uploaded_ = 0;

@@ -244,6 +244,8 @@ ClientStats Client::stats() const {
     s.heads = stats_.heads.load();
     s.bytes_sent = stats_.bytes_sent.load();
     s.bytes_received = stats_.bytes_received.load();
+    s.conditional_writes_verified = conditional_mode_.load() == 2;
+    s.conditional_conflicts = stats_.conditional_conflicts.load();
     return s;
 }
 
@@ -625,12 +627,110 @@ Result<PutResult> Client::check_lost_put(const std::string& bucket, const std::s
     Error e = make_error(ErrorKind::Precondition, "s3://" + bucket + "/" + key + " already exists with other content",
                          "PreconditionFailed");
     e.http_status = 412;
+    stats_.conditional_conflicts.fetch_add(1, std::memory_order_relaxed);
     return e;
+}
+
+Result<bool> Client::conditional_writes_honoured(const std::string& bucket, const std::string& key) {
+    using Mode = ClientConfig::ConditionalWrites;
+    if (config_.conditional_writes == Mode::Trust) return true;
+    if (config_.conditional_writes == Mode::Verify) {
+        conditional_mode_.store(2);
+        return false;
+    }
+    if (int m = conditional_mode_.load(); m != 0) return m == 1;
+    std::lock_guard lock(probe_mu_);
+    if (int m = conditional_mode_.load(); m != 0) return m == 1;
+    // Next to the real key, so a policy that allows writing there allows the
+    // probe; the name is no segment or snapshot key, so nothing reads it.
+    size_t slash = key.rfind('/');
+    std::string probe = (slash == std::string::npos ? std::string() : key.substr(0, slash + 1)) +
+                        "probe-if-none-match-" + to_hex(reinterpret_cast<const unsigned char*>(random_bytes(8).data()), 8);
+    PutOptions create_only;
+    create_only.if_none_match = true;
+    auto put_once = [&]() -> Result<http::Response> {
+        std::string body = "bottomless If-None-Match probe\n";
+        http::MemorySource src(body);
+        Call c;
+        c.op = "PutObject";
+        c.method = "PUT";
+        c.bucket = bucket;
+        c.key = probe;
+        c.body = &src;
+        c.headers.emplace_back("Content-MD5", base64(md5(body)));
+        add_put_headers(c.headers, create_only);
+        stats_.puts.fetch_add(1, std::memory_order_relaxed);
+        return execute(c);
+    };
+    auto first = put_once();
+    if (!first) return std::move(first).error();
+    auto second = put_once();
+    bool honoured;
+    if (!second && second.error().kind == ErrorKind::Precondition) honoured = true;
+    else if (second) honoured = false;
+    else return std::move(second).error();  // unknown yet: asked again with the next create-only PUT
+    if (auto d = delete_object(bucket, probe); !d)
+        log::warn("cannot delete the probe object s3://" + bucket + "/" + probe + " (harmless, nothing reads it): " +
+                  d.error().describe());
+    if (!honoured)
+        log::warn("the S3 server at " + (config_.endpoint.empty() ? std::string("AWS") : log::redact_url(config_.endpoint)) +
+                  " ignores If-None-Match: * (a second create of a key succeeded): every segment upload is checked "
+                  "with a HEAD before and after it, so an existing object is never overwritten (docs/PROVIDERS.md)");
+    conditional_mode_.store(honoured ? 1 : 2);
+    return honoured;
+}
+
+Result<PutResult> Client::put_verified(const std::string& bucket, const std::string& key, http::BodySource& body,
+                                       const std::string& sha256_hex, const std::string& md5_b64,
+                                       const std::string& md5_hex, const PutOptions& options) {
+    // The server would overwrite: look first. Our own object (same MD5 and
+    // size: an earlier attempt whose answer was lost) is success; any other
+    // object is a refusal, as a 412 would be.
+    auto before = head_object(bucket, key);
+    if (before) return check_lost_put(bucket, key, md5_hex, body.size());
+    if (before.error().kind != ErrorKind::NotFound) return std::move(before).error();
+    Call c;
+    c.op = "PutObject";
+    c.method = "PUT";
+    c.bucket = bucket;
+    c.key = key;
+    c.body = &body;
+    c.payload_sha256 = sha256_hex;
+    c.headers.emplace_back("Content-MD5", md5_b64);
+    add_put_headers(c.headers, options);
+    stats_.puts.fetch_add(1, std::memory_order_relaxed);
+    auto r = execute(c);
+    if (!r) return std::move(r).error();
+    // Another writer may have put its object between our HEAD and our PUT
+    // (ours replaced it: it learns so from its own check) or after our PUT
+    // (theirs replaced ours). Only an object that is still ours is success;
+    // an error here leaves the outcome open, and the caller's retry's HEAD
+    // settles it.
+    auto after = head_object(bucket, key);
+    if (!after) return std::move(after).error();
+    if (after->etag != md5_hex || after->size != body.size()) {
+        stats_.conditional_conflicts.fetch_add(1, std::memory_order_relaxed);
+        Error e = make_error(ErrorKind::Precondition,
+                             "s3://" + bucket + "/" + key +
+                                 " was written by another writer at the same time (the server ignores If-None-Match)",
+                             "PreconditionFailed");
+        e.http_status = 412;
+        return e;
+    }
+    PutResult pr;
+    pr.etag = after->etag;
+    pr.size = body.size();
+    return pr;
 }
 
 Result<PutResult> Client::put_single(const std::string& bucket, const std::string& key, http::BodySource& body,
                                      const std::string& sha256_hex, const std::string& md5_b64,
                                      const std::string& md5_hex, const PutOptions& options) {
+    if (options.if_none_match) {
+        auto honoured = conditional_writes_honoured(bucket, key);
+        if (!honoured) return std::move(honoured).error();
+        if (!*honoured) return put_verified(bucket, key, body, sha256_hex, md5_b64, md5_hex, options);
+    }
     Call c;
     c.op = "PutObject";
     c.method = "PUT";
@@ -645,6 +745,8 @@ Result<PutResult> Client::put_single(const std::string& bucket, const std::strin
     if (!r) {
         if (options.if_none_match && c.attempts > 1 && r.error().kind == ErrorKind::Precondition)
             return check_lost_put(bucket, key, md5_hex, body.size());
+        if (options.if_none_match && r.error().kind == ErrorKind::Precondition)
+            stats_.conditional_conflicts.fetch_add(1, std::memory_order_relaxed);
         return std::move(r).error();
     }
     PutResult pr;

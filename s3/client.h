@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -56,6 +57,10 @@ struct ClientStats {
     uint64_t heads = 0;
     uint64_t bytes_sent = 0;
     uint64_t bytes_received = 0;
+    // Create-only PUTs checked by HEADs because the server ignores
+    // `If-None-Match: *` (see ClientConfig::conditional_writes).
+    bool conditional_writes_verified = false;
+    uint64_t conditional_conflicts = 0;  // create-only PUTs refused: the key held another object
 };
 
 class ObjectWriter;
@@ -175,6 +180,14 @@ public:
 
     ClientStats stats() const;
 
+    // Does the server honour `If-None-Match: *` on PUT? Decided once per
+    // client (ClientConfig::conditional_writes): by the setting, or by a
+    // probe that creates `<dir of key>/probe-if-none-match-<random>` twice
+    // (the second must be refused) and deletes it. False: create-only PUTs
+    // are checked by a HEAD before (an existing object is never overwritten)
+    // and after (an object another writer put in between is not ours).
+    Result<bool> conditional_writes_honoured(const std::string& bucket, const std::string& key);
+
 private:
     friend class ObjectWriter;
     struct Call;
@@ -190,6 +203,9 @@ private:
                                  const std::string& md5_hex, const PutOptions& options);
     Result<PutResult> check_lost_put(const std::string& bucket, const std::string& key, const std::string& md5_hex,
                                      uint64_t size);
+    Result<PutResult> put_verified(const std::string& bucket, const std::string& key, http::BodySource& body,
+                                   const std::string& sha256_hex, const std::string& md5_b64,
+                                   const std::string& md5_hex, const PutOptions& options);
 
     ClientConfig config_;
     std::optional<Error> config_error_;  // a bad endpoint: every call fails with it
@@ -206,8 +222,12 @@ private:
 
     struct AtomicStats {
         std::atomic<uint64_t> requests{0}, retries{0}, puts{0}, gets{0}, lists{0}, deletes{0}, heads{0},
-            bytes_sent{0}, bytes_received{0};
+            bytes_sent{0}, bytes_received{0}, conditional_conflicts{0};
     } stats_;
+    // 0: not known yet, 1: honoured, 2: ignored (verify with HEADs). Set once
+    // under probe_mu_, which serialises the probe.
+    std::atomic<int> conditional_mode_{0};
+    std::mutex probe_mu_;
 };
 
 // Streams an object of unknown size. write() buffers up to part_size; when the

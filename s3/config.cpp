@@ -4,6 +4,7 @@
 #include "s3/credentials.h"
 #include "s3/log.h"
 
+#include <cctype>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -310,6 +311,18 @@ Result<ClientConfig> config_from_env(const EnvLookup& env) {
     }
     cfg.path_style = !cfg.endpoint.empty();
     if (auto v = nonempty(env, "LIBSQL_BOTTOMLESS_S3_PATH_STYLE")) cfg.path_style = (*v == "1" || *v == "true");
+    if (auto v = nonempty(env, "LIBSQL_BOTTOMLESS_S3_CONDITIONAL_WRITES")) {
+        std::string m = *v;
+        for (char& ch : m) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+        if (m == "auto") cfg.conditional_writes = ClientConfig::ConditionalWrites::Auto;
+        else if (m == "trust") cfg.conditional_writes = ClientConfig::ConditionalWrites::Trust;
+        else if (m == "verify") cfg.conditional_writes = ClientConfig::ConditionalWrites::Verify;
+        else
+            return make_error(ErrorKind::InvalidArgument,
+                              "LIBSQL_BOTTOMLESS_S3_CONDITIONAL_WRITES must be auto, trust or verify (got '" +
+                                  log::printable(m, 40) + "')",
+                              "BadSetting");
+    }
 
     if (auto ca = nonempty(env, "AWS_CA_BUNDLE")) cfg.ca_bundle = *ca;
     else if (auto ca2 = get(prof, "ca_bundle")) cfg.ca_bundle = *ca2;

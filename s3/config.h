@@ -70,6 +70,13 @@ struct ClientConfig {
     // objects get time, a trickling server does not get forever.
     uint64_t min_transfer_rate = 256 * 1024;    // bytes per second
     std::string profile = "default";
+    // Create-only PUTs (PutOptions::if_none_match) on a server that ignores
+    // `If-None-Match: *` would overwrite. Auto: one probe per client (a probe
+    // object created twice next to the first such key) decides; Trust: no
+    // probe, the server honours it; Verify: always HEAD before and after the
+    // PUT (LIBSQL_BOTTOMLESS_S3_CONDITIONAL_WRITES=auto|trust|verify).
+    enum class ConditionalWrites { Auto, Trust, Verify };
+    ConditionalWrites conditional_writes = ConditionalWrites::Auto;
 };
 
 // An S3 endpoint is an http:// or https:// URL naming a host (and a port):

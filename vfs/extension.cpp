@@ -4,6 +4,7 @@
 //   bottomless_status()            JSON: generation, mode, durable position, lag, counters, last error
 //   bottomless_flush([timeout_ms]) waits until everything committed so far is durable; JSON position
 //   bottomless_snapshot()          starts a new generation now; returns its id
+//   bottomless_metrics()           Prometheus text (0.0.4) for every replicated database of the process
 //
 // LOADING: `.load ./bottomless` registers the VFS (not as the default unless
 // LIBSQL_BOTTOMLESS_DEFAULT_VFS=1) and, through sqlite3_auto_extension, the
@@ -18,11 +19,13 @@ const sqlite3_api_routines* sqlite3_api = nullptr;
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "bottomless.h"
+#include "replicator/metrics.h"
 #include "replicator/replicator.h"
 #include "vfs/vfs.h"
 
@@ -121,6 +124,19 @@ void fn_snapshot(sqlite3_context* ctx, int, sqlite3_value**) {
     }
 }
 
+// Process-wide: callable on any connection (a bottomless one or not), so an
+// application can serve it on /metrics from whatever database it has open.
+void fn_metrics(sqlite3_context* ctx, int, sqlite3_value**) {
+    try {
+        std::string s = bottomless::replicator::metrics_text();
+        sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+    } catch (const std::bad_alloc&) {
+        sqlite3_result_error_nomem(ctx);
+    } catch (const std::exception& e) {
+        sqlite3_result_error(ctx, e.what(), -1);
+    }
+}
+
 int register_functions(sqlite3* db) {
     // SQLITE_DIRECTONLY: these functions have side effects (uploads, a new
     // generation) or reveal replication state, so only SQL the application
@@ -137,6 +153,7 @@ int register_functions(sqlite3* db) {
         {"bottomless_flush", 0, fn_flush},
         {"bottomless_flush", 1, fn_flush},
         {"bottomless_snapshot", 0, fn_snapshot},
+        {"bottomless_metrics", 0, fn_metrics},
     };
     for (const Fn& f : kFunctions)
         if (int rc = sqlite3_create_function(db, f.name, f.args, kFlags, nullptr, f.fn, nullptr, nullptr); rc != SQLITE_OK)

@@ -22,6 +22,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -29,6 +30,9 @@
 #include <system_error>
 #include <thread>
 #include <utility>
+#include <vector>
+
+#include "s3/sigv4.h"
 
 namespace bottomless::testing {
 namespace {
@@ -146,6 +150,98 @@ std::optional<std::string_view> header(std::string_view head, std::string_view n
         pos = eol;
     }
     return std::nullopt;
+}
+
+// The request without its If-None-Match header, signed again with `creds`
+// for what is left (SigV4 header auth, as the S3 client signs). Unchanged
+// when it has no If-None-Match or no parsable Authorization.
+std::string strip_if_none_match(const std::string& bytes, const s3::Credentials& creds) {
+    size_t head_end = bytes.find("\r\n\r\n");
+    if (head_end == std::string::npos) return bytes;
+    std::string_view head(bytes.data(), head_end + 2);
+    auto auth = header(head, "authorization");
+    auto date = header(head, "x-amz-date");
+    auto payload = header(head, "x-amz-content-sha256");
+    if (!header(head, "if-none-match") || !auth || !date || !payload) return bytes;
+    // "AWS4-HMAC-SHA256 Credential=AKID/DATE/REGION/s3/aws4_request, SignedHeaders=a;b, Signature=..."
+    std::string a(*auth);
+    auto field = [&](const std::string& name) {
+        size_t p = a.find(name + "=");
+        if (p == std::string::npos) return std::string();
+        p += name.size() + 1;
+        size_t e = a.find_first_of(", ", p);
+        return a.substr(p, e == std::string::npos ? std::string::npos : e - p);
+    };
+    std::string credential = field("Credential"), signed_list = field("SignedHeaders");
+    std::vector<std::string> scope;
+    for (size_t p = 0; p <= credential.size();) {
+        size_t e = credential.find('/', p);
+        if (e == std::string::npos) e = credential.size();
+        scope.push_back(credential.substr(p, e - p));
+        p = e + 1;
+    }
+    if (scope.size() != 5 || signed_list.empty()) return bytes;
+
+    std::string_view line = head.substr(0, head.find("\r\n"));
+    size_t sp1 = line.find(' '), sp2 = line.rfind(' ');
+    s3::SigningRequest sreq;
+    sreq.method = std::string(line.substr(0, sp1));
+    std::string target(line.substr(sp1 + 1, sp2 - sp1 - 1));
+    size_t q = target.find('?');
+    sreq.path = s3::uri_decode(target.substr(0, q));
+    if (q != std::string::npos) {
+        std::string qs = target.substr(q + 1);
+        for (size_t p = 0; p <= qs.size();) {
+            size_t e = qs.find('&', p);
+            if (e == std::string::npos) e = qs.size();
+            std::string kv = qs.substr(p, e - p);
+            size_t eq = kv.find('=');
+            if (!kv.empty())
+                sreq.query.emplace_back(s3::uri_decode(kv.substr(0, eq)),
+                                        eq == std::string::npos ? std::string() : s3::uri_decode(kv.substr(eq + 1)));
+            p = e + 1;
+        }
+    }
+    sreq.payload_hash = std::string(*payload);
+    // The signed headers but the ones sign() adds itself, and If-None-Match.
+    for (size_t p = 0; p <= signed_list.size();) {
+        size_t e = signed_list.find(';', p);
+        if (e == std::string::npos) e = signed_list.size();
+        std::string name = signed_list.substr(p, e - p);
+        p = e + 1;
+        if (name == "if-none-match" || name == "x-amz-date" || name == "x-amz-content-sha256" ||
+            name == "x-amz-security-token")
+            continue;
+        if (auto v = header(head, name)) sreq.headers.emplace_back(name, std::string(*v));
+    }
+    std::tm tm{};
+    std::string d(*date);
+    if (d.size() != 16 || !strptime(d.c_str(), "%Y%m%dT%H%M%SZ", &tm)) return bytes;
+    auto when = std::chrono::system_clock::from_time_t(timegm(&tm));
+    s3::Signer signer(scope[2], scope[3]);
+    s3::SigningResult signed_req = signer.sign(sreq, creds, when);
+    std::string new_auth;
+    for (const auto& [k, v] : signed_req.headers_to_add)
+        if (k == "Authorization") new_auth = v;
+
+    std::string out(line);
+    out += "\r\n";
+    size_t pos = line.size() + 2;
+    while (pos < head.size()) {
+        size_t eol = head.find("\r\n", pos);
+        std::string_view l = head.substr(pos, eol - pos);
+        pos = eol + 2;
+        std::string_view name = l.substr(0, l.find(':'));
+        if (iequals(name, "if-none-match")) continue;
+        if (iequals(name, "authorization")) {
+            out += "Authorization: " + new_auth + "\r\n";
+            continue;
+        }
+        out.append(l).append("\r\n");
+    }
+    out += "\r\n";
+    out.append(bytes, head_end + 4, std::string::npos);
+    return out;
 }
 
 bool header_has(std::string_view head, std::string_view name, std::string_view token) {
@@ -564,7 +660,12 @@ struct FaultProxy::Impl {
             std::optional<Request> req = read_request(client.get(), in, stopping_);
             if (!req) return;
             const Decision d = take_fault(*req);
+            if (d.fault == Fault::StripIfNoneMatch) {
+                std::lock_guard lock(mu_);
+                req->bytes = strip_if_none_match(req->bytes, signing_creds_);
+            }
             switch (d.fault) {
+            case Fault::StripIfNoneMatch:
             case Fault::None: {
                 std::optional<Response> resp = upstream.exchange(*req);
                 if (!resp) {
@@ -747,6 +848,7 @@ struct FaultProxy::Impl {
     int trickle_bytes_ = 4;
     int trickle_ms_ = 200;
     std::vector<std::string> foreign_keys_, foreign_prefixes_;
+    s3::Credentials signing_creds_;  // StripIfNoneMatch's
     std::string last_list_body_;  // ReplayListing's page
     long long tokens_made_ = 0;
     long long fault_bytes_sent_ = 0;
@@ -811,6 +913,11 @@ void FaultProxy::set_foreign_listing(std::vector<std::string> keys, std::vector<
     std::lock_guard lock(impl_->mu_);
     impl_->foreign_keys_ = std::move(keys);
     impl_->foreign_prefixes_ = std::move(prefixes);
+}
+
+void FaultProxy::set_signing_key(std::string access_key_id, std::string secret_access_key) {
+    std::lock_guard lock(impl_->mu_);
+    impl_->signing_creds_ = s3::Credentials(std::move(access_key_id), std::move(secret_access_key));
 }
 
 long long FaultProxy::bytes_sent_by_faults() const {

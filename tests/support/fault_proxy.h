@@ -40,6 +40,8 @@ enum class Fault {
     ReplayListing,       // ListObjectsV2: a request without a token is forwarded and its page made truncated
                          // with a fresh token; one with a token gets that same page again with a fresh token
     ForeignKeys,         // ListObjectsV2: forward, then add set_foreign_listing()'s keys and prefixes
+    StripIfNoneMatch,    // forward without the If-None-Match header, re-signed with set_signing_key()'s
+                         // keys: a server that ignores conditional creates (the PUT overwrites)
 };
 
 class FaultProxy {
@@ -71,6 +73,9 @@ public:
     void set_trickle(int bytes, int every_ms);  // default 4 bytes every 200 ms
     // What ForeignKeys adds to a listing page: <Contents> keys and <CommonPrefixes>.
     void set_foreign_listing(std::vector<std::string> keys, std::vector<std::string> prefixes);
+    // The keys StripIfNoneMatch re-signs a request with (If-None-Match is a
+    // signed header: dropping it alone would fail the signature check).
+    void set_signing_key(std::string access_key_id, std::string secret_access_key);
     // Bytes the proxy sent to clients for faults that write bodies of their
     // own (EndlessBody, Trickle): how much a client took before giving up.
     long long bytes_sent_by_faults() const;
