@@ -249,3 +249,25 @@ TEST_CASE("loopback hosts are recognised for the plain-http warning", "[config]"
     CHECK(endpoint_host("http://127.0.0.1:7480") == "127.0.0.1");
     CHECK(endpoint_host("https://s3.example.com/p") == "s3.example.com");
 }
+
+TEST_CASE("conditional writes setting: auto by default, trust, verify, anything else refused", "[config]") {
+    TempDir home;
+    std::map<std::string, std::string> base{{"HOME", home.path.string()},
+                                            {"AWS_ACCESS_KEY_ID", "AKID"},
+                                            {"AWS_SECRET_ACCESS_KEY", "secret"}};
+    using Mode = ClientConfig::ConditionalWrites;
+    auto with = [&](const std::string& v) {
+        auto vars = base;
+        vars["LIBSQL_BOTTOMLESS_S3_CONDITIONAL_WRITES"] = v;
+        return config_from_env(env_of(vars));
+    };
+    auto dflt = config_from_env(env_of(base));
+    REQUIRE(dflt.ok());
+    CHECK(dflt->conditional_writes == Mode::Auto);
+    CHECK(with("TRUST")->conditional_writes == Mode::Trust);
+    CHECK(with("verify")->conditional_writes == Mode::Verify);
+    auto bad = with("sometimes");
+    REQUIRE_FALSE(bad.ok());
+    CHECK(bad.error().code == "BadSetting");
+    CHECK(bad.error().message.find("LIBSQL_BOTTOMLESS_S3_CONDITIONAL_WRITES") != std::string::npos);
+}
