@@ -29,7 +29,10 @@
 namespace bottomless::s3 {
 
 struct PutOptions {
-    bool if_none_match = false;  // create only: fail with Precondition if the key exists
+    // Create only: fail with Precondition if the key exists. Single PUTs are
+    // checked by HEADs on a server that ignores the header (see
+    // conditional_writes_honoured); a multipart completion relies on the server.
+    bool if_none_match = false;
     std::string content_type;
     std::vector<std::pair<std::string, std::string>> metadata;  // sent as x-amz-meta-NAME
 };
