@@ -573,16 +573,23 @@ public:
     using OnRecord = RecordDecoder::OnRecord;
     BodyDecoder(Compression c, size_t record_size, const std::string& name, const char* kind, const Cipher* cipher,
                 const std::optional<EncryptionInfo>& info, std::string aad)
-        : records_(c, record_size, name, kind) {
-        if (info) opener_.emplace(*cipher, *info, std::move(aad), name);
+        : records_(c, record_size, name, kind), name_(name) {
+        // Callers check the key first (check_cipher); this guard keeps a
+        // missed check an error instead of a null dereference.
+        if (info && cipher) opener_.emplace(*cipher, *info, std::move(aad), name);
+        no_key_ = info && !cipher;
     }
 
     Status feed(std::string_view data, const OnRecord& on_record) {
+        if (no_key_) return make_error(ErrorKind::InvalidArgument, name_ + ": encrypted, and no key was given",
+                                       "EncryptionKeyRequired");
         if (!opener_) return records_.feed(data, on_record);
         return opener_->feed(data, [&](std::string_view plain) { return records_.feed(plain, on_record); });
     }
     // The body is complete: the chunk held back is the last one.
     Status end(const OnRecord& on_record) {
+        if (no_key_) return make_error(ErrorKind::InvalidArgument, name_ + ": encrypted, and no key was given",
+                                       "EncryptionKeyRequired");
         if (!opener_) return {};
         return opener_->finish([&](std::string_view plain) { return records_.feed(plain, on_record); });
     }
@@ -592,6 +599,8 @@ public:
 private:
     std::optional<ChunkOpener> opener_;
     RecordDecoder records_;
+    const std::string& name_;
+    bool no_key_ = false;
 };
 
 // The header an encrypted object is written with: its encryption fields, and

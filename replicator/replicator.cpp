@@ -22,6 +22,24 @@
 
 namespace bottomless::replicator {
 
+struct RecoveredTxn {
+    std::vector<SegmentFrame> frames;
+    uint32_t db_pages = 0;
+    WalPosition end;
+    uint64_t bytes = 0;
+};
+
+struct LocalProof {
+    bool proven = false;
+    uint32_t page_size = 0;          // from the WAL header (0: no WAL)
+    uint32_t salt1 = 0, salt2 = 0;   // the WAL's epoch
+    uint64_t last_commit_frame = 0;  // committed frames of that epoch
+    uint64_t unshipped_from = 0;     // frames of that epoch after this one are not in the bucket
+    // Committed frames of the recorded epoch that a WAL restart left in the
+    // file (they were staged in memory when the process died): shipped first.
+    std::vector<RecoveredTxn> recovered;
+};
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -94,13 +112,41 @@ std::string fmt_time_us(int64_t us) {
 
 // Whether the local files are exactly where `state`'s history ends: the WAL
 // still in the recorded epoch, its frame at the recorded position a commit
-// with the recorded checksums; or, after a clean close, no WAL and a
-// database file untouched since (size, mtime, inode). Local reads only.
-struct LocalProof {
-    bool proven = false;
-    uint32_t page_size = 0;          // from the WAL header (0: no WAL)
-    uint64_t last_commit_frame = 0;  // committed frames of the recorded epoch in the WAL
-};
+// with the recorded checksums; or one restart later, with the frames the
+// recorded epoch still had unshipped recovered from the file (below); or,
+// after a clean close, no WAL and a database file untouched since (size,
+// mtime, inode). Local reads only.
+// The recorded epoch's frames after `at`, up to `to`, read back from their
+// slots as SQLite's own recovery would judge them: its salts, the checksum
+// chain continuing from `at`, and a commit frame last. False when any is
+// missing or overwritten (the new epoch has written that far).
+bool recover_old_epoch(const std::string& wal_path, const WalHeader& current, const WalPosition& at, uint64_t to,
+                       std::vector<RecoveredTxn>& out) {
+    Fd fd(::open(wal_path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.fd < 0) return false;
+    WalHeader old = current;  // same byte order and page size (a page size change leaves WAL mode)
+    old.salt1 = at.salt1;
+    old.salt2 = at.salt2;
+    const uint32_t psz = current.page_size;
+    std::vector<unsigned char> buf(kWalFrameHeaderSize + psz);
+    uint32_t s1 = at.cksum1, s2 = at.cksum2;
+    RecoveredTxn cur;
+    for (uint64_t i = at.frame + 1; i <= to; ++i) {
+        if (!pread_full(fd.fd, buf.data(), buf.size(), wal_frame_offset(psz, i))) return false;
+        if (!verify_frame(old, buf.data(), buf.data() + kWalFrameHeaderSize, s1, s2)) return false;
+        WalFrameHeader fh = parse_frame_header(buf.data());
+        cur.frames.push_back(
+            SegmentFrame{fh.pgno, std::string(reinterpret_cast<const char*>(buf.data() + kWalFrameHeaderSize), psz)});
+        cur.bytes += psz;
+        if (fh.is_commit()) {
+            cur.db_pages = fh.db_size;
+            cur.end = WalPosition{at.salt1, at.salt2, i, s1, s2};
+            out.push_back(std::move(cur));
+            cur = RecoveredTxn{};
+        }
+    }
+    return cur.frames.empty();
+}
 
 LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path) {
     LocalProof proof;
@@ -119,14 +165,28 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
                 proof.proven = h.cksum1 == at.cksum1 && h.cksum2 == at.cksum2 && h.is_commit();
             }
         }
-        if (proof.proven) {
-            proof.page_size = scan->header.page_size;
-            proof.last_commit_frame = scan->last_commit_frame;
-        }
+        proof.unshipped_from = at.frame;
+    } else if (scan->has_header && scan->header.salt1 == at.salt1 + 1u) {
+        // Exactly one restart since the recorded position: SQLite adds one to
+        // salt1 at each restart (a new WAL file gets random salts). A restart
+        // while frames were unshipped records how far that epoch went first
+        // (`restarted`); without a record, everything was durable then.
+        const WalPosition& r = state.restarted;
+        if (r.frame > at.frame && r.salt1 == at.salt1 && r.salt2 == at.salt2)
+            proof.proven = recover_old_epoch(wal_path, scan->header, at, r.frame, proof.recovered);
+        else
+            proof.proven = true;
+        proof.unshipped_from = 0;
     } else if (!scan->has_header && state.clean_close) {
         struct stat db{};
         proof.proven = ::stat(db_path.c_str(), &db) == 0 && state.db_size == db.st_size &&
                        state.db_mtime_ns == mtime_ns(db) && state.db_ino == db.st_ino;
+    }
+    if (proof.proven && scan->has_header) {
+        proof.page_size = scan->header.page_size;
+        proof.salt1 = scan->header.salt1;
+        proof.salt2 = scan->header.salt2;
+        proof.last_commit_frame = scan->last_commit_frame;
     }
     return proof;
 }
@@ -227,20 +287,53 @@ bool Replicator::start_offline() {
 
     cipher_ = std::move(cipher);
     kdf_text_ = state->kdf;
-    generation_ = state->generation;
-    seq_ = state->seq;
-    prev_sha256_ = state->prev_sha256;
-    captured_ = state->position;
     lineage_ = state->lineage;
-    if (proof.page_size) page_size_ = proof.page_size;
-    mark_durable(state->position, 0);
+    continue_from(*state, proof);
     // Until the uploader has seen the bucket agree, nothing is uploaded.
     deferred_check_ = true;
     log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_) +
               " without asking S3 (the local files prove it); the bucket is checked before the first upload");
-    if (proof.last_commit_frame > state->position.frame)
-        note_commit(state->position.salt1, state->position.salt2, proof.last_commit_frame, proof.page_size);
     return true;
+}
+
+void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
+    generation_ = state.generation;
+    seq_ = state.seq;
+    prev_sha256_ = state.prev_sha256;
+    captured_ = state.position;
+    if (proof.page_size) page_size_ = proof.page_size;
+    mark_durable(state.position, 0);
+    if (!proof.recovered.empty()) {
+        // Frames the recorded epoch still had unshipped when the WAL
+        // restarted and the process died: read back from the WAL file,
+        // shipped before the new epoch's. (Commit times: now, the moment
+        // bottomless observes them, as for any commit.)
+        restarted_ = state.restarted;
+        const int64_t t = now_us();
+        uint64_t bytes = 0;
+        for (RecoveredTxn& r : proof.recovered) {
+            PendingTxn p;
+            p.frames = std::move(r.frames);
+            p.db_pages = r.db_pages;
+            p.commit_us = t;
+            p.end = r.end;
+            p.bytes = r.bytes;
+            bytes += r.bytes;
+            captured_ = r.end;
+            pending_.push_back(std::move(p));
+        }
+        pending_bytes_ += bytes;
+        unshipped_bytes_.fetch_add(bytes);
+        oldest_unshipped_us_.store(t);
+        first_pending_time_ = Clock::now();
+        log::info(path_ + ": recovered " + std::to_string(proof.recovered.size()) +
+                  " transaction(s) that a WAL restart had left unshipped (frames " +
+                  std::to_string(state.position.frame + 1) + ".." + std::to_string(captured_.frame) +
+                  " of the previous WAL epoch)");
+    }
+    // Frames committed locally but never shipped (a crash): ship them now.
+    if (proof.last_commit_frame > proof.unshipped_from)
+        note_commit(proof.salt1, proof.salt2, proof.last_commit_frame, proof.page_size);
 }
 
 Status Replicator::verify_bucket() {
@@ -409,20 +502,10 @@ Status Replicator::startup() {
     } else if (state && state->bucket == bucket && state->db_id == db_id && state->generation == latest->id) {
         // We wrote the bucket's newest generation. Continue it only if the
         // local files still are exactly where that history ends.
-        WalPosition start = state->position;
         LocalProof proof = latest->last_seq == state->seq ? prove_local(*state, path_, wal_path_) : LocalProof{};
-        bool proven = proof.proven;
-        if (proven && proof.page_size) page_size_ = proof.page_size;
-        if (proven) {
-            generation_ = state->generation;
-            seq_ = state->seq;
-            prev_sha256_ = state->prev_sha256;
-            captured_ = start;
-            mark_durable(start, 0);
+        if (proof.proven) {
+            continue_from(*state, proof);
             log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
-            // Frames committed locally but never shipped (a crash): ship them now.
-            if (proof.last_commit_frame > start.frame)
-                note_commit(start.salt1, start.salt2, proof.last_commit_frame, proof.page_size);
         } else {
             parent_generation_ = latest->id;
             parent_seq_ = latest->last_seq;
@@ -702,6 +785,10 @@ void Replicator::note_failure(const Error& e) {
 
 void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
     durable_ = pos;
+    // A restart record is obsolete once its epoch's frames are all durable.
+    if (restarted_.frame &&
+        (pos.salt1 != restarted_.salt1 || pos.salt2 != restarted_.salt2 || pos.frame >= restarted_.frame))
+        restarted_ = WalPosition{};
     durable_salts_.store((static_cast<uint64_t>(pos.salt1) << 32) | pos.salt2);
     durable_frame_.store(pos.frame);
     if (commit_index > durable_index_.load()) durable_index_.store(commit_index);
@@ -1130,7 +1217,24 @@ Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseco
             std::lock_guard olock(obs_mu_);
             all_captured = commits_.empty();
         }
-        if (all_captured) return {};
+        if (all_captured) {
+            // The epoch goes while some of its frames are only in memory:
+            // say how far it went before it does, so that after a crash the
+            // next start can read them back from the WAL file's old slots
+            // (or, if overwritten, knows it cannot prove the history).
+            if (!generation_.empty() && captured_.frame > durable_.frame && captured_.salt1 == durable_.salt1 &&
+                captured_.salt2 == durable_.salt2) {
+                restarted_ = WalPosition{captured_.salt1, captured_.salt2, captured_.frame, 0, 0};
+                if (!write_state_file(false)) {
+                    // An old state without the record would "prove" a history
+                    // that lacks these frames: remove it, or refuse the restart.
+                    if (::unlink(state_path_.c_str()) != 0 && errno != ENOENT)
+                        return make_error(ErrorKind::Io, std::string("cannot ") + why + ": cannot record it in " +
+                                                             state_path_, "StateFile");
+                }
+            }
+            return {};
+        }
     }
     wake();
     auto deadline = Clock::now() + timeout;
@@ -1405,8 +1509,8 @@ ReplicatorMetrics Replicator::metrics() const {
     return m;
 }
 
-void Replicator::write_state_file(bool clean_close) {
-    if (generation_.empty() && lineage_.empty()) return;
+bool Replicator::write_state_file(bool clean_close) {
+    if (generation_.empty() && lineage_.empty()) return true;
     LocalState st;
     st.bucket = config_.bucket;
     st.db_id = config_.db_id;
@@ -1417,6 +1521,7 @@ void Replicator::write_state_file(bool clean_close) {
     st.lineage = lineage_;
     st.key_id = cipher_ ? cipher_->key_id() : std::string();
     st.kdf = kdf_text_;
+    st.restarted = restarted_;
     struct stat db{}, wal{};
     bool fully_shipped = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_;
     if (clean_close && fully_shipped && stat_file(path_, db) && !stat_file(wal_path_, wal)) {
@@ -1427,7 +1532,11 @@ void Replicator::write_state_file(bool clean_close) {
     }
     // Not fsynced on purpose: a stale state file only makes the next start
     // unable to prove continuity, which costs a new generation, never data.
-    if (Status w = replicator::write_state_file(state_path_, st); !w) log::warn(w.error().message);
+    if (Status w = replicator::write_state_file(state_path_, st); !w) {
+        log::warn(w.error().message);
+        return false;
+    }
+    return true;
 }
 
 }  // namespace bottomless::replicator

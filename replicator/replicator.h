@@ -37,6 +37,8 @@ namespace bottomless::replicator {
 void testing_inject_uploader_exceptions(int n);
 
 struct ReplicatorMetrics;  // replicator/metrics.h
+struct LocalState;
+struct LocalProof;
 
 class Replicator {
 public:
@@ -129,6 +131,8 @@ private:
     // Continues the recorded generation with no S3 request when the state
     // file and the local files prove it (the bucket is checked later).
     bool start_offline();
+    // Continues the generation `state` records, as `proof` established.
+    void continue_from(const LocalState& state, LocalProof& proof);
     void start_uploader();
     // Deferred start-up check, before the first upload: does the bucket still
     // end where the state file says? If not, a new generation (parent: the
@@ -171,7 +175,7 @@ private:
                        std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index);
     void mark_durable(const WalPosition& pos, uint64_t commit_index);
     void request_snapshot(const std::string& reason);
-    void write_state_file(bool clean_close);
+    bool write_state_file(bool clean_close);  // false (logged) if it could not be written
     void record_error(const Error& e);
     void note_failure(const Error& e);  // record_error + back-off before the next attempt
     void wake();
@@ -225,6 +229,10 @@ private:
     std::optional<InFlight> inflight_;
     bool need_snapshot_ = false;
     bool deferred_check_ = false;  // started offline: verify_bucket() before any upload
+    // The WAL epoch restarted (or truncated, deleted) while it had frames
+    // not yet durable, staged in memory, and how far it went (frame 0: none
+    // pending). Written to the state file before the restart goes ahead.
+    WalPosition restarted_;
     std::atomic<bool> halted_{false};  // the bucket's newest generation is under another key
     std::string snapshot_reason_;
     std::string parent_generation_;

@@ -61,6 +61,12 @@ std::optional<LocalState> parse_state_file(std::string_view text, const std::str
         s.db_mtime_ns = i(j, "db_mtime_ns");
         s.db_ino = j.contains("db_ino") ? u(j["db_ino"], UINT64_MAX) : 0;
         if (j.contains("key_id")) s.key_id = j["key_id"].get<std::string>();
+        if (j.contains("restarted")) {
+            const auto& r = j.at("restarted");
+            s.restarted = WalPosition{static_cast<uint32_t>(u(r.at("salt1"), UINT32_MAX)),
+                                      static_cast<uint32_t>(u(r.at("salt2"), UINT32_MAX)), u(r.at("frame"), UINT64_MAX),
+                                      0, 0};
+        }
         if (j.contains("kdf")) s.kdf = j["kdf"].get<std::string>();
         return s;
     } catch (const std::exception& e) {
@@ -110,6 +116,8 @@ Status write_state_file(const std::string& path, const LocalState& s) {
     if (s.clean_close) j["clean_close"] = true;
     if (s.restored) j["restored"] = true;
     if (!s.key_id.empty()) j["key_id"] = s.key_id;
+    if (s.restarted.frame)
+        j["restarted"] = {{"salt1", s.restarted.salt1}, {"salt2", s.restarted.salt2}, {"frame", s.restarted.frame}};
     if (!s.kdf.empty()) j["kdf"] = s.kdf;
     if (s.clean_close || s.restored) {
         j["db_size"] = s.db_size;

@@ -31,6 +31,13 @@ struct LocalState {
     // and for a passphrase the KDF object's text (salt and cost; no secret).
     std::string key_id;
     std::string kdf;
+    // Set just before the WAL epoch of `position` is restarted (or truncated,
+    // or deleted) while some of its committed frames are not yet in S3 (they
+    // are staged in memory): that epoch ended at `restarted.frame`. After a
+    // crash, those frames may still sit in the WAL file past what the new
+    // epoch has overwritten, and the next start can recover them instead of
+    // starting a new generation. frame 0: no such restart.
+    WalPosition restarted;
 };
 
 // Parses a state file's text; nullopt (with a warning naming `path`) when it

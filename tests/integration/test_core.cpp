@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -269,4 +270,61 @@ TEST_CASE("a backlog is cut into segments every reader accepts (at most 8192 tra
     CHECK(largest == replicator::kMaxSegmentTxns);
     CHECK(txns == static_cast<size_t>(n));
     CHECK(s.restored_hash("cut.db") == local);
+}
+
+namespace {
+
+// What a crash leaves on disk: the database, its WAL and the state file as
+// they are now, copied to `dir` (the process that wrote them is still alive,
+// so nothing was closed or checkpointed on the way out).
+void copy_crash_image(const std::string& from, const std::string& dir) {
+    std::filesystem::create_directories(dir);
+    for (const char* suffix : {"", "-wal", "-bottomless"})
+        std::filesystem::copy_file(from + suffix, dir + "/app.db" + suffix);
+}
+
+}  // namespace
+
+TEST_CASE("a crash after a WAL restart with unshipped frames continues the generation", "[core][crash]") {
+    register_bottomless();
+    Setup s;
+    const bool overwrite = GENERATE(false, true);
+    CAPTURE(overwrite);
+    // No upload unless asked: the frames written after the flush stay unshipped.
+    Db db = open_db(s.uri("app.db", "&batch_interval_ms=600000&shutdown_timeout_ms=200"));
+    exec(db.get(), "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v)");
+    for (int i = 0; i < 300; ++i) exec(db.get(), "INSERT INTO t(v) VALUES (" + std::to_string(i) + ")");
+    query_text(db.get(), "SELECT bottomless_flush(30000)");
+    const std::string gen = status(db.get())["generation"];
+    for (int i = 0; i < 20; ++i) exec(db.get(), "INSERT INTO t(v) VALUES ('unshipped " + std::to_string(i) + "')");
+    // A complete checkpoint, then a write: SQLite restarts the WAL, and the
+    // 20 unshipped transactions live on only in memory — and, until the new
+    // epoch reaches their slots, in the WAL file.
+    exec(db.get(), "PRAGMA wal_checkpoint(PASSIVE)");
+    const int after = overwrite ? 400 : 3;  // 400 transactions overwrite their slots
+    for (int i = 0; i < after; ++i) exec(db.get(), "INSERT INTO t(v) VALUES ('new epoch " + std::to_string(i) + "')");
+    const std::string crashed = s.dir.file("crashed");
+    copy_crash_image(s.dir.file("app.db"), crashed);
+    const std::string expected = content_hash(db.get());
+    // The writer dies without shipping anything more.
+    s.proxy.inject_always(Fault::ResetBeforeRequest);
+    db.reset();
+    s.proxy.clear();
+
+    Db again = open_db("file:" + crashed + "/app.db?vfs=bottomless&bucket=" + s.bucket.name() + "&endpoint=" +
+                       s.proxy.url());
+    CHECK(content_hash(again.get()) == expected);
+    query_text(again.get(), "SELECT bottomless_flush(60000)");
+    auto st = status(again.get());
+    if (!overwrite) {
+        // Before: every such crash started a new generation (a full upload).
+        CHECK(st["generation"] == gen);
+        CHECK(st["snapshots_uploaded"] == 0);
+    } else {
+        // Their slots were overwritten: the history cannot be proven, so a
+        // new generation starts from the file (which holds them).
+        CHECK(st["generation"] != gen);
+    }
+    again.reset();
+    CHECK(s.restored_hash("app.db") == expected);
 }
