@@ -336,6 +336,70 @@ void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
         note_commit(proof.salt1, proof.salt2, proof.last_commit_frame, proof.page_size);
 }
 
+std::optional<LocalState> Replicator::bucket_end_held_locally(const GenerationInfo& g) {
+    const auto& bucket = config_.bucket;
+    const auto& db_id = config_.db_id;
+    // Where the bucket's history of `g` ends: its last object's end position
+    // and trailer (the next segment's prev_sha256).
+    const std::string key = g.last_seq ? segment_key(db_id, g.id, g.last_seq) : snapshot_key(db_id, g.id);
+    uint64_t size = g.snapshot_bytes;
+    WalPosition end;
+    if (g.last_seq) {
+        auto info = client_->head_object(bucket, key);
+        if (!info) return std::nullopt;
+        size = info->size;
+        auto h = read_segment_header(*client_, bucket, key, size);
+        if (!h || h->generation != g.id || h->seq != g.last_seq) return std::nullopt;
+        end = h->end;
+    } else {
+        auto h = read_snapshot_header(*client_, bucket, key, size);
+        if (!h || h->generation != g.id) return std::nullopt;
+        end = h->position;
+    }
+    if (size < 32) return std::nullopt;
+    auto trailer = client_->get_object(bucket, key, s3::ByteRange{size - 32, 32});
+    if (!trailer || trailer->size() != 32) return std::nullopt;
+
+    // Does the local WAL hold that very position: same epoch, a commit frame
+    // there with the same running checksum (compared as the bucket stores
+    // it: masked under encryption)?
+    auto scan = scan_wal_file(wal_path_);
+    if (!scan || !scan->has_header || scan->header.salt1 != end.salt1 || scan->header.salt2 != end.salt2 ||
+        end.frame > scan->last_commit_frame)
+        return std::nullopt;
+    WalPosition local{end.salt1, end.salt2, end.frame, scan->header.cksum1, scan->header.cksum2};
+    if (end.frame > 0) {
+        Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
+        unsigned char fh[kWalFrameHeaderSize];
+        if (fd.fd < 0 || !pread_full(fd.fd, fh, sizeof fh, wal_frame_offset(scan->header.page_size, end.frame)))
+            return std::nullopt;
+        auto h = parse_frame_header(fh);
+        if (!h.is_commit()) return std::nullopt;
+        local.cksum1 = h.cksum1;
+        local.cksum2 = h.cksum2;
+    }
+    if (!((cipher_ ? cipher_->mask(local, db_id, g.id) : local) == end)) return std::nullopt;
+    LocalState st;
+    st.bucket = bucket;
+    st.db_id = db_id;
+    st.generation = g.id;
+    st.seq = g.last_seq;
+    st.prev_sha256 = s3::to_hex(reinterpret_cast<const unsigned char*>(trailer->data()), trailer->size());
+    st.position = local;
+    return st;
+}
+
+bool Replicator::continue_at_bucket_end(const GenerationInfo& g) {
+    auto end = bucket_end_held_locally(g);
+    if (!end) return false;
+    LocalProof proof = prove_local(*end, path_, wal_path_);
+    if (!proof.proven) return false;
+    continue_from(*end, proof);
+    log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_) +
+              " (where the bucket's history ends, which the local WAL still holds)");
+    return true;
+}
+
 Status Replicator::verify_bucket() {
     const auto& bucket = config_.bucket;
     const auto& db_id = config_.db_id;
@@ -367,6 +431,17 @@ Status Replicator::verify_bucket() {
     deferred_check_ = false;
     if (latest && latest->id == generation_ && latest->last_seq == seq_) {
         log::info(path_ + ": the bucket agrees: generation " + generation_ + " ends at segment " + std::to_string(seq_));
+        return {};
+    }
+    // The bucket is ahead on a history this file wrote (the process died
+    // between an upload and the state write, or during a snapshot it had
+    // started): if the WAL still holds where that history ends, go on from
+    // there. Not with frames recovered from an older epoch in hand.
+    const bool ours = latest && (latest->id == generation_ ? latest->last_seq > seq_
+                                                           : std::find(lineage_.begin(), lineage_.end(), latest->id) !=
+                                                                 lineage_.end());
+    if (ours && pending_.empty() && !inflight_ && continue_at_bucket_end(*latest)) {
+        write_state_file(false);
         return {};
     }
     // The bucket moved on while we were offline (another writer, a restore
@@ -506,6 +581,7 @@ Status Replicator::startup() {
         if (proof.proven) {
             continue_from(*state, proof);
             log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
+        } else if (continue_at_bucket_end(*latest)) {
         } else {
             parent_generation_ = latest->id;
             parent_seq_ = latest->last_seq;
@@ -516,10 +592,13 @@ Status Replicator::startup() {
                std::find(state->lineage.begin(), state->lineage.end(), latest->id) != state->lineage.end()) {
         // The bucket's newest generation was started from this file (the last
         // run may have died before recording how far it got): the local file
-        // is at least as new, but where that history ends is not proven.
-        parent_generation_ = latest->id;
-        parent_seq_ = latest->last_seq;
-        request_snapshot("this file started generation " + latest->id + " but its end is not recorded");
+        // is at least as new. If the WAL still holds where it ends, go on
+        // from there; otherwise where it ends is not proven.
+        if (!continue_at_bucket_end(*latest)) {
+            parent_generation_ = latest->id;
+            parent_seq_ = latest->last_seq;
+            request_snapshot("this file started generation " + latest->id + " but its end is not recorded");
+        }
     } else {
         std::string why = state && state->bucket == bucket && state->db_id == db_id
                               ? "the bucket's newest generation " + latest->id + " is not the one this file was last "

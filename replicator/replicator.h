@@ -39,6 +39,7 @@ void testing_inject_uploader_exceptions(int n);
 struct ReplicatorMetrics;  // replicator/metrics.h
 struct LocalState;
 struct LocalProof;
+struct GenerationInfo;
 
 class Replicator {
 public:
@@ -139,6 +140,10 @@ private:
     // bucket's newest). A key the bucket's newest generation does not use halts.
     Status verify_bucket();
     Status check_bucket_first();  // halted, or verify_bucket() once
+    // Where the bucket's history of `g` ends, if the local WAL still holds
+    // exactly that position (a state file that lagged behind an upload).
+    std::optional<LocalState> bucket_end_held_locally(const GenerationInfo& g);
+    bool continue_at_bucket_end(const GenerationInfo& g);  // continue_from() there; false if not held
     void run();  // the uploader thread
 
     struct PendingTxn {
