@@ -191,6 +191,21 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
     return proof;
 }
 
+// The newest of `gens` (newest first) that has a snapshot: "the bucket's"
+// generation for every start-up decision. Describes generations on the way.
+Status find_latest(s3::Client& client, const std::string& bucket, const std::string& db_id,
+                   std::vector<GenerationInfo>& gens, const GenerationInfo*& latest) {
+    latest = nullptr;
+    for (auto& g : gens) {
+        if (auto st = describe_generation(client, bucket, db_id, g); !st) return st;
+        if (g.has_snapshot) {
+            latest = &g;
+            return {};
+        }
+    }
+    return {};
+}
+
 uint32_t db_header_page_size(const unsigned char* h) {
     uint32_t v = (static_cast<uint32_t>(h[16]) << 8) | h[17];
     return v == 1 ? 65536 : v;
@@ -407,13 +422,7 @@ Status Replicator::verify_bucket() {
     auto gens = list_generations(*client_, bucket, db_id);
     if (!gens) return std::move(gens).error();
     const GenerationInfo* latest = nullptr;
-    for (auto& g : *gens) {
-        if (auto st = describe_generation(*client_, bucket, db_id, g); !st) return st;
-        if (g.has_snapshot) {
-            latest = &g;
-            break;
-        }
-    }
+    if (Status st = find_latest(*client_, bucket, db_id, *gens, latest); !st) return st;
     if (latest) {
         auto h = read_snapshot_header(*client_, bucket, snapshot_key(db_id, latest->id), latest->snapshot_bytes);
         if (!h) return std::move(h).error();
@@ -477,13 +486,7 @@ Status Replicator::startup() {
     auto gens = list_generations(*client_, bucket, db_id);
     if (!gens) return std::move(gens).error();
     const GenerationInfo* latest = nullptr;
-    for (auto& g : *gens) {
-        if (auto st = describe_generation(*client_, bucket, db_id, g); !st) return st;
-        if (g.has_snapshot) {
-            latest = &g;
-            break;
-        }
-    }
+    if (Status st = find_latest(*client_, bucket, db_id, *gens, latest); !st) return st;
 
     // Encryption: the key must be the one the newest generation was written
     // with. Anything else (no key for an encrypted replica, a key for a
