@@ -64,6 +64,9 @@ bool wait_for(Pred ready, std::chrono::seconds limit) {
 long long check_prefix(const std::string& path) {
     REQUIRE(integrity_of_file(path) == "ok");
     Db db = open_db("file:" + path + "?immutable=1");
+    // A writer killed before its first transaction (slow machine, sanitizer
+    // build, sync mode waiting on S3) leaves no tables: the empty prefix.
+    if (query_int(db.get(), "SELECT count(*) FROM sqlite_schema WHERE name IN ('txns', 'rows')") < 2) return 0;
     long long m = query_int(db.get(), "SELECT coalesce(max(k), 0) FROM txns");
     CHECK(query_int(db.get(), "SELECT count(*) FROM txns") == m);  // 1..m, no gap
     CHECK(query_int(db.get(), "SELECT count(*) FROM txns t LEFT JOIN (SELECT k, count(*) AS c FROM rows GROUP BY k) g "
@@ -161,7 +164,9 @@ TEST_CASE("SIGKILL at random moments: every restore is a committed prefix", "[vf
     long long local;
     {
         Db db = open_db(uri);
-        local = query_int(db.get(), "SELECT max(k) FROM txns");
+        local = query_int(db.get(), "SELECT count(*) FROM sqlite_schema WHERE name = 'txns'")
+                    ? query_int(db.get(), "SELECT coalesce(max(k), 0) FROM txns")
+                    : 0;
         query_text(db.get(), "SELECT bottomless_flush(30000)");
     }
     std::string out = dir.file("final.db");
