@@ -23,30 +23,17 @@
 #include "s3/log.h"
 #include "support/cred_server.h"
 #include "support/s3_env.h"
+#include "support/scratch.h"
 
 namespace fs = std::filesystem;
 using namespace bottomless;
 using namespace bottomless::s3;
 using bottomless::testing::CredServer;
+using bottomless::testing::ScratchDir;
 using bottomless::testing::TestBucket;
 
 namespace {
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::string tmpl = (fs::temp_directory_path() / "bottomless-cred-XXXXXX").string();
-        REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-        path = tmpl;
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string write(const std::string& name, const std::string& text) const {
-        fs::path p = path / name;
-        fs::create_directories(p.parent_path());
-        std::ofstream(p) << text;
-        return p.string();
-    }
-};
 
 // The gateway with STS (scripts/s3-server.sh runs it beside the main one, on
 // the same cluster: same buckets). Temporary credentials are used there.
@@ -68,7 +55,7 @@ std::string role_arn() {
 
 // The environment a process on the test machine sees, minus every credential
 // source, plus `extra`. HOME points at an empty directory.
-EnvLookup env_with(const TempDir& home, std::map<std::string, std::string> extra) {
+EnvLookup env_with(const ScratchDir& home, std::map<std::string, std::string> extra) {
     ClientConfig base = testing::server_config();
     std::map<std::string, std::string> vars{{"HOME", home.path.string()},
                                             {"LIBSQL_BOTTOMLESS_ENDPOINT", sts_endpoint()},
@@ -139,7 +126,7 @@ TEST_CASE("AssumeRole from a profile's role_arn and source_profile signs with re
     auto admin = testing::server_client();
     TestBucket bucket(*admin, "cred-role");
     ClientConfig base = testing::server_config();
-    TempDir home;
+    ScratchDir home{"bottomless-cred"};
     home.write(".aws/credentials", "[base]\naws_access_key_id = " + base.credentials.access_key_id +
                                        "\naws_secret_access_key = " + base.credentials.secret_access_key + "\n");
     home.write(".aws/config", "[profile app]\nrole_arn = " + role_arn() +
@@ -178,7 +165,7 @@ TEST_CASE("AssumeRole from a profile's role_arn and source_profile signs with re
         CHECK(r2.error().kind == ErrorKind::Auth);
     }
     SECTION("a role the user may not assume is refused by STS with a message") {
-        TempDir h2;
+        ScratchDir h2{"bottomless-cred"};
         h2.write(".aws/credentials", "[base]\naws_access_key_id = " + base.credentials.access_key_id +
                                          "\naws_secret_access_key = " + base.credentials.secret_access_key + "\n");
         h2.write(".aws/config", "[profile app]\nrole_arn = arn:aws:iam:::role/no-such-role\nsource_profile = base\n");
@@ -197,7 +184,7 @@ TEST_CASE("EC2 instance metadata (IMDSv2) hands out credentials the server accep
     auto admin = testing::server_client();
     TestBucket bucket(*admin, "cred-imds");
     CredServer imds(assume_role_supplier());
-    TempDir home;
+    ScratchDir home{"bottomless-cred"};
 
     SECTION("chosen last in the chain and fetched with a session token") {
         auto cfg = config_from_env(
@@ -241,7 +228,7 @@ TEST_CASE("container credentials with an authorization token file", "[credential
     TestBucket bucket(*admin, "cred-ecs");
     CredServer ecs(assume_role_supplier());
     ecs.set_container_token("container-token-must-not-leak");
-    TempDir home;
+    ScratchDir home{"bottomless-cred"};
     std::string token_file = home.write("token", "container-token-must-not-leak\n");
     std::string url = ecs.url() + CredServer::kContainerPath;
 
@@ -277,7 +264,7 @@ TEST_CASE("credential_process runs the command without a shell and uses its JSON
     auto supplier = assume_role_supplier();
     auto c = supplier();
     REQUIRE(c.ok());
-    TempDir home;
+    ScratchDir home{"bottomless-cred"};
     std::string json = "{\"Version\": 1, \"AccessKeyId\": \"" + c->credentials.access_key_id +
                        "\", \"SecretAccessKey\": \"" + c->credentials.secret_access_key + "\", \"SessionToken\": \"" +
                        c->credentials.session_token + "\", \"Expiration\": \"2099-01-01T00:00:00Z\"}";
@@ -319,7 +306,7 @@ TEST_CASE("web identity: an unsigned AssumeRoleWithWebIdentity with the token fi
     TestBucket bucket(*admin, "cred-webid");
     CredServer sts(assume_role_supplier());
     sts.set_web_identity("arn:aws:iam::123456789012:role/k8s-app", "eyJ.web-identity-token-must-not-leak.sig");
-    TempDir home;
+    ScratchDir home{"bottomless-cred"};
     std::string token_file = home.write("token", "eyJ.web-identity-token-must-not-leak.sig\n");
     auto cfg = config_from_env(env_with(home, {{"AWS_WEB_IDENTITY_TOKEN_FILE", token_file},
                                                {"AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/k8s-app"},
@@ -349,7 +336,7 @@ TEST_CASE("temporary credentials are refreshed before they expire, also under co
     auto admin = testing::server_client();
     TestBucket bucket(*admin, "cred-refresh");
     CredServer imds(assume_role_supplier());  // real credentials, valid for 900 s
-    TempDir home;
+    ScratchDir home{"bottomless-cred"};
     FakeClock clock;
     ChainSettings chain;
     chain.refresh.clock = clock.fn();  // margin: the default 5 minutes
@@ -428,7 +415,7 @@ TEST_CASE("credentials the server refuses are fetched again and the request retr
     TestBucket bucket(*admin, "cred-refused");
     CredServer imds(assume_role_supplier());
     imds.corrupt_next_tokens(1);  // the first answer's session token is damaged
-    TempDir home;
+    ScratchDir home{"bottomless-cred"};
     auto cfg = config_from_env(
         env_with(home, {{"AWS_EC2_METADATA_DISABLED", ""}, {"AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url()}}));
     REQUIRE(cfg.ok());
@@ -458,7 +445,7 @@ TEST_CASE("no secret of any credential source reaches a log line at trace level"
     });
     server.set_container_token("container-token-must-not-leak");
     server.set_web_identity("arn:aws:iam::123456789012:role/k8s-app", "web-identity-token-must-not-leak");
-    TempDir home;
+    ScratchDir home{"bottomless-cred"};
     std::string web_token = home.write("webtoken", "web-identity-token-must-not-leak");
     ClientConfig base = testing::server_config();
 

@@ -9,36 +9,17 @@
 #include <unistd.h>
 
 #include "s3/config.h"
+#include "support/scratch.h"
 
 namespace fs = std::filesystem;
 using namespace bottomless;
 using namespace bottomless::s3;
+using bottomless::testing::ScratchDir;
+using bottomless::testing::env_of;
 
 namespace {
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::string tmpl = (fs::temp_directory_path() / "bottomless-config-XXXXXX").string();
-        REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-        path = tmpl;
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string write(const std::string& name, const std::string& text) const {
-        fs::path p = path / name;
-        fs::create_directories(p.parent_path());
-        std::ofstream(p) << text;
-        return p.string();
-    }
-};
 
-EnvLookup env_of(std::map<std::string, std::string> vars) {
-    return [vars = std::move(vars)](std::string_view n) -> std::optional<std::string> {
-        auto it = vars.find(std::string(n));
-        if (it == vars.end()) return std::nullopt;
-        return it->second;
-    };
-}
 
 }  // namespace
 
@@ -67,7 +48,7 @@ TEST_CASE("INI parsing follows the AWS CLI's rules", "[config]") {
 }
 
 TEST_CASE("credentials come from the environment first", "[config]") {
-    TempDir home;
+    ScratchDir home{"bottomless-config"};
     home.write(".aws/credentials", "[default]\naws_access_key_id=FILEID\naws_secret_access_key=FILESECRET\n");
     auto c = resolve_credentials(env_of({{"HOME", home.path.string()},
                                          {"AWS_ACCESS_KEY_ID", "ENVID"},
@@ -82,7 +63,7 @@ TEST_CASE("credentials come from the environment first", "[config]") {
 }
 
 TEST_CASE("credentials from the shared credentials file, by profile", "[config]") {
-    TempDir home;
+    ScratchDir home{"bottomless-config"};
     home.write(".aws/credentials",
                "[default]\naws_access_key_id=DEFID\naws_secret_access_key=DEFSECRET\n"
                "[prod]\naws_access_key_id = PRODID\naws_secret_access_key = PRODSECRET\naws_session_token = PRODTOKEN\n");
@@ -107,7 +88,7 @@ TEST_CASE("credentials from the shared credentials file, by profile", "[config]"
 }
 
 TEST_CASE("credentials from the config file when the credentials file lacks them", "[config]") {
-    TempDir home;
+    ScratchDir home{"bottomless-config"};
     home.write(".aws/config", "[profile dev]\naws_access_key_id=CFGID\naws_secret_access_key=CFGSECRET\nregion=ap-south-1\n");
     auto cfg = config_from_env(env_of({{"HOME", home.path.string()}, {"AWS_PROFILE", "dev"}}));
     REQUIRE(cfg.ok());
@@ -116,7 +97,7 @@ TEST_CASE("credentials from the config file when the credentials file lacks them
 }
 
 TEST_CASE("no credentials anywhere names every place looked", "[config]") {
-    TempDir home;
+    ScratchDir home{"bottomless-config"};
     auto c = resolve_credentials(env_of({{"HOME", home.path.string()}, {"AWS_ACCESS_KEY_ID", "only-id"}}), "default");
     REQUIRE_FALSE(c.ok());
     CHECK(c.error().kind == ErrorKind::Auth);
@@ -127,7 +108,7 @@ TEST_CASE("no credentials anywhere names every place looked", "[config]") {
 }
 
 TEST_CASE("region and endpoint resolution order", "[config]") {
-    TempDir home;
+    ScratchDir home{"bottomless-config"};
     home.write(".aws/config", "[default]\nregion=from-file\nendpoint_url=http://file-endpoint:1\n");
     std::map<std::string, std::string> base{{"HOME", home.path.string()},
                                             {"AWS_ACCESS_KEY_ID", "A"},
@@ -152,7 +133,7 @@ TEST_CASE("region and endpoint resolution order", "[config]") {
         CHECK(cfg->endpoint == "http://127.0.0.1:7480");
     }
     SECTION("no endpoint means AWS with virtual-hosted addressing and us-east-1") {
-        TempDir empty;
+        ScratchDir empty{"bottomless-config"};
         auto vars = base;
         vars["HOME"] = empty.path.string();
         auto cfg = config_from_env(env_of(vars));
@@ -193,7 +174,7 @@ TEST_CASE("an endpoint must be an http or https URL naming a host", "[config]") 
 }
 
 TEST_CASE("a file:// endpoint is refused when the configuration is read", "[config]") {
-    TempDir home;
+    ScratchDir home{"bottomless-config"};
     std::map<std::string, std::string> vars{{"HOME", home.path.string()},
                                             {"AWS_ACCESS_KEY_ID", "A"},
                                             {"AWS_SECRET_ACCESS_KEY", "S"}};
@@ -251,7 +232,7 @@ TEST_CASE("loopback hosts are recognised for the plain-http warning", "[config]"
 }
 
 TEST_CASE("conditional writes setting: auto by default, trust, verify, anything else refused", "[config]") {
-    TempDir home;
+    ScratchDir home{"bottomless-config"};
     std::map<std::string, std::string> base{{"HOME", home.path.string()},
                                             {"AWS_ACCESS_KEY_ID", "AKID"},
                                             {"AWS_SECRET_ACCESS_KEY", "secret"}};

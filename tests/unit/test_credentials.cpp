@@ -13,36 +13,17 @@
 #include <unistd.h>
 
 #include "s3/credentials.h"
+#include "support/scratch.h"
 
 namespace fs = std::filesystem;
 using namespace bottomless;
 using namespace bottomless::s3;
+using bottomless::testing::ScratchDir;
+using bottomless::testing::env_of;
 
 namespace {
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::string tmpl = (fs::temp_directory_path() / "bottomless-credu-XXXXXX").string();
-        REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-        path = tmpl;
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string write(const std::string& name, const std::string& text) const {
-        fs::path p = path / name;
-        fs::create_directories(p.parent_path());
-        std::ofstream(p) << text;
-        return p.string();
-    }
-};
 
-EnvLookup env_of(std::map<std::string, std::string> vars) {
-    return [vars = std::move(vars)](std::string_view n) -> std::optional<std::string> {
-        auto it = vars.find(std::string(n));
-        if (it == vars.end()) return std::nullopt;
-        return it->second;
-    };
-}
 
 std::chrono::system_clock::time_point at(std::time_t t) { return std::chrono::system_clock::from_time_t(t); }
 
@@ -184,7 +165,7 @@ TEST_CASE("container credential URLs the SDKs allow", "[credentials]") {
 }
 
 TEST_CASE("the chain picks the first source that applies, in the AWS CLI's order", "[credentials]") {
-    TempDir home;
+    ScratchDir home{"bottomless-credu"};
     std::map<std::string, std::string> base{{"HOME", home.path.string()}};
     auto pick = [&](std::map<std::string, std::string> extra, const std::string& profile = "default") {
         auto vars = base;
@@ -261,7 +242,7 @@ TEST_CASE("the chain picks the first source that applies, in the AWS CLI's order
 }
 
 TEST_CASE("config_from_env keeps static keys as data and hands temporary sources to the client", "[credentials]") {
-    TempDir home;
+    ScratchDir home{"bottomless-credu"};
     auto st = config_from_env(env_of({{"HOME", home.path.string()}, {"AWS_ACCESS_KEY_ID", "E"}, {"AWS_SECRET_ACCESS_KEY", "ES"}}));
     REQUIRE(st.ok());
     CHECK_FALSE(st->credentials_provider);
