@@ -920,7 +920,9 @@ TEST_CASE("cli: a broken chain is refused by name: a foreign segment, a gap, a s
     REQUIRE(ls["generations"][0]["id"] == newer);
     older = ls["generations"][1]["id"];
     REQUIRE(ls["generations"][0]["last_seq"] == 3);
-    REQUIRE(ls["generations"][1]["last_seq"] == 3);
+    // The first generation may hold its start-up transaction in a segment of
+    // its own (when its snapshot was taken before it committed): >= 3.
+    REQUIRE(ls["generations"][1]["last_seq"] >= 3);
     const std::string out = dir / "out.db";
     REQUIRE(restore_code(*client, bucket.name(), out).empty());  // intact, it restores
     CHECK(ids_in(out) == range_ids(1, 12));

@@ -149,12 +149,15 @@ TEST_CASE("a snapshot of a large database does not stall the writer", "[core][sn
     snapper.join();
     s.proxy.clear();
     CHECK(snap_error.empty());
-    // No failed attempt was recorded (a torn snapshot is one).
+    // At most one torn attempt (a WAL restart that began just before the
+    // snapshot is caught and read again); without the checkpoint veto every
+    // checkpoint tears it, attempt after attempt.
     const std::string metrics = query_text(db.get(), "SELECT bottomless_metrics()");
     auto at = metrics.find("\nbottomless_errors_total{");
     REQUIRE(at != std::string::npos);
     const std::string line = metrics.substr(at + 1, metrics.find('\n', at + 1) - at - 1);
-    CHECK_THAT(line, Catch::EndsWith(" 0"));
+    const long errors = std::stol(line.substr(line.rfind(' ') + 1));
+    CHECK(errors <= 1);
     INFO("commits during the snapshot: " << commits << ", slowest " << worst << " s");
     CHECK(commits > 300);
     CHECK(worst < 1.0);
