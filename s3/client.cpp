@@ -680,6 +680,21 @@ Result<bool> Client::conditional_writes_honoured(const std::string& bucket, cons
     return honoured;
 }
 
+Result<http::Response> Client::send_put(Call& c, const std::string& bucket, const std::string& key,
+                                        http::BodySource& body, const std::string& sha256_hex,
+                                        const std::string& md5_b64, const PutOptions& options) {
+    c.op = "PutObject";
+    c.method = "PUT";
+    c.bucket = bucket;
+    c.key = key;
+    c.body = &body;
+    c.payload_sha256 = sha256_hex;
+    c.headers.emplace_back("Content-MD5", md5_b64);
+    add_put_headers(c.headers, options);
+    stats_.puts.fetch_add(1, std::memory_order_relaxed);
+    return execute(c);
+}
+
 Result<PutResult> Client::put_verified(const std::string& bucket, const std::string& key, http::BodySource& body,
                                        const std::string& sha256_hex, const std::string& md5_b64,
                                        const std::string& md5_hex, const PutOptions& options) {
@@ -690,16 +705,7 @@ Result<PutResult> Client::put_verified(const std::string& bucket, const std::str
     if (before) return check_lost_put(bucket, key, md5_hex, body.size());
     if (before.error().kind != ErrorKind::NotFound) return std::move(before).error();
     Call c;
-    c.op = "PutObject";
-    c.method = "PUT";
-    c.bucket = bucket;
-    c.key = key;
-    c.body = &body;
-    c.payload_sha256 = sha256_hex;
-    c.headers.emplace_back("Content-MD5", md5_b64);
-    add_put_headers(c.headers, options);
-    stats_.puts.fetch_add(1, std::memory_order_relaxed);
-    auto r = execute(c);
+    auto r = send_put(c, bucket, key, body, sha256_hex, md5_b64, options);
     if (!r) return std::move(r).error();
     // Another writer may have put its object between our HEAD and our PUT
     // (ours replaced it: it learns so from its own check) or after our PUT
@@ -732,16 +738,7 @@ Result<PutResult> Client::put_single(const std::string& bucket, const std::strin
         if (!*honoured) return put_verified(bucket, key, body, sha256_hex, md5_b64, md5_hex, options);
     }
     Call c;
-    c.op = "PutObject";
-    c.method = "PUT";
-    c.bucket = bucket;
-    c.key = key;
-    c.body = &body;
-    c.payload_sha256 = sha256_hex;
-    c.headers.emplace_back("Content-MD5", md5_b64);
-    add_put_headers(c.headers, options);
-    stats_.puts.fetch_add(1, std::memory_order_relaxed);
-    auto r = execute(c);
+    auto r = send_put(c, bucket, key, body, sha256_hex, md5_b64, options);
     if (!r) {
         if (options.if_none_match && c.attempts > 1 && r.error().kind == ErrorKind::Precondition)
             return check_lost_put(bucket, key, md5_hex, body.size());

@@ -204,6 +204,11 @@ private:
     Result<PutResult> put_single(const std::string& bucket, const std::string& key, http::BodySource& body,
                                  const std::string& sha256_hex, const std::string& md5_b64,
                                  const std::string& md5_hex, const PutOptions& options);
+    // One PutObject of `body` (Content-MD5, the options' headers); `c` keeps
+    // what the call did (attempts) for the caller.
+    Result<http::Response> send_put(Call& c, const std::string& bucket, const std::string& key,
+                                    http::BodySource& body, const std::string& sha256_hex,
+                                    const std::string& md5_b64, const PutOptions& options);
     Result<PutResult> check_lost_put(const std::string& bucket, const std::string& key, const std::string& md5_hex,
                                      uint64_t size);
     Result<PutResult> put_verified(const std::string& bucket, const std::string& key, http::BodySource& body,
