@@ -1,15 +1,25 @@
-// Write benchmark: plain WAL vs bottomless async vs bottomless async with
-// encryption (AES-256-GCM) vs bottomless sync, measured side by side in one
-// run against the test S3 server.
+// Write benchmark: plain WAL vs bottomless, measured side by side in one run
+// against the test S3 server, in the cells users run.
 //
-// For each transaction size (1 row, 100 rows) and writer count (1, 4) it
-// reports transactions/s and the ratio to plain WAL; for bottomless also the
-// replication lag (commit -> durable in S3, p50/p99), PUT requests per minute
-// and uploaded segment bytes per committed WAL byte.
+// Cells: synchronous=NORMAL (what most WAL users set) and FULL (SQLite's
+// default) x 1 and 4 writer threads x 1 and 100 rows per transaction. Modes:
+// plain (default VFS), async (bottomless), and on request enc (async with
+// encryption_key) and sync (sync=1). Every run uses fresh databases in WAL
+// mode with SQLite's default auto-checkpoint. Rounds are the outer loop and
+// alternate the order of the modes (the machine is shared and noisy: a burst
+// of load then hits one round of every cell, and each mode goes first as
+// often as last). Per cell it reports the median txn/s of each mode and the
+// median of the per-round ratios mode/plain, plus for async the replication
+// lag (commit -> durable in S3, p50/p99), PUT requests per minute and
+// uploaded segment bytes per committed WAL byte.
 //
 // Usage (server from scripts/s3-server.sh, env from its `env` command):
-//   build/bench/write_bench [--seconds S] [--rounds R]
+//   build/bench/write_bench [--seconds S] [--rounds R] [--sync NORMAL|FULL|both]
+//                           [--writers 1,4] [--rows 1,100] [--modes plain,async,enc,sync]
+//                           [--lag on|off]
+// The markdown table goes to stdout; per-round progress to stderr.
 #include <sqlite3.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -17,8 +27,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -44,9 +56,9 @@ sqlite3* open(const std::string& uri) {
     return db;
 }
 
-void exec(sqlite3* db, const char* sql) {
+void exec(sqlite3* db, const std::string& sql) {
     char* err = nullptr;
-    if (sqlite3_exec(db, sql, nullptr, nullptr, &err) != SQLITE_OK) die(std::string("SQL: ") + (err ? err : "?"));
+    if (sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) die("SQL: " + std::string(err ? err : "?"));
 }
 
 std::string query(sqlite3* db, const char* sql) {
@@ -64,12 +76,37 @@ int64_t wall_us() {
         .count();
 }
 
-struct Result {
-    double tps = 0;
-    double lag_p50_ms = -1, lag_p99_ms = -1;
-    double puts_per_min = -1;
-    double bytes_ratio = -1;
-};
+// A counter from bottomless_status(), 0 when absent (the status shape may grow or change).
+double counter(const nlohmann::json& j, const char* name) {
+    auto it = j.find(name);
+    return it != j.end() && it->is_number() ? it->get<double>() : 0.0;
+}
+
+std::vector<std::string> split(const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream in(s);
+    for (std::string item; std::getline(in, item, ',');)
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
+
+std::vector<int> split_ints(const std::string& s) {
+    std::vector<int> out;
+    for (const auto& item : split(s)) {
+        int v = std::atoi(item.c_str());
+        if (v <= 0) die("not a positive integer: " + item);
+        out.push_back(v);
+    }
+    return out;
+}
+
+double median(std::vector<double> v) {
+    v.erase(std::remove_if(v.begin(), v.end(), [](double x) { return x < 0; }), v.end());
+    if (v.empty()) return -1;
+    std::sort(v.begin(), v.end());
+    size_t n = v.size();
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
 
 double pct(std::vector<double> v, double p) {
     if (v.empty()) return -1;
@@ -77,21 +114,50 @@ double pct(std::vector<double> v, double p) {
     return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
 }
 
-Result run(const std::string& mode, int rows, int writers, double seconds, const std::string& dir,
-           const std::string& bucket, int round) {
-    std::string path = dir + "/" + mode + "-" + std::to_string(rows) + "-" + std::to_string(writers) + "-" +
+struct Cell {
+    std::string sync;  // NORMAL or FULL
+    int writers = 1;
+    int rows = 1;
+};
+
+struct Result {
+    double tps = 0;
+    double lag_p50_ms = -1, lag_p99_ms = -1;
+    double puts_per_min = -1;
+    double bytes_ratio = -1;
+};
+
+struct Options {
+    double seconds = 3;
+    int rounds = 5;
+    bool lag = true;
+    std::string dir, bucket;
+};
+
+Result run(const std::string& mode, const Cell& c, const Options& o, int round) {
+    // A fresh database per run, in its own directory; the file name is unique
+    // because it is the database_id (the key prefix) in the shared bucket.
+    std::string name = mode + "-" + c.sync + "-w" + std::to_string(c.writers) + "-r" + std::to_string(c.rows) + "-" +
                        std::to_string(round) + ".db";
-    std::string uri = "file:" + path;
-    if (mode != "plain") uri += "?vfs=bottomless&bucket=" + bucket + (mode == "sync" ? "&sync=1" : "");
+    std::string sub = o.dir + "/" + name + ".d";
+    fs::create_directories(sub);
+    std::string uri = "file:" + sub + "/" + name;
+    const bool bottomless = mode != "plain";
+    if (bottomless) uri += "?vfs=bottomless&bucket=" + o.bucket + (mode == "sync" ? "&sync=1" : "");
     if (mode == "enc") uri += "&encryption_key=5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
     const bool async = mode == "async" || mode == "enc";
+    const std::string pragmas = "PRAGMA synchronous=" + c.sync + ";";
+
+    // The setup connection stays open for the whole run in every mode, as an
+    // application's would; for bottomless it keeps one replicator alive.
     sqlite3* setup = open(uri);
-    exec(setup, "PRAGMA journal_mode=wal; CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT);");
-    if (mode != "plain") query(setup, "SELECT bottomless_flush()");
-    nlohmann::json st0 = mode == "plain" ? nlohmann::json{} : nlohmann::json::parse(query(setup, "SELECT bottomless_status()"));
+    exec(setup, "PRAGMA journal_mode=wal; " + pragmas + " CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT);");
+    if (query(setup, "PRAGMA journal_mode") != "wal") die("journal_mode is not wal");
+    if (bottomless) query(setup, "SELECT bottomless_flush()");
+    nlohmann::json st0 = bottomless ? nlohmann::json::parse(query(setup, "SELECT bottomless_status()")) : nlohmann::json{};
 
     std::string body = "BEGIN;";
-    for (int i = 0; i < rows; ++i)
+    for (int i = 0; i < c.rows; ++i)
         body += "INSERT INTO t(a, b) VALUES(abs(random()) % 1000000, 'payload-payload-payload-payload-payload-payload-"
                 "payload-payload-" + std::to_string(i) + "');";
     body += "COMMIT;";
@@ -101,29 +167,34 @@ Result run(const std::string& mode, int rows, int writers, double seconds, const
     std::mutex commits_mu;
     std::vector<int64_t> commit_times;  // sampled commit instants (µs), guarded by commits_mu
     // Polls bottomless_status to see when each sampled commit becomes durable.
-    std::vector<std::pair<int64_t, int64_t>> polls;  // (poll time, last durable commit time)
+    std::vector<std::pair<int64_t, int64_t>> polls;  // (poll time, last durable commit time); monitor thread only
     std::thread monitor;
-    if (async) {
+    if (async && o.lag) {
         monitor = std::thread([&] {
             sqlite3* m = open(uri);
-            while (!stop.load()) {
+            auto poll = [&] {
                 auto j = nlohmann::json::parse(query(m, "SELECT bottomless_status()"));
-                polls.emplace_back(wall_us(), j["last_durable_commit_us"].get<int64_t>());
-                std::this_thread::sleep_for(std::chrono::milliseconds(10));
+                polls.emplace_back(wall_us(), static_cast<int64_t>(counter(j, "last_durable_commit_us")));
+            };
+            while (!stop.load()) {
+                poll();
+                // 20 ms: fine enough against a 1 s batch interval, cheap enough
+                // not to tax the writers on 2 cores.
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
             }
             query(m, "SELECT bottomless_flush()");
-            auto j = nlohmann::json::parse(query(m, "SELECT bottomless_status()"));
-            polls.emplace_back(wall_us(), j["last_durable_commit_us"].get<int64_t>());
+            poll();
             sqlite3_close(m);
         });
     }
     std::vector<std::thread> ts;
     auto t0 = Clock::now();
-    for (int w = 0; w < writers; ++w)
+    for (int w = 0; w < c.writers; ++w)
         ts.emplace_back([&] {
             sqlite3* db = open(uri);
-            while (Clock::now() - t0 < std::chrono::duration<double>(seconds)) {
-                exec(db, body.c_str());
+            exec(db, pragmas);  // per connection: synchronous is not persistent
+            while (Clock::now() - t0 < std::chrono::duration<double>(o.seconds)) {
+                exec(db, body);
                 uint64_t n = txns.fetch_add(1);
                 if (n % 10 == 0) {
                     std::lock_guard lock(commits_mu);
@@ -139,72 +210,157 @@ Result run(const std::string& mode, int rows, int writers, double seconds, const
 
     Result r;
     r.tps = static_cast<double>(txns.load()) / elapsed;
-    if (mode != "plain") {
+    if (bottomless) {
         query(setup, "SELECT bottomless_flush()");
         auto st1 = nlohmann::json::parse(query(setup, "SELECT bottomless_status()"));
-        r.puts_per_min = (st1["put_requests"].get<double>() - st0["put_requests"].get<double>()) / (elapsed / 60.0);
-        double wal = st1["wal_bytes_shipped"].get<double>() - st0["wal_bytes_shipped"].get<double>();
-        double up = st1["segment_bytes_uploaded"].get<double>() - st0["segment_bytes_uploaded"].get<double>();
+        r.puts_per_min = (counter(st1, "put_requests") - counter(st0, "put_requests")) / (elapsed / 60.0);
+        double wal = counter(st1, "wal_bytes_shipped") - counter(st0, "wal_bytes_shipped");
+        double up = counter(st1, "segment_bytes_uploaded") - counter(st0, "segment_bytes_uploaded");
         if (wal > 0) r.bytes_ratio = up / wal;
     }
-    if (async) {
+    if (!polls.empty()) {
         std::vector<double> lags;
-        for (int64_t c : commit_times) {
+        for (int64_t t : commit_times) {
             for (const auto& [when, durable] : polls)
-                if (durable >= c) {
-                    lags.push_back(static_cast<double>(when - c) / 1000.0);
+                if (durable >= t) {
+                    lags.push_back(static_cast<double>(when - t) / 1000.0);
                     break;
                 }
         }
         r.lag_p50_ms = pct(lags, 0.5);
         r.lag_p99_ms = pct(lags, 0.99);
     }
+    // The last close flushes (bottomless) and checkpoints, so the next run
+    // starts with no upload or checkpoint of this one still going.
     sqlite3_close(setup);
+    std::error_code ec;
+    fs::remove_all(sub, ec);
     return r;
+}
+
+std::string fmt(double v, const char* f) {
+    if (v < 0) return "";
+    char buf[64];
+    std::snprintf(buf, sizeof buf, f, v);
+    return buf;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    double seconds = 5;
-    int rounds = 1;
-    for (int i = 1; i + 1 < argc; i += 2) {
+    Options o;
+    std::string sync_arg = "both", writers_arg = "1,4", rows_arg = "1,100", modes_arg = "plain,async";
+    for (int i = 1; i < argc; i += 2) {
         std::string a = argv[i];
-        if (a == "--seconds") seconds = std::atof(argv[i + 1]);
-        else if (a == "--rounds") rounds = std::atoi(argv[i + 1]);
+        if (a == "--help" || a == "-h" || i + 1 >= argc) {
+            std::printf("usage: write_bench [--seconds S=3] [--rounds R=5] [--sync NORMAL|FULL|both] [--writers 1,4]\n"
+                        "                   [--rows 1,100] [--modes plain,async[,enc,sync]] [--lag on|off]\n");
+            return a == "--help" || a == "-h" ? 0 : 2;
+        }
+        std::string v = argv[i + 1];
+        if (a == "--seconds") o.seconds = std::atof(v.c_str());
+        else if (a == "--rounds") o.rounds = std::atoi(v.c_str());
+        else if (a == "--sync") sync_arg = v;
+        else if (a == "--writers") writers_arg = v;
+        else if (a == "--rows") rows_arg = v;
+        else if (a == "--modes") modes_arg = v;
+        else if (a == "--lag") o.lag = v != "off" && v != "0";
+        else die("unknown option " + a + " (--help)");
     }
+    if (o.seconds <= 0 || o.rounds < 1) die("--seconds must be > 0 and --rounds >= 1");
+    std::vector<std::string> syncs;
+    for (auto& s : split(sync_arg)) {
+        std::transform(s.begin(), s.end(), s.begin(), ::toupper);
+        if (s == "BOTH") syncs.insert(syncs.end(), {"NORMAL", "FULL"});
+        else if (s == "NORMAL" || s == "FULL" || s == "OFF" || s == "EXTRA") syncs.push_back(s);
+        else die("--sync takes NORMAL, FULL or both");
+    }
+    std::vector<std::string> modes = split(modes_arg);
+    for (const auto& m : modes)
+        if (m != "plain" && m != "async" && m != "enc" && m != "sync") die("unknown mode " + m);
+    if (std::find(modes.begin(), modes.end(), "plain") == modes.end()) modes.insert(modes.begin(), "plain");
+    std::vector<Cell> cells;
+    for (const auto& s : syncs)
+        for (int w : split_ints(writers_arg))
+            for (int r : split_ints(rows_arg)) cells.push_back({s, w, r});
+
     if (!std::getenv("LIBSQL_BOTTOMLESS_ENDPOINT")) die("LIBSQL_BOTTOMLESS_ENDPOINT is not set (eval \"$(scripts/s3-server.sh env)\")");
     if (bottomless_register(0) != SQLITE_OK) die("cannot register the VFS");
     char tmpl[] = "/tmp/bottomless-wbench-XXXXXX";
     if (!mkdtemp(tmpl)) die("mkdtemp");
-    std::string dir = tmpl;
-    std::string bucket = "wbench-" + std::to_string(::getpid());
+    o.dir = tmpl;
+    o.bucket = "wbench-" + std::to_string(::getpid());
 
-    std::printf("# write benchmark: %.0f s per cell, %d round(s); plain WAL vs bottomless, same run\n", seconds, rounds);
-    std::printf("%-9s %-7s %-6s %10s %7s %10s %10s %9s %11s\n", "rows/txn", "writers", "mode", "txn/s", "ratio",
-                "lag p50", "lag p99", "PUT/min", "up/WAL B");
-    for (int rows : {1, 100}) {
-        for (int writers : {1, 4}) {
-            for (int round = 0; round < rounds; ++round) {
-                // Interleaved, so machine noise hits all modes alike.
-                Result plain = run("plain", rows, writers, seconds, dir, bucket, round);
-                Result async = run("async", rows, writers, seconds, dir, bucket, round);
-                Result enc = run("enc", rows, writers, seconds, dir, bucket, round);
-                Result sync = run("sync", rows, writers, seconds, dir, bucket, round);
-                for (auto& [name, r] : {std::pair<const char*, Result&>{"plain", plain}, {"async", async},
-                                        {"enc", enc}, {"sync", sync}}) {
-                    std::printf("%-9d %-7d %-6s %10.0f %7.2f", rows, writers, name, r.tps, r.tps / plain.tps);
-                    if (r.lag_p50_ms >= 0) std::printf(" %8.0fms %8.0fms", r.lag_p50_ms, r.lag_p99_ms);
-                    else std::printf(" %10s %10s", "-", "-");
-                    if (r.puts_per_min >= 0) std::printf(" %9.0f %11.2f\n", r.puts_per_min, r.bytes_ratio);
-                    else std::printf(" %9s %11s\n", "-", "-");
-                }
-                std::printf("%-9d %-7d enc/async %6.2f\n", rows, writers, enc.tps / async.tps);
+    // results[cell][mode] = one Result per round
+    std::vector<std::map<std::string, std::vector<Result>>> results(cells.size());
+    auto started = Clock::now();
+    for (int round = 0; round < o.rounds; ++round) {
+        std::vector<std::string> order = modes;
+        if (round % 2) std::reverse(order.begin(), order.end());
+        for (size_t ci = 0; ci < cells.size(); ++ci) {
+            const Cell& c = cells[ci];
+            std::fprintf(stderr, "round %d/%d %-6s w=%d rows=%-3d", round + 1, o.rounds, c.sync.c_str(), c.writers, c.rows);
+            for (const auto& m : order) {
+                Result r = run(m, c, o, round);
+                results[ci][m].push_back(r);
+                std::fprintf(stderr, "  %s %.0f", m.c_str(), r.tps);
             }
+            std::fprintf(stderr, "\n");
         }
     }
-    if (auto client = bottomless::s3::Client::from_env()) (void)(*client)->delete_bucket_and_objects(bucket);
+    double total_s = std::chrono::duration<double>(Clock::now() - started).count();
+
+    std::printf("write_bench: %g s per run, %d round(s) alternating the order of %s; medians (run took %.0f s)\n\n",
+                o.seconds, o.rounds, modes_arg.c_str(), total_s);
+    std::printf("| synchronous | writers | rows/txn");
+    for (const auto& m : modes) std::printf(" | %s txn/s", m.c_str());
+    for (const auto& m : modes)
+        if (m != "plain") std::printf(" | %s/plain | (min–max)", m.c_str());
+    const bool has_async = std::find(modes.begin(), modes.end(), "async") != modes.end();
+    if (has_async) std::printf(" | async lag p50 | lag p99 | PUT/min | up/WAL B");
+    std::printf(" |\n|---|---|---");
+    for (const auto& m : modes) std::printf("%s", m == "plain" ? "|---" : "|---|---|---");
+    if (has_async) std::printf("|---|---|---|---");
+    std::printf("|\n");
+
+    std::vector<double> all_async_ratios;
+    for (size_t ci = 0; ci < cells.size(); ++ci) {
+        const Cell& c = cells[ci];
+        auto& res = results[ci];
+        std::printf("| %s | %d | %d", c.sync.c_str(), c.writers, c.rows);
+        for (const auto& m : modes) {
+            std::vector<double> tps;
+            for (const auto& r : res[m]) tps.push_back(r.tps);
+            std::printf(" | %.0f", median(tps));
+        }
+        for (const auto& m : modes) {
+            if (m == "plain") continue;
+            std::vector<double> ratios;
+            for (int k = 0; k < o.rounds; ++k) ratios.push_back(res[m][k].tps / res["plain"][k].tps);
+            double med = median(ratios);
+            if (m == "async") all_async_ratios.push_back(med);
+            std::printf(" | %.2f | %.2f–%.2f", med, *std::min_element(ratios.begin(), ratios.end()),
+                        *std::max_element(ratios.begin(), ratios.end()));
+        }
+        if (has_async) {
+            std::vector<double> p50, p99, puts, bytes;
+            for (const auto& r : res["async"]) {
+                p50.push_back(r.lag_p50_ms);
+                p99.push_back(r.lag_p99_ms);
+                puts.push_back(r.puts_per_min);
+                bytes.push_back(r.bytes_ratio);
+            }
+            std::printf(" | %s | %s | %s | %s", fmt(median(p50), "%.0f ms").c_str(), fmt(median(p99), "%.0f ms").c_str(),
+                        fmt(median(puts), "%.0f").c_str(), fmt(median(bytes), "%.3f").c_str());
+        }
+        std::printf(" |\n");
+    }
+    if (!all_async_ratios.empty())
+        std::printf("\nasync/plain over the %zu cells: lowest cell %.2f, median cell %.2f\n", all_async_ratios.size(),
+                    *std::min_element(all_async_ratios.begin(), all_async_ratios.end()), median(all_async_ratios));
+
+    if (auto client = bottomless::s3::Client::from_env()) (void)(*client)->delete_bucket_and_objects(o.bucket);
     std::error_code ec;
-    fs::remove_all(dir, ec);
+    fs::remove_all(o.dir, ec);
     return 0;
 }
