@@ -16,7 +16,7 @@
 // Usage (server from scripts/s3-server.sh, env from its `env` command):
 //   build/bench/mix_bench [--size N=500] [--rounds R=3] [--sync FULL|NORMAL]
 //                         [--modes plain,async[,enc,sync]] [--steps]
-// Work grows linearly with --size; the markdown table goes to stdout.
+// The number of operations grows linearly with --size; the markdown table goes to stdout.
 #include <sqlite3.h>
 #include <unistd.h>
 

@@ -74,7 +74,16 @@ def run(mode, sync, writers, rows, seconds, workdir, bucket, rnd):
     start = threading.Barrier(writers + 1)
     t0 = [0.0]
 
+    errors = []
+
     def writer(k):
+        try:
+            write(k)
+        except Exception as e:  # a failed writer must fail the run, not shrink its count
+            errors.append(e)
+            start.abort()  # nobody waits forever for a writer that will never arrive
+
+    def write(k):
         conn = connect(uri)
         conn.execute(f"PRAGMA synchronous={sync}")  # per connection, not persistent
         start.wait()
@@ -97,10 +106,15 @@ def run(mode, sync, writers, rows, seconds, workdir, bucket, rnd):
     for t in threads:
         t.start()
     t0[0] = time.perf_counter()
-    start.wait()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:
+        pass
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0[0]
+    if errors:
+        sys.exit(f"py_write_bench: {mode} writer failed: {errors[0]}")
 
     result = {"tps": sum(counts) / elapsed, "puts_per_min": None, "bytes_ratio": None}
     if mode == "async":
