@@ -74,6 +74,47 @@ bool pread_full(int fd, void* buf, size_t n, uint64_t off) {
     return true;
 }
 
+}  // namespace
+
+// The WAL file, opened when first needed: frames the tee lacks are read
+// from it (the uploader's fallback, counted in status as wal_frames_read).
+class WalFile {
+public:
+    explicit WalFile(const std::string& path) : path_(path) {}
+    int fd() {
+        if (!opened_) {
+            opened_ = true;
+            fd_.fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+        }
+        return fd_.fd;
+    }
+    std::optional<WalHeader> header() {
+        unsigned char h[kWalHeaderSize];
+        if (fd() < 0 || !pread_full(fd_.fd, h, sizeof h, 0)) return std::nullopt;
+        return parse_wal_header(h);
+    }
+    bool read(uint32_t page_size, uint64_t from, uint64_t to, std::vector<TeeFrame>& out) {
+        if (fd() < 0) return false;
+        for (uint64_t i = from; i <= to; ++i) {
+            TeeFrame f;
+            f.page.resize(page_size);
+            const uint64_t off = wal_frame_offset(page_size, i);
+            if (!pread_full(fd_.fd, f.header, sizeof f.header, off) ||
+                !pread_full(fd_.fd, f.page.data(), page_size, off + kWalFrameHeaderSize))
+                return false;
+            out.push_back(std::move(f));
+        }
+        return true;
+    }
+
+private:
+    std::string path_;
+    Fd fd_;
+    bool opened_ = false;
+};
+
+namespace {
+
 // How long an open waits for another process's start-up (which may be a
 // restore of a large database) before it gives up with SQLITE_BUSY.
 constexpr std::chrono::seconds kStartupWait{120};
@@ -218,7 +259,7 @@ uint32_t db_header_page_size(const unsigned char* h) {
 
 Replicator::Replicator(std::string path, ReplicatorConfig config)
     : path_(std::move(path)), wal_path_(path_ + "-wal"), state_path_(path_ + "-bottomless"),
-      config_(std::move(config)) {
+      config_(std::move(config)), tee_(config_.max_pending_bytes) {
     s3::ClientConfig c = config_.s3;
     // A sync commit must not outlive its timeout inside the client's retries.
     if (config_.sync) c.retry.max_elapsed = std::min(c.retry.max_elapsed, config_.sync_timeout);
@@ -687,11 +728,11 @@ bool Replicator::restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     if (snapshot_active_.load()) return false;  // the snapshot reads WAL frames
     uint64_t salts = (static_cast<uint64_t>(salt1) << 32) | salt2;
     if (mx_frame == 0 || (durable_salts_.load() == salts && durable_frame_.load() >= mx_frame)) return true;
-    // Not durable yet: the restart may go ahead if the frames fit in memory,
-    // where the write of the new WAL header reads them first
-    // (flush_before_wal_loss). They are in the checkpointed database file
-    // too: SQLite restarts only after a complete checkpoint.
-    return unshipped_bytes_.load() <= config_.max_pending_bytes;
+    // Not durable yet: the restart may go ahead if the frames are in memory
+    // (the tee, or pending transactions) and fit there; the WAL keeps them
+    // otherwise. They are in the checkpointed database file too: SQLite
+    // restarts only after a complete checkpoint.
+    return !tee_.has_hole() && unshipped_bytes_.load() <= config_.max_pending_bytes;
 }
 
 void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
@@ -755,21 +796,28 @@ bool Replicator::wal_write_allowed(uint64_t end) {
 // ---------------------------------------------------------------------------
 // Capture: committed WAL frames into pending transactions
 
-Status Replicator::read_frames(int wal_fd, const WalHeader& hdr, uint64_t from, uint64_t to, WalPosition& pos,
-                               std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index) {
+std::optional<WalHeader> Replicator::epoch_header(uint32_t salt1, uint32_t salt2, WalFile& wal) {
+    if (epoch_hdr_ && epoch_hdr_->salt1 == salt1 && epoch_hdr_->salt2 == salt2) return epoch_hdr_;
+    auto h = tee_.header(salt1, salt2);
+    if (!h) h = wal.header();
+    if (!h || h->salt1 != salt1 || h->salt2 != salt2) return std::nullopt;
+    epoch_hdr_ = h;
+    return h;
+}
+
+Status Replicator::frames_to_txns(const WalHeader& hdr, uint64_t from, std::vector<TeeFrame>& frames, WalPosition& pos,
+                                  std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index) {
     const uint32_t psz = hdr.page_size;
-    std::vector<unsigned char> buf(kWalFrameHeaderSize + psz);
+    const uint64_t to = from + frames.size() - 1;
     uint32_t s1 = pos.cksum1, s2 = pos.cksum2;
     PendingTxn cur;
     for (uint64_t i = from; i <= to; ++i) {
-        if (!pread_full(wal_fd, buf.data(), buf.size(), wal_frame_offset(psz, i)))
-            return make_error(ErrorKind::Corrupt, "WAL frame " + std::to_string(i) + " is missing or short", "WalShort");
-        if (!verify_frame(hdr, buf.data(), buf.data() + kWalFrameHeaderSize, s1, s2))
+        TeeFrame& f = frames[static_cast<size_t>(i - from)];
+        if (f.page.size() != psz || !verify_frame(hdr, f.header, reinterpret_cast<const unsigned char*>(f.page.data()), s1, s2))
             return make_error(ErrorKind::Corrupt,
                               "WAL frame " + std::to_string(i) + " does not continue the checksum chain", "WalChain");
-        WalFrameHeader fh = parse_frame_header(buf.data());
-        cur.frames.push_back(SegmentFrame{
-            fh.pgno, std::string(reinterpret_cast<const char*>(buf.data() + kWalFrameHeaderSize), psz)});
+        WalFrameHeader fh = parse_frame_header(f.header);
+        cur.frames.push_back(SegmentFrame{fh.pgno, std::move(f.page)});
         cur.bytes += psz;
         if (fh.is_commit()) {
             cur.db_pages = fh.db_size;
@@ -777,7 +825,6 @@ Status Replicator::read_frames(int wal_fd, const WalHeader& hdr, uint64_t from, 
             cur.commit_index = i == to ? commit_index : commit_index - 1;
             cur.end = WalPosition{hdr.salt1, hdr.salt2, i, s1, s2};
             pos = cur.end;
-            pending_bytes_ += cur.bytes;
             out.push_back(std::move(cur));
             cur = PendingTxn{};
         }
@@ -788,6 +835,40 @@ Status Replicator::read_frames(int wal_fd, const WalHeader& hdr, uint64_t from, 
     return {};
 }
 
+Status Replicator::capture_range(const WalHeader& hdr, uint64_t from, uint64_t to, WalFile& wal, int64_t commit_us,
+                                 uint64_t commit_index) {
+    std::vector<TeeFrame> frames;
+    std::vector<PendingTxn> txns;
+    WalPosition pos = captured_;
+    Status st = make_error(ErrorKind::Corrupt, "not in the tee", "TeeMiss");
+    if (tee_.take(hdr.salt1, hdr.salt2, from, to, frames)) {
+        st = frames_to_txns(hdr, from, frames, pos, txns, commit_us, commit_index);
+        if (!st) log::debug(path_ + ": tee frames " + std::to_string(from) + ".." + std::to_string(to) +
+                            " fail the checksum chain; reading them from the WAL");
+    }
+    if (!st) {
+        // Frames this process did not write, or did not keep (memory): the
+        // WAL still holds them (a restart waits until they are durable).
+        frames.clear();
+        txns.clear();
+        pos = captured_;
+        if (!wal.read(hdr.page_size, from, to, frames))
+            return make_error(ErrorKind::Corrupt, "WAL frames " + std::to_string(from) + ".." + std::to_string(to) +
+                                                      " are missing or short", "WalShort");
+        wal_frames_read_.fetch_add(to - from + 1);
+        st = frames_to_txns(hdr, from, frames, pos, txns, commit_us, commit_index);
+        if (!st) return st;
+    }
+    uint64_t bytes = 0;
+    for (auto& t : txns) {
+        bytes += t.bytes;
+        pending_.push_back(std::move(t));
+    }
+    pending_bytes_ += bytes;
+    captured_ = pos;
+    return {};
+}
+
 Status Replicator::capture() {
     std::deque<Commit> todo;
     {
@@ -795,18 +876,14 @@ Status Replicator::capture() {
         todo.swap(commits_);
     }
     if (todo.empty()) return {};
-    Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
-    std::optional<WalHeader> hdr;
-    if (fd.fd >= 0) {
-        unsigned char h[kWalHeaderSize];
-        if (pread_full(fd.fd, h, sizeof h, 0)) hdr = parse_wal_header(h);
-    }
+    WalFile wal(wal_path_);
     Status result;
     while (!todo.empty()) {
-        if (pending_bytes_ >= config_.max_pending_bytes) break;  // the WAL keeps the rest (back-pressure)
+        if (pending_bytes_ >= config_.max_pending_bytes) break;  // the WAL keeps the rest
         Commit c = todo.front();
         if (c.salt1 != captured_.salt1 || c.salt2 != captured_.salt2) {
-            if (!hdr || hdr->salt1 != c.salt1 || hdr->salt2 != c.salt2) {
+            auto hdr = epoch_header(c.salt1, c.salt2, wal);
+            if (!hdr) {
                 request_snapshot("the WAL was restarted before its frames could be read (a writer outside bottomless?)");
                 todo.clear();
                 break;
@@ -829,8 +906,14 @@ Status Replicator::capture() {
             todo.pop_front();
             continue;
         }
+        auto hdr = epoch_header(captured_.salt1, captured_.salt2, wal);
+        if (!hdr) {
+            request_snapshot("the WAL was restarted before its frames could be read (a writer outside bottomless?)");
+            todo.clear();
+            break;
+        }
         if (pending_.empty() && !inflight_) first_pending_time_ = Clock::now();
-        auto st = read_frames(fd.fd, *hdr, captured_.frame + 1, c.frame, captured_, pending_, c.time_us, c.index);
+        auto st = capture_range(*hdr, captured_.frame + 1, c.frame, wal, c.time_us, c.index);
         if (!st) {
             request_snapshot("WAL continuity broken: " + st.error().message);
             todo.clear();
@@ -843,6 +926,7 @@ Status Replicator::capture() {
         std::lock_guard lock(obs_mu_);
         commits_.insert(commits_.begin(), todo.begin(), todo.end());
     }
+    tee_.trim(captured_.salt1, captured_.salt2, captured_.frame);
     return result;
 }
 
@@ -997,7 +1081,7 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
             ++n;
         }
         pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
-        pending_bytes_ -= std::min(pending_bytes_, bytes);
+        pending_bytes_ -= std::min(pending_bytes_.load(), bytes);
         f.bytes = encode_segment(f.header, frames, &f.sha256, cipher_.get());
         inflight_ = std::move(f);
         if (!pending_.empty()) first_pending_time_ = Clock::now();
@@ -1148,6 +1232,8 @@ Status Replicator::take_snapshot(Lock& lock) {
     prev_sha256_ = *sha;
     page_size_ = psz;
     captured_ = pos;
+    if (scan->has_header) epoch_hdr_ = scan->header;
+    tee_.trim(pos.salt1, pos.salt2, pos.frame);
     pending_.clear();
     pending_bytes_ = 0;
     inflight_.reset();
@@ -1288,25 +1374,37 @@ Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseco
     if (!enabled_ || restart_allowed()) return {};
     // SQLite only restarts, truncates or deletes the WAL after a complete
     // checkpoint, so every committed frame is already in the (synced)
-    // database file. Reading them into memory now keeps the history: they
-    // are uploaded from there. Only when memory is full does the writer
-    // wait for the network.
+    // database file. The frames not yet durable stay in memory: in the tee
+    // (nothing to do here but record how far the epoch went), or, when the
+    // tee lacks some, read into pending transactions now. Only when memory
+    // is full does the writer wait for the network.
     {
         Lock lock(upload_mu_);
-        (void)capture();
-        bool all_captured;
+        uint32_t s1, s2;
+        uint64_t last;
+        bool one_epoch = true;
         {
             std::lock_guard olock(obs_mu_);
-            all_captured = commits_.empty();
+            s1 = last_noted_salt1_;
+            s2 = last_noted_salt2_;
+            last = last_noted_frame_;
+            for (const Commit& c : commits_) one_epoch = one_epoch && c.salt1 == s1 && c.salt2 == s2;
         }
-        if (all_captured) {
+        const bool same = captured_.salt1 == s1 && captured_.salt2 == s2;
+        const uint64_t from = same ? captured_.frame + 1 : 1;
+        bool in_memory = one_epoch && tee_.holds(s1, s2, from, last) && (same || tee_.header(s1, s2));
+        if (!in_memory) {
+            (void)capture();  // what the tee lacks is read from the WAL here (rare: memory was full)
+            std::lock_guard olock(obs_mu_);
+            in_memory = commits_.empty();
+        }
+        if (in_memory) {
             // The epoch goes while some of its frames are only in memory:
             // say how far it went before it does, so that after a crash the
             // next start can read them back from the WAL file's old slots
             // (or, if overwritten, knows it cannot prove the history).
-            if (!generation_.empty() && captured_.frame > durable_.frame && captured_.salt1 == durable_.salt1 &&
-                captured_.salt2 == durable_.salt2) {
-                restarted_ = WalPosition{captured_.salt1, captured_.salt2, captured_.frame, 0, 0};
+            if (!generation_.empty() && last > durable_.frame && s1 == durable_.salt1 && s2 == durable_.salt2) {
+                restarted_ = WalPosition{s1, s2, last, 0, 0};
                 if (!write_state_file(false)) {
                     // An old state without the record would "prove" a history
                     // that lacks these frames: remove it, or refuse the restart.
@@ -1366,66 +1464,48 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
     // between attempts). A snapshot above is bounded by the retry budget
     // instead: cut at sync_timeout, a large one could never complete.
     s3::DeadlineScope request_deadline(deadline);
-    Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
-    unsigned char h[kWalHeaderSize];
-    std::optional<WalHeader> hdr;
-    if (fd.fd >= 0 && pread_full(fd.fd, h, sizeof h, 0)) hdr = parse_wal_header(h);
+    WalFile wal(wal_path_);
     WalFrameHeader fh = parse_frame_header(frame_header);
-    if (!hdr || hdr->salt1 != fh.salt1 || hdr->salt2 != fh.salt2 || hdr->page_size != page_size)
+    auto hdr = epoch_header(fh.salt1, fh.salt2, wal);
+    if (!hdr || hdr->page_size != page_size)
         return make_error(ErrorKind::Corrupt, "the WAL header does not match the frame being committed", "WalChain");
     if (captured_.salt1 != hdr->salt1 || captured_.salt2 != hdr->salt2) {
         captured_ = WalPosition{hdr->salt1, hdr->salt2, 0, hdr->cksum1, hdr->cksum2};
         page_size_ = page_size;
     }
-    // Frames of this transaction already in the file, then the commit frame from memory.
+    // This transaction's frames before the commit frame (from the tee, or
+    // the file when the tee lacks them), then the commit frame from memory.
+    const uint64_t from = captured_.frame + 1;
+    std::vector<TeeFrame> frames;
+    if (frame > from && !tee_.take(hdr->salt1, hdr->salt2, from, frame - 1, frames)) {
+        frames.clear();
+        if (!wal.read(page_size, from, frame - 1, frames))
+            return make_error(ErrorKind::Corrupt, "WAL frames before " + std::to_string(frame) + " are missing",
+                              "WalShort");
+        wal_frames_read_.fetch_add(frame - from);
+    }
+    TeeFrame commit;
+    std::memcpy(commit.header, frame_header, kWalFrameHeaderSize);
+    commit.page.assign(reinterpret_cast<const char*>(page), page_size);
+    frames.push_back(std::move(commit));
     std::vector<PendingTxn> txn;
     WalPosition pos = captured_;
-    PendingTxn t;
-    uint32_t s1 = pos.cksum1, s2 = pos.cksum2;
-    std::vector<unsigned char> buf(kWalFrameHeaderSize + page_size);
-    for (uint64_t i = captured_.frame + 1; i <= frame; ++i) {
-        const unsigned char* fhp;
-        const unsigned char* pg;
-        if (i < frame) {
-            if (!pread_full(fd.fd, buf.data(), buf.size(), wal_frame_offset(page_size, i)))
-                return make_error(ErrorKind::Corrupt, "WAL frame " + std::to_string(i) + " is missing", "WalShort");
-            fhp = buf.data();
-            pg = buf.data() + kWalFrameHeaderSize;
-        } else {
-            fhp = frame_header;
-            pg = page;
-        }
-        if (!verify_frame(*hdr, fhp, pg, s1, s2)) {
-            request_snapshot("sync commit: WAL checksum chain broken");
-            return make_error(ErrorKind::Corrupt, "WAL frame " + std::to_string(i) + " breaks the checksum chain",
-                              "WalChain");
-        }
-        WalFrameHeader f = parse_frame_header(fhp);
-        t.frames.push_back(SegmentFrame{f.pgno, std::string(reinterpret_cast<const char*>(pg), page_size)});
-        t.bytes += page_size;
-        if (f.is_commit() && i < frame) {
-            // An earlier commit not yet observed (should not happen in sync mode): keep it as its own transaction.
-            t.db_pages = f.db_size;
-            t.commit_us = now_us();
-            t.end = WalPosition{hdr->salt1, hdr->salt2, i, s1, s2};
-            txn.push_back(std::move(t));
-            t = PendingTxn{};
-        }
+    if (Status st = frames_to_txns(*hdr, from, frames, pos, txn, now_us(), 0); !st) {
+        request_snapshot("sync commit: WAL checksum chain broken");
+        return st;
     }
-    t.db_pages = fh.db_size;
-    t.commit_us = now_us();
-    t.end = WalPosition{hdr->salt1, hdr->salt2, frame, s1, s2};
     uint64_t idx;
     {
         std::lock_guard olock(obs_mu_);
         idx = noted_index_.load() + 1;
         noted_index_.store(idx);
     }
-    t.commit_index = idx;
-    txn.push_back(std::move(t));
+    // An earlier commit not yet observed (should not happen in sync mode)
+    // stays its own transaction, completing the previous observation.
+    for (auto& x : txn) x.commit_index = idx - 1;
+    txn.back().commit_index = idx;
     WalPosition before = captured_;
     for (auto& x : txn) {
-        if (x.commit_index == 0) x.commit_index = idx - 1;
         pending_bytes_ += x.bytes;
         pending_.push_back(std::move(x));
     }
@@ -1544,6 +1624,10 @@ std::string Replicator::status_json() const {
                       : unshipped_bytes_.load() > config_.max_pending_bytes ? "wal"
                                                                               : "memory";
     j["wal_bytes"] = wal_bytes_.load();
+    // Frames kept as they were written (tee.h), and frames the uploader had
+    // to read back from the WAL because the tee lacked them.
+    j["tee_bytes"] = tee_.bytes();
+    j["wal_frames_read"] = wal_frames_read_.load();
     j["wal_budget"] = {{"max_wal_bytes", config_.max_wal_bytes},
                        {"policy", config_.wal_budget_fail ? "fail" : "warn"},
                        {"exceeded", wal_over_budget_.load()}};

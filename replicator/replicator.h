@@ -26,6 +26,7 @@
 #include "replicator/config.h"
 #include "replicator/format.h"
 #include "replicator/leader_lock.h"
+#include "replicator/tee.h"
 #include "replicator/wal.h"
 #include "s3/client.h"
 #include "s3/result.h"
@@ -113,6 +114,12 @@ public:
     bool wal_write_allowed(uint64_t end);
     // The WAL was restarted (a new header at offset 0).
     void note_wal_restart() { wal_bytes_.store(0); wal_over_budget_.store(false); }
+    // A successful write of the WAL by a connection of this process: the
+    // tee keeps the frame bytes (tee.h), so nothing reads them back. Cheap:
+    // a copy under a short mutex; never fails the write.
+    void tee_write(uint64_t off, const void* p, size_t n, uint32_t page_size) noexcept {
+        if (enabled_) tee_.write(off, static_cast<const unsigned char*>(p), n, page_size, pending_bytes_.load());
+    }
 
     // ---- SQL surface ----
     Result<WalPosition> flush(std::chrono::milliseconds timeout);  // bottomless_flush()
@@ -176,8 +183,17 @@ private:
     Status upload_pending(Lock& lock, bool force, std::chrono::steady_clock::time_point deadline);
     Status upload_inflight(Lock& lock);
     Status take_snapshot(Lock& lock);
-    Status read_frames(int wal_fd, const WalHeader& hdr, uint64_t from, uint64_t to, WalPosition& pos,
-                       std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index);
+    // The WAL header of epoch (salt1, salt2): remembered, from the tee, or
+    // read from the file while it is still in that epoch.
+    std::optional<WalHeader> epoch_header(uint32_t salt1, uint32_t salt2, class WalFile& wal);
+    // Frames [from, to] of epoch `hdr`, which end with a commit, into
+    // pending_ (from the tee, or read from the WAL when the tee lacks them).
+    Status capture_range(const WalHeader& hdr, uint64_t from, uint64_t to, WalFile& wal, int64_t commit_us,
+                         uint64_t commit_index);
+    // The frames of one or more transactions, after `captured_`, checked
+    // against the checksum chain, into `out`; `pos` ends at the last commit.
+    Status frames_to_txns(const WalHeader& hdr, uint64_t from, std::vector<TeeFrame>& frames, WalPosition& pos,
+                          std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index);
     void mark_durable(const WalPosition& pos, uint64_t commit_index);
     void request_snapshot(const std::string& reason);
     bool write_state_file(bool clean_close);  // false (logged) if it could not be written
@@ -214,6 +230,9 @@ private:
     std::atomic<int64_t> oldest_unshipped_us_{0};  // commit time of the oldest commit not yet durable (0: none)
     std::atomic<uint64_t> wal_bytes_{0};           // highest WAL offset written since the last restart
     std::atomic<bool> wal_over_budget_{false};     // warned about this WAL epoch's size already
+    std::atomic<uint64_t> pending_bytes_{0};       // bytes of pending_ (captured, not yet in a segment)
+    std::atomic<uint64_t> wal_frames_read_{0};     // frames read back from the WAL file (the tee lacked them)
+    Tee tee_;
 
     // net_mu_ serialises network work (segment uploads, snapshots, sync
     // commits); it is taken before upload_mu_. upload_mu_ guards the state
@@ -230,7 +249,7 @@ private:
     WalPosition durable_;           // last frame durable in S3
     uint32_t page_size_ = 0;
     std::vector<PendingTxn> pending_;
-    uint64_t pending_bytes_ = 0;
+    std::optional<WalHeader> epoch_hdr_;  // the header of captured_'s WAL epoch, once known
     std::optional<InFlight> inflight_;
     bool need_snapshot_ = false;
     bool deferred_check_ = false;  // started offline: verify_bucket() before any upload

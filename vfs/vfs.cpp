@@ -31,6 +31,7 @@
 */
 #include "vfs/vfs.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -75,6 +76,12 @@ struct ShimFile {
     uint32_t salt1 = 0, salt2 = 0;
     bool commit_pending = false;       // a commit frame header was seen (or is held)
     bool commit_held = false;          // sync mode: header and page not yet written
+    // Sync mode: the held commit frame's header came with zero salts and
+    // checksums (a transaction that rewrote frames in place: SQLite fills
+    // them in at commit, reading the frames back, walRewriteChecksums). Its
+    // final header is the second write at commit_offset; reads of the held
+    // frame are answered from memory meanwhile.
+    bool commit_wait_cksum = false;
     sqlite3_int64 commit_offset = 0;   // offset of the commit frame's header
     unsigned char commit_header[24];
     std::string commit_page;           // sync mode: page bytes gathered so far
@@ -322,6 +329,61 @@ bool is_frame_header(const ShimFile* s, int n, sqlite3_int64 off) {
     return (off - 32) % (static_cast<sqlite3_int64>(s->page_size) + 24) == 0;
 }
 
+// A connection that opened the WAL before any header was written learns the
+// page size from the header once (the geometry is fixed in WAL mode).
+void learn_page_size(ShimFile* s) {
+    if (s->page_size) return;
+    unsigned char hdr[32];
+    sqlite3_file* l = s->lower();
+    if (l->pMethods->xRead(l, hdr, 32, 0) == SQLITE_OK)
+        if (auto h = replicator::parse_wal_header(hdr)) s->page_size = h->page_size;
+}
+
+// Sync mode: the held commit frame is complete (its final header and its
+// page): ship the transaction, then write the frame. A failure keeps the
+// commit frame off the disk, so the transaction cannot come back in WAL
+// recovery after a crash.
+int write_held_commit(ShimFile* s, Replicator* r) {
+    sqlite3_file* l = s->lower();
+    uint64_t frame = static_cast<uint64_t>((s->commit_offset - 32) / (s->page_size + 24)) + 1;
+    s->commit_held = false;
+    s->commit_pending = false;
+    s->commit_wait_cksum = false;
+    auto st = r->commit_sync(frame, s->commit_header, reinterpret_cast<const unsigned char*>(s->commit_page.data()),
+                             s->page_size);
+    if (!st) {
+        sqlite3_log(SQLITE_IOERR_WRITE, "bottomless: %s", st.error().message.c_str());
+        log::error(st.error().message);
+        return SQLITE_IOERR_WRITE;
+    }
+    int rc = l->pMethods->xWrite(l, s->commit_header, 24, s->commit_offset);
+    if (rc == SQLITE_OK)
+        rc = l->pMethods->xWrite(l, s->commit_page.data(), static_cast<int>(s->commit_page.size()), s->commit_offset + 24);
+    if (rc == SQLITE_OK) {
+        r->tee_write(static_cast<uint64_t>(s->commit_offset), s->commit_header, 24, s->page_size);
+        r->tee_write(static_cast<uint64_t>(s->commit_offset) + 24, s->commit_page.data(), s->commit_page.size(),
+                     s->page_size);
+    }
+    return rc;
+}
+
+int wal_read(sqlite3_file* f, void* buf, int n, sqlite3_int64 off) {
+    ShimFile* s = shim(f);
+    sqlite3_file* l = s->lower();
+    int rc = l->pMethods->xRead(l, buf, n, off);
+    if (!s->commit_held || (rc != SQLITE_OK && rc != SQLITE_IOERR_SHORT_READ)) return rc;
+    // The held commit frame is not on disk yet: SQLite reads what it wrote.
+    const sqlite3_int64 start = s->commit_offset, end = start + 24 + static_cast<sqlite3_int64>(s->commit_page.size());
+    const sqlite3_int64 lo = std::max(off, start), hi = std::min(off + n, end);
+    if (lo >= hi) return rc;
+    auto* out = static_cast<unsigned char*>(buf);
+    for (sqlite3_int64 i = lo; i < hi; ++i) {
+        const sqlite3_int64 k = i - start;
+        out[i - off] = k < 24 ? s->commit_header[k] : static_cast<unsigned char>(s->commit_page[static_cast<size_t>(k - 24)]);
+    }
+    return hi == off + n || rc == SQLITE_OK ? SQLITE_OK : rc;
+}
+
 int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
     ShimFile* s = shim(f);
     sqlite3_file* l = s->lower();
@@ -342,6 +404,7 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
             if (rc == SQLITE_OK) {
                 r->note_wal_restart();
                 if (auto h = replicator::parse_wal_header(p)) {
+                    r->tee_write(0, buf, static_cast<size_t>(n), h->page_size);
                     s->page_size = h->page_size;
                     s->salt1 = h->salt1;
                     s->salt2 = h->salt2;
@@ -350,7 +413,14 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
             }
             return rc;
         }
+        learn_page_size(s);
         if (is_frame_header(s, n, off)) {
+            if (s->commit_held && off == s->commit_offset) {
+                // The held commit frame's final header (walRewriteChecksums).
+                std::memcpy(s->commit_header, p, 24);
+                if (s->commit_wait_cksum && s->commit_page.size() == s->page_size) return write_held_commit(s, r);
+                return SQLITE_OK;
+            }
             // Writers never wait for S3; past the WAL budget the policy
             // decides (SQLite rolls the transaction back on SQLITE_FULL).
             if (!r->wal_write_allowed(static_cast<uint64_t>(off) + 24 + s->page_size)) {
@@ -364,34 +434,22 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
                 std::memcpy(s->commit_header, p, 24);
                 if (r->sync_mode()) {
                     s->commit_held = true;  // written only once durable in S3
+                    s->commit_wait_cksum = (be32(p + 8) | be32(p + 12)) == 0;
                     s->commit_page.clear();
                     return SQLITE_OK;
                 }
             }
-            return l->pMethods->xWrite(l, buf, n, off);
+            int rc = l->pMethods->xWrite(l, buf, n, off);
+            if (rc == SQLITE_OK) r->tee_write(static_cast<uint64_t>(off), buf, static_cast<size_t>(n), s->page_size);
+            return rc;
         }
         if (s->commit_held && off == s->commit_offset + 24 + static_cast<sqlite3_int64>(s->commit_page.size())) {
             s->commit_page.append(reinterpret_cast<const char*>(p), static_cast<size_t>(n));
-            if (s->commit_page.size() < s->page_size) return SQLITE_OK;
-            uint64_t frame = static_cast<uint64_t>((s->commit_offset - 32) / (s->page_size + 24)) + 1;
-            s->commit_held = false;
-            s->commit_pending = false;
-            auto st = r->commit_sync(frame, s->commit_header,
-                                     reinterpret_cast<const unsigned char*>(s->commit_page.data()), s->page_size);
-            if (!st) {
-                // The commit frame never reaches the disk: the transaction fails
-                // here and cannot come back in WAL recovery after a crash.
-                sqlite3_log(SQLITE_IOERR_WRITE, "bottomless: %s", st.error().message.c_str());
-                log::error(st.error().message);
-                return SQLITE_IOERR_WRITE;
-            }
-            int rc = l->pMethods->xWrite(l, s->commit_header, 24, s->commit_offset);
-            if (rc == SQLITE_OK)
-                rc = l->pMethods->xWrite(l, s->commit_page.data(), static_cast<int>(s->commit_page.size()),
-                                         s->commit_offset + 24);
-            return rc;
+            if (s->commit_page.size() < s->page_size || s->commit_wait_cksum) return SQLITE_OK;
+            return write_held_commit(s, r);
         }
         int rc = l->pMethods->xWrite(l, buf, n, off);
+        if (rc == SQLITE_OK && off >= 32) r->tee_write(static_cast<uint64_t>(off), buf, static_cast<size_t>(n), s->page_size);
         if (rc == SQLITE_OK && s->commit_pending && !s->commit_held &&
             off + n >= s->commit_offset + 24 + static_cast<sqlite3_int64>(s->page_size) && off > s->commit_offset) {
             s->commit_pending = false;
@@ -445,6 +503,7 @@ void build_tables() {
     m.xUnfetch = x_unfetch;
     sqlite3_io_methods w = m;
     w.xWrite = wal_write;
+    w.xRead = wal_read;
     w.xTruncate = wal_truncate;
     for (int v = 1; v <= 3; ++v) {
         // Same version as the lower file; the slots it lacks stay null.

@@ -1,0 +1,171 @@
+// The tee (tee.h): frames as SQLite writes them, placed by offset.
+#include "replicator/tee.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace bottomless::replicator {
+
+namespace {
+// Epochs kept at most (each restart with unshipped frames adds one); past
+// it the oldest is forgotten and its frames, if still needed, come from the
+// WAL or a snapshot.
+constexpr size_t kMaxEpochs = 64;
+}  // namespace
+
+Tee::Epoch* Tee::find(uint32_t salt1, uint32_t salt2) {
+    for (auto it = epochs_.rbegin(); it != epochs_.rend(); ++it)
+        if (it->salt1 == salt1 && it->salt2 == salt2) return &*it;
+    return nullptr;
+}
+
+const Tee::Epoch* Tee::find(uint32_t salt1, uint32_t salt2) const {
+    return const_cast<Tee*>(this)->find(salt1, salt2);
+}
+
+Tee::Epoch& Tee::newest_for(uint32_t salt1, uint32_t salt2, uint32_t page_size) {
+    if (Epoch* e = find(salt1, salt2)) return *e;
+    if (epochs_.size() >= kMaxEpochs) {
+        Epoch& old = epochs_.front();
+        erase_frames(old, old.frames.begin(), old.frames.end());
+        epochs_.pop_front();
+    }
+    Epoch e;
+    e.salt1 = salt1;
+    e.salt2 = salt2;
+    e.page_size = page_size;
+    epochs_.push_back(std::move(e));
+    hole_.store(false, std::memory_order_relaxed);  // the hole was in the previous epoch
+    return epochs_.back();
+}
+
+void Tee::erase_frames(Epoch& e, std::map<uint64_t, TeeFrame>::iterator from,
+                       std::map<uint64_t, TeeFrame>::iterator to) {
+    uint64_t freed = 0;
+    for (auto it = from; it != to; ++it) freed += kWalFrameHeaderSize + e.page_size;
+    e.frames.erase(from, to);
+    bytes_.fetch_sub(std::min(freed, bytes_.load(std::memory_order_relaxed)), std::memory_order_relaxed);
+}
+
+void Tee::write(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes) noexcept {
+    try {
+        std::lock_guard lock(mu_);
+        write_locked(off, p, n, page_size, other_bytes);
+    } catch (...) {
+        // Out of memory: the frame is not kept; the WAL keeps it.
+        hole_.store(true, std::memory_order_relaxed);
+    }
+}
+
+void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes) {
+    if (page_size < 512 || page_size > 65536) return;
+    if (off < kWalHeaderSize) {
+        if (off == 0 && n >= kWalHeaderSize) {
+            if (auto h = parse_wal_header(p)) newest_for(h->salt1, h->salt2, h->page_size).header = *h;
+        }
+        size_t skip = static_cast<size_t>(std::min<uint64_t>(n, kWalHeaderSize - off));
+        p += skip;
+        off += skip;
+        n -= skip;
+    }
+    const uint64_t fsz = kWalFrameHeaderSize + page_size;
+    while (n > 0) {
+        const uint64_t i = (off - kWalHeaderSize) / fsz + 1;
+        const uint64_t within = (off - kWalHeaderSize) % fsz;
+        const size_t len = static_cast<size_t>(std::min<uint64_t>(n, fsz - within));
+        Epoch* e = nullptr;
+        if (within == 0 && len >= kWalFrameHeaderSize && (read_be32(p + 8) | read_be32(p + 12)) != 0) {
+            // A frame header names its epoch (its salts): a restart shows here
+            // even when another connection of this process wrote the header.
+            last_salt1_ = read_be32(p + 8);
+            last_salt2_ = read_be32(p + 12);
+            e = &newest_for(last_salt1_, last_salt2_, page_size);
+        } else {
+            // A page, or a frame header with zero salts and checksums: once a
+            // transaction has rewritten a frame in place, SQLite writes its
+            // new frames that way and fills both in at commit
+            // (walRewriteChecksums). Either belongs to the last epoch seen.
+            e = find(last_salt1_, last_salt2_);  // the rest of a frame whose header came just before
+        }
+        if (e && e->page_size == page_size) {
+            auto it = e->frames.find(i);
+            if (it == e->frames.end() && within == 0) {
+                if (bytes_.load(std::memory_order_relaxed) + fsz + other_bytes > cap_) {
+                    if (e == &epochs_.back()) hole_.store(true, std::memory_order_relaxed);
+                } else {
+                    TeeFrame f;
+                    f.page.resize(page_size);
+                    it = e->frames.emplace(i, std::move(f)).first;
+                    bytes_.fetch_add(fsz, std::memory_order_relaxed);
+                }
+            }
+            if (it != e->frames.end()) {
+                TeeFrame& f = it->second;
+                size_t done = 0;
+                if (within < kWalFrameHeaderSize) {
+                    done = static_cast<size_t>(std::min<uint64_t>(len, kWalFrameHeaderSize - within));
+                    std::memcpy(f.header + within, p, done);
+                }
+                if (done < len) {
+                    const uint64_t page_off = within + done - kWalFrameHeaderSize;
+                    std::memcpy(f.page.data() + page_off, p + done, len - done);
+                }
+            }
+        }
+        p += len;
+        off += len;
+        n -= len;
+    }
+}
+
+bool Tee::holds(uint32_t salt1, uint32_t salt2, uint64_t from, uint64_t to) const {
+    std::lock_guard lock(mu_);
+    if (from > to) return true;
+    const Epoch* e = find(salt1, salt2);
+    if (!e) return false;
+    auto it = e->frames.find(from);
+    for (uint64_t i = from; i <= to; ++i, ++it)
+        if (it == e->frames.end() || it->first != i) return false;
+    return true;
+}
+
+bool Tee::take(uint32_t salt1, uint32_t salt2, uint64_t from, uint64_t to, std::vector<TeeFrame>& out) {
+    std::lock_guard lock(mu_);
+    if (from > to) return true;
+    Epoch* e = find(salt1, salt2);
+    if (!e) return false;
+    auto first = e->frames.find(from);
+    auto it = first;
+    for (uint64_t i = from; i <= to; ++i, ++it)
+        if (it == e->frames.end() || it->first != i) return false;
+    out.reserve(out.size() + static_cast<size_t>(to - from + 1));
+    for (auto x = first; x != it; ++x) out.push_back(std::move(x->second));
+    erase_frames(*e, e->frames.begin(), it);
+    return true;
+}
+
+std::optional<WalHeader> Tee::header(uint32_t salt1, uint32_t salt2) const {
+    std::lock_guard lock(mu_);
+    const Epoch* e = find(salt1, salt2);
+    return e ? e->header : std::nullopt;
+}
+
+void Tee::trim(uint32_t salt1, uint32_t salt2, uint64_t frame) {
+    std::lock_guard lock(mu_);
+    auto it = std::find_if(epochs_.begin(), epochs_.end(),
+                           [&](const Epoch& e) { return e.salt1 == salt1 && e.salt2 == salt2; });
+    // An epoch the tee never saw: every epoch it holds may still be needed.
+    if (it == epochs_.end()) return;
+    for (auto x = epochs_.begin(); x != it; ++x) erase_frames(*x, x->frames.begin(), x->frames.end());
+    it = epochs_.erase(epochs_.begin(), it);
+    erase_frames(*it, it->frames.begin(), it->frames.upper_bound(frame));
+}
+
+void Tee::clear() {
+    std::lock_guard lock(mu_);
+    epochs_.clear();
+    bytes_.store(0, std::memory_order_relaxed);
+    hole_.store(false, std::memory_order_relaxed);
+}
+
+}  // namespace bottomless::replicator

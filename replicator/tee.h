@@ -1,0 +1,94 @@
+// The tee: WAL frames kept as this process's connections write them, so that
+// nothing reads the WAL back to ship them (issue 9).
+//
+// The VFS hands over every successful write to the -wal file. Bytes land in
+// the frame they belong to (by offset), whatever pieces SQLite writes them
+// in: a frame header and its page separately, a page split at a sync point,
+// a frame rewritten in place before its transaction commits, frame headers
+// rewritten at commit with new checksums (walRewriteChecksums), padding
+// frames. Frames are tentative: the tee does not know which are committed.
+// The replicator takes a frame range once a commit covers it (the wal-index
+// says so), and checks every frame against the WAL checksum chain as it
+// does for frames read from the file; a frame the tee got wrong or never
+// saw (a writer outside this process, memory full) is read from the file by
+// the uploader instead.
+//
+// Epochs: a WAL restart starts a new epoch (new salts). Frames of earlier
+// epochs stay until taken or trimmed: a restart with unshipped frames moves
+// nothing, the frames are simply still here.
+//
+// Memory: a frame is kept only while the tee and the replicator's pending
+// frames together stay within the cap; past it the frame is dropped (a hole:
+// the uploader reads it from the WAL, which keeps it until it is durable).
+//
+// Thread safety: one mutex, held for a copy or a map operation, never for
+// I/O. write() is noexcept: a tee that cannot keep a frame forgets it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "replicator/wal.h"
+
+namespace bottomless::replicator {
+
+struct TeeFrame {
+    unsigned char header[kWalFrameHeaderSize] = {0};
+    std::string page;  // page_size bytes
+};
+
+class Tee {
+public:
+    explicit Tee(uint64_t cap_bytes) : cap_(cap_bytes) {}
+
+    // A successful write of `n` bytes at offset `off` of the WAL, whose
+    // pages are `page_size` bytes. `other_bytes`: memory the replicator
+    // already holds for unshipped frames (counted against the cap).
+    void write(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes) noexcept;
+
+    // Whether frames [from, to] of the epoch (salt1, salt2) are all held.
+    bool holds(uint32_t salt1, uint32_t salt2, uint64_t from, uint64_t to) const;
+    // Moves frames [from, to] of the epoch out (and forgets that epoch's
+    // frames before `from`). False, and nothing moved, unless all are held.
+    bool take(uint32_t salt1, uint32_t salt2, uint64_t from, uint64_t to, std::vector<TeeFrame>& out);
+    // The epoch's WAL header, if the tee saw it written.
+    std::optional<WalHeader> header(uint32_t salt1, uint32_t salt2) const;
+    // Everything up to frame `frame` of epoch (salt1, salt2) is shipped or
+    // covered otherwise: forget it, and every older epoch.
+    void trim(uint32_t salt1, uint32_t salt2, uint64_t frame);
+    void clear();
+
+    // A frame of the newest epoch was dropped (memory full, or an error):
+    // until that epoch ends, the WAL is the only copy of some frames.
+    bool has_hole() const { return hole_.load(std::memory_order_relaxed); }
+    uint64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+
+private:
+    struct Epoch {
+        uint32_t salt1 = 0, salt2 = 0;
+        uint32_t page_size = 0;
+        std::optional<WalHeader> header;
+        std::map<uint64_t, TeeFrame> frames;  // by frame number (1-based)
+    };
+    // The epoch (salt1, salt2), or null. Callers hold mu_.
+    Epoch* find(uint32_t salt1, uint32_t salt2);
+    const Epoch* find(uint32_t salt1, uint32_t salt2) const;
+    Epoch& newest_for(uint32_t salt1, uint32_t salt2, uint32_t page_size);  // creates it when new
+    void erase_frames(Epoch& e, std::map<uint64_t, TeeFrame>::iterator from, std::map<uint64_t, TeeFrame>::iterator to);
+    void write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes);
+
+    const uint64_t cap_;
+    mutable std::mutex mu_;
+    uint32_t last_salt1_ = 0, last_salt2_ = 0;  // of the last frame header written: its page follows
+    std::deque<Epoch> epochs_;  // oldest first; back() is the WAL's current epoch as far as the tee knows
+    std::atomic<uint64_t> bytes_{0};
+    std::atomic<bool> hole_{false};
+};
+
+}  // namespace bottomless::replicator
