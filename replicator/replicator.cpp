@@ -119,19 +119,29 @@ namespace {
 // restore of a large database) before it gives up with SQLITE_BUSY.
 constexpr std::chrono::seconds kStartupWait{120};
 
-// The registry of running replicators by canonical path. A recursive mutex:
-// a replicator that fails to start is destroyed inside acquire(), and the
-// destructor takes the lock too (it serialises a closing replicator's final
-// flush with a new one for the same file).
-std::recursive_mutex& registry_mu() {
-    static auto* mu = new std::recursive_mutex();
+// The registry of replicators by canonical path. Its lock is held only to
+// look up or change an entry, never across I/O or a thread join: a
+// database's start-up (S3 requests, a restore) and shutdown (the final
+// flush) run outside it, so opening or closing one database never waits for
+// another. An entry is "opening" while its start-up runs, and stays, expired,
+// while a closed replicator's final flush runs; an acquire() of the same path
+// waits for either to finish (registry_cv).
+struct RegistryEntry {
+    std::weak_ptr<Replicator> replicator;
+    bool opening = false;
+};
+std::mutex& registry_mu() {
+    static auto* mu = new std::mutex();
     return *mu;
 }
-std::map<std::string, std::weak_ptr<Replicator>>& registry() {
-    static auto* m = new std::map<std::string, std::weak_ptr<Replicator>>();
+std::condition_variable& registry_cv() {
+    static auto* cv = new std::condition_variable();
+    return *cv;
+}
+std::map<std::string, RegistryEntry>& registry() {
+    static auto* m = new std::map<std::string, RegistryEntry>();
     return *m;
 }
-
 
 bool stat_file(const std::string& path, struct stat& st) { return ::stat(path.c_str(), &st) == 0; }
 
@@ -274,30 +284,57 @@ Replicator::Replicator(std::string path, ReplicatorConfig config)
 std::shared_ptr<Replicator> Replicator::find(const std::string& path) {
     std::lock_guard lock(registry_mu());
     auto it = registry().find(path);
-    return it == registry().end() ? nullptr : it->second.lock();
+    return it == registry().end() ? nullptr : it->second.replicator.lock();
 }
 
 Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path, const ReplicatorConfig& config,
                                                        long* leader_elsewhere) {
-    std::lock_guard lock(registry_mu());
-    if (auto it = registry().find(path); it != registry().end()) {
-        if (auto r = it->second.lock()) {
-            // Another key must not pass unnoticed just because the database
-            // is already open: that open would believe its key is right.
-            if (r->config_.encryption.kind() != config.encryption.kind() ||
-                r->config_.encryption.material() != config.encryption.material())
-                return make_error(ErrorKind::InvalidArgument,
-                                  "database " + path + " is already open in this process with " +
-                                      (r->cipher_ ? "encryption key id " + r->cipher_->key_id() : "no encryption") +
-                                      "; this open gives " +
-                                      (config.encryption.empty() ? "no key" : "another key or passphrase"),
-                                  "EncryptionMismatch");
-            if (r->config_.bucket != config.bucket || r->config_.db_id != config.db_id)
-                log::warn("database " + path + " is already replicated to bucket '" + r->config_.bucket + "' as '" +
-                          r->config_.db_id + "'; the settings of this open are ignored");
-            return r;
+    {
+        std::unique_lock lock(registry_mu());
+        for (;;) {
+            auto it = registry().find(path);
+            if (it == registry().end()) break;
+            if (!it->second.opening) {
+                if (auto r = it->second.replicator.lock()) {
+                    lock.unlock();
+                    // Another key must not pass unnoticed just because the database
+                    // is already open: that open would believe its key is right.
+                    if (r->config_.encryption.kind() != config.encryption.kind() ||
+                        r->config_.encryption.material() != config.encryption.material())
+                        return make_error(ErrorKind::InvalidArgument,
+                                          "database " + path + " is already open in this process with " +
+                                              (r->cipher_ ? "encryption key id " + r->cipher_->key_id()
+                                                          : "no encryption") +
+                                              "; this open gives " +
+                                              (config.encryption.empty() ? "no key" : "another key or passphrase"),
+                                          "EncryptionMismatch");
+                    if (r->config_.bucket != config.bucket || r->config_.db_id != config.db_id)
+                        log::warn("database " + path + " is already replicated to bucket '" + r->config_.bucket +
+                                  "' as '" + r->config_.db_id + "'; the settings of this open are ignored");
+                    return r;
+                }
+            }
+            // Starting up, or closing (its final flush): wait for it.
+            registry_cv().wait(lock);
         }
+        registry()[path] = RegistryEntry{{}, true};
     }
+    // From here this thread owns the path's start-up; the marker goes on
+    // every way out (a failure, a follower, an exception).
+    std::shared_ptr<Replicator> started;
+    struct Marker {
+        const std::string& path;
+        std::shared_ptr<Replicator>& started;
+        ~Marker() {
+            {
+                std::lock_guard lock(registry_mu());
+                if (started) registry()[path] = RegistryEntry{started, false};
+                else registry().erase(path);
+            }
+            registry_cv().notify_all();
+        }
+    } marker{path, started};
+
     // Before anything touches the bucket or the state file: is another
     // process replicating this database? Two replicating processes would
     // each ship to a generation of their own and the newest would lack the
@@ -312,7 +349,8 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
     r->leader_lock_.emplace(std::move(election).value());
     if (auto st = r->startup(); !st) return std::move(st).error();
     r->leader_lock_->startup_done();
-    registry()[path] = r;
+    r->registered_ = true;
+    started = r;
     return r;
 }
 
@@ -680,7 +718,8 @@ void Replicator::start_uploader() {
 }
 
 Replicator::~Replicator() {
-    std::lock_guard reg(registry_mu());
+    // The final flush runs without the registry's lock; an open of this
+    // path meanwhile waits for the entry to go (below).
     if (thread_.joinable()) {
         {
             std::lock_guard lock(cv_mu_);
@@ -692,8 +731,17 @@ Replicator::~Replicator() {
     }
     if (enabled_) write_state_file(/*clean_close=*/true);
     if (db_fd_ >= 0) ::close(db_fd_);  // the last connection is gone: no SQLite lock can be dropped
-    auto it = registry().find(path_);
-    if (it != registry().end() && it->second.expired()) registry().erase(it);
+    // Before the entry goes: the next replicator of this path (perhaps in
+    // this process) must find the leadership free.
+    leader_lock_.reset();
+    if (registered_) {
+        {
+            std::lock_guard lock(registry_mu());
+            auto it = registry().find(path_);
+            if (it != registry().end() && !it->second.opening && it->second.replicator.expired()) registry().erase(it);
+        }
+        registry_cv().notify_all();
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -927,6 +975,7 @@ Status Replicator::capture() {
         commits_.insert(commits_.begin(), todo.begin(), todo.end());
     }
     tee_.trim(captured_.salt1, captured_.salt2, captured_.frame);
+    tee_.captured_through(captured_.salt1, captured_.salt2, captured_.frame);
     return result;
 }
 
@@ -1082,7 +1131,12 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         }
         pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
         pending_bytes_ -= std::min(pending_bytes_.load(), bytes);
+        // Compressing (and encrypting) up to batch_max_bytes takes a while:
+        // not under upload_mu_, which a writer restarting the WAL needs.
+        // net_mu_ (held by our caller) keeps other uploads out meanwhile.
+        lock.unlock();
         f.bytes = encode_segment(f.header, frames, &f.sha256, cipher_.get());
+        lock.lock();
         inflight_ = std::move(f);
         if (!pending_.empty()) first_pending_time_ = Clock::now();
     }
@@ -1650,9 +1704,15 @@ std::string Replicator::status_json() const {
 }
 
 void Replicator::for_each(const std::function<void(const Replicator&)>& fn) {
-    std::lock_guard lock(registry_mu());
-    for (auto& [path, weak] : registry())
-        if (auto r = weak.lock()) fn(*r);
+    std::vector<std::shared_ptr<Replicator>> running;
+    {
+        std::lock_guard lock(registry_mu());
+        for (auto& [path, entry] : registry())
+            if (auto r = entry.replicator.lock()) running.push_back(std::move(r));
+    }
+    // Outside the lock: the last reference may go here, and a destructor
+    // takes the registry's lock.
+    for (const auto& r : running) fn(*r);
 }
 
 ReplicatorMetrics Replicator::metrics() const {

@@ -82,8 +82,15 @@ public:
     // say what we last observed, or a writer outside bottomless was here.
     void check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_frame);
     // Checkpoints copy WAL pages into the database file; a snapshot being read
-    // needs that file still, so checkpoints wait while one is read.
+    // needs that file still, so checkpoints wait while one is read. Given the
+    // wal-index header: also refused while the WAL could not restart after
+    // the checkpoint (unshipped frames only it holds), so that SQLite's
+    // auto-checkpoint after each commit fails in one lock call instead of
+    // copying pages and syncing the database file for a WAL that must stay.
     bool checkpoint_allowed() const { return !snapshot_active_.load(); }
+    bool checkpoint_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) const {
+        return checkpoint_allowed() && restart_allowed(salt1, salt2, mx_frame);
+    }
     bool wal_is_open() const { return wal_open_.load() > 0; }
     void note_checkpoint(bool active);
     // The database file was written while no WAL was open (rollback-journal
@@ -128,8 +135,8 @@ public:
     Result<std::string> snapshot_now();
     std::string status_json() const;  // bottomless_status()
     // bottomless_metrics() (replicator/metrics.h): a copy of the counters,
-    // and a visit of every running replicator of the process (under the
-    // registry's lock: `fn` must be quick and must not open or close a database).
+    // and a visit of every running replicator of the process (not under
+    // the registry's lock: opens and closes go on meanwhile).
     ReplicatorMetrics metrics() const;
     static void for_each(const std::function<void(const Replicator&)>& fn);
 
@@ -206,7 +213,8 @@ private:
     std::unique_ptr<s3::Client> client_;
     std::shared_ptr<const Cipher> cipher_;  // set by startup(), then read-only; null: plaintext
     bool enabled_ = true;
-    std::optional<LeaderLock> leader_lock_;  // held for the replicator's lifetime (released last)
+    std::optional<LeaderLock> leader_lock_;  // held until the destructor's work is done
+    bool registered_ = false;                // in the registry (acquire() succeeded)
     std::string kdf_text_;  // the passphrase's KDF object (recorded in the state file); set at start-up
     int db_fd_ = -1;  // read-only; closed only when the last connection is gone (POSIX locks)
 

@@ -35,7 +35,7 @@ Tee::Epoch& Tee::newest_for(uint32_t salt1, uint32_t salt2, uint32_t page_size) 
     e.salt2 = salt2;
     e.page_size = page_size;
     epochs_.push_back(std::move(e));
-    hole_.store(false, std::memory_order_relaxed);  // the hole was in the previous epoch
+    hole_upto_.store(0, std::memory_order_relaxed);  // a hole was in the previous epoch
     return epochs_.back();
 }
 
@@ -53,7 +53,7 @@ void Tee::write(uint64_t off, const unsigned char* p, size_t n, uint32_t page_si
         write_locked(off, p, n, page_size, other_bytes);
     } catch (...) {
         // Out of memory: the frame is not kept; the WAL keeps it.
-        hole_.store(true, std::memory_order_relaxed);
+        hole_upto_.store(UINT64_MAX, std::memory_order_relaxed);
     }
 }
 
@@ -91,7 +91,8 @@ void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t 
             auto it = e->frames.find(i);
             if (it == e->frames.end() && within == 0) {
                 if (bytes_.load(std::memory_order_relaxed) + fsz + other_bytes > cap_) {
-                    if (e == &epochs_.back()) hole_.store(true, std::memory_order_relaxed);
+                    if (e == &epochs_.back() && i > hole_upto_.load(std::memory_order_relaxed))
+                        hole_upto_.store(i, std::memory_order_relaxed);
                 } else {
                     TeeFrame f;
                     f.page.resize(page_size);
@@ -165,7 +166,14 @@ void Tee::clear() {
     std::lock_guard lock(mu_);
     epochs_.clear();
     bytes_.store(0, std::memory_order_relaxed);
-    hole_.store(false, std::memory_order_relaxed);
+    hole_upto_.store(0, std::memory_order_relaxed);
+}
+
+void Tee::captured_through(uint32_t salt1, uint32_t salt2, uint64_t frame) {
+    std::lock_guard lock(mu_);
+    if (!epochs_.empty() && epochs_.back().salt1 == salt1 && epochs_.back().salt2 == salt2 &&
+        frame >= hole_upto_.load(std::memory_order_relaxed))
+        hole_upto_.store(0, std::memory_order_relaxed);
 }
 
 }  // namespace bottomless::replicator

@@ -65,8 +65,11 @@ public:
     void clear();
 
     // A frame of the newest epoch was dropped (memory full, or an error):
-    // until that epoch ends, the WAL is the only copy of some frames.
-    bool has_hole() const { return hole_.load(std::memory_order_relaxed); }
+    // the WAL is the only copy of it until it is captured from there.
+    bool has_hole() const { return hole_upto_.load(std::memory_order_relaxed) != 0; }
+    // Frames up to `frame` of epoch (salt1, salt2) are captured (read from
+    // the WAL where the tee lacked them): a hole at or before it is filled.
+    void captured_through(uint32_t salt1, uint32_t salt2, uint64_t frame);
     uint64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
 
 private:
@@ -88,7 +91,7 @@ private:
     uint32_t last_salt1_ = 0, last_salt2_ = 0;  // of the last frame header written: its page follows
     std::deque<Epoch> epochs_;  // oldest first; back() is the WAL's current epoch as far as the tee knows
     std::atomic<uint64_t> bytes_{0};
-    std::atomic<bool> hole_{false};
+    std::atomic<uint64_t> hole_upto_{0};  // the newest epoch's last dropped frame (0: none; max: unknown)
 };
 
 }  // namespace bottomless::replicator

@@ -284,8 +284,12 @@ int shm_lock_veto(ShimFile* s, Replicator* r, int ofst, int n) {
         }
         if (!allowed) return SQLITE_BUSY;
     }
-    if (ofst == kShmCkptLock && n == 1 && !r->checkpoint_allowed()) {
-        return SQLITE_BUSY;  // a snapshot is reading the database file
+    if (ofst == kShmCkptLock && n == 1) {
+        // A snapshot is reading the database file, or the WAL must keep
+        // frames that are not yet durable and not in memory.
+        WalIndexHeader h;
+        if (read_wal_index(s, h) ? !r->checkpoint_allowed(h.salt1, h.salt2, h.mx_frame) : !r->checkpoint_allowed())
+            return SQLITE_BUSY;
     }
     return SQLITE_OK;
 }

@@ -448,3 +448,64 @@ TEST_CASE("a sync commit takes its transaction's frames from the tee", "[core][t
     db.reset();
     CHECK(s.restored_hash("tsync.db") == local);
 }
+
+TEST_CASE("opening one database does not wait for another database's start-up", "[core][registry]") {
+    register_bottomless();
+    Setup s;
+    // slow.db's first start needs S3, which hangs (every request stalls).
+    s.proxy.set_stall_ms(8'000);
+    s.proxy.inject_always(Fault::Stall);
+    std::atomic<bool> slow_done{false};
+    std::thread slow([&] {
+        Db db;
+        std::string err;
+        (void)try_open_db(s.uri("slow.db"), db, err);
+        slow_done.store(true);
+    });
+    while (s.proxy.requests_seen() == 0 && !slow_done.load()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+
+    // fast.db talks to the server directly. Before, acquire() held the
+    // process-wide registry lock through slow.db's start-up.
+    const std::string direct = "file:" + s.dir.file("fast.db") + "?vfs=bottomless&bucket=" + s.bucket.name() +
+                               "&endpoint=http://127.0.0.1:" + std::to_string(server_port());
+    auto t0 = Clock::now();
+    Db fast = open_db(direct);
+    exec(fast.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1)");
+    const std::string metrics = query_text(fast.get(), "SELECT bottomless_metrics()");  // visits every database
+    const double took = seconds_since(t0);
+    const bool slow_still_starting = !slow_done.load();
+    s.proxy.clear();
+    slow.join();
+    CHECK(slow_still_starting);
+    CHECK(took < 2.0);
+    CHECK_THAT(metrics, Catch::Contains("fast.db"));
+    query_text(fast.get(), "SELECT bottomless_flush(30000)");
+}
+
+TEST_CASE("a database reopened while its last close still flushes waits for that flush", "[core][registry]") {
+    register_bottomless();
+    Setup s;
+    const std::string uri = s.uri("re.db", "&batch_interval_ms=60000");
+    for (int round = 0; round < 5; ++round) {
+        std::thread closer;
+        {
+            Db db = open_db(uri);
+            exec(db.get(), "PRAGMA journal_mode=WAL; CREATE TABLE IF NOT EXISTS t(x)");
+            exec(db.get(), "INSERT INTO t VALUES (" + std::to_string(round) + ")");
+            // The close (final flush of an unshipped commit) runs on another
+            // thread while this one reopens at once.
+            closer = std::thread([d = std::move(db)]() mutable { d.reset(); });
+        }
+        Db again = open_db(uri);
+        closer.join();
+        auto st = status(again.get());
+        CHECK(st["role"] == "leader");  // not a follower of its own process
+        CHECK(query_int(again.get(), "SELECT count(*) FROM t") == round + 1);
+    }
+    Db db = open_db(uri);
+    query_text(db.get(), "SELECT bottomless_flush(30000)");
+    CHECK(status(db.get())["snapshots_uploaded"] == 0);
+    const std::string local = content_hash(db.get());
+    db.reset();
+    CHECK(s.restored_hash("re.db") == local);
+}
