@@ -8,6 +8,19 @@
 // (only when nothing committed is unshipped), and — in sync mode — is this
 // commit durable. An uploader thread does the reading, encoding and network
 // work. docs/SEMANTICS.md describes the guarantees.
+//
+// Lock order (a thread holding one may take only those after it):
+//   registry lock (replicator.cpp) — held only to look an entry up or
+//     change it, never with any lock below, never across I/O or a join
+//   net_mu_     network work: segment uploads, snapshots, sync commits
+//   upload_mu_  the upload state (pending transactions, positions, the
+//               generation); released while a request is on the wire or a
+//               segment is compressed
+//   obs_mu_, status_mu_, cv_mu_, the tee's mutex — leaves: held for a
+//     copy or a container operation, never with each other
+// The shm hooks (xShmLock) take only leaves and atomics. Guards are named
+// after their mutex (lock: upload_mu_, olock: obs_mu_, slock: status_mu_,
+// cvlock: cv_mu_, reg: the registry's).
 #pragma once
 
 #include <atomic>

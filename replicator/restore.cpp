@@ -18,6 +18,7 @@
 
 #include "replicator/sqlite_api.h"
 #include "replicator/state_file.h"
+#include "replicator/util.h"
 #include "replicator/wal.h"
 #include "s3/log.h"
 
@@ -25,17 +26,6 @@ namespace bottomless::replicator {
 namespace {
 
 std::string errno_text(int e) { return std::strerror(e); }
-
-bool pwrite_full(int fd, const char* p, size_t n, uint64_t off) {
-    size_t done = 0;
-    while (done < n) {
-        ssize_t w = ::pwrite(fd, p + done, n - done, static_cast<off_t>(off + done));
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return false;
-        done += static_cast<size_t>(w);
-    }
-    return true;
-}
 
 // Disk use of a restore. Object sizes say little about what they decode to
 // (a 262 KB snapshot can declare 8 GiB of zero pages, a few KB of segment

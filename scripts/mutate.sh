@@ -54,8 +54,8 @@ mut wal-frame-checksum "3 continuity (WAL checksums)" replicator/wal.cpp \
 mut vfs-restart-veto "2 nothing unshipped discarded" vfs/vfs.cpp \
     'if (!allowed) return SQLITE_BUSY;' '(void)allowed;' \
     'vfs_tests:S3 outage under async writes: no error to the app, everything durable afterwards;vfs_tests:exclusive locking mode: commits seen without shared memory, WAL restarts staged'
-mut restart-over-memory-cap "2 nothing unshipped discarded" replicator/replicator.cpp \
-    'return unshipped_bytes_.load() <= config_.max_pending_bytes;' 'return true;' \
+mut restart-over-memory-cap "2 nothing unshipped discarded" replicator/capture.cpp \
+    'return !tee_.has_hole() && unshipped_bytes_.load() <= config_.max_pending_bytes;' 'return true;' \
     'vfs_tests:S3 outage under async writes: no error to the app, everything durable afterwards'
 # 3 continuity: restore's chain check.
 mut chain-all "3 continuity (restore)" replicator/restore.cpp \
@@ -79,7 +79,7 @@ mut segment-wrong-object "3/5 a segment under another key" replicator/restore.cp
     'if (sh.db_id != db_id || sh.generation != chosen.id || sh.seq != seq)' 'if (false)' \
     'cli_tests:[chain]'
 # 3 continuity, writer side: a WAL changed behind bottomless's back.
-mut foreign-writer "3 continuity (writer)" replicator/replicator.cpp \
+mut foreign-writer "3 continuity (writer)" replicator/capture.cpp \
     'if (!same_epoch || mx_frame < last_noted_frame_) foreign_writer_.store(true);' \
     'if ((!same_epoch || mx_frame < last_noted_frame_) && false) foreign_writer_.store(true);' \
     'vfs_tests:a writer that bypasses bottomless never makes history vanish'
@@ -98,7 +98,7 @@ mut pitr-cli-choice ">= vs >: point in time (CLI: generation choice)" cli/histor
     'if (g.snapshot_time_us() > *until_us) {' 'if (g.snapshot_time_us() >= *until_us) {' \
     'cli_tests:[pitr]'
 # 4 sync mode: a COMMIT that could not be made durable is refused.
-mut sync-refusal "4 sync: refused unless durable" replicator/replicator.cpp \
+mut sync-refusal "4 sync: refused unless durable" replicator/capture.cpp \
     'if (!st || durable_index_.load() < idx) {' 'if (false) {' \
     'vfs_tests:sync mode: COMMIT is durable when it returns, refused when S3 cannot take it'
 # 5 self-validating objects: the SHA-256 trailer.
@@ -110,7 +110,7 @@ mut trailer-snapshot "5 trailer (snapshots)" replicator/format.cpp \
     'if (r.tail.size() != kTrailerSize || digest != r.tail)' 'if (r.tail.size() != kTrailerSize || (digest != r.tail && false))' \
     'unit_tests:[format]'
 # 5 encryption: the wrong key, at open and at decode; the AEAD tag.
-mut key-at-open "5 wrong key refused at open" replicator/replicator.cpp \
+mut key-at-open "5 wrong key refused at open" replicator/startup.cpp \
     'if (latest && latest_enc && cipher_ && !encryption_switch)' 'if (false)' \
     'vfs_tests:a wrong, missing or unexpected key is named, and nothing is written;vfs_tests:key rotation starts a new generation when forced, and each generation keeps its key'
 # (Not listed: removing restore.cpp's early check_cipher on the snapshot header

@@ -422,7 +422,7 @@ TEST_CASE("the tee ships what SQLite wrote without reading the WAL back", "[core
     INFO(st.dump());
     CHECK(st["wal_frames_read"] == 0);          // every frame came from the tee
     CHECK(st["snapshots_uploaded"] == 1);       // one history, no fallback generation
-    CHECK(st["segments_uploaded"].get<int>() > 1);
+    CHECK(st["segments_uploaded"].get<int>() >= 1);
     CHECK(st["tee_bytes"].get<uint64_t>() < (1u << 20));  // shipped frames are not kept
     const std::string local = content_hash(a.get());
     a.reset();

@@ -1,0 +1,415 @@
+// Capture: what the VFS reports (commits, WAL restarts, checkpoints), the
+// frames of committed transactions taken from the tee (or the WAL) into
+// pending transactions, the WAL's restart guard, and sync commits.
+#include "replicator/replicator.h"
+#include "replicator/replicator_internal.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "replicator/state_file.h"
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+
+void Replicator::note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size) {
+    if (!enabled_) return;
+    std::lock_guard olock(obs_mu_);
+    if (salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_ && frame == last_noted_frame_) return;
+    uint64_t frames = (salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_ && frame > last_noted_frame_)
+                          ? frame - last_noted_frame_
+                          : frame;
+    last_noted_salt1_ = salt1;
+    last_noted_salt2_ = salt2;
+    last_noted_frame_ = frame;
+    if (frame == 0) return;  // a restart without frames yet: nothing to ship
+    Commit c{salt1, salt2, frame, now_us(), noted_index_.load() + 1};
+    commits_.push_back(c);
+    int64_t zero = 0;
+    oldest_unshipped_us_.compare_exchange_strong(zero, c.time_us);
+    noted_index_.store(c.index);
+    unshipped_bytes_.fetch_add(frames * (page_size ? page_size : 4096));
+}
+
+bool Replicator::restart_allowed() const {
+    if (!enabled_) return true;
+    return durable_index_.load() >= noted_index_.load() && !snapshot_active_.load();
+}
+
+bool Replicator::restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) const {
+    if (!enabled_) return true;
+    if (snapshot_active_.load()) return false;  // the snapshot reads WAL frames
+    uint64_t salts = (static_cast<uint64_t>(salt1) << 32) | salt2;
+    if (mx_frame == 0 || (durable_salts_.load() == salts && durable_frame_.load() >= mx_frame)) return true;
+    // Not durable yet: the restart may go ahead if the frames are in memory
+    // (the tee, or pending transactions) and fit there; the WAL keeps them
+    // otherwise. They are in the checkpointed database file too: SQLite
+    // restarts only after a complete checkpoint.
+    return !tee_.has_hole() && unshipped_bytes_.load() <= config_.max_pending_bytes;
+}
+
+void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
+    if (!enabled_) return;
+    std::lock_guard olock(obs_mu_);
+    if (last_noted_salt1_ == 0 && last_noted_salt2_ == 0) return;  // nothing observed yet
+    bool same_epoch = salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_;
+    // A restart we did not see, or a WAL that shrank: frames may have been
+    // lost to a writer outside bottomless. Frames it appended in the same
+    // epoch are fine: the next observation ships them.
+    if (!same_epoch || mx_frame < last_noted_frame_) foreign_writer_.store(true);
+}
+
+void Replicator::note_checkpoint(bool active) { checkpoints_active_.fetch_add(active ? 1 : -1); }
+
+void Replicator::note_write_outside_wal() {
+    if (!enabled_) return;
+    broken_outside_wal_.store(true);
+    snapshot_torn_.store(true);
+}
+
+void Replicator::note_db_write() {
+    if (snapshot_active_.load()) snapshot_torn_.store(true);
+}
+
+void Replicator::note_wal_open(bool open) { wal_open_.fetch_add(open ? 1 : -1); }
+
+void Replicator::wake() {
+    {
+        std::lock_guard cvlock(cv_mu_);
+        wake_ = true;
+    }
+    cv_.notify_all();
+}
+
+bool Replicator::wal_write_allowed(uint64_t end) {
+    if (end > wal_bytes_.load()) wal_bytes_.store(end);
+    if (!enabled_ || config_.max_wal_bytes == 0 || end <= config_.max_wal_bytes) return true;
+    // Over the budget. Ours to answer only while unshipped frames are what
+    // keeps the WAL from restarting; a WAL grown by the application's own
+    // long readers or transactions is SQLite's business.
+    if (durable_index_.load() >= noted_index_.load()) return true;
+    if (!wal_over_budget_.exchange(true)) {
+        const std::string m = path_ + ": the WAL has grown past max_wal_bytes (" +
+                              std::to_string(config_.max_wal_bytes >> 20) +
+                              " MiB) because committed transactions are not in S3 yet (" +
+                              std::to_string(unshipped_bytes_.load() >> 20) + " MiB unshipped; check bottomless_status() "
+                              "last_error). " +
+                              (config_.wal_budget_fail ? "Writes fail with SQLITE_FULL until S3 catches up "
+                                                         "(wal_budget_policy=fail)"
+                                                       : "Writes go on and the WAL keeps growing "
+                                                         "(wal_budget_policy=warn)");
+        log::warn(m);
+        std::lock_guard slock(status_mu_);
+        last_error_ = m;
+        last_error_us_ = now_us();
+    }
+    return !config_.wal_budget_fail;
+}
+
+std::optional<WalHeader> Replicator::epoch_header(uint32_t salt1, uint32_t salt2, WalFile& wal) {
+    if (epoch_hdr_ && epoch_hdr_->salt1 == salt1 && epoch_hdr_->salt2 == salt2) return epoch_hdr_;
+    auto h = tee_.header(salt1, salt2);
+    if (!h) h = wal.header();
+    if (!h || h->salt1 != salt1 || h->salt2 != salt2) return std::nullopt;
+    epoch_hdr_ = h;
+    return h;
+}
+
+Status Replicator::frames_to_txns(const WalHeader& hdr, uint64_t from, std::vector<TeeFrame>& frames, WalPosition& pos,
+                                  std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index) {
+    const uint32_t psz = hdr.page_size;
+    const uint64_t to = from + frames.size() - 1;
+    uint32_t s1 = pos.cksum1, s2 = pos.cksum2;
+    PendingTxn cur;
+    for (uint64_t i = from; i <= to; ++i) {
+        TeeFrame& f = frames[static_cast<size_t>(i - from)];
+        if (f.page.size() != psz || !verify_frame(hdr, f.header, reinterpret_cast<const unsigned char*>(f.page.data()), s1, s2))
+            return make_error(ErrorKind::Corrupt,
+                              "WAL frame " + std::to_string(i) + " does not continue the checksum chain", "WalChain");
+        WalFrameHeader fh = parse_frame_header(f.header);
+        cur.frames.push_back(SegmentFrame{fh.pgno, std::move(f.page)});
+        cur.bytes += psz;
+        if (fh.is_commit()) {
+            cur.db_pages = fh.db_size;
+            cur.commit_us = commit_us;
+            cur.commit_index = i == to ? commit_index : commit_index - 1;
+            cur.end = WalPosition{hdr.salt1, hdr.salt2, i, s1, s2};
+            pos = cur.end;
+            out.push_back(std::move(cur));
+            cur = PendingTxn{};
+        }
+    }
+    if (!cur.frames.empty())
+        return make_error(ErrorKind::Corrupt, "WAL frame " + std::to_string(to) + " does not end a transaction",
+                          "WalChain");
+    return {};
+}
+
+Status Replicator::capture_range(const WalHeader& hdr, uint64_t from, uint64_t to, WalFile& wal, int64_t commit_us,
+                                 uint64_t commit_index) {
+    std::vector<TeeFrame> frames;
+    std::vector<PendingTxn> txns;
+    WalPosition pos = captured_;
+    Status st = make_error(ErrorKind::Corrupt, "not in the tee", "TeeMiss");
+    if (tee_.take(hdr.salt1, hdr.salt2, from, to, frames)) {
+        st = frames_to_txns(hdr, from, frames, pos, txns, commit_us, commit_index);
+        if (!st) log::debug(path_ + ": tee frames " + std::to_string(from) + ".." + std::to_string(to) +
+                            " fail the checksum chain; reading them from the WAL");
+    }
+    if (!st) {
+        // Frames this process did not write, or did not keep (memory): the
+        // WAL still holds them (a restart waits until they are durable).
+        frames.clear();
+        txns.clear();
+        pos = captured_;
+        if (!wal.read(hdr.page_size, from, to, frames))
+            return make_error(ErrorKind::Corrupt, "WAL frames " + std::to_string(from) + ".." + std::to_string(to) +
+                                                      " are missing or short", "WalShort");
+        wal_frames_read_.fetch_add(to - from + 1);
+        st = frames_to_txns(hdr, from, frames, pos, txns, commit_us, commit_index);
+        if (!st) return st;
+    }
+    uint64_t bytes = 0;
+    for (auto& t : txns) {
+        bytes += t.bytes;
+        pending_.push_back(std::move(t));
+    }
+    pending_bytes_ += bytes;
+    captured_ = pos;
+    return {};
+}
+
+Status Replicator::capture() {
+    std::deque<Commit> todo;
+    {
+        std::lock_guard olock(obs_mu_);
+        todo.swap(commits_);
+    }
+    if (todo.empty()) return {};
+    WalFile wal(wal_path_);
+    Status result;
+    while (!todo.empty()) {
+        if (pending_bytes_ >= config_.max_pending_bytes) break;  // the WAL keeps the rest
+        Commit c = todo.front();
+        if (c.salt1 != captured_.salt1 || c.salt2 != captured_.salt2) {
+            auto hdr = epoch_header(c.salt1, c.salt2, wal);
+            if (!hdr) {
+                request_snapshot("the WAL was restarted before its frames could be read (a writer outside bottomless?)");
+                todo.clear();
+                break;
+            }
+            if (page_size_ && hdr->page_size != page_size_) {
+                request_snapshot("the page size changed");
+                todo.clear();
+                break;
+            }
+            page_size_ = hdr->page_size;
+            captured_ = WalPosition{hdr->salt1, hdr->salt2, 0, hdr->cksum1, hdr->cksum2};
+        }
+        if (c.frame <= captured_.frame) {
+            // Already covered (by a snapshot or an earlier observation).
+            if (!pending_.empty()) pending_.back().commit_index = std::max(pending_.back().commit_index, c.index);
+            else if (!inflight_) {
+                uint64_t d = durable_index_.load();
+                if (c.index > d) durable_index_.store(c.index);
+            }
+            todo.pop_front();
+            continue;
+        }
+        auto hdr = epoch_header(captured_.salt1, captured_.salt2, wal);
+        if (!hdr) {
+            request_snapshot("the WAL was restarted before its frames could be read (a writer outside bottomless?)");
+            todo.clear();
+            break;
+        }
+        if (pending_.empty() && !inflight_) first_pending_time_ = Clock::now();
+        auto st = capture_range(*hdr, captured_.frame + 1, c.frame, wal, c.time_us, c.index);
+        if (!st) {
+            request_snapshot("WAL continuity broken: " + st.error().message);
+            todo.clear();
+            result = st;
+            break;
+        }
+        todo.pop_front();
+    }
+    if (!todo.empty()) {
+        std::lock_guard olock(obs_mu_);
+        commits_.insert(commits_.begin(), todo.begin(), todo.end());
+    }
+    tee_.trim(captured_.salt1, captured_.salt2, captured_.frame);
+    tee_.captured_through(captured_.salt1, captured_.salt2, captured_.frame);
+    return result;
+}
+
+Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseconds timeout) {
+    if (!enabled_ || restart_allowed()) return {};
+    // SQLite only restarts, truncates or deletes the WAL after a complete
+    // checkpoint, so every committed frame is already in the (synced)
+    // database file. The frames not yet durable stay in memory: in the tee
+    // (nothing to do here but record how far the epoch went), or, when the
+    // tee lacks some, read into pending transactions now. Only when memory
+    // is full does the writer wait for the network.
+    {
+        Lock lock(upload_mu_);
+        uint32_t s1, s2;
+        uint64_t last;
+        bool one_epoch = true;
+        {
+            std::lock_guard olock(obs_mu_);
+            s1 = last_noted_salt1_;
+            s2 = last_noted_salt2_;
+            last = last_noted_frame_;
+            for (const Commit& c : commits_) one_epoch = one_epoch && c.salt1 == s1 && c.salt2 == s2;
+        }
+        const bool same = captured_.salt1 == s1 && captured_.salt2 == s2;
+        const uint64_t from = same ? captured_.frame + 1 : 1;
+        bool in_memory = one_epoch && tee_.holds(s1, s2, from, last) && (same || tee_.header(s1, s2));
+        if (!in_memory) {
+            (void)capture();  // what the tee lacks is read from the WAL here (rare: memory was full)
+            std::lock_guard olock(obs_mu_);
+            in_memory = commits_.empty();
+        }
+        if (in_memory) {
+            // The epoch goes while some of its frames are only in memory:
+            // say how far it went before it does, so that after a crash the
+            // next start can read them back from the WAL file's old slots
+            // (or, if overwritten, knows it cannot prove the history).
+            if (!generation_.empty() && last > durable_.frame && s1 == durable_.salt1 && s2 == durable_.salt2) {
+                restarted_ = WalPosition{s1, s2, last, 0, 0};
+                if (!write_state_file(false)) {
+                    // An old state without the record would "prove" a history
+                    // that lacks these frames: remove it, or refuse the restart.
+                    if (::unlink(state_path_.c_str()) != 0 && errno != ENOENT)
+                        return make_error(ErrorKind::Io, std::string("cannot ") + why + ": cannot record it in " +
+                                                             state_path_, "StateFile");
+                }
+            }
+            return {};
+        }
+    }
+    wake();
+    auto deadline = Clock::now() + timeout;
+    while (!restart_allowed()) {
+        {
+            std::lock_guard net(net_mu_);
+            Lock lock(upload_mu_);
+            retry_after_ = {};
+            auto st = step(lock, true);
+            bool all_captured;
+            {
+                std::lock_guard olock(obs_mu_);
+                all_captured = commits_.empty();
+            }
+            if (restart_allowed() || all_captured) break;
+            if (Clock::now() >= deadline)
+                return make_error(ErrorKind::Transport,
+                                  std::string("cannot ") + why + ": committed transactions are not yet in S3" +
+                                      (st.ok() ? "" : " (" + st.error().describe() + ")"),
+                                  "Unshipped");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return {};
+}
+
+Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
+                               uint32_t page_size) {
+    if (!enabled_) return {};
+    std::lock_guard net(net_mu_);
+    Lock lock(upload_mu_);
+    auto deadline = Clock::now() + config_.sync_timeout;
+    if (Status st = check_bucket_first(); !st) return st;
+    if (need_snapshot_ || generation_.empty()) {
+        {
+            std::lock_guard olock(obs_mu_);
+            commits_.clear();
+        }
+        if (auto st = take_snapshot(lock); !st) return st;
+    }
+    (void)capture();
+    if (need_snapshot_) {
+        if (auto st = take_snapshot(lock); !st) return st;
+    }
+    // Every request for this commit ends by its deadline, also one that a
+    // server trickles or hangs (the retry policy alone would only stop
+    // between attempts). A snapshot above is bounded by the retry budget
+    // instead: cut at sync_timeout, a large one could never complete.
+    s3::DeadlineScope request_deadline(deadline);
+    WalFile wal(wal_path_);
+    WalFrameHeader fh = parse_frame_header(frame_header);
+    auto hdr = epoch_header(fh.salt1, fh.salt2, wal);
+    if (!hdr || hdr->page_size != page_size)
+        return make_error(ErrorKind::Corrupt, "the WAL header does not match the frame being committed", "WalChain");
+    if (captured_.salt1 != hdr->salt1 || captured_.salt2 != hdr->salt2) {
+        captured_ = WalPosition{hdr->salt1, hdr->salt2, 0, hdr->cksum1, hdr->cksum2};
+        page_size_ = page_size;
+    }
+    // This transaction's frames before the commit frame (from the tee, or
+    // the file when the tee lacks them), then the commit frame from memory.
+    const uint64_t from = captured_.frame + 1;
+    std::vector<TeeFrame> frames;
+    if (frame > from && !tee_.take(hdr->salt1, hdr->salt2, from, frame - 1, frames)) {
+        frames.clear();
+        if (!wal.read(page_size, from, frame - 1, frames))
+            return make_error(ErrorKind::Corrupt, "WAL frames before " + std::to_string(frame) + " are missing",
+                              "WalShort");
+        wal_frames_read_.fetch_add(frame - from);
+    }
+    TeeFrame commit;
+    std::memcpy(commit.header, frame_header, kWalFrameHeaderSize);
+    commit.page.assign(reinterpret_cast<const char*>(page), page_size);
+    frames.push_back(std::move(commit));
+    std::vector<PendingTxn> txn;
+    WalPosition pos = captured_;
+    if (Status st = frames_to_txns(*hdr, from, frames, pos, txn, now_us(), 0); !st) {
+        request_snapshot("sync commit: WAL checksum chain broken");
+        return st;
+    }
+    uint64_t idx;
+    {
+        std::lock_guard olock(obs_mu_);
+        idx = noted_index_.load() + 1;
+        noted_index_.store(idx);
+    }
+    // An earlier commit not yet observed (should not happen in sync mode)
+    // stays its own transaction, completing the previous observation.
+    for (auto& x : txn) x.commit_index = idx - 1;
+    txn.back().commit_index = idx;
+    WalPosition before = captured_;
+    for (auto& x : txn) {
+        pending_bytes_ += x.bytes;
+        pending_.push_back(std::move(x));
+    }
+    captured_ = pending_.back().end;
+    if (pending_.size() == 1 && !inflight_) first_pending_time_ = Clock::now();
+
+    auto st = upload_pending(lock, true, deadline);
+    if (st && durable_index_.load() >= idx) {
+        // The write-lock release will report this same commit: make it a no-op.
+        std::lock_guard olock(obs_mu_);
+        last_noted_salt1_ = hdr->salt1;
+        last_noted_salt2_ = hdr->salt2;
+        last_noted_frame_ = frame;
+    }
+    if (!st || durable_index_.load() < idx) {
+        // The transaction will not commit locally; whether S3 kept it is
+        // unknown, so this generation must not be appended to again.
+        Error e = st.ok() ? make_error(ErrorKind::Transport, "not durable in time", "Timeout") : st.error();
+        e.message = "sync commit refused: the transaction could not be made durable in S3 within " +
+                    std::to_string(config_.sync_timeout.count()) + " ms: " + e.message;
+        record_error(e);
+        captured_ = before;
+        pending_.clear();
+        pending_bytes_ = 0;
+        inflight_.reset();
+        request_snapshot("a sync commit failed");
+        retry_after_ = {};
+        return e;
+    }
+    return {};
+}
+
+}  // namespace bottomless::replicator

@@ -1,0 +1,84 @@
+// Private to the replicator's source files (replicator/*.cpp): what more
+// than one of them uses. Not an interface.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "replicator/format.h"
+#include "replicator/tee.h"
+#include "replicator/util.h"
+#include "replicator/wal.h"
+
+namespace bottomless::replicator {
+
+using Clock = std::chrono::steady_clock;
+
+struct RecoveredTxn {
+    std::vector<SegmentFrame> frames;
+    uint32_t db_pages = 0;
+    WalPosition end;
+    uint64_t bytes = 0;
+};
+
+struct LocalProof {
+    bool proven = false;
+    uint32_t page_size = 0;          // from the WAL header (0: no WAL)
+    uint32_t salt1 = 0, salt2 = 0;   // the WAL's epoch
+    uint64_t last_commit_frame = 0;  // committed frames of that epoch
+    uint64_t unshipped_from = 0;     // frames of that epoch after this one are not in the bucket
+    // Committed frames of the recorded epoch that a WAL restart left in the
+    // file (they were staged in memory when the process died): shipped first.
+    std::vector<RecoveredTxn> recovered;
+};
+
+// The WAL file, opened when first needed: frames the tee lacks are read
+// from it (the uploader's fallback, counted in status as wal_frames_read).
+class WalFile {
+public:
+    explicit WalFile(const std::string& path) : path_(path) {}
+    int fd() {
+        if (!opened_) {
+            opened_ = true;
+            fd_.fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+        }
+        return fd_.fd;
+    }
+    std::optional<WalHeader> header() {
+        unsigned char h[kWalHeaderSize];
+        if (fd() < 0 || !pread_full(fd_.fd, h, sizeof h, 0)) return std::nullopt;
+        return parse_wal_header(h);
+    }
+    bool read(uint32_t page_size, uint64_t from, uint64_t to, std::vector<TeeFrame>& out) {
+        if (fd() < 0) return false;
+        for (uint64_t i = from; i <= to; ++i) {
+            TeeFrame f;
+            f.page.resize(page_size);
+            const uint64_t off = wal_frame_offset(page_size, i);
+            if (!pread_full(fd_.fd, f.header, sizeof f.header, off) ||
+                !pread_full(fd_.fd, f.page.data(), page_size, off + kWalFrameHeaderSize))
+                return false;
+            out.push_back(std::move(f));
+        }
+        return true;
+    }
+
+private:
+    std::string path_;
+    Fd fd_;
+    bool opened_ = false;
+};
+
+inline bool stat_file(const std::string& path, struct stat& st) { return ::stat(path.c_str(), &st) == 0; }
+
+inline int64_t mtime_ns(const struct stat& st) {
+    return static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+}
+
+}  // namespace bottomless::replicator

@@ -1,0 +1,482 @@
+// The start-up decision (replicator.h, docs/SEMANTICS.md "At open"):
+// continue the generation the local files prove, restore, or start a new
+// generation; and the deferred check of the bucket after an offline open.
+#include "replicator/replicator.h"
+#include "replicator/replicator_internal.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "replicator/restore.h"
+#include "replicator/state_file.h"
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+
+namespace {
+
+// Whether the local files are exactly where `state`'s history ends: the WAL
+// still in the recorded epoch, its frame at the recorded position a commit
+// with the recorded checksums; or one restart later, with the frames the
+// recorded epoch still had unshipped recovered from the file (below); or,
+// after a clean close, no WAL and a database file untouched since (size,
+// mtime, inode). Local reads only.
+// The recorded epoch's frames after `at`, up to `to`, read back from their
+// slots as SQLite's own recovery would judge them: its salts, the checksum
+// chain continuing from `at`, and a commit frame last. False when any is
+// missing or overwritten (the new epoch has written that far).
+bool recover_old_epoch(const std::string& wal_path, const WalHeader& current, const WalPosition& at, uint64_t to,
+                       std::vector<RecoveredTxn>& out) {
+    Fd fd(::open(wal_path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.fd < 0) return false;
+    WalHeader old = current;  // same byte order and page size (a page size change leaves WAL mode)
+    old.salt1 = at.salt1;
+    old.salt2 = at.salt2;
+    const uint32_t psz = current.page_size;
+    std::vector<unsigned char> buf(kWalFrameHeaderSize + psz);
+    uint32_t s1 = at.cksum1, s2 = at.cksum2;
+    RecoveredTxn cur;
+    for (uint64_t i = at.frame + 1; i <= to; ++i) {
+        if (!pread_full(fd.fd, buf.data(), buf.size(), wal_frame_offset(psz, i))) return false;
+        if (!verify_frame(old, buf.data(), buf.data() + kWalFrameHeaderSize, s1, s2)) return false;
+        WalFrameHeader fh = parse_frame_header(buf.data());
+        cur.frames.push_back(
+            SegmentFrame{fh.pgno, std::string(reinterpret_cast<const char*>(buf.data() + kWalFrameHeaderSize), psz)});
+        cur.bytes += psz;
+        if (fh.is_commit()) {
+            cur.db_pages = fh.db_size;
+            cur.end = WalPosition{at.salt1, at.salt2, i, s1, s2};
+            out.push_back(std::move(cur));
+            cur = RecoveredTxn{};
+        }
+    }
+    return cur.frames.empty();
+}
+
+LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path) {
+    LocalProof proof;
+    auto scan = scan_wal_file(wal_path);
+    if (!scan) return proof;
+    const WalPosition& at = state.position;
+    if (scan->has_header && scan->header.salt1 == at.salt1 && scan->header.salt2 == at.salt2 &&
+        at.frame <= scan->last_commit_frame) {
+        if (at.frame == 0) {
+            proof.proven = scan->header.cksum1 == at.cksum1 && scan->header.cksum2 == at.cksum2;
+        } else {
+            Fd fd(::open(wal_path.c_str(), O_RDONLY | O_CLOEXEC));
+            unsigned char fh[kWalFrameHeaderSize];
+            if (fd.fd >= 0 && pread_full(fd.fd, fh, sizeof fh, wal_frame_offset(scan->header.page_size, at.frame))) {
+                auto h = parse_frame_header(fh);
+                proof.proven = h.cksum1 == at.cksum1 && h.cksum2 == at.cksum2 && h.is_commit();
+            }
+        }
+        proof.unshipped_from = at.frame;
+    } else if (scan->has_header && scan->header.salt1 == at.salt1 + 1u) {
+        // Exactly one restart since the recorded position: SQLite adds one to
+        // salt1 at each restart (a new WAL file gets random salts). A restart
+        // while frames were unshipped records how far that epoch went first
+        // (`restarted`); without a record, everything was durable then.
+        const WalPosition& r = state.restarted;
+        if (r.frame > at.frame && r.salt1 == at.salt1 && r.salt2 == at.salt2)
+            proof.proven = recover_old_epoch(wal_path, scan->header, at, r.frame, proof.recovered);
+        else
+            proof.proven = true;
+        proof.unshipped_from = 0;
+    } else if (!scan->has_header && state.clean_close) {
+        struct stat db{};
+        proof.proven = ::stat(db_path.c_str(), &db) == 0 && state.db_size == db.st_size &&
+                       state.db_mtime_ns == mtime_ns(db) && state.db_ino == db.st_ino;
+    }
+    if (proof.proven && scan->has_header) {
+        proof.page_size = scan->header.page_size;
+        proof.salt1 = scan->header.salt1;
+        proof.salt2 = scan->header.salt2;
+        proof.last_commit_frame = scan->last_commit_frame;
+    }
+    return proof;
+}
+
+// The newest of `gens` (newest first) that has a snapshot: "the bucket's"
+// generation for every start-up decision. Describes generations on the way.
+Status find_latest(s3::Client& client, const std::string& bucket, const std::string& db_id,
+                   std::vector<GenerationInfo>& gens, const GenerationInfo*& latest) {
+    latest = nullptr;
+    for (auto& g : gens) {
+        if (auto st = describe_generation(client, bucket, db_id, g); !st) return st;
+        if (g.has_snapshot) {
+            latest = &g;
+            return {};
+        }
+    }
+    return {};
+}
+
+}  // namespace
+
+bool Replicator::start_offline() {
+    // initial_replication=force asks for a decision against the bucket; a
+    // restored file's note starts a new history (both need the bucket).
+    if (config_.initial_replication == InitialReplication::Force) return false;
+    auto state = read_state_file(state_path_);
+    if (!state || state->restored || state->generation.empty() || state->bucket != config_.bucket ||
+        state->db_id != config_.db_id)
+        return false;
+    // The key must provably be the generation's: its id, derived locally
+    // (a passphrase from the KDF parameters the state file recorded).
+    std::shared_ptr<const Cipher> cipher;
+    if (config_.encryption.kind() == EncryptionSecret::Kind::Key) {
+        cipher = Cipher::from_key(config_.encryption.material());
+    } else if (config_.encryption.kind() == EncryptionSecret::Kind::Passphrase) {
+        if (state->kdf.empty()) return false;
+        auto kdf = parse_kdf(state->kdf, state_path_);
+        if (!kdf) return false;
+        auto c = Cipher::from_passphrase(config_.encryption.material(), *kdf);
+        if (!c) return false;
+        cipher = std::move(c).value();
+    }
+    if ((cipher ? cipher->key_id() : std::string()) != state->key_id) return false;
+    LocalProof proof = prove_local(*state, path_, wal_path_);
+    if (!proof.proven) return false;
+
+    cipher_ = std::move(cipher);
+    kdf_text_ = state->kdf;
+    lineage_ = state->lineage;
+    continue_from(*state, proof);
+    // Until the uploader has seen the bucket agree, nothing is uploaded.
+    deferred_check_ = true;
+    log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_) +
+              " without asking S3 (the local files prove it); the bucket is checked before the first upload");
+    return true;
+}
+
+void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
+    generation_ = state.generation;
+    seq_ = state.seq;
+    prev_sha256_ = state.prev_sha256;
+    captured_ = state.position;
+    if (proof.page_size) page_size_ = proof.page_size;
+    mark_durable(state.position, 0);
+    if (!proof.recovered.empty()) {
+        // Frames the recorded epoch still had unshipped when the WAL
+        // restarted and the process died: read back from the WAL file,
+        // shipped before the new epoch's. (Commit times: now, the moment
+        // bottomless observes them, as for any commit.)
+        restarted_ = state.restarted;
+        const int64_t t = now_us();
+        uint64_t bytes = 0;
+        for (RecoveredTxn& r : proof.recovered) {
+            PendingTxn p;
+            p.frames = std::move(r.frames);
+            p.db_pages = r.db_pages;
+            p.commit_us = t;
+            p.end = r.end;
+            p.bytes = r.bytes;
+            bytes += r.bytes;
+            captured_ = r.end;
+            pending_.push_back(std::move(p));
+        }
+        pending_bytes_ += bytes;
+        unshipped_bytes_.fetch_add(bytes);
+        oldest_unshipped_us_.store(t);
+        first_pending_time_ = Clock::now();
+        log::info(path_ + ": recovered " + std::to_string(proof.recovered.size()) +
+                  " transaction(s) that a WAL restart had left unshipped (frames " +
+                  std::to_string(state.position.frame + 1) + ".." + std::to_string(captured_.frame) +
+                  " of the previous WAL epoch)");
+    }
+    // Frames committed locally but never shipped (a crash): ship them now.
+    if (proof.last_commit_frame > proof.unshipped_from)
+        note_commit(proof.salt1, proof.salt2, proof.last_commit_frame, proof.page_size);
+}
+
+std::optional<LocalState> Replicator::bucket_end_held_locally(const GenerationInfo& g) {
+    const auto& bucket = config_.bucket;
+    const auto& db_id = config_.db_id;
+    // Where the bucket's history of `g` ends: its last object's end position
+    // and trailer (the next segment's prev_sha256).
+    const std::string key = g.last_seq ? segment_key(db_id, g.id, g.last_seq) : snapshot_key(db_id, g.id);
+    uint64_t size = g.snapshot_bytes;
+    WalPosition end;
+    if (g.last_seq) {
+        auto info = client_->head_object(bucket, key);
+        if (!info) return std::nullopt;
+        size = info->size;
+        auto h = read_segment_header(*client_, bucket, key, size);
+        if (!h || h->generation != g.id || h->seq != g.last_seq) return std::nullopt;
+        end = h->end;
+    } else {
+        auto h = read_snapshot_header(*client_, bucket, key, size);
+        if (!h || h->generation != g.id) return std::nullopt;
+        end = h->position;
+    }
+    if (size < 32) return std::nullopt;
+    auto trailer = client_->get_object(bucket, key, s3::ByteRange{size - 32, 32});
+    if (!trailer || trailer->size() != 32) return std::nullopt;
+
+    // Does the local WAL hold that very position: same epoch, a commit frame
+    // there with the same running checksum (compared as the bucket stores
+    // it: masked under encryption)?
+    auto scan = scan_wal_file(wal_path_);
+    if (!scan || !scan->has_header || scan->header.salt1 != end.salt1 || scan->header.salt2 != end.salt2 ||
+        end.frame > scan->last_commit_frame)
+        return std::nullopt;
+    WalPosition local{end.salt1, end.salt2, end.frame, scan->header.cksum1, scan->header.cksum2};
+    if (end.frame > 0) {
+        Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
+        unsigned char fh[kWalFrameHeaderSize];
+        if (fd.fd < 0 || !pread_full(fd.fd, fh, sizeof fh, wal_frame_offset(scan->header.page_size, end.frame)))
+            return std::nullopt;
+        auto h = parse_frame_header(fh);
+        if (!h.is_commit()) return std::nullopt;
+        local.cksum1 = h.cksum1;
+        local.cksum2 = h.cksum2;
+    }
+    if (!((cipher_ ? cipher_->mask(local, db_id, g.id) : local) == end)) return std::nullopt;
+    LocalState st;
+    st.bucket = bucket;
+    st.db_id = db_id;
+    st.generation = g.id;
+    st.seq = g.last_seq;
+    st.prev_sha256 = s3::to_hex(reinterpret_cast<const unsigned char*>(trailer->data()), trailer->size());
+    st.position = local;
+    return st;
+}
+
+bool Replicator::continue_at_bucket_end(const GenerationInfo& g) {
+    auto end = bucket_end_held_locally(g);
+    if (!end) return false;
+    LocalProof proof = prove_local(*end, path_, wal_path_);
+    if (!proof.proven) return false;
+    continue_from(*end, proof);
+    log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_) +
+              " (where the bucket's history ends, which the local WAL still holds)");
+    return true;
+}
+
+Status Replicator::verify_bucket() {
+    const auto& bucket = config_.bucket;
+    const auto& db_id = config_.db_id;
+    if (auto st = client_->create_bucket(bucket); !st) return st;
+    auto gens = list_generations(*client_, bucket, db_id);
+    if (!gens) return std::move(gens).error();
+    const GenerationInfo* latest = nullptr;
+    if (Status st = find_latest(*client_, bucket, db_id, *gens, latest); !st) return st;
+    if (latest) {
+        auto h = read_snapshot_header(*client_, bucket, snapshot_key(db_id, latest->id), latest->snapshot_bytes);
+        if (!h) return std::move(h).error();
+        if (Status st = check_cipher(h->encryption, cipher_.get(), snapshot_key(db_id, latest->id)); !st) {
+            // Another writer moved the bucket to another key. Uploading under
+            // ours would start a history the next open refuses: stop, say why.
+            halted_.store(true);
+            Error e = std::move(st).error();
+            e.message = "replication stopped: " + e.message + ". The bucket's newest generation " + latest->id +
+                        " is not under this database's key; reopen with initial_replication=force to start a new "
+                        "generation under this key";
+            return e;
+        }
+    }
+    deferred_check_ = false;
+    if (latest && latest->id == generation_ && latest->last_seq == seq_) {
+        log::info(path_ + ": the bucket agrees: generation " + generation_ + " ends at segment " + std::to_string(seq_));
+        return {};
+    }
+    // The bucket is ahead on a history this file wrote (the process died
+    // between an upload and the state write, or during a snapshot it had
+    // started): if the WAL still holds where that history ends, go on from
+    // there. Not with frames recovered from an older epoch in hand.
+    const bool ours = latest && (latest->id == generation_ ? latest->last_seq > seq_
+                                                           : std::find(lineage_.begin(), lineage_.end(), latest->id) !=
+                                                                 lineage_.end());
+    if (ours && pending_.empty() && !inflight_ && continue_at_bucket_end(*latest)) {
+        write_state_file(false);
+        return {};
+    }
+    // The bucket moved on while we were offline (another writer, a restore
+    // elsewhere, or an upload whose outcome we never learnt): a new
+    // generation whose parent is the bucket's newest, so nothing there is lost.
+    if (latest) {
+        parent_generation_ = latest->id;
+        parent_seq_ = latest->last_seq;
+    }
+    generation_.clear();
+    {
+        std::lock_guard olock(obs_mu_);
+        commits_.clear();
+    }
+    request_snapshot(latest ? "the bucket's newest generation " + latest->id + " (segment " +
+                                  std::to_string(latest->last_seq) + ") is not where this file's history ended"
+                            : "the bucket holds no generation of '" + db_id + "' any more");
+    return {};
+}
+
+Status Replicator::startup() {
+    if (start_offline()) {
+        start_uploader();
+        return {};
+    }
+    const auto& bucket = config_.bucket;
+    const auto& db_id = config_.db_id;
+    if (auto st = client_->create_bucket(bucket); !st) {
+        Error e = st.error();
+        e.message = "cannot use bucket '" + bucket + "': " + e.message;
+        return e;
+    }
+    auto gens = list_generations(*client_, bucket, db_id);
+    if (!gens) return std::move(gens).error();
+    const GenerationInfo* latest = nullptr;
+    if (Status st = find_latest(*client_, bucket, db_id, *gens, latest); !st) return st;
+
+    // Encryption: the key must be the one the newest generation was written
+    // with. Anything else (no key for an encrypted replica, a key for a
+    // plaintext one, another key) is refused unless initial_replication=force
+    // says to start a new generation under the new setting.
+    bool encryption_switch = false;
+    {
+        std::optional<EncryptionInfo> latest_enc;
+        const std::string snap = latest ? snapshot_key(db_id, latest->id) : std::string();
+        if (latest) {
+            auto h = read_snapshot_header(*client_, bucket, snap, latest->snapshot_bytes);
+            if (!h) return std::move(h).error();
+            latest_enc = h->encryption;
+        }
+        const bool force = config_.initial_replication == InitialReplication::Force;
+        // Takes a failed check: an error to return, or OK when forced.
+        auto refuse = [&](Status st) -> Status {
+            Error e = std::move(st).error();
+            if (!force) {
+                e.message = "cannot replicate " + path_ + ": " + e.message +
+                            ". To start a new generation under this setting (turning encryption on or off, or "
+                            "rotating the key), open once with initial_replication=force";
+                return e;
+            }
+            log::warn(path_ + ": " + e.message + "; a new generation starts (initial_replication=force)");
+            encryption_switch = true;
+            return {};
+        };
+        // Encrypted or not is known from the header alone: a refused open
+        // must not derive a key or create the passphrase's KDF object. (For
+        // this check only whether there is a key counts, not its id.)
+        const std::string any_key_id;
+        if (latest && latest_enc.has_value() == config_.encryption.empty())
+            if (Status st = check_key_id(latest_enc, config_.encryption.empty() ? nullptr : &any_key_id, snap); !st)
+                if (Status r = refuse(std::move(st)); !r) return r;
+        auto c = open_cipher(*client_, bucket, db_id, config_.encryption, /*create=*/true, &kdf_text_);
+        if (!c) return std::move(c).error();
+        cipher_ = std::move(c).value();
+        if (latest && latest_enc && cipher_ && !encryption_switch)
+            if (Status st = check_cipher(latest_enc, cipher_.get(), snap); !st)
+                if (Status r = refuse(std::move(st)); !r) return r;
+    }
+
+    struct stat db_st{}, wal_st{};
+    bool db_exists = stat_file(path_, db_st);
+    bool wal_exists = stat_file(wal_path_, wal_st);
+    bool local_empty = (!db_exists || db_st.st_size == 0) && (!wal_exists || wal_st.st_size == 0);
+    auto state = read_state_file(state_path_);
+    if (state && state->bucket == bucket && state->db_id == db_id) {
+        // Keep only generations that exist: attempts a killed run never
+        // finished would otherwise crowd out the real ones.
+        for (const auto& g : state->lineage)
+            if (std::any_of(gens->begin(), gens->end(), [&](const GenerationInfo& x) { return x.id == g; }))
+                lineage_.push_back(g);
+    }
+
+    if (local_empty) {
+        if (latest && config_.auto_restore) {
+            log::info("restoring " + path_ + " from generation " + latest->id + " of s3://" + bucket + "/" + db_id);
+            RestoreOptions ro;
+            ro.cipher = cipher_;
+            auto rr = restore_database(*client_, bucket, db_id, path_, ro);
+            if (!rr) {
+                Error e = std::move(rr).error();
+                e.message = "cannot restore " + path_ + " from the bucket: " + e.message;
+                return e;
+            }
+            log::info("restored " + path_ + ": generation " + rr->generation + ", " + std::to_string(rr->db_pages) +
+                      " pages, last transaction at " + fmt_time_us(rr->last_commit_us));
+            parent_generation_ = rr->generation;
+            parent_seq_ = rr->seq;
+            request_snapshot("the database was restored from the bucket");
+        } else {
+            request_snapshot(latest ? "auto-restore is off: a new history starts" : "first start: nothing in the bucket");
+        }
+    } else if (state && state->restored && state->bucket == bucket && state->db_id == db_id && db_exists &&
+               (!wal_exists || wal_st.st_size == 0) && state->db_size == db_st.st_size &&
+               state->db_mtime_ns == mtime_ns(db_st) && state->db_ino == db_st.st_ino) {
+        // Restored by bottomless-cli and untouched since: a new history whose
+        // parent is the restored state (even if the bucket moved on: restoring
+        // an older point in time and starting from it is a rollback).
+        parent_generation_ = state->generation;
+        parent_seq_ = state->seq;
+        request_snapshot("the database was restored from generation " + state->generation);
+    } else if (encryption_switch) {
+        parent_generation_ = latest->id;
+        parent_seq_ = latest->last_seq;
+        request_snapshot(cipher_ ? "encryption changed: key id " + cipher_->key_id() : "encryption turned off");
+    } else if (!latest) {
+        request_snapshot("first start: the bucket has no generation of '" + db_id + "'");
+    } else if (state && state->bucket == bucket && state->db_id == db_id && state->generation == latest->id) {
+        // We wrote the bucket's newest generation. Continue it only if the
+        // local files still are exactly where that history ends.
+        LocalProof proof = latest->last_seq == state->seq ? prove_local(*state, path_, wal_path_) : LocalProof{};
+        if (proof.proven) {
+            continue_from(*state, proof);
+            log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
+        } else if (continue_at_bucket_end(*latest)) {
+        } else {
+            parent_generation_ = latest->id;
+            parent_seq_ = latest->last_seq;
+            request_snapshot("the local files do not match where the bucket's history ends (local changes, or an "
+                             "upload whose outcome was unknown)");
+        }
+    } else if (state && state->bucket == bucket && state->db_id == db_id &&
+               std::find(state->lineage.begin(), state->lineage.end(), latest->id) != state->lineage.end()) {
+        // The bucket's newest generation was started from this file (the last
+        // run may have died before recording how far it got): the local file
+        // is at least as new. If the WAL still holds where it ends, go on
+        // from there; otherwise where it ends is not proven.
+        if (!continue_at_bucket_end(*latest)) {
+            parent_generation_ = latest->id;
+            parent_seq_ = latest->last_seq;
+            request_snapshot("this file started generation " + latest->id + " but its end is not recorded");
+        }
+    } else {
+        std::string why = state && state->bucket == bucket && state->db_id == db_id
+                              ? "the bucket's newest generation " + latest->id + " is not the one this file was last "
+                                    "replicated to (" + state->generation + "): another writer, or a restore elsewhere"
+                              : "this file has no replication state for this bucket, so nothing proves they match";
+        switch (config_.initial_replication) {
+        case InitialReplication::Skip:
+            log::warn(path_ + ": replication skipped for this run (LIBSQL_BOTTOMLESS_INITIAL_REPLICATION=skip): " + why);
+            enabled_ = false;
+            return {};
+        case InitialReplication::Force:
+            log::warn(path_ + ": replicating the local file as a new generation (initial_replication=force): " + why);
+            parent_generation_ = latest->id;
+            parent_seq_ = latest->last_seq;
+            request_snapshot("forced by initial_replication=force");
+            break;
+        case InitialReplication::Error:
+            return make_error(
+                ErrorKind::InvalidArgument,
+                "local database " + path_ + " and s3://" + bucket + "/" + db_id + " disagree: " + why +
+                    ". Set LIBSQL_BOTTOMLESS_INITIAL_REPLICATION=force (or initial_replication=force) to replicate "
+                    "the local file as a new generation, =skip to open it without replication, or move the local "
+                    "file away to restore it from the bucket",
+                "ReplicaMismatch");
+        }
+    }
+
+    start_uploader();
+    return {};
+}
+
+void Replicator::start_uploader() {
+    db_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);  // may not exist yet: opened on first snapshot
+    thread_ = std::thread([this] { run(); });
+}
+
+}  // namespace bottomless::replicator

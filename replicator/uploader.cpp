@@ -1,0 +1,319 @@
+// The uploader: its thread, segments cut from pending transactions and
+// uploaded in order, durability bookkeeping, and the local state file.
+#include "replicator/replicator.h"
+#include "replicator/replicator_internal.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
+#include <stdexcept>
+
+#include "replicator/state_file.h"
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+
+void Replicator::record_error(const Error& e) {
+    log::warn(path_ + ": replication: " + e.describe());
+    std::lock_guard slock(status_mu_);
+    last_error_ = e.describe();
+    last_error_us_ = now_us();
+    ++errors_;
+}
+
+void Replicator::note_failure(const Error& e) {
+    record_error(e);
+    ++consecutive_failures_;
+    // 0.5 s, 1 s, 2 s, ... up to 30 s before the uploader tries again by itself.
+    retry_after_ = Clock::now() +
+                   std::chrono::milliseconds(std::min<int64_t>(30'000, 250ll << std::min(consecutive_failures_, 7)));
+}
+
+void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
+    durable_ = pos;
+    // A restart record is obsolete once its epoch's frames are all durable.
+    if (restarted_.frame &&
+        (pos.salt1 != restarted_.salt1 || pos.salt2 != restarted_.salt2 || pos.frame >= restarted_.frame))
+        restarted_ = WalPosition{};
+    durable_salts_.store((static_cast<uint64_t>(pos.salt1) << 32) | pos.salt2);
+    durable_frame_.store(pos.frame);
+    if (commit_index > durable_index_.load()) durable_index_.store(commit_index);
+    if (durable_index_.load() >= noted_index_.load()) {
+        oldest_unshipped_us_.store(0);
+    } else {
+        int64_t oldest = 0;
+        if (!pending_.empty()) oldest = pending_.front().commit_us;
+        else {
+            std::lock_guard olock(obs_mu_);
+            if (!commits_.empty()) oldest = commits_.front().time_us;
+        }
+        oldest_unshipped_us_.store(oldest ? oldest : now_us());
+    }
+    {
+        std::lock_guard slock(status_mu_);
+        status_generation_ = generation_;
+        status_seq_ = seq_;
+        status_durable_ = pos;
+        last_error_.clear();
+    }
+    {
+        std::lock_guard cvlock(cv_mu_);
+    }
+    durable_cv_.notify_all();
+}
+
+Status Replicator::upload_inflight(Lock& lock) {
+    InFlight& f = *inflight_;
+    s3::PutOptions o;
+    o.if_none_match = true;  // a segment is written once; a second writer must not overwrite it
+    o.content_type = "application/vnd.bottomless.segment";
+    std::string key = segment_key(config_.db_id, generation_, f.header.seq);
+    // inflight_ changes only under net_mu_ (held by our caller), so it stays
+    // put while upload_mu_ is released for the request.
+    lock.unlock();
+    auto r = client_->put_object(config_.bucket, key, f.bytes, o);
+    lock.lock();
+    if (!r) {
+        if (r.error().kind == ErrorKind::Precondition) {
+            // Someone else's segment sits at our key: this history forked.
+            record_error(make_error(ErrorKind::Precondition,
+                                    key + " already exists with other content (another writer on this generation?); "
+                                          "starting a new generation",
+                                    "Fork"));
+            inflight_.reset();
+            pending_.clear();
+            pending_bytes_ = 0;
+            request_snapshot("segment key taken by another writer");
+            return r.error();
+        }
+        note_failure(r.error());
+        return std::move(r).error();
+    }
+    consecutive_failures_ = 0;
+    seq_ = f.header.seq;
+    prev_sha256_ = f.sha256;
+    uint64_t raw = 0;
+    for (const auto& t : f.header.txns) raw += static_cast<uint64_t>(t.frames) * f.header.page_size;
+    wal_bytes_since_snapshot_ += raw;
+    uint64_t u = unshipped_bytes_.load();
+    unshipped_bytes_.store(u > raw ? u - raw : 0);
+    {
+        std::lock_guard slock(status_mu_);
+        ++segments_uploaded_;
+        bytes_uploaded_ += f.bytes.size();
+        segment_bytes_uploaded_ += f.bytes.size();
+        wal_bytes_shipped_ += raw;
+        if (!f.header.txns.empty()) last_durable_commit_us_ = f.header.txns.back().commit_us;
+    }
+    WalPosition end = f.header.end;
+    uint64_t idx = f.commit_index;
+    inflight_.reset();
+    mark_durable(end, idx);
+    write_state_file(false);
+    return {};
+}
+
+Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point deadline) {
+    for (;;) {
+        if (inflight_) {
+            if (auto st = upload_inflight(lock); !st) return st;
+            continue;
+        }
+        if (pending_.empty()) return {};
+        if (generation_.empty() || need_snapshot_) return {};  // the next snapshot covers them
+        bool due = force || pending_bytes_ >= config_.batch_max_bytes ||
+                   Clock::now() - first_pending_time_ >= config_.batch_interval;
+        if (!due) return {};
+        if (Clock::now() > deadline)
+            return make_error(ErrorKind::Cancelled, "deadline passed before everything was shipped", "Timeout");
+
+        InFlight f;
+        f.header.db_id = config_.db_id;
+        f.header.generation = generation_;
+        f.header.seq = seq_ + 1;
+        f.header.page_size = page_size_;
+        f.header.start = durable_;
+        f.header.prev_sha256 = prev_sha256_;
+        f.header.compression = config_.compression;
+        std::vector<SegmentFrame> frames;
+        uint64_t bytes = 0;
+        size_t n = 0;
+        // A segment must stay within what readers accept (format.h): its
+        // header under kMaxHeaderSize, its decoded body under
+        // kMaxSegmentBodyBytes. One transaction larger than that goes into
+        // the bucket as a snapshot instead.
+        auto body = [&](const PendingTxn& t) { return t.frames.size() * (4 + uint64_t{page_size_}); };
+        if (body(pending_.front()) > kMaxSegmentBodyBytes) {
+            request_snapshot("a transaction of " + std::to_string(pending_.front().frames.size()) +
+                             " pages is larger than a segment may hold");
+            return {};
+        }
+        uint64_t seg_body = 0;
+        while (n < pending_.size() && n < kMaxSegmentTxns && seg_body + body(pending_[n]) <= kMaxSegmentBodyBytes &&
+               (n == 0 || bytes + pending_[n].bytes <= config_.batch_max_bytes)) {
+            seg_body += body(pending_[n]);
+            PendingTxn& t = pending_[n];
+            f.header.txns.push_back(SegmentTxn{static_cast<uint32_t>(t.frames.size()), t.db_pages, t.commit_us});
+            bytes += t.bytes;
+            for (auto& fr : t.frames) frames.push_back(std::move(fr));
+            f.header.end = t.end;
+            f.commit_index = t.commit_index;
+            ++n;
+        }
+        pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
+        pending_bytes_ -= std::min(pending_bytes_.load(), bytes);
+        // Compressing (and encrypting) up to batch_max_bytes takes a while:
+        // not under upload_mu_, which a writer restarting the WAL needs.
+        // net_mu_ (held by our caller) keeps other uploads out meanwhile.
+        lock.unlock();
+        f.bytes = encode_segment(f.header, frames, &f.sha256, cipher_.get());
+        lock.lock();
+        inflight_ = std::move(f);
+        if (!pending_.empty()) first_pending_time_ = Clock::now();
+    }
+}
+
+namespace {
+std::atomic<int> g_injected_uploader_exceptions{0};
+}
+
+void testing_inject_uploader_exceptions(int n) { g_injected_uploader_exceptions.store(n); }
+
+Status Replicator::check_bucket_first() {
+    if (halted_.load()) {
+        std::lock_guard slock(status_mu_);
+        return make_error(ErrorKind::InvalidArgument, last_error_, "ReplicationStopped");
+    }
+    if (!deferred_check_) return {};
+    Status st = verify_bucket();
+    if (!st) note_failure(st.error());
+    return st;
+}
+
+void Replicator::guarded_step(Lock& lock, bool force) noexcept {
+    // The uploader thread's exception barrier: an exception leaving a
+    // thread's entry point terminates the host application. A step that
+    // throws (out of memory, a library failure) is recorded in status and
+    // retried after the usual back-off; the application never notices.
+    auto fail = [this](const char* what) noexcept {
+        try {
+            note_failure(make_error(ErrorKind::Io, std::string("internal error in the uploader: ") + what +
+                                                       " (retrying; the application is not affected)",
+                                    "UploaderException"));
+        } catch (...) {
+            retry_after_ = Clock::now() + std::chrono::seconds(1);
+        }
+    };
+    try {
+        if (g_injected_uploader_exceptions.load() > 0 && g_injected_uploader_exceptions.fetch_sub(1) > 0)
+            throw std::runtime_error("injected by a test");
+        (void)step(lock, force);
+    } catch (const std::bad_alloc&) {
+        fail("out of memory");
+    } catch (const std::exception& e) {
+        fail(e.what());
+    } catch (...) {
+        fail("unknown exception");
+    }
+}
+
+Status Replicator::step(Lock& lock, bool force) {
+    if (!force && Clock::now() < retry_after_) return {};
+    if (Status st = check_bucket_first(); !st) return st;
+    if (broken_outside_wal_.load()) request_snapshot("the database file was written outside the WAL");
+    if (foreign_writer_.exchange(false))
+        request_snapshot("the WAL changed behind bottomless's back (another process writing without it?)");
+    if (need_snapshot_) {
+        // Observations up to now are inside the snapshot.
+        {
+            std::lock_guard olock(obs_mu_);
+            commits_.clear();
+        }
+        auto st = take_snapshot(lock);
+        if (!st) {
+            note_failure(st.error());
+            return st;
+        }
+        consecutive_failures_ = 0;
+        if (need_snapshot_) return {};  // nothing to snapshot yet
+    }
+    (void)capture();
+    if (config_.snapshot_after_bytes && wal_bytes_since_snapshot_ > config_.snapshot_after_bytes)
+        request_snapshot("snapshot policy: " + std::to_string(wal_bytes_since_snapshot_) + " WAL bytes since the last one");
+    else if (config_.snapshot_interval.count() > 0 && Clock::now() - last_snapshot_time_ > config_.snapshot_interval)
+        request_snapshot("snapshot policy: interval elapsed");
+    return upload_pending(lock, force, Clock::now() + std::chrono::hours(1));
+}
+
+void Replicator::run() {
+    for (;;) {
+        bool stopping, force;
+        {
+            std::unique_lock lock(cv_mu_);
+            auto wait = std::min<std::chrono::milliseconds>(config_.batch_interval / 4 + std::chrono::milliseconds(1),
+                                                            std::chrono::milliseconds(250));
+            cv_.wait_for(lock, wait, [&] { return stop_ || wake_; });
+            stopping = stop_;
+            force = force_ || stopping;
+            wake_ = false;
+            force_ = false;
+        }
+        {
+            std::lock_guard net(net_mu_);
+            Lock lock(upload_mu_);
+            guarded_step(lock, force);
+        }
+        if (stopping) break;
+    }
+    // Closing: ship everything committed, bounded by the shutdown timeout.
+    auto deadline = Clock::now() + config_.shutdown_timeout;
+    while (Clock::now() < deadline) {
+        {
+            std::lock_guard net(net_mu_);
+            Lock lock(upload_mu_);
+            retry_after_ = {};
+            guarded_step(lock, true);
+            bool done = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_ &&
+                        (!need_snapshot_ || generation_.empty());
+            if (done && !need_snapshot_) return;
+            if (done && need_snapshot_ && consecutive_failures_ == 0) return;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    log::warn(path_ + ": closing with committed transactions not in S3 after " +
+              std::to_string(config_.shutdown_timeout.count()) +
+              " ms; they stay in the local WAL and are shipped at the next open");
+}
+
+bool Replicator::write_state_file(bool clean_close) {
+    if (generation_.empty() && lineage_.empty()) return true;
+    LocalState st;
+    st.bucket = config_.bucket;
+    st.db_id = config_.db_id;
+    st.generation = generation_;
+    st.seq = seq_;
+    st.prev_sha256 = prev_sha256_;
+    st.position = durable_;
+    st.lineage = lineage_;
+    st.key_id = cipher_ ? cipher_->key_id() : std::string();
+    st.kdf = kdf_text_;
+    st.restarted = restarted_;
+    struct stat db{}, wal{};
+    bool fully_shipped = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_;
+    if (clean_close && fully_shipped && stat_file(path_, db) && !stat_file(wal_path_, wal)) {
+        st.clean_close = true;
+        st.db_size = static_cast<int64_t>(db.st_size);
+        st.db_mtime_ns = mtime_ns(db);
+        st.db_ino = static_cast<uint64_t>(db.st_ino);
+    }
+    // Not fsynced on purpose: a stale state file only makes the next start
+    // unable to prove continuity, which costs a new generation, never data.
+    if (Status w = replicator::write_state_file(state_path_, st); !w) {
+        log::warn(w.error().message);
+        return false;
+    }
+    return true;
+}
+
+}  // namespace bottomless::replicator

@@ -1,0 +1,33 @@
+// Small utilities the replicator's files share: a file descriptor that
+// closes itself, whole-buffer positional reads and writes, and the clock
+// in the units the object format uses.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace bottomless::replicator {
+
+// Owns a file descriptor (-1: none) and closes it.
+struct Fd {
+    int fd = -1;
+    Fd() = default;
+    explicit Fd(int f) : fd(f) {}
+    Fd(const Fd&) = delete;
+    Fd& operator=(const Fd&) = delete;
+    ~Fd();
+};
+
+// Reads exactly n bytes at off (retrying short reads and EINTR); false on
+// an error or end of file first.
+bool pread_full(int fd, void* buf, size_t n, uint64_t off);
+// Writes exactly n bytes at off (retrying short writes and EINTR).
+bool pwrite_full(int fd, const void* buf, size_t n, uint64_t off);
+
+// Microseconds since the Unix epoch (wall clock), as commit times are kept.
+int64_t now_us();
+// "2026-12-01T04:51:40.330301Z" (UTC, microseconds), or "unknown" for <= 0.
+std::string fmt_time_us(int64_t us);
+
+}  // namespace bottomless::replicator
