@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 #include "replicator/state_file.h"
 #include "s3/log.h"
@@ -62,7 +63,55 @@ void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     if (!same_epoch || mx_frame < last_noted_frame_) foreign_writer_.store(true);
 }
 
-void Replicator::note_checkpoint(bool active) { checkpoints_active_.fetch_add(active ? 1 : -1); }
+bool Replicator::begin_checkpoint() {
+    checkpoints_active_.fetch_add(1);
+    if (checkpoint_allowed()) return true;
+    checkpoints_active_.fetch_sub(1);
+    return false;
+}
+
+bool Replicator::begin_checkpoint(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
+    checkpoints_active_.fetch_add(1);
+    if (checkpoint_allowed(salt1, salt2, mx_frame)) return true;
+    checkpoints_active_.fetch_sub(1);
+    return false;
+}
+
+bool Replicator::begin_restart() {
+    restarts_active_.fetch_add(1);
+    if (restart_allowed()) return true;
+    restarts_active_.fetch_sub(1);
+    return false;
+}
+
+bool Replicator::begin_restart(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
+    restarts_active_.fetch_add(1);
+    if (restart_allowed(salt1, salt2, mx_frame)) return true;
+    restarts_active_.fetch_sub(1);
+    return false;
+}
+
+void Replicator::note_shm(const volatile unsigned char* region0) {
+    std::lock_guard shlock(shm_mu_);
+    if (region0) {
+        shm_users_.fetch_add(1);
+        shm0_ = region0;
+    } else if (shm_users_.fetch_sub(1) == 1) {
+        shm0_ = nullptr;
+    }
+}
+
+std::optional<WalIndexHeader> Replicator::wal_index_now() const {
+    std::lock_guard shlock(shm_mu_);
+    if (!shm0_) return std::nullopt;
+    WalIndexHeader h;
+    // A writer updates the two copies one after the other: read until they agree.
+    for (int i = 0; i < 1000; ++i) {
+        if (read_wal_index(shm0_, h, true)) return h;
+        std::this_thread::yield();
+    }
+    return std::nullopt;
+}
 
 void Replicator::note_write_outside_wal() {
     if (!enabled_) return;

@@ -238,6 +238,7 @@ std::string Replicator::status_json() const {
     // to read back from the WAL because the tee lacked them.
     j["tee_bytes"] = tee_.bytes();
     j["wal_frames_read"] = wal_frames_read_.load();
+    j["snapshots_torn"] = snapshots_torn_.load();  // attempts read again (0 unless something bypassed bottomless)
     j["wal_budget"] = {{"max_wal_bytes", config_.max_wal_bytes},
                        {"policy", config_.wal_budget_fail ? "fail" : "warn"},
                        {"exceeded", wal_over_budget_.load()}};

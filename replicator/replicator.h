@@ -104,8 +104,19 @@ public:
     bool checkpoint_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) const {
         return checkpoint_allowed() && restart_allowed(salt1, salt2, mx_frame);
     }
+    // The CKPT lock (a checkpoint) or the read-mark lock of a WAL restart is
+    // being taken: registers it and says whether it may go ahead; every true
+    // is matched by an end_...() when the lock is released (or not
+    // obtained). Registering before asking closes the race with a snapshot
+    // that starts at the same moment: it sets snapshot_active_ and then waits
+    // for the registered ones to end (snapshot.cpp).
+    bool begin_checkpoint();
+    bool begin_checkpoint(uint32_t salt1, uint32_t salt2, uint64_t mx_frame);
+    void end_checkpoint() { checkpoints_active_.fetch_sub(1); }
+    bool begin_restart();
+    bool begin_restart(uint32_t salt1, uint32_t salt2, uint64_t mx_frame);
+    void end_restart() { restarts_active_.fetch_sub(1); }
     bool wal_is_open() const { return wal_open_.load() > 0; }
-    void note_checkpoint(bool active);
     // The database file was written while no WAL was open (rollback-journal
     // mode, or a journal-mode change): the history can no longer be proven.
     void note_write_outside_wal();
@@ -113,9 +124,11 @@ public:
     // without a checkpoint veto (exclusive locking mode) is torn.
     void note_db_write();
     void note_wal_open(bool open);
-    // Whether the database uses a shared-memory wal-index (normal mode) or
-    // not (exclusive locking mode, where commits are seen in WAL writes).
-    void note_shm(bool mapped) { shm_users_.fetch_add(mapped ? 1 : -1); }
+    // A connection mapped region 0 of the wal-index (`region0`), or unmapped
+    // it (null). Whether the database uses a shared-memory wal-index (normal
+    // mode) or not (exclusive locking mode, where commits are seen in WAL
+    // writes). The mapping is the same for every connection of the process.
+    void note_shm(const volatile unsigned char* region0);
     bool uses_shm() const { return shm_users_.load() > 0; }
 
     // ---- calls from the VFS that may block (never under shm locks) ----
@@ -203,6 +216,8 @@ private:
     Status upload_pending(Lock& lock, bool force, std::chrono::steady_clock::time_point deadline);
     Status upload_inflight(Lock& lock);
     Status take_snapshot(Lock& lock);
+    // The wal-index header now (both copies agreeing), if mapped.
+    std::optional<WalIndexHeader> wal_index_now() const;
     // The WAL header of epoch (salt1, salt2): remembered, from the tee, or
     // read from the file while it is still in that epoch.
     std::optional<WalHeader> epoch_header(uint32_t salt1, uint32_t salt2, class WalFile& wal);
@@ -241,7 +256,12 @@ private:
     std::atomic<uint64_t> unshipped_bytes_{0};
     std::atomic<bool> snapshot_active_{false};
     std::atomic<bool> snapshot_torn_{false};
-    std::atomic<int> checkpoints_active_{0};
+    std::atomic<int> checkpoints_active_{0};  // registered checkpoints (begin_checkpoint)
+    std::atomic<int> restarts_active_{0};     // registered WAL restarts (begin_restart)
+    std::atomic<uint64_t> snapshots_torn_{0}; // snapshot attempts read again (status)
+    // Region 0 of the wal-index while mapped (guarded by shm_mu_, a leaf).
+    mutable std::mutex shm_mu_;
+    const volatile unsigned char* shm0_ = nullptr;
     std::atomic<int> wal_open_{0};
     std::atomic<int> shm_users_{0};
     std::atomic<bool> broken_outside_wal_{false};

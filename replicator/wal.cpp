@@ -120,6 +120,24 @@ WalFrameHeader parse_frame_header(const unsigned char* p24) {
     return f;
 }
 
+bool read_wal_index(const volatile unsigned char* shm, WalIndexHeader& out, bool both_copies) {
+    unsigned char h[96];
+    const size_t n = both_copies ? 96 : 48;
+    for (size_t i = 0; i < n; ++i) h[i] = shm[i];
+    if (h[12] == 0) return false;  // isInit
+    if (both_copies && std::memcmp(h, h + 48, 48) != 0) return false;
+    uint16_t sz_page;
+    std::memcpy(&sz_page, h + 14, 2);
+    out.page_size = (sz_page & 0xff00u) | (static_cast<uint32_t>(sz_page & 0x0001u) << 16);
+    std::memcpy(&out.mx_frame, h + 16, 4);
+    std::memcpy(&out.db_pages, h + 20, 4);
+    std::memcpy(&out.cksum1, h + 24, 4);
+    std::memcpy(&out.cksum2, h + 28, 4);
+    out.salt1 = read_be32(h + 32);
+    out.salt2 = read_be32(h + 36);
+    return true;
+}
+
 bool verify_frame(const WalHeader& hdr, const unsigned char* frame_header, const unsigned char* page, uint32_t& s1,
                   uint32_t& s2) {
     WalFrameHeader f = parse_frame_header(frame_header);

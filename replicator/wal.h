@@ -65,6 +65,21 @@ void wal_checksum(bool big_endian, const unsigned char* data, size_t n, uint32_t
 bool verify_frame(const WalHeader& hdr, const unsigned char* frame_header, const unsigned char* page,
                   uint32_t& s1, uint32_t& s2);
 
+// The wal-index header: the first 48 bytes of the -shm mapping (WalIndexHdr
+// in SQLite's wal.c), in native byte order except the salts (the WAL
+// header's bytes), followed by a second copy that a reader compares.
+struct WalIndexHeader {
+    uint32_t salt1 = 0, salt2 = 0;
+    uint32_t mx_frame = 0;   // the last committed frame (0: the WAL is empty or restarted)
+    uint32_t page_size = 0;
+    uint32_t db_pages = 0;   // the database's size in pages after that commit
+    uint32_t cksum1 = 0, cksum2 = 0;  // running checksum of frame mx_frame (stale when mx_frame is 0)
+};
+// Reads the header from a mapped region 0; false when it is not initialised
+// or, with `both_copies` (a reader that holds no WAL lock), while the two
+// copies differ (a writer is updating it: read again).
+bool read_wal_index(const volatile unsigned char* shm, WalIndexHeader& out, bool both_copies);
+
 // Byte offset of frame i (1-based) in a WAL with this page size.
 inline uint64_t wal_frame_offset(uint32_t page_size, uint64_t i) {
     return kWalHeaderSize + (i - 1) * (kWalFrameHeaderSize + static_cast<uint64_t>(page_size));

@@ -70,7 +70,8 @@ struct ShimFile {
     long leader_elsewhere = 0;
     // Main db: region 0 of the wal-index, when mapped.
     volatile void* shm0 = nullptr;
-    bool holds_ckpt = false;
+    bool holds_ckpt = false;     // a checkpoint registered with the replicator (shm_lock_veto)
+    bool holds_restart = false;  // a WAL restart registered with the replicator
     // WAL: geometry and the commit frame being written.
     uint32_t page_size = 0;
     uint32_t salt1 = 0, salt2 = 0;
@@ -172,7 +173,7 @@ int x_close(sqlite3_file* f) {
     return guarded(SQLITE_IOERR_CLOSE, [&] {
         if (s->repl) {
             if (s->kind == Kind::Wal) s->repl->note_wal_open(false);
-            if (s->kind == Kind::MainDb && s->shm0) s->repl->note_shm(false);
+            if (s->kind == Kind::MainDb && s->shm0) s->repl->note_shm(nullptr);
         }
         // Releasing the last reference runs the replicator's final flush.
         s->~ShimFile();
@@ -212,38 +213,25 @@ int main_shm_map(sqlite3_file* f, int region, int size, int extend, void volatil
     int rc = l->pMethods->xShmMap(l, region, size, extend, pp);
     if (rc == SQLITE_OK && region == 0 && *pp && !s->shm0) {
         s->shm0 = *pp;
-        if (s->repl) s->repl->note_shm(true);
+        if (s->repl) s->repl->note_shm(static_cast<const volatile unsigned char*>(*pp));
     }
     return rc;
 }
 
 int main_shm_unmap(sqlite3_file* f, int delete_flag) {
     ShimFile* s = shim(f);
-    if (s->shm0 && s->repl) s->repl->note_shm(false);
+    if (s->shm0 && s->repl) s->repl->note_shm(nullptr);
     s->shm0 = nullptr;
     sqlite3_file* l = s->lower();
     return l->pMethods->xShmUnmap(l, delete_flag);
 }
 
-struct WalIndexHeader {
-    uint32_t salt1 = 0, salt2 = 0, mx_frame = 0, page_size = 0;
-};
+using replicator::WalIndexHeader;
 
-// Reads the first copy of the wal-index header (WalIndexHdr in wal.c).
+// The first copy of the wal-index header (callers hold a WAL lock that keeps
+// it stable).
 bool read_wal_index(const ShimFile* s, WalIndexHeader& out) {
-    if (!s->shm0) return false;
-    const auto* h = static_cast<const volatile unsigned char*>(s->shm0);
-    unsigned char hdr[48];
-    for (int i = 0; i < 48; ++i) hdr[i] = h[i];
-    if (hdr[12] == 0) return false;  // isInit: not initialised
-    uint16_t sz_page;
-    std::memcpy(&out.mx_frame, hdr + 16, 4);
-    std::memcpy(&sz_page, hdr + 14, 2);
-    out.page_size = (sz_page & 0xff00u) | (static_cast<uint32_t>(sz_page & 0x0001u) << 16);
-    // aSalt holds the WAL header's salt bytes as stored in the file (big-endian).
-    out.salt1 = be32(hdr + 32);
-    out.salt2 = be32(hdr + 36);
-    return true;
+    return s->shm0 && replicator::read_wal_index(static_cast<const volatile unsigned char*>(s->shm0), out, false);
 }
 
 // Reports the commit the wal-index header describes. Called while this
@@ -269,29 +257,42 @@ void observe(F&& body) noexcept {
 }
 
 // The replicator's veto on an exclusive shm lock: SQLITE_BUSY refuses it.
+// A checkpoint or a WAL restart that goes ahead is registered with the
+// replicator until its lock is released, so that a snapshot starting at the
+// same moment either makes it refuse or waits for it (never both miss).
 int shm_lock_veto(ShimFile* s, Replicator* r, int ofst, int n) {
     if (ofst == kShmRestartOfst && n == kShmRestartN) {
-        // walRestartLog (under the write lock, so the header is stable):
-        // refused, SQLite appends instead of overwriting unshipped frames.
+        // walRestartLog or a RESTART/TRUNCATE checkpoint (under the write
+        // lock, so the header is stable): refused, SQLite appends instead of
+        // overwriting unshipped frames.
         WalIndexHeader h;
-        bool allowed;
-        if (read_wal_index(s, h)) {
-            // Frames another process committed are captured with ours.
-            r->note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
-            allowed = r->restart_allowed(h.salt1, h.salt2, h.mx_frame);
-        } else {
-            allowed = r->restart_allowed();
-        }
-        if (!allowed) return SQLITE_BUSY;
+        bool have = read_wal_index(s, h);
+        // Frames another process committed are captured with ours.
+        if (have) r->note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
+        if (!(have ? r->begin_restart(h.salt1, h.salt2, h.mx_frame) : r->begin_restart())) return SQLITE_BUSY;
+        s->holds_restart = true;
     }
     if (ofst == kShmCkptLock && n == 1) {
         // A snapshot is reading the database file, or the WAL must keep
         // frames that are not yet durable and not in memory.
         WalIndexHeader h;
-        if (read_wal_index(s, h) ? !r->checkpoint_allowed(h.salt1, h.salt2, h.mx_frame) : !r->checkpoint_allowed())
+        if (!(read_wal_index(s, h) ? r->begin_checkpoint(h.salt1, h.salt2, h.mx_frame) : r->begin_checkpoint()))
             return SQLITE_BUSY;
+        s->holds_ckpt = true;
     }
     return SQLITE_OK;
+}
+
+// Ends what shm_lock_veto registered for the lock at (ofst, n).
+void release_reservation(ShimFile* s, Replicator* r, int ofst, int n) {
+    if (ofst == kShmRestartOfst && n == kShmRestartN && s->holds_restart) {
+        s->holds_restart = false;
+        r->end_restart();
+    }
+    if (ofst == kShmCkptLock && n == 1 && s->holds_ckpt) {
+        s->holds_ckpt = false;
+        r->end_checkpoint();
+    }
 }
 
 int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
@@ -303,25 +304,20 @@ int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
     if (r && lock && excl) {
         // Nothing is held yet: a failure of ours may refuse the lock.
         int veto = guarded(SQLITE_IOERR_SHMLOCK, [&] { return shm_lock_veto(s, r, ofst, n); });
-        if (veto != SQLITE_OK) return veto;
+        if (veto != SQLITE_OK) {
+            release_reservation(s, r, ofst, n);
+            return veto;
+        }
     }
     // An unlock must happen whatever we fail to observe.
     if (r && !lock && excl && ofst <= kShmWriteLock && kShmWriteLock < ofst + n) observe([&] { report_commit(s); });
     int rc = l->pMethods->xShmLock(l, ofst, n, flags);
+    if (r && excl && (!lock || rc != SQLITE_OK)) release_reservation(s, r, ofst, n);
     if (r && rc == SQLITE_OK && lock && excl && ofst == kShmWriteLock && n == 1) {
         observe([&] {
             WalIndexHeader h;
             if (read_wal_index(s, h)) r->check_wal_index(h.salt1, h.salt2, h.mx_frame);
         });
-    }
-    if (r && rc == SQLITE_OK && excl && ofst == kShmCkptLock && n == 1) {
-        if (lock && !s->holds_ckpt) {
-            s->holds_ckpt = true;
-            r->note_checkpoint(true);
-        } else if (!lock && s->holds_ckpt) {
-            s->holds_ckpt = false;
-            r->note_checkpoint(false);
-        }
     }
     return rc;
 }

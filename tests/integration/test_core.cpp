@@ -509,3 +509,46 @@ TEST_CASE("a database reopened while its last close still flushes waits for that
     db.reset();
     CHECK(s.restored_hash("re.db") == local);
 }
+
+TEST_CASE("snapshots under sustained writes and checkpoints are read once", "[core][snapshot]") {
+    register_bottomless();
+    Setup s;
+    const std::string uri = s.uri("busy.db", "&batch_interval_ms=100");
+    Db db = open_db(uri);
+    exec(db.get(), "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=50; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);"
+                   "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 6000) "
+                   "INSERT INTO t(v) SELECT randomblob(1500) FROM c");
+    query_text(db.get(), "SELECT bottomless_flush(30000)");
+
+    // One writer commits (and checkpoints, and restarts the WAL) flat out
+    // while another connection starts new generations.
+    std::atomic<bool> stop{false};
+    std::atomic<int> commits{0};
+    std::thread writer([&] {
+        Db w = open_db(uri);
+        exec(w.get(), "PRAGMA wal_autocheckpoint=50; PRAGMA synchronous=NORMAL");
+        while (!stop.load()) {
+            exec(w.get(), "INSERT INTO t(v) VALUES (randomblob(200)); UPDATE t SET v = randomblob(1500) WHERE id = "
+                          "abs(random()) % 6000 + 1");
+            commits.fetch_add(1);
+        }
+    });
+    int snapshots = 0;
+    std::string err;
+    for (int i = 0; i < 4; ++i) {
+        Db other = open_db(uri);
+        if (try_exec(other.get(), "SELECT bottomless_snapshot()", err) == SQLITE_OK) ++snapshots;
+        else FAIL_CHECK("bottomless_snapshot() failed: " << err);
+    }
+    stop.store(true);
+    writer.join();
+    auto st = status(db.get());
+    INFO(st.dump());
+    CHECK(snapshots == 4);
+    CHECK(commits.load() > 100);
+    CHECK(st["snapshots_torn"] == 0);
+    query_text(db.get(), "SELECT bottomless_flush(60000)");
+    const std::string local = content_hash(db.get());
+    db.reset();
+    CHECK(s.restored_hash("busy.db") == local);
+}
