@@ -364,6 +364,12 @@ Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseco
     return {};
 }
 
+namespace {
+std::atomic<int> g_exit_after_sync_uploads{0};
+}
+
+void testing_exit_after_sync_uploads(int n) { g_exit_after_sync_uploads.store(n); }
+
 Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
                                uint32_t page_size) {
     if (!enabled_) return {};
@@ -458,6 +464,7 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
         retry_after_ = {};
         return e;
     }
+    if (g_exit_after_sync_uploads.load() > 0 && g_exit_after_sync_uploads.fetch_sub(1) == 1) ::_exit(3);
     return {};
 }
 

@@ -49,6 +49,9 @@ namespace bottomless::replicator {
 // Test hook: the next `n` uploader steps (in any replicator of this
 // process) throw, as a failing library or an allocation would.
 void testing_inject_uploader_exceptions(int n);
+// Test hook: the process exits (status 3) right after its n-th sync commit
+// is durable in S3, before the commit frame is written locally.
+void testing_exit_after_sync_uploads(int n);
 
 struct ReplicatorMetrics;  // replicator/metrics.h
 struct LocalState;
@@ -183,7 +186,14 @@ private:
     // Where the bucket's history of `g` ends, if the local WAL still holds
     // exactly that position (a state file that lagged behind an upload).
     std::optional<LocalState> bucket_end_held_locally(const GenerationInfo& g);
-    bool continue_at_bucket_end(const GenerationInfo& g);  // continue_from() there; false if not held
+    // continue_from() there; false if not held. `may_write_wal` (start-up,
+    // before SQLite has the file open): bring_in_last_segment() first.
+    bool continue_at_bucket_end(const GenerationInfo& g, bool may_write_wal);
+    // Sync mode: the bucket's last segment of `g` starts exactly at the local
+    // WAL's last commit (a transaction durable in S3 whose commit frame never
+    // reached the disk): write its frames into the WAL. Never acknowledged,
+    // so either outcome is allowed; this one keeps the generation.
+    bool bring_in_last_segment(const GenerationInfo& g);
     void run();  // the uploader thread
 
     struct PendingTxn {

@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 
 #include "replicator/restore.h"
 #include "replicator/state_file.h"
@@ -245,8 +247,82 @@ std::optional<LocalState> Replicator::bucket_end_held_locally(const GenerationIn
     return st;
 }
 
-bool Replicator::continue_at_bucket_end(const GenerationInfo& g) {
+bool Replicator::bring_in_last_segment(const GenerationInfo& g) {
+    const auto& bucket = config_.bucket;
+    const auto& db_id = config_.db_id;
+    if (!config_.sync || g.last_seq == 0) return false;
+    const std::string key = segment_key(db_id, g.id, g.last_seq);
+    auto info = client_->head_object(bucket, key);
+    if (!info || info->size > (64u << 20)) return false;  // a sync commit's segment is one transaction
+    auto bytes = client_->get_object(bucket, key);
+    if (!bytes) return false;
+    auto seg = decode_segment(*bytes, key, cipher_.get());
+    if (!seg || seg->header.generation != g.id || seg->header.seq != g.last_seq) return false;
+    const SegmentHeader& h = seg->header;
+
+    // The local WAL must end exactly where the segment starts: same epoch,
+    // its last commit at the segment's start, with the same checksum.
+    auto scan = scan_wal_file(wal_path_);
+    if (!scan || !scan->has_header || scan->header.salt1 != h.start.salt1 || scan->header.salt2 != h.start.salt2 ||
+        scan->last_commit_frame != h.start.frame || scan->header.page_size != h.page_size)
+        return false;
+    const WalHeader& wh = scan->header;
+    WalPosition local{wh.salt1, wh.salt2, scan->last_commit_frame, scan->cksum1, scan->cksum2};
+    if (!((cipher_ ? cipher_->mask(local, db_id, g.id) : local) == h.start)) return false;
+
+    // Its frames as SQLite writes them (walEncodeFrame): page number, the
+    // database size on a transaction's last frame, the salts, the running
+    // checksum over the first 8 bytes and the page.
+    const uint32_t psz = h.page_size;
+    std::string out;
+    out.reserve(seg->frames.size() * (kWalFrameHeaderSize + psz));
+    uint32_t s1 = local.cksum1, s2 = local.cksum2;
+    size_t next = 0;
+    for (const SegmentTxn& t : h.txns) {
+        for (uint32_t j = 0; j < t.frames; ++j, ++next) {
+            if (next >= seg->frames.size()) return false;
+            const SegmentFrame& f = seg->frames[next];
+            unsigned char fh[kWalFrameHeaderSize] = {0};
+            auto put32 = [&](size_t at, uint32_t v) {
+                fh[at] = static_cast<unsigned char>(v >> 24);
+                fh[at + 1] = static_cast<unsigned char>(v >> 16);
+                fh[at + 2] = static_cast<unsigned char>(v >> 8);
+                fh[at + 3] = static_cast<unsigned char>(v);
+            };
+            put32(0, f.pgno);
+            put32(4, j + 1 == t.frames ? t.db_pages : 0);
+            put32(8, wh.salt1);
+            put32(12, wh.salt2);
+            wal_checksum(wh.big_endian_checksums(), fh, 8, s1, s2);
+            wal_checksum(wh.big_endian_checksums(), reinterpret_cast<const unsigned char*>(f.page.data()), psz, s1, s2);
+            put32(16, s1);
+            put32(20, s2);
+            out.append(reinterpret_cast<const char*>(fh), sizeof fh);
+            out.append(f.page);
+        }
+    }
+    const WalPosition end{wh.salt1, wh.salt2, h.start.frame + next, s1, s2};
+    if (next != seg->frames.size() || !((cipher_ ? cipher_->mask(end, db_id, g.id) : end) == h.end)) return false;
+
+    // Written where SQLite would have written them, then synced: its WAL
+    // recovery takes them as committed when the database is opened next.
+    Fd wal(::open(wal_path_.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW));
+    if (wal.fd < 0 || !pwrite_full(wal.fd, out.data(), out.size(), wal_frame_offset(psz, h.start.frame + 1)) ||
+        ::fsync(wal.fd) != 0) {
+        log::warn(path_ + ": could not write the bucket's last transaction into the WAL: " + std::strerror(errno));
+        return false;
+    }
+    log::info(path_ + ": the bucket's last segment " + std::to_string(g.last_seq) + " of generation " + g.id +
+              " held a transaction durable in S3 whose commit never reached this file (sync mode, never "
+              "acknowledged); it is now in the WAL, and the generation continues");
+    return true;
+}
+
+bool Replicator::continue_at_bucket_end(const GenerationInfo& g, bool may_write_wal) {
     auto end = bucket_end_held_locally(g);
+    // Before SQLite has the file open, a sync commit the bucket has and the
+    // WAL lacks can be completed locally rather than forking the history.
+    if (!end && may_write_wal && bring_in_last_segment(g)) end = bucket_end_held_locally(g);
     if (!end) return false;
     LocalProof proof = prove_local(*end, path_, wal_path_);
     if (!proof.proven) return false;
@@ -290,7 +366,7 @@ Status Replicator::verify_bucket() {
     const bool ours = latest && (latest->id == generation_ ? latest->last_seq > seq_
                                                            : std::find(lineage_.begin(), lineage_.end(), latest->id) !=
                                                                  lineage_.end());
-    if (ours && pending_.empty() && !inflight_ && continue_at_bucket_end(*latest)) {
+    if (ours && pending_.empty() && !inflight_ && continue_at_bucket_end(*latest, /*may_write_wal=*/false)) {
         write_state_file(false);
         return {};
     }
@@ -425,7 +501,7 @@ Status Replicator::startup() {
         if (proof.proven) {
             continue_from(*state, proof);
             log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
-        } else if (continue_at_bucket_end(*latest)) {
+        } else if (continue_at_bucket_end(*latest, /*may_write_wal=*/true)) {
         } else {
             parent_generation_ = latest->id;
             parent_seq_ = latest->last_seq;
@@ -438,7 +514,7 @@ Status Replicator::startup() {
         // run may have died before recording how far it got): the local file
         // is at least as new. If the WAL still holds where it ends, go on
         // from there; otherwise where it ends is not proven.
-        if (!continue_at_bucket_end(*latest)) {
+        if (!continue_at_bucket_end(*latest, /*may_write_wal=*/true)) {
             parent_generation_ = latest->id;
             parent_seq_ = latest->last_seq;
             request_snapshot("this file started generation " + latest->id + " but its end is not recorded");

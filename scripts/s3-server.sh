@@ -367,8 +367,15 @@ cmd_start() {
     # OSD.
     local osd_uuid osd_id
     osd_uuid=$(cat /proc/sys/kernel/random/uuid)
-    osd_id=$(ceph_cli osd create "$osd_uuid" 2>>"$DIR/log/cli.out") ||
-        fail_start "'ceph osd create' failed"
+    # A monitor that has just started may refuse the first commands ("EPERM:
+    # problem getting command descriptions from mon", seen on a loaded
+    # machine): retry. Creating an OSD by its uuid is idempotent.
+    local attempt
+    for attempt in 1 2 3 4 5 6; do
+        osd_id=$(ceph_cli osd create "$osd_uuid" 2>>"$DIR/log/cli.out") && break
+        [[ $attempt == 6 ]] && fail_start "'ceph osd create' failed"
+        sleep 2
+    done
     [[ $osd_id == 0 ]] || fail_start "expected osd id 0, got '$osd_id'"
     ceph_cli osd crush add osd.0 1.0 root=default >>"$DIR/log/cli.out" 2>&1 ||
         fail_start "'ceph osd crush add' failed"

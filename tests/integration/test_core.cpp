@@ -3,9 +3,14 @@
 // snapshot uploads — and the WAL's growth has a budget with a policy.
 #include <catch2/catch.hpp>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -551,4 +556,50 @@ TEST_CASE("snapshots under sustained writes and checkpoints are read once", "[co
     const std::string local = content_hash(db.get());
     db.reset();
     CHECK(s.restored_hash("busy.db") == local);
+}
+
+TEST_CASE("sync mode: a transaction durable in S3 whose commit never reached the file is brought in at open", "[core][crash]") {
+    register_bottomless();
+    Setup s;
+    const std::string path = s.dir.file("ahead.db"), log = s.dir.file("ahead.log");
+    const std::string uri = s.uri("ahead.db", "&sync=1");
+    // A first run leaves a generation with a few transactions.
+    std::string gen;
+    {
+        Db db = open_db(uri);
+        exec(db.get(), "PRAGMA journal_mode=WAL; CREATE TABLE txns(k INTEGER PRIMARY KEY, r INTEGER NOT NULL);"
+                       "CREATE TABLE rows(id INTEGER PRIMARY KEY, k INTEGER NOT NULL, payload BLOB)");
+        gen = status(db.get())["generation"].get<std::string>();
+    }
+    // The writer dies right after its 4th sync commit is durable in S3,
+    // before the commit frame is written locally.
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        setenv("BOTTOMLESS_TEST_EXIT_AFTER_SYNC_UPLOADS", "4", 1);
+        if (FILE* f = std::freopen((log + ".err").c_str(), "a", stderr)) (void)f;
+        execl(BOTTOMLESS_CRASH_WRITER, BOTTOMLESS_CRASH_WRITER, uri.c_str(), log.c_str(), "7", static_cast<char*>(nullptr));
+        _exit(127);
+    }
+    int wstatus = 0;
+    REQUIRE(waitpid(pid, &wstatus, 0) == pid);
+    REQUIRE(WIFEXITED(wstatus));
+    REQUIRE(WEXITSTATUS(wstatus) == 3);
+
+    // Reopen: the bucket is one transaction ahead of the file. Before, that
+    // cost a new generation (a full snapshot); now the transaction, never
+    // acknowledged, is written into the WAL and the generation goes on.
+    Db db = open_db(uri);
+    auto st = status(db.get());
+    INFO(st.dump());
+    CHECK(st["generation"] == gen);
+    CHECK(query_int(db.get(), "SELECT count(*) FROM txns") == 4);  // 3 acknowledged + the one S3 kept
+    CHECK(query_text(db.get(), "PRAGMA integrity_check") == "ok");
+    exec(db.get(), "INSERT INTO txns VALUES (5, 0)");
+    st = status(db.get());
+    CHECK(st["generation"] == gen);
+    CHECK(st["snapshots_uploaded"] == 0);
+    const std::string local = content_hash(db.get());
+    db.reset();
+    CHECK(s.restored_hash("ahead.db") == local);
 }

@@ -4,6 +4,9 @@
 //
 //   crash_writer DB_URI LOG_PATH SEED
 //
+// BOTTOMLESS_TEST_EXIT_AFTER_SYNC_UPLOADS=N: exit (status 3) right after the
+// N-th sync commit is durable in S3, before its commit frame is written.
+//
 // Each transaction k inserts r rows (1..20, random payloads up to 1 KiB)
 // tagged with k into `rows`, and (k, r) into `txns`: a restored database is a
 // committed prefix when txns holds 1..m without gaps and each k has r rows.
@@ -12,14 +15,20 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 
 #include "bottomless.h"
+#include "replicator/replicator.h"
 
 int main(int argc, char** argv) {
     if (argc < 4) return 2;
     if (bottomless_register(0) != SQLITE_OK) return 1;
+    // Test hook: die (status 3) right after the n-th sync commit is durable
+    // in S3 and before its commit frame reaches the WAL.
+    if (const char* n = std::getenv("BOTTOMLESS_TEST_EXIT_AFTER_SYNC_UPLOADS"))
+        bottomless::replicator::testing_exit_after_sync_uploads(std::atoi(n));
     sqlite3* db = nullptr;
     if (sqlite3_open_v2(argv[1], &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, nullptr) != SQLITE_OK) {
         std::fprintf(stderr, "crash_writer: open: %s\n", db ? sqlite3_errmsg(db) : "?");
