@@ -166,7 +166,7 @@ int run_ls(Context& ctx, const Args& args) {
             if (g.last_segment) {
                 uint32_t pages = g.last_segment->txns.empty() ? 0 : g.last_segment->txns.back().db_pages;
                 std::printf("    segments: %llu..%llu, ends at %s, %u pages\n",
-                            static_cast<unsigned long long>(g.first_seq),
+                            static_cast<unsigned long long>(g.info.first_seq),
                             static_cast<unsigned long long>(g.info.last_seq),
                             position_text(g.last_segment->end).c_str(), pages);
             }

@@ -78,7 +78,7 @@ std::string proven_text(const replicator::RestoreResult& r) {
            " pages; checksums, chain and integrity_check hold";
 }
 
-Verdict verify_one(Context& ctx, const std::string& db, const RestoreChoice& choice, const RestoreRequest& req,
+Verdict verify_one(Context& ctx, const std::string& db, const RestoreTarget& choice, const RestoreRequest& req,
                    const ScratchDir& scratch) {
     Verdict v;
     v.generation = choice.generation;
@@ -160,10 +160,11 @@ int run_verify(Context& ctx, const Args& args) {
             } else {
                 ctx.note("verifying generation " + g.info.id + " (" + std::to_string(i + 1) + " of " +
                          std::to_string(gens.size()) + ")");
-                RestoreChoice c;
-                c.index = i;
-                c.generation = g.info.id;
-                v = verify_one(ctx, *db, c, req, scratch);
+                // The listing and headers are in hand: no request here.
+                auto c = replicator::choose_restore_target(ctx.client(), ctx.bucket(), *db, gens, g.info.id,
+                                                           std::nullopt);
+                if (!c) v.message = c.error().message;
+                else v = verify_one(ctx, *db, *c, req, scratch);
             }
             for (const auto& k : g.stray_keys) ctx.warn("unexpected object " + k + " (not part of any history)");
             if (as_json) verdicts.push_back(v);

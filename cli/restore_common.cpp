@@ -24,31 +24,14 @@ RestoreRequest restore_request_from(const Args& args) {
     return r;
 }
 
-Result<RestoreChoice> plan_restore(Context& ctx, const std::string& db_id, const RestoreRequest& req,
+Result<RestoreTarget> plan_restore(Context& ctx, const std::string& db_id, const RestoreRequest& req,
                                    std::vector<GenerationView>* history_out) {
     auto history = load_history(ctx.client(), ctx.bucket(), db_id, Detail::Ids);
     if (!history) return std::move(history).error();
-    struct Keep {
-        std::vector<GenerationView>& from;
-        std::vector<GenerationView>* to;
-        ~Keep() {
-            if (to) *to = from;
-        }
-    } keep{*history, history_out};
-    auto no_replica = [&](const std::string& why) {
-        return make_error(ErrorKind::NotFound, "database '" + db_id + "' " + why + " in bucket '" + ctx.bucket() + "'",
-                          "NoReplica");
-    };
-    if (history->empty()) return no_replica("has no generation");
-    auto choice = choose_restore(ctx.client(), ctx.bucket(), db_id, *history, req.generation, req.until_us);
-    if (choice || choice.error().code != "NoGeneration") return choice;
-    // Nothing serves this request: is there any replica at all?
-    for (auto& g : *history) {
-        if (auto st = inspect_generation(ctx.client(), ctx.bucket(), db_id, g, Detail::Objects); !st)
-            return std::move(st).error();
-        if (g.complete()) return choice;
-    }
-    return no_replica("has no complete generation (no snapshot finished uploading)");
+    auto choice =
+        replicator::choose_restore_target(ctx.client(), ctx.bucket(), db_id, *history, req.generation, req.until_us);
+    if (history_out) *history_out = std::move(*history);
+    return choice;
 }
 
 std::string older_than_damaged(const std::vector<GenerationView>& history, const Error& e) {
@@ -58,24 +41,22 @@ std::string older_than_damaged(const std::vector<GenerationView>& history, const
     return {};
 }
 
-Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreChoice& choice,
+Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreTarget& choice,
                                                    const RestoreRequest& req, const std::string& output,
                                                    const std::string& label) {
     replicator::RestoreOptions opt;
-    opt.generation = choice.generation;
-    opt.until_us = choice.until_us;
     opt.parallel = req.parallel;
     opt.integrity_check = true;
     auto cipher = ctx.cipher(db_id);
     if (!cipher) return std::move(cipher).error();
     opt.cipher = std::move(cipher).value();
-    // restore_database writes OUTPUT.restore-tmp and removes it on failure;
+    // restore_target writes OUTPUT.restore-tmp and removes it on failure;
     // an interrupt must not leave it behind either.
     const std::string tmp = output + ".restore-tmp";
     cleanup_on_signal(tmp);
 
     ProgressBar bar(label, !ctx.quiet());
-    std::atomic<uint64_t> reported{0}, total{choice.total_bytes};
+    std::atomic<uint64_t> reported{0}, total{choice.total_bytes()};
     std::atomic<bool> stop{false};
     std::thread ticker;
     if (bar.enabled()) {
@@ -83,13 +64,10 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
             reported.store(done);
             total.store(all);
         };
-        // restore_database reports once the snapshot is in; while it streams,
+        // restore_target reports once the snapshot is in; while it streams,
         // the temp file's growth against the snapshot's page count (from its
-        // header) tells how far it is.
-        uint64_t raw = 0;
-        auto h = replicator::read_snapshot_header(
-            ctx.client(), ctx.bucket(), replicator::snapshot_key(db_id, choice.generation), choice.snapshot_bytes);
-        if (h) raw = static_cast<uint64_t>(h->db_pages) * h->page_size;
+        // header, read when it was chosen) tells how far it is.
+        const uint64_t raw = static_cast<uint64_t>(choice.snapshot.db_pages) * choice.snapshot.page_size;
         ticker = std::thread([&, raw] {
             // Only this thread draws until it is joined.
             while (!stop.load()) {
@@ -106,7 +84,7 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
             }
         });
     }
-    auto r = replicator::restore_database(ctx.client(), ctx.bucket(), db_id, output, opt);
+    auto r = replicator::restore_target(ctx.client(), ctx.bucket(), db_id, choice, output, opt);
     stop.store(true);
     if (ticker.joinable()) ticker.join();
     if (r && bar.enabled()) bar.update(r->bytes_downloaded, r->bytes_downloaded);

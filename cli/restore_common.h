@@ -22,11 +22,12 @@ struct RestoreRequest {
 RestoreRequest restore_request_from(const Args& args);
 
 // Lists the database's generations and picks the one that serves the
-// request (history.h). Errors: NotFound "NoReplica" when the database has no
-// complete generation at all, "NoGeneration" when none serves this request,
-// Corrupt naming an object, or what S3 said.
+// request (replicator::choose_restore_target, the rule every restore
+// shares). Errors: NotFound "NoReplica" when the database has no complete
+// generation at all, "NoGeneration" when none serves this request, Corrupt
+// naming an object, or what S3 said.
 // `history`, when given, receives the listing (for suggestions on failure).
-Result<RestoreChoice> plan_restore(Context& ctx, const std::string& db_id, const RestoreRequest& req,
+Result<RestoreTarget> plan_restore(Context& ctx, const std::string& db_id, const RestoreRequest& req,
                                    std::vector<GenerationView>* history = nullptr);
 
 // After a Corrupt error: the generation older than the one the error names,
@@ -34,8 +35,9 @@ Result<RestoreChoice> plan_restore(Context& ctx, const std::string& db_id, const
 std::string older_than_damaged(const std::vector<GenerationView>& history, const Error& e);
 
 // Restores the chosen state into `output` (temp file, checks, rename), with
-// a progress bar labelled `label` unless quiet.
-Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreChoice& choice,
+// a progress bar labelled `label` unless quiet. Nothing is listed or read
+// again: the snapshot and segment GETs only.
+Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreTarget& choice,
                                                    const RestoreRequest& req, const std::string& output,
                                                    const std::string& label);
 

@@ -138,111 +138,7 @@ struct TmpFile {
     }
 };
 
-// Magic (8), version (4), header length (4).
-constexpr uint64_t kPreamble = 16;
-constexpr uint64_t kFirstRead = 4096;
-// The same cap the decoder applies: a corrupt length must not size a huge read.
-constexpr uint64_t kMaxHeader = kMaxHeaderSize;
-
-// The first bytes of an object, enough to hold its whole header.
-Result<std::string> header_bytes(s3::Client& client, const std::string& bucket, const std::string& key,
-                                 uint64_t size) {
-    if (size == 0) return std::string();
-    auto first = client.get_object(bucket, key, s3::ByteRange{0, std::min(size, kFirstRead)});
-    if (!first) return first;
-    if (first->size() < kPreamble) return first;
-    uint64_t need = kPreamble + read_be32(reinterpret_cast<const unsigned char*>(first->data() + 12));
-    if (need <= first->size() || need > size || need > kPreamble + kMaxHeader) return first;  // the decoder will judge
-    return client.get_object(bucket, key, s3::ByteRange{0, need});
-}
-
-Error not_found_here(const std::string& key) {
-    return make_error(ErrorKind::Corrupt,
-                      key + " disappeared while it was being read (is someone removing this generation?)",
-                      "MissingObject");
-}
-
-int64_t gen_time_us(const std::string& id) {
-    int64_t ms = generation_time_ms(id);
-    return ms < 0 ? -1 : ms * 1000;
-}
-
 }  // namespace
-
-Result<SnapshotHeader> read_snapshot_header(s3::Client& client, const std::string& bucket, const std::string& key,
-                                            uint64_t size) {
-    auto bytes = header_bytes(client, bucket, key, size);
-    if (!bytes) return bytes.error().kind == ErrorKind::NotFound ? not_found_here(key) : std::move(bytes).error();
-    return peek_snapshot_header(*bytes, key);
-}
-
-Result<SegmentHeader> read_segment_header(s3::Client& client, const std::string& bucket, const std::string& key,
-                                          uint64_t size) {
-    auto bytes = header_bytes(client, bucket, key, size);
-    if (!bytes) return bytes.error().kind == ErrorKind::NotFound ? not_found_here(key) : std::move(bytes).error();
-    return peek_segment_header(*bytes, key);
-}
-
-Result<std::vector<GenerationInfo>> list_generations(s3::Client& client, const std::string& bucket,
-                                                     const std::string& db_id) {
-    std::vector<GenerationInfo> out;
-    s3::ListRequest req;
-    req.prefix = db_id + "/";
-    req.delimiter = "/";
-    auto st = client.list_objects(bucket, req, [&](const s3::ListPage& page) {
-        for (const auto& p : page.common_prefixes) {
-            // The client drops prefixes outside req.prefix; still, server text
-            // never drives a substr that can throw.
-            if (p.size() <= req.prefix.size() + 1 || p.compare(0, req.prefix.size(), req.prefix) != 0 || p.back() != '/')
-                continue;
-            std::string id = p.substr(req.prefix.size(), p.size() - req.prefix.size() - 1);
-            int64_t ms = generation_time_ms(id);
-            if (ms < 0) continue;  // not ours
-            GenerationInfo g;
-            g.id = id;
-            g.created_ms = ms;
-            out.push_back(std::move(g));
-        }
-        return true;
-    });
-    if (!st) return std::move(st).error();
-    // Ids sort newest first by construction; keep that order explicit.
-    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.created_ms > b.created_ms; });
-    return out;
-}
-
-Status describe_generation(s3::Client& client, const std::string& bucket, const std::string& db_id,
-                           GenerationInfo& info) {
-    auto objects = client.list_all(bucket, generation_prefix(db_id, info.id));
-    if (!objects) return std::move(objects).error();
-    info.has_snapshot = false;
-    info.segments = info.last_seq = info.segment_bytes = info.snapshot_bytes = 0;
-    for (const auto& o : *objects) {
-        uint64_t seq;
-        if (o.key == snapshot_key(db_id, info.id)) {
-            info.has_snapshot = true;
-            info.snapshot_bytes = o.size;
-        } else if (parse_segment_key(o.key, seq)) {
-            ++info.segments;
-            info.segment_bytes += o.size;
-            info.last_seq = std::max(info.last_seq, seq);
-        }
-    }
-    return {};
-}
-
-Result<std::vector<std::string>> list_databases(s3::Client& client, const std::string& bucket) {
-    std::vector<std::string> out;
-    s3::ListRequest req;
-    req.delimiter = "/";
-    auto st = client.list_objects(bucket, req, [&](const s3::ListPage& page) {
-        for (const auto& p : page.common_prefixes)
-            if (p.size() > 1 && p.back() == '/') out.push_back(p.substr(0, p.size() - 1));
-        return true;
-    });
-    if (!st) return std::move(st).error();
-    return out;
-}
 
 std::string sqlite_file_uri(const std::string& path) {
     // RFC 3986 as SQLite reads it: '?' would start the query, '#' a fragment
@@ -295,67 +191,35 @@ Status integrity_check(const std::string& path) {
 Result<RestoreResult> restore_database(s3::Client& client, const std::string& bucket, const std::string& db_id,
                                        const std::string& output_path, const RestoreOptions& options) {
     const auto t0 = std::chrono::steady_clock::now();
-    RestoreResult res;
+    auto history = load_history(client, bucket, db_id);
+    if (!history) return std::move(history).error();
+    auto target = choose_restore_target(client, bucket, db_id, *history, options.generation, options.until_us);
+    if (!target) return std::move(target).error();
+    auto res = restore_target(client, bucket, db_id, *target, output_path, options);
+    if (res) res->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return res;
+}
 
-    // ---- choose the generation ----
-    auto gens = list_generations(client, bucket, db_id);
-    if (!gens) return std::move(gens).error();
-    GenerationInfo chosen;
-    bool found = false;
-    for (auto& g : *gens) {
-        if (!options.generation.empty() && g.id != options.generation) continue;
-        if (options.generation.empty() && options.until_us && gen_time_us(g.id) > *options.until_us) continue;
-        if (auto st = describe_generation(client, bucket, db_id, g); !st) return std::move(st).error();
-        if (!g.has_snapshot) {
-            if (!options.generation.empty())
-                return make_error(ErrorKind::Corrupt,
-                                  "generation " + g.id + " has no snapshot object (" + snapshot_key(db_id, g.id) +
-                                      "): it was never completed or was damaged; try an older generation",
-                                  "MissingSnapshot");
-            // Segments are written only after their snapshot, and an unfinished
-            // multipart snapshot is invisible to listings: segments without a
-            // snapshot mean the snapshot object was lost. Say so; never skip
-            // silently to an older state.
-            if (g.segments > 0)
-                return make_error(ErrorKind::Corrupt,
-                                  "snapshot " + snapshot_key(db_id, g.id) + " of generation " + g.id +
-                                      " is missing although its segments exist; restore an older generation (-g) "
-                                      "and run verify",
-                                  "MissingSnapshot");
-            continue;
-        }
-        chosen = g;
-        found = true;
-        break;
-    }
-    if (!found) {
-        std::string msg;
-        if (!options.generation.empty()) msg = "generation " + options.generation + " of database '" + db_id + "' not found";
-        else if (gens->empty()) msg = "database '" + db_id + "' has no generation in bucket '" + bucket + "'";
-        else msg = "no generation of database '" + db_id + "' holds a state at or before the requested time";
-        if (gens->empty()) {
-            auto dbs = list_databases(client, bucket);
-            if (dbs && !dbs->empty()) {
-                msg += " (databases in the bucket:";
-                for (const auto& d : *dbs) msg += " " + d;
-                msg += ")";
-            }
-        }
-        return make_error(ErrorKind::NotFound, msg, "NoGeneration");
-    }
-    res.generation = chosen.id;
+Result<RestoreResult> restore_target(s3::Client& client, const std::string& bucket, const std::string& db_id,
+                                     const RestoreTarget& chosen, const std::string& output_path,
+                                     const RestoreOptions& options) {
+    const auto t0 = std::chrono::steady_clock::now();
+    RestoreResult res;
+    const std::optional<int64_t> until_us = chosen.until_us;
+
+    res.generation = chosen.generation;
 
     // ---- the snapshot ----
     // The key is checked on the snapshot's header before anything is
     // created at the destination: a wrong or missing key is not a corrupt object.
-    std::string snap_key = snapshot_key(db_id, chosen.id);
+    std::string snap_key = snapshot_key(db_id, chosen.generation);
     std::string out_dir = output_path.substr(0, output_path.find_last_of('/') + 1);
     if (out_dir.empty()) out_dir = ".";
     SpaceGuard space(out_dir);
     uint32_t snap_pages = 0;
     {
-        auto header = read_snapshot_header(client, bucket, snap_key, chosen.snapshot_bytes);
-        if (!header) return std::move(header).error();
+        // Read while the target was chosen: not read again.
+        const SnapshotHeader* header = &chosen.snapshot;
         if (auto st = check_cipher(header->encryption, options.cipher.get(), snap_key); !st) return std::move(st).error();
         // The declared size against the free space, before a byte is written.
         snap_pages = header->db_pages;
@@ -421,7 +285,7 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     auto snap = sink.reader().finish();
     if (!snap) return std::move(snap).error();
     if (auto st = sink.flush_pages(); !st) return std::move(st).error();
-    if (snap->db_id != db_id || snap->generation != chosen.id)
+    if (snap->db_id != db_id || snap->generation != chosen.generation)
         return make_error(ErrorKind::Corrupt,
                           snap_key + " belongs to " + snap->db_id + "/" + snap->generation + ", not to this key",
                           "WrongObject");
@@ -432,12 +296,15 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     res.last_commit_us = snap->last_commit_us;
     res.last_sha256 = sink.reader().sha256();
     if (options.progress) options.progress(res.bytes_downloaded, total);
-    if (options.until_us && snap->last_commit_us > *options.until_us && options.generation.empty()) {
-        // The snapshot already holds later transactions: an older generation is needed.
-        return make_error(ErrorKind::NotFound,
-                          "the oldest usable generation (" + chosen.id + ") starts after the requested time",
-                          "NoGeneration");
-    }
+    // The target was chosen on the header read before (its state at or
+    // before until_us, its size checked against the free space): the object
+    // streamed must be the one weighed, not one put there since.
+    if (!(snap->position == chosen.snapshot.position) || snap->last_commit_us != chosen.snapshot.last_commit_us ||
+        snap->created_us != chosen.snapshot.created_us || snap->db_pages != chosen.snapshot.db_pages)
+        return make_error(ErrorKind::Corrupt,
+                          "snapshot " + snap_key + " changed while it was being restored (is someone writing this "
+                          "generation?); run the restore again",
+                          "WrongObject");
 
     // ---- the segments, fetched several at a time, applied in order ----
     bool stop = false;
@@ -446,7 +313,7 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     uint64_t next_fetch = 1;
     std::map<uint64_t, std::future<Result<std::string>>> inflight;
     auto fetch = [&](uint64_t seq) {
-        std::string key = segment_key(db_id, chosen.id, seq);
+        std::string key = segment_key(db_id, chosen.generation, seq);
         // Capped at the largest object a valid segment can be (format.h), not
         // at the client's default, which a legitimate 1 GiB segment may exceed.
         return std::async(std::launch::async, [&client, bucket, key]() {
@@ -458,14 +325,14 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
             inflight.emplace(next_fetch, fetch(next_fetch));
             ++next_fetch;
         }
-        std::string key = segment_key(db_id, chosen.id, seq);
+        std::string key = segment_key(db_id, chosen.generation, seq);
         auto body = inflight.at(seq).get();
         inflight.erase(seq);
         if (!body) {
             Error e = std::move(body).error();
             if (e.kind == ErrorKind::NotFound)
                 e = make_error(ErrorKind::Corrupt,
-                               "segment " + key + " is missing: the history of generation " + chosen.id +
+                               "segment " + key + " is missing: the history of generation " + chosen.generation +
                                    " has a gap after segment " + std::to_string(seq - 1) +
                                    "; restore an earlier point in time (--utc-time) or another generation",
                                "MissingSegment");
@@ -479,7 +346,7 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
         uint64_t apply_frames = 0;  // frames of the transactions at or before the point in time
         size_t apply_txns = 0;
         auto on_header = [&](const SegmentHeader& sh) -> Status {
-            if (sh.db_id != db_id || sh.generation != chosen.id || sh.seq != seq)
+            if (sh.db_id != db_id || sh.generation != chosen.generation || sh.seq != seq)
                 return make_error(ErrorKind::Corrupt,
                                   key + " holds segment " + std::to_string(sh.seq) + " of " + sh.db_id + "/" +
                                       sh.generation + ": it is not the object this key should hold",
@@ -494,7 +361,7 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
                                                           ", the snapshot " + std::to_string(res.page_size),
                                   "ChainBroken");
             for (const auto& txn : sh.txns) {
-                if (options.until_us && txn.commit_us > *options.until_us) break;
+                if (until_us && txn.commit_us > *until_us) break;
                 apply_frames += txn.frames;
                 ++apply_txns;
             }

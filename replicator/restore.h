@@ -1,6 +1,7 @@
-// Reading a database's history back from the bucket: listing generations,
-// and restoring the latest state, a given generation, or the state at a point
-// in time (transaction granularity) into a file.
+// Restoring a database from the bucket: the latest state, a given
+// generation, or the state at a point in time (transaction granularity),
+// into a file. What to restore is chosen by bucket.h (choose_restore_target),
+// the one rule every caller shares.
 //
 // A restore downloads the snapshot and the segments (several in flight),
 // checks every object's trailer checksum and the chain between them (each
@@ -18,41 +19,16 @@
 #include <string>
 #include <vector>
 
+#include "replicator/bucket.h"
 #include "replicator/format.h"
 #include "s3/client.h"
 #include "s3/result.h"
 
 namespace bottomless::replicator {
 
-struct GenerationInfo {
-    std::string id;
-    int64_t created_ms = 0;       // from the id
-    bool has_snapshot = false;
-    uint64_t snapshot_bytes = 0;
-    uint64_t segments = 0;        // count of segment objects
-    uint64_t last_seq = 0;
-    uint64_t segment_bytes = 0;
-};
-
-// Generations of db_id, newest first (ids and creation times: one listing
-// with a delimiter per 1000 generations).
-Result<std::vector<GenerationInfo>> list_generations(s3::Client& client, const std::string& bucket,
-                                                     const std::string& db_id);
-// Fills the object counts and sizes of one generation (lists its objects).
-Status describe_generation(s3::Client& client, const std::string& bucket, const std::string& db_id,
-                           GenerationInfo& info);
-// Database ids present in the bucket (for "no such database" messages).
-Result<std::vector<std::string>> list_databases(s3::Client& client, const std::string& bucket);
-
-// Reads the header of an object of `size` bytes: the first 4 KiB, or more
-// when the header says it is longer. Headers are plaintext even in an
-// encrypted replica. An object gone meanwhile is a Corrupt "MissingObject".
-Result<SnapshotHeader> read_snapshot_header(s3::Client& client, const std::string& bucket, const std::string& key,
-                                            uint64_t size);
-Result<SegmentHeader> read_segment_header(s3::Client& client, const std::string& bucket, const std::string& key,
-                                          uint64_t size);
-
 struct RestoreOptions {
+    // What restore_database() restores (choose_restore_target() in bucket.h);
+    // restore_target() takes both from its target instead.
     std::string generation;              // empty: the newest restorable one
     std::optional<int64_t> until_us;     // point in time: transactions committed at or before it
     int parallel = 4;                    // objects in flight
@@ -79,9 +55,19 @@ struct RestoreResult {
 // Restores into output_path (which must not exist or will be replaced:
 // the caller decides). Stale "-wal"/"-shm" files next to it are removed, so
 // SQLite cannot replay someone else's WAL onto the restored file.
-// Returns a NotFound error when the database has no restorable generation.
+// Lists the history and chooses with choose_restore_target() (its errors:
+// NotFound "NoReplica"/"NoGeneration", Corrupt naming an object), then
+// restore_target(). Requests: the listing of generations, the listing of
+// each generation looked at, one header read per object weighed, then the
+// snapshot and segments.
 Result<RestoreResult> restore_database(s3::Client& client, const std::string& bucket, const std::string& db_id,
                                        const std::string& output_path, const RestoreOptions& options = {});
+// Restores a target chosen by choose_restore_target() (for callers that
+// choose first, as the CLI does): no listing, no header read again; the
+// snapshot's and segments' GETs only. options.generation/until_us are ignored.
+Result<RestoreResult> restore_target(s3::Client& client, const std::string& bucket, const std::string& db_id,
+                                     const RestoreTarget& target, const std::string& output_path,
+                                     const RestoreOptions& options = {});
 
 // Runs PRAGMA integrity_check on a database file (read-only). Uses the
 // host's SQLite inside the extension.

@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "replicator/bucket.h"
 #include "replicator/restore.h"
 #include "replicator/state_file.h"
 #include "s3/log.h"
@@ -99,21 +100,6 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
         proof.last_commit_frame = scan->last_commit_frame;
     }
     return proof;
-}
-
-// The newest of `gens` (newest first) that has a snapshot: "the bucket's"
-// generation for every start-up decision. Describes generations on the way.
-Status find_latest(s3::Client& client, const std::string& bucket, const std::string& db_id,
-                   std::vector<GenerationInfo>& gens, const GenerationInfo*& latest) {
-    latest = nullptr;
-    for (auto& g : gens) {
-        if (auto st = describe_generation(client, bucket, db_id, g); !st) return st;
-        if (g.has_snapshot) {
-            latest = &g;
-            return {};
-        }
-    }
-    return {};
 }
 
 }  // namespace

@@ -41,6 +41,7 @@
 #include <fstream>
 #include <future>
 #include <map>
+#include <optional>
 #include <mutex>
 #include <random>
 #include <set>
@@ -1090,6 +1091,108 @@ TEST_CASE("cli: point in time: a commit at exactly T is restored, one microsecon
             CHECK(ids_in(dir / "c.db") == range_ids(1, 6));
             fs::remove(dir / "c.db");
         }
+    }
+}
+
+// ---- what a restore costs in requests ----
+
+namespace {
+
+// S3 requests the CLI made, by operation, from its trace log (first
+// attempts only: a retry is the network's doing, not the plan's).
+std::map<std::string, int> traced_requests(const std::string& err) {
+    std::map<std::string, int> n;
+    std::istringstream in(err);
+    for (std::string line; std::getline(in, line);) {
+        auto t = line.find(" TRACE ");
+        if (t == std::string::npos || line.find(" attempt 1 ") == std::string::npos) continue;
+        std::string op = line.substr(t + 7, line.find(' ', t + 7) - (t + 7));
+        ++n[op];
+    }
+    return n;
+}
+
+}  // namespace
+
+TEST_CASE("cli: a restore makes one listing pass, one header read per object it weighs, then the GETs",
+          "[cli][integration][requests]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-requests");
+    TempDir dir;
+    // Generation A: snapshot + segments; generation B: snapshot + 3 segments.
+    std::string newer;
+    {
+        Writer w(dir / "app.db", bucket.name());
+        setup_table(w);
+        int id = 0;
+        for (int s = 0; s < 2; ++s) {
+            insert(w, ++id);
+            w.flush();
+        }
+        newer = w.snapshot();
+        for (int s = 0; s < 3; ++s) {
+            insert(w, ++id);
+            w.flush();
+        }
+        w.close();
+    }
+    json ls = ls_json(bucket.name(), "app.db");
+    REQUIRE(ls["generations"].size() == 2);
+    REQUIRE(ls["generations"][0]["id"] == newer);
+    REQUIRE(ls["generations"][0]["last_seq"] == 3);
+    const std::string older = ls["generations"][1]["id"];
+    const uint64_t older_last = ls["generations"][1]["last_seq"];
+    const int64_t older_end = ls["generations"][1]["last_txn_us"];
+    REQUIRE(older_last >= 2);
+    REQUIRE(int64_t{ls["generations"][0]["first_txn_us"]} > older_end);
+
+    struct Case {
+        const char* what;
+        std::string generation;
+        std::optional<int64_t> until_us;
+        std::string expect_generation;
+        uint64_t lists, gets;
+    };
+    // Listing: the generations, then each generation looked at (the chosen
+    // one, and for an older one its successor, whose snapshot records where
+    // the older ended). Header reads: one per snapshot weighed. Then the
+    // snapshot and each segment applied, once (one download at a time here).
+    const std::vector<Case> cases = {
+        {"latest", "", std::nullopt, newer, 2, 1 + 1 + 3},
+        {"-g of the older generation", older, std::nullopt, older, 3, 2 + 1 + older_last},
+        {"a point in time in the older generation", "", older_end, older, 3, 2 + 1 + older_last},
+    };
+    int n = 0;
+    for (const auto& c : cases) {
+        INFO(c.what);
+        // The library: restore_database(), as auto-restore calls it.
+        auto counting = testing::server_client();
+        replicator::RestoreOptions opt;
+        opt.generation = c.generation;
+        opt.until_us = c.until_us;
+        opt.parallel = 1;
+        const std::string out = dir / ("r" + std::to_string(n++) + ".db");
+        auto r = replicator::restore_database(*counting, bucket.name(), "app.db", out, opt);
+        REQUIRE(r.ok());
+        CHECK(r->generation == c.expect_generation);
+        const auto st = counting->stats();
+        CHECK(st.lists == c.lists);
+        CHECK(st.gets == c.gets);
+        CHECK(st.requests - st.retries == c.lists + c.gets);  // nothing else: no HEAD, no PUT
+        fs::remove(out);
+
+        // The CLI: the same plan, the same requests.
+        std::vector<std::string> args = {"-b", bucket.name(), "-d", "app.db", "restore", "-q", "-j", "1", "-o", out};
+        if (!c.generation.empty()) args.insert(args.end(), {"-g", c.generation});
+        if (c.until_us) args.insert(args.end(), {"--utc-time", rfc3339(*c.until_us)});
+        Run cr = cli(args, {{"LIBSQL_BOTTOMLESS_LOG", "trace"}});
+        REQUIRE(cr.code == 0);
+        auto traced = traced_requests(cr.err);
+        INFO(cr.err);
+        CHECK(traced["ListObjectsV2"] == static_cast<int>(c.lists));
+        CHECK(traced["GetObject"] == static_cast<int>(c.gets));
+        CHECK(traced.size() == 2);
+        fs::remove(out);
     }
 }
 
