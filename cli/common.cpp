@@ -13,6 +13,7 @@
 #include <ctime>
 
 #include "replicator/restore.h"
+#include "replicator/util.h"
 #include "s3/log.h"
 
 namespace bottomless::cli {
@@ -144,105 +145,12 @@ int64_t parse_int_option(const Args& args, const std::string& name, int64_t min,
 // ---------------------------------------------------------------------------
 // Time
 
-int64_t now_us() {
-    return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
-        .count();
-}
-
-namespace {
-
-std::string format_time(int64_t us, const char* date_time_sep, const char* suffix) {
-    if (us <= 0) return "-";
-    std::time_t t = static_cast<std::time_t>(us / 1'000'000);
-    std::tm tm{};
-    gmtime_r(&t, &tm);
-    char buf[80];
-    std::snprintf(buf, sizeof buf, "%04d-%02d-%02d%s%02d:%02d:%02d.%06lld%s", tm.tm_year + 1900, tm.tm_mon + 1,
-                  tm.tm_mday, date_time_sep, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                  static_cast<long long>(us % 1'000'000), suffix);
-    return buf;
-}
-
-// Reads exactly n digits.
-bool digits(std::string_view& s, size_t n, int& out) {
-    if (s.size() < n) return false;
-    int v = 0;
-    for (size_t i = 0; i < n; ++i) {
-        if (s[i] < '0' || s[i] > '9') return false;
-        v = v * 10 + (s[i] - '0');
-    }
-    out = v;
-    s.remove_prefix(n);
-    return true;
-}
-
-bool eat(std::string_view& s, char c) {
-    if (s.empty() || s[0] != c) return false;
-    s.remove_prefix(1);
-    return true;
-}
-
-}  // namespace
-
-std::string format_time_us(int64_t us) { return format_time(us, "T", "Z"); }
-std::string format_time_table(int64_t us) { return format_time(us, " ", ""); }
-
-std::optional<int64_t> parse_time(std::string_view s) {
-    while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
-    while (!s.empty() && s.back() == ' ') s.remove_suffix(1);
-    int year, mon, day, hour = 0, min = 0, sec = 0;
-    if (!digits(s, 4, year) || !eat(s, '-') || !digits(s, 2, mon) || !eat(s, '-') || !digits(s, 2, day))
-        return std::nullopt;
-    int64_t frac_us = 0;
-    int offset_s = 0;
-    if (!s.empty()) {
-        if (!eat(s, 'T') && !eat(s, 't') && !eat(s, ' ')) return std::nullopt;
-        if (!digits(s, 2, hour) || !eat(s, ':') || !digits(s, 2, min)) return std::nullopt;
-        if (eat(s, ':')) {
-            if (!digits(s, 2, sec)) return std::nullopt;
-            if (eat(s, '.') || eat(s, ',')) {
-                int64_t scale = 100'000;
-                size_t n = 0;
-                while (!s.empty() && s[0] >= '0' && s[0] <= '9') {
-                    frac_us += (s[0] - '0') * scale;  // digits past the 6th add 0: truncation
-                    scale /= 10;
-                    s.remove_prefix(1);
-                    ++n;
-                }
-                if (n == 0) return std::nullopt;
-            }
-        }
-        while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
-        if (eat(s, 'Z') || eat(s, 'z')) {
-        } else if (s.size() >= 3 && (s[0] == '+' || s[0] == '-')) {
-            int sign = s[0] == '-' ? -1 : 1;
-            s.remove_prefix(1);
-            int oh, om = 0;
-            if (!digits(s, 2, oh)) return std::nullopt;
-            eat(s, ':');
-            if (!s.empty() && !digits(s, 2, om)) return std::nullopt;
-            if (oh > 23 || om > 59) return std::nullopt;
-            offset_s = sign * (oh * 3600 + om * 60);
-        } else if (s == "UTC") {
-            s = {};
-        }
-        if (!s.empty()) return std::nullopt;
-    }
-    if (mon < 1 || mon > 12 || day < 1 || day > 31 || hour > 23 || min > 59 || sec > 60) return std::nullopt;
-    std::tm tm{};
-    tm.tm_year = year - 1900;
-    tm.tm_mon = mon - 1;
-    tm.tm_mday = day;
-    tm.tm_hour = hour;
-    tm.tm_min = min;
-    tm.tm_sec = sec;
-    std::time_t t = timegm(&tm);
-    if (t == static_cast<std::time_t>(-1)) return std::nullopt;
-    std::tm back{};
-    gmtime_r(&t, &back);
-    if (back.tm_mday != day && sec != 60) return std::nullopt;  // 2026-02-30
-    return (static_cast<int64_t>(t) - offset_s) * 1'000'000 + frac_us;
-}
+// One implementation, the replicator's (replicator/util.h); the CLI prints
+// "-" where the replicator's status says "unknown".
+int64_t now_us() { return replicator::now_us(); }
+std::string format_time_us(int64_t us) { return us <= 0 ? "-" : replicator::fmt_time_us(us); }
+std::string format_time_table(int64_t us) { return replicator::fmt_time_table_us(us); }
+std::optional<int64_t> parse_time(std::string_view s) { return replicator::parse_time_us(s); }
 
 std::optional<int64_t> parse_time_or_age(std::string_view s, int64_t now) {
     if (auto t = parse_time(s)) return t;

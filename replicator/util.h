@@ -1,11 +1,14 @@
 // Small utilities the replicator's files share: a file descriptor that
 // closes itself, whole-buffer positional reads and writes, and the clock
-// in the units the object format uses.
+// in the units the object format uses, written and read as text (the
+// replicator's status and the CLI share these).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 
 namespace bottomless::replicator {
 
@@ -29,5 +32,14 @@ bool pwrite_full(int fd, const void* buf, size_t n, uint64_t off);
 int64_t now_us();
 // "2026-12-01T04:51:40.330301Z" (UTC, microseconds), or "unknown" for <= 0.
 std::string fmt_time_us(int64_t us);
+// "2026-12-01 04:51:40.330301" (UTC, for tables; parse_time_us reads it
+// back), or "-" for <= 0.
+std::string fmt_time_table_us(int64_t us);
+// Microseconds since the Unix epoch from RFC 3339 (with T or a space,
+// fraction and offset optional; no offset: UTC), "YYYY-MM-DD HH:MM[:SS[.frac]]"
+// (UTC) or "YYYY-MM-DD" (midnight UTC). A fraction finer than a microsecond
+// is truncated, never rounded up ("at or before T" must not take in a later
+// transaction). nullopt for anything else, or a date that does not exist.
+std::optional<int64_t> parse_time_us(std::string_view text);
 
 }  // namespace bottomless::replicator

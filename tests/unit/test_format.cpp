@@ -19,6 +19,7 @@
 
 #include "replicator/format.h"
 #include "replicator/state_file.h"
+#include "replicator/util.h"
 #include "s3/crypto.h"
 
 using namespace bottomless;
@@ -1257,4 +1258,29 @@ TEST_CASE("the state file reader refuses floats, out-of-range integers and deep 
     CHECK_FALSE(parse_state_file(state("7", "1", ",\"db_size\":1e30"), "s"));
     CHECK_FALSE(parse_state_file(state("7", "1", ",\"db_ino\":-5"), "s"));
     CHECK_FALSE(parse_state_file(state("7", "1", ",\"x\":" + std::string(100000, '[') + std::string(100000, ']')), "s"));
+}
+
+// ---- times as text (replicator/util.h: the status and the CLI share them) ----
+
+TEST_CASE("times: printed and read back to the microsecond, offsets applied, fractions truncated", "[format][time]") {
+    using bottomless::replicator::fmt_time_table_us;
+    using bottomless::replicator::fmt_time_us;
+    using bottomless::replicator::parse_time_us;
+    const int64_t t = 1'772'361'737'123'456;  // 2026-03-01T10:42:17.123456Z
+    CHECK(fmt_time_us(t) == "2026-03-01T10:42:17.123456Z");
+    CHECK(fmt_time_table_us(t) == "2026-03-01 10:42:17.123456");
+    CHECK(fmt_time_us(0) == "unknown");
+    CHECK(fmt_time_table_us(0) == "-");
+    CHECK(parse_time_us(fmt_time_us(t)) == t);
+    CHECK(parse_time_us(fmt_time_table_us(t)) == t);
+    CHECK(parse_time_us("2026-03-01T11:42:17.123456+01:00") == t);
+    CHECK(parse_time_us("2026-03-01T09:12:17.123456-01:30") == t);
+    CHECK(parse_time_us("2026-03-01T10:42:17.1234569Z") == t);  // never rounded up to a later instant
+    CHECK(parse_time_us("2026-03-01") == t - 38'537'123'456);
+    CHECK(parse_time_us(" 2026-03-01 10:42 UTC ") == t - 17'123'456);
+    for (const char* bad : {"", "2026-02-30", "2026-13-01", "2026-03-01T25:00:00Z", "2026-03-01T10:42:17.Z",
+                            "2026-03-01T10:42:17+24:00", "yesterday", "2026-03-01T10:42:17Zjunk"}) {
+        INFO(bad);
+        CHECK_FALSE(parse_time_us(bad).has_value());
+    }
 }
