@@ -364,11 +364,13 @@ Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseco
     return {};
 }
 
-namespace {
 std::atomic<int> g_exit_after_sync_uploads{0};
-}
+std::atomic<bool> g_exit_before_state{false};
 
-void testing_exit_after_sync_uploads(int n) { g_exit_after_sync_uploads.store(n); }
+void testing_exit_after_sync_uploads(int n, bool before_state) {
+    g_exit_before_state.store(before_state);
+    g_exit_after_sync_uploads.store(n);
+}
 
 Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
                                uint32_t page_size) {
@@ -441,6 +443,10 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
     captured_ = pending_.back().end;
     if (pending_.size() == 1 && !inflight_) first_pending_time_ = Clock::now();
 
+    // Should the process die once the segment is stored and before the state
+    // records it, the next start must ask the bucket (startup.cpp).
+    sync_pending_ = true;
+    write_state_file(false);
     auto st = upload_pending(lock, true, deadline);
     if (st && durable_index_.load() >= idx) {
         // The write-lock release will report this same commit: make it a no-op.
@@ -464,7 +470,9 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
         retry_after_ = {};
         return e;
     }
-    if (g_exit_after_sync_uploads.load() > 0 && g_exit_after_sync_uploads.fetch_sub(1) == 1) ::_exit(3);
+    if (!g_exit_before_state.load() && g_exit_after_sync_uploads.load() > 0 &&
+        g_exit_after_sync_uploads.fetch_sub(1) == 1)
+        ::_exit(3);
     return {};
 }
 

@@ -50,8 +50,9 @@ namespace bottomless::replicator {
 // process) throw, as a failing library or an allocation would.
 void testing_inject_uploader_exceptions(int n);
 // Test hook: the process exits (status 3) right after its n-th sync commit
-// is durable in S3, before the commit frame is written locally.
-void testing_exit_after_sync_uploads(int n);
+// is durable in S3, before the commit frame is written locally; with
+// `before_state`, also before the state file records the upload.
+void testing_exit_after_sync_uploads(int n, bool before_state = false);
 
 struct ReplicatorMetrics;  // replicator/metrics.h
 struct LocalState;
@@ -308,6 +309,7 @@ private:
     // not yet durable, staged in memory, and how far it went (frame 0: none
     // pending). Written to the state file before the restart goes ahead.
     WalPosition restarted_;
+    bool sync_pending_ = false;  // a sync commit's segment is being uploaded (recorded in the state file)
     std::atomic<bool> halted_{false};  // the bucket's newest generation is under another key
     std::string snapshot_reason_;
     std::string parent_generation_;

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <optional>
@@ -19,6 +20,10 @@
 namespace bottomless::replicator {
 
 using Clock = std::chrono::steady_clock;
+
+// Test hook state (testing_exit_after_sync_uploads, capture.cpp).
+extern std::atomic<int> g_exit_after_sync_uploads;
+extern std::atomic<bool> g_exit_before_state;
 
 struct RecoveredTxn {
     std::vector<SegmentFrame> frames;

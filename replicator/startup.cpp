@@ -112,6 +112,9 @@ bool Replicator::start_offline() {
     if (!state || state->restored || state->generation.empty() || state->bucket != config_.bucket ||
         state->db_id != config_.db_id)
         return false;
+    // A sync commit's upload was under way when the last run ended: the
+    // bucket may hold one more transaction (bring_in_last_segment()).
+    if (state->sync_pending) return false;
     // The key must provably be the generation's: its id, derived locally
     // (a passphrase from the KDF parameters the state file recorded).
     std::shared_ptr<const Cipher> cipher;
@@ -247,14 +250,26 @@ bool Replicator::bring_in_last_segment(const GenerationInfo& g) {
     const SegmentHeader& h = seg->header;
 
     // The local WAL must end exactly where the segment starts: same epoch,
-    // its last commit at the segment's start, with the same checksum.
+    // its last commit at the segment's start, with the same checksum. Or the
+    // transaction was the first of a new epoch (SQLite restarted the WAL
+    // for it): one restart after the segment's start, which the state file
+    // recorded as durable, and no committed frame in the new epoch yet.
     auto scan = scan_wal_file(wal_path_);
-    if (!scan || !scan->has_header || scan->header.salt1 != h.start.salt1 || scan->header.salt2 != h.start.salt2 ||
-        scan->last_commit_frame != h.start.frame || scan->header.page_size != h.page_size)
-        return false;
+    if (!scan || !scan->has_header || scan->header.page_size != h.page_size) return false;
     const WalHeader& wh = scan->header;
+    auto masked = [&](const WalPosition& p) { return cipher_ ? cipher_->mask(p, db_id, g.id) : p; };
+    uint64_t first = 0;  // the frame before the segment's first, in the WAL's epoch
     WalPosition local{wh.salt1, wh.salt2, scan->last_commit_frame, scan->cksum1, scan->cksum2};
-    if (!((cipher_ ? cipher_->mask(local, db_id, g.id) : local) == h.start)) return false;
+    if (wh.salt1 == h.start.salt1 && wh.salt2 == h.start.salt2) {
+        if (scan->last_commit_frame != h.start.frame || !(masked(local) == h.start)) return false;
+        first = h.start.frame;
+    } else {
+        auto state = read_state_file(state_path_);
+        if (wh.salt1 != h.start.salt1 + 1u || scan->last_commit_frame != 0 || h.end.salt1 != wh.salt1 ||
+            h.end.salt2 != wh.salt2 || !state || state->generation != g.id || !(masked(state->position) == h.start))
+            return false;
+        local = WalPosition{wh.salt1, wh.salt2, 0, wh.cksum1, wh.cksum2};
+    }
 
     // Its frames as SQLite writes them (walEncodeFrame): page number, the
     // database size on a transaction's last frame, the salts, the running
@@ -287,13 +302,13 @@ bool Replicator::bring_in_last_segment(const GenerationInfo& g) {
             out.append(f.page);
         }
     }
-    const WalPosition end{wh.salt1, wh.salt2, h.start.frame + next, s1, s2};
-    if (next != seg->frames.size() || !((cipher_ ? cipher_->mask(end, db_id, g.id) : end) == h.end)) return false;
+    const WalPosition end{wh.salt1, wh.salt2, first + next, s1, s2};
+    if (next != seg->frames.size() || !(masked(end) == h.end)) return false;
 
     // Written where SQLite would have written them, then synced: its WAL
     // recovery takes them as committed when the database is opened next.
     Fd wal(::open(wal_path_.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW));
-    if (wal.fd < 0 || !pwrite_full(wal.fd, out.data(), out.size(), wal_frame_offset(psz, h.start.frame + 1)) ||
+    if (wal.fd < 0 || !pwrite_full(wal.fd, out.data(), out.size(), wal_frame_offset(psz, first + 1)) ||
         ::fsync(wal.fd) != 0) {
         log::warn(path_ + ": could not write the bucket's last transaction into the WAL: " + std::strerror(errno));
         return false;

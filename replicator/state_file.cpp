@@ -54,6 +54,7 @@ std::optional<LocalState> parse_state_file(std::string_view text, const std::str
                                  static_cast<uint32_t>(u(p.at("cksum1"), UINT32_MAX)),
                                  static_cast<uint32_t>(u(p.at("cksum2"), UINT32_MAX))};
         s.clean_close = j.value("clean_close", false);
+        s.sync_pending = j.value("sync_pending", false);
         s.restored = j.value("restored", false);
         if (j.contains("lineage"))
             for (const auto& g : j["lineage"]) s.lineage.push_back(g.get<std::string>());
@@ -114,6 +115,7 @@ Status write_state_file(const std::string& path, const LocalState& s) {
                           .count();
     if (!s.lineage.empty()) j["lineage"] = s.lineage;
     if (s.clean_close) j["clean_close"] = true;
+    if (s.sync_pending) j["sync_pending"] = true;
     if (s.restored) j["restored"] = true;
     if (!s.key_id.empty()) j["key_id"] = s.key_id;
     if (s.restarted.frame)

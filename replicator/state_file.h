@@ -38,6 +38,11 @@ struct LocalState {
     // epoch has overwritten, and the next start can recover them instead of
     // starting a new generation. frame 0: no such restart.
     WalPosition restarted;
+    // Sync mode: set just before a commit's segment is uploaded, cleared once
+    // the state records it. A state file with it set does not prove where
+    // the bucket ends (the upload may have landed), so the next start asks
+    // the bucket instead of continuing offline.
+    bool sync_pending = false;
 };
 
 // Parses a state file's text; nullopt (with a warning naming `path`) when it

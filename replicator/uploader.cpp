@@ -4,6 +4,7 @@
 #include "replicator/replicator_internal.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -91,6 +92,9 @@ Status Replicator::upload_inflight(Lock& lock) {
         return std::move(r).error();
     }
     consecutive_failures_ = 0;
+    if (sync_pending_ && g_exit_before_state.load() && g_exit_after_sync_uploads.load() > 0 &&
+        g_exit_after_sync_uploads.fetch_sub(1) == 1)
+        ::_exit(3);  // test hook: stored in S3, not yet in the state file
     seq_ = f.header.seq;
     prev_sha256_ = f.sha256;
     uint64_t raw = 0;
@@ -110,6 +114,7 @@ Status Replicator::upload_inflight(Lock& lock) {
     uint64_t idx = f.commit_index;
     inflight_.reset();
     mark_durable(end, idx);
+    sync_pending_ = false;  // the state written next records this upload
     write_state_file(false);
     return {};
 }
@@ -299,6 +304,7 @@ bool Replicator::write_state_file(bool clean_close) {
     st.key_id = cipher_ ? cipher_->key_id() : std::string();
     st.kdf = kdf_text_;
     st.restarted = restarted_;
+    st.sync_pending = sync_pending_;
     struct stat db{}, wal{};
     bool fully_shipped = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_;
     if (clean_close && fully_shipped && stat_file(path_, db) && !stat_file(wal_path_, wal)) {

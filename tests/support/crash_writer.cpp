@@ -5,7 +5,9 @@
 //   crash_writer DB_URI LOG_PATH SEED
 //
 // BOTTOMLESS_TEST_EXIT_AFTER_SYNC_UPLOADS=N: exit (status 3) right after the
-// N-th sync commit is durable in S3, before its commit frame is written.
+// N-th sync commit is durable in S3, before its commit frame is written
+// (with BOTTOMLESS_TEST_EXIT_BEFORE_STATE set, also before the state file
+// records the upload).
 //
 // Each transaction k inserts r rows (1..20, random payloads up to 1 KiB)
 // tagged with k into `rows`, and (k, r) into `txns`: a restored database is a
@@ -28,7 +30,8 @@ int main(int argc, char** argv) {
     // Test hook: die (status 3) right after the n-th sync commit is durable
     // in S3 and before its commit frame reaches the WAL.
     if (const char* n = std::getenv("BOTTOMLESS_TEST_EXIT_AFTER_SYNC_UPLOADS"))
-        bottomless::replicator::testing_exit_after_sync_uploads(std::atoi(n));
+        bottomless::replicator::testing_exit_after_sync_uploads(std::atoi(n),
+                                                                std::getenv("BOTTOMLESS_TEST_EXIT_BEFORE_STATE") != nullptr);
     sqlite3* db = nullptr;
     if (sqlite3_open_v2(argv[1], &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, nullptr) != SQLITE_OK) {
         std::fprintf(stderr, "crash_writer: open: %s\n", db ? sqlite3_errmsg(db) : "?");
