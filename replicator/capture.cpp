@@ -27,6 +27,7 @@ void Replicator::note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uin
     last_noted_salt2_ = salt2;
     last_noted_frame_ = frame;
     if (frame == 0) return;  // a restart without frames yet: nothing to ship
+    last_commit_seen_ = WalPosition{salt1, salt2, frame, 0, 0};
     Commit c{salt1, salt2, frame, now_us(), noted_index_.load() + 1};
     commits_.push_back(c);
     int64_t zero = 0;
@@ -293,6 +294,44 @@ Status Replicator::capture() {
     return result;
 }
 
+Status Replicator::record_epoch_end(const char* why) {
+    // The WAL's epoch goes (restarted, truncated, deleted) while some frames
+    // are only in memory. Remember how far it went; whenever the durable
+    // position is in an epoch that has ended with frames after it, the state
+    // file says so (restart_record()), so that after a crash the next start
+    // reads them back from the WAL file's old slots — or, if they are
+    // overwritten, knows it cannot prove the history. Recorded now, and
+    // again by every state write until they are durable: the durable
+    // position may reach that epoch only later (an upload in flight).
+    WalPosition lost;
+    {
+        std::lock_guard olock(obs_mu_);
+        lost = last_commit_seen_;
+    }
+    if (lost.frame == 0) return {};
+    auto it = std::find_if(ended_epochs_.begin(), ended_epochs_.end(),
+                           [&](const WalPosition& e) { return e.salt1 == lost.salt1 && e.salt2 == lost.salt2; });
+    if (it != ended_epochs_.end()) it->frame = std::max(it->frame, lost.frame);
+    else ended_epochs_.push_back(WalPosition{lost.salt1, lost.salt2, lost.frame, 0, 0});
+    while (ended_epochs_.size() > 16) ended_epochs_.pop_front();
+    const WalPosition record = restart_record();
+    if (generation_.empty() || record == written_record_) return {};
+    if (!write_state_file(false)) {
+        // An old state without the record would "prove" a history that lacks
+        // these frames: remove it, or refuse the restart.
+        if (::unlink(state_path_.c_str()) != 0 && errno != ENOENT)
+            return make_error(ErrorKind::Io, std::string("cannot ") + why + ": cannot record it in " + state_path_,
+                              "StateFile");
+    }
+    return {};
+}
+
+WalPosition Replicator::restart_record() const {
+    for (const WalPosition& e : ended_epochs_)
+        if (e.salt1 == durable_.salt1 && e.salt2 == durable_.salt2 && e.frame > durable_.frame) return e;
+    return WalPosition{};
+}
+
 Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseconds timeout) {
     if (!enabled_ || restart_allowed()) return {};
     // SQLite only restarts, truncates or deletes the WAL after a complete
@@ -322,20 +361,7 @@ Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseco
             in_memory = commits_.empty();
         }
         if (in_memory) {
-            // The epoch goes while some of its frames are only in memory:
-            // say how far it went before it does, so that after a crash the
-            // next start can read them back from the WAL file's old slots
-            // (or, if overwritten, knows it cannot prove the history).
-            if (!generation_.empty() && last > durable_.frame && s1 == durable_.salt1 && s2 == durable_.salt2) {
-                restarted_ = WalPosition{s1, s2, last, 0, 0};
-                if (!write_state_file(false)) {
-                    // An old state without the record would "prove" a history
-                    // that lacks these frames: remove it, or refuse the restart.
-                    if (::unlink(state_path_.c_str()) != 0 && errno != ENOENT)
-                        return make_error(ErrorKind::Io, std::string("cannot ") + why + ": cannot record it in " +
-                                                             state_path_, "StateFile");
-                }
-            }
+            if (Status st = record_epoch_end(why); !st) return st;
             return {};
         }
     }
@@ -352,7 +378,10 @@ Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseco
                 std::lock_guard olock(obs_mu_);
                 all_captured = commits_.empty();
             }
-            if (restart_allowed() || all_captured) break;
+            if (restart_allowed() || all_captured) {
+                if (Status rec = record_epoch_end(why); !rec) return rec;
+                break;
+            }
             if (Clock::now() >= deadline)
                 return make_error(ErrorKind::Transport,
                                   std::string("cannot ") + why + ": committed transactions are not yet in S3" +
@@ -454,6 +483,7 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
         last_noted_salt1_ = hdr->salt1;
         last_noted_salt2_ = hdr->salt2;
         last_noted_frame_ = frame;
+        last_commit_seen_ = WalPosition{hdr->salt1, hdr->salt2, frame, 0, 0};
     }
     if (!st || durable_index_.load() < idx) {
         // The transaction will not commit locally; whether S3 kept it is

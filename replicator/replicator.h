@@ -243,6 +243,10 @@ private:
     void mark_durable(const WalPosition& pos, uint64_t commit_index);
     void request_snapshot(const std::string& reason);
     bool write_state_file(bool clean_close);  // false (logged) if it could not be written
+    // The WAL's epoch is about to go with frames only in memory: remember how
+    // far it went and write the state file if its record changes.
+    Status record_epoch_end(const char* why);
+    WalPosition restart_record() const;  // ended_epochs_'s entry for durable_, if it went further
     void record_error(const Error& e);
     void note_failure(const Error& e);  // record_error + back-off before the next attempt
     void wake();
@@ -262,6 +266,7 @@ private:
     std::deque<Commit> commits_;          // guarded by obs_mu_
     uint32_t last_noted_salt1_ = 0, last_noted_salt2_ = 0;  // guarded by obs_mu_
     uint64_t last_noted_frame_ = 0;       // guarded by obs_mu_
+    WalPosition last_commit_seen_;        // guarded by obs_mu_: the newest commit observed (frame > 0)
     std::atomic<uint64_t> noted_index_{0};    // commits observed so far
     std::atomic<uint64_t> durable_index_{0};  // commits durable in S3
     std::atomic<uint64_t> unshipped_bytes_{0};
@@ -305,10 +310,12 @@ private:
     std::optional<InFlight> inflight_;
     bool need_snapshot_ = false;
     bool deferred_check_ = false;  // started offline: verify_bucket() before any upload
-    // The WAL epoch restarted (or truncated, deleted) while it had frames
-    // not yet durable, staged in memory, and how far it went (frame 0: none
-    // pending). Written to the state file before the restart goes ahead.
-    WalPosition restarted_;
+    // WAL epochs that ended (restarted, truncated, deleted) while some of
+    // their frames were only in memory, and how far each went (salts and
+    // frame; at most 16, newest last). The one of the durable position, if
+    // it went further, is the state file's `restarted` (restart_record()).
+    std::deque<WalPosition> ended_epochs_;
+    WalPosition written_record_;  // the record in the last state file written
     bool sync_pending_ = false;  // a sync commit's segment is being uploaded (recorded in the state file)
     std::atomic<bool> halted_{false};  // the bucket's newest generation is under another key
     std::string snapshot_reason_;

@@ -155,7 +155,7 @@ void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
         // restarted and the process died: read back from the WAL file,
         // shipped before the new epoch's. (Commit times: now, the moment
         // bottomless observes them, as for any commit.)
-        restarted_ = state.restarted;
+        ended_epochs_.push_back(state.restarted);  // recorded again until they are durable
         const int64_t t = now_us();
         uint64_t bytes = 0;
         for (RecoveredTxn& r : proof.recovered) {

@@ -33,10 +33,10 @@ void Replicator::note_failure(const Error& e) {
 
 void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
     durable_ = pos;
-    // A restart record is obsolete once its epoch's frames are all durable.
-    if (restarted_.frame &&
-        (pos.salt1 != restarted_.salt1 || pos.salt2 != restarted_.salt2 || pos.frame >= restarted_.frame))
-        restarted_ = WalPosition{};
+    // An ended epoch's record is obsolete once its frames are all durable.
+    std::erase_if(ended_epochs_, [&](const WalPosition& e) {
+        return e.salt1 == pos.salt1 && e.salt2 == pos.salt2 && e.frame <= pos.frame;
+    });
     durable_salts_.store((static_cast<uint64_t>(pos.salt1) << 32) | pos.salt2);
     durable_frame_.store(pos.frame);
     if (commit_index > durable_index_.load()) durable_index_.store(commit_index);
@@ -303,7 +303,7 @@ bool Replicator::write_state_file(bool clean_close) {
     st.lineage = lineage_;
     st.key_id = cipher_ ? cipher_->key_id() : std::string();
     st.kdf = kdf_text_;
-    st.restarted = restarted_;
+    st.restarted = restart_record();
     st.sync_pending = sync_pending_;
     struct stat db{}, wal{};
     bool fully_shipped = durable_index_.load() >= noted_index_.load() && pending_.empty() && !inflight_;
@@ -315,6 +315,7 @@ bool Replicator::write_state_file(bool clean_close) {
     }
     // Not fsynced on purpose: a stale state file only makes the next start
     // unable to prove continuity, which costs a new generation, never data.
+    written_record_ = st.restarted;
     if (Status w = replicator::write_state_file(state_path_, st); !w) {
         log::warn(w.error().message);
         return false;

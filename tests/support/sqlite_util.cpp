@@ -17,7 +17,12 @@ namespace bottomless::testing {
 void register_bottomless() { REQUIRE(bottomless_register(0) == SQLITE_OK); }
 
 int try_open_db(const std::string& uri, Db& out, std::string& error) {
-    register_bottomless();
+    // No Catch assertion here: threads other than the test's call this (Catch
+    // is not thread-safe).
+    if (int rc = bottomless_register(0); rc != SQLITE_OK) {
+        error = "bottomless_register failed";
+        return rc;
+    }
     sqlite3* db = nullptr;
     int rc = sqlite3_open_v2(uri.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, nullptr);
     if (rc != SQLITE_OK) {
