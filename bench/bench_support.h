@@ -1,7 +1,8 @@
-// Small helpers shared by the load benchmarks (snapshot_load_bench,
-// outage_bench): connections as RAII handles, SQL one-liners that end the
-// program on failure (a benchmark has nobody to hand an error to), clocks,
-// percentiles, the process's memory, and a content checksum of a database.
+// Small helpers shared by the benchmarks (write_bench, mix_bench,
+// snapshot_load_bench, outage_bench): connections as RAII handles, SQL
+// one-liners that end the program on failure (a benchmark has nobody to hand
+// an error to), option lists, clocks, medians and percentiles, the process's
+// memory, and a content checksum of a database.
 #pragma once
 
 #include <sqlite3.h>
@@ -14,6 +15,7 @@
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -103,6 +105,27 @@ inline double percentile(std::vector<double> v, double p) {
 }
 
 inline double median(std::vector<double> v) { return percentile(std::move(v), 0.5); }
+
+// The median of the measured values, the two middle ones averaged when there
+// is an even number of them (a table of a few alternating rounds should not
+// side with the faster or the slower half); a negative value marks a round
+// that measured nothing and is left out; -1 when no round measured anything.
+inline double median_measured(std::vector<double> v) {
+    v.erase(std::remove_if(v.begin(), v.end(), [](double x) { return x < 0; }), v.end());
+    if (v.empty()) return -1;
+    std::sort(v.begin(), v.end());
+    size_t n = v.size();
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+// The items of a comma-separated option value ("plain,async"), empty ones dropped.
+inline std::vector<std::string> split_list(const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream in(s);
+    for (std::string item; std::getline(in, item, ',');)
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
 
 // A field of /proc/self/status in KiB (VmRSS: now, VmHWM: the peak so far).
 inline long proc_status_kib(const std::string& field) {

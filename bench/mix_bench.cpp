@@ -28,22 +28,18 @@
 #include <filesystem>
 #include <functional>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "bench_support.h"
 #include "bottomless.h"
 #include "s3/client.h"
 
 using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
+using bench::die;
 
 namespace {
-
-void die(const std::string& m) {
-    std::fprintf(stderr, "mix_bench: %s\n", m.c_str());
-    std::exit(1);
-}
 
 // splitmix64: small, fast, and the same sequence for every mode.
 struct Rng {
@@ -75,34 +71,15 @@ std::string text(Rng& r) {
     return out;
 }
 
+// A connection whose statements are prepared once and cached by their SQL:
+// the steps run the same few statements thousands of times, as an
+// application that cares about speed would.
 class Db {
 public:
-    explicit Db(const std::string& uri) {
-        if (sqlite3_open_v2(uri.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, nullptr) !=
-            SQLITE_OK)
-            die("open " + uri + ": " + (db_ ? sqlite3_errmsg(db_) : "?"));
-        sqlite3_busy_timeout(db_, 30'000);
-    }
-    ~Db() {
-        for (auto& [sql, st] : stmts_) sqlite3_finalize(st);
-        sqlite3_close(db_);
-    }
-    Db(const Db&) = delete;
-    Db& operator=(const Db&) = delete;
+    explicit Db(const std::string& uri) : db_(bench::open_db(uri)) {}
 
-    void exec(const std::string& sql) {
-        char* err = nullptr;
-        if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK)
-            die("SQL: " + sql + ": " + (err ? err : "?"));
-    }
-    std::string text_of(const std::string& sql) {
-        sqlite3_stmt* st = prepared(sql);
-        std::string out;
-        if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_text(st, 0))
-            out = reinterpret_cast<const char*>(sqlite3_column_text(st, 0));
-        sqlite3_reset(st);
-        return out;
-    }
+    void exec(const std::string& sql) { bench::exec(db_.get(), sql); }
+    std::string text_of(const std::string& sql) { return bench::query(db_.get(), sql); }
     // Runs a cached prepared statement with integer or text parameters.
     void run(const std::string& sql, std::initializer_list<int64_t> ints, const std::string* txt = nullptr) {
         sqlite3_stmt* st = prepared(sql);
@@ -112,7 +89,7 @@ public:
         int rc;
         while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         }
-        if (rc != SQLITE_DONE) die("SQL: " + sql + ": " + sqlite3_errmsg(db_));
+        if (rc != SQLITE_DONE) die("SQL: " + sql + ": " + sqlite3_errmsg(db_.get()));
         sqlite3_reset(st);
         sqlite3_clear_bindings(st);
     }
@@ -120,15 +97,11 @@ public:
 private:
     sqlite3_stmt* prepared(const std::string& sql) {
         auto it = stmts_.find(sql);
-        if (it != stmts_.end()) return it->second;
-        sqlite3_stmt* st = nullptr;
-        if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) != SQLITE_OK)
-            die("SQL: " + sql + ": " + sqlite3_errmsg(db_));
-        stmts_[sql] = st;
-        return st;
+        if (it == stmts_.end()) it = stmts_.emplace(sql, bench::prepare(db_.get(), sql)).first;
+        return it->second.get();
     }
-    sqlite3* db_ = nullptr;
-    std::map<std::string, sqlite3_stmt*> stmts_;
+    bench::Db db_;                              // declared first: closed last,
+    std::map<std::string, bench::Stmt> stmts_;  // after every statement is finalized
 };
 
 struct Step {
@@ -248,24 +221,10 @@ RunResult run(const std::string& mode, const std::vector<Step>& steps, const std
     return res;
 }
 
-double median(std::vector<double> v) {
-    if (v.empty()) return -1;
-    std::sort(v.begin(), v.end());
-    size_t n = v.size();
-    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-std::vector<std::string> split(const std::string& s) {
-    std::vector<std::string> out;
-    std::stringstream in(s);
-    for (std::string item; std::getline(in, item, ',');)
-        if (!item.empty()) out.push_back(item);
-    return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
+    bench::program_name() = "mix_bench";
     int size = 500, rounds = 3;
     std::string sync = "FULL", modes_arg = "plain,async";
     bool list = false;
@@ -291,7 +250,7 @@ int main(int argc, char** argv) {
         for (const auto& st : steps) std::printf("%-15s %s\n", st.name.c_str(), st.what.c_str());
         return 0;
     }
-    std::vector<std::string> modes = split(modes_arg);
+    std::vector<std::string> modes = bench::split_list(modes_arg);
     for (const auto& m : modes)
         if (m != "plain" && m != "async" && m != "enc" && m != "sync") die("unknown mode " + m);
     if (std::find(modes.begin(), modes.end(), "plain") == modes.end()) modes.insert(modes.begin(), "plain");
@@ -337,14 +296,14 @@ int main(int argc, char** argv) {
         for (const auto& m : modes) {
             std::vector<double> v;
             for (const auto& r : res[m]) v.push_back(get(r));
-            std::printf(" | %.3f", median(v));
+            std::printf(" | %.3f", bench::median_measured(v));
         }
         for (const auto& m : modes) {
             if (m == "plain") continue;
             std::vector<double> ratios;
             for (int k = 0; k < rounds; ++k) ratios.push_back(get(res["plain"][k]) / std::max(1e-9, get(res[m][k])));
-            std::printf(" | %.2f | %.2f–%.2f", median(ratios), *std::min_element(ratios.begin(), ratios.end()),
-                        *std::max_element(ratios.begin(), ratios.end()));
+            std::printf(" | %.2f | %.2f–%.2f", bench::median_measured(ratios),
+                        *std::min_element(ratios.begin(), ratios.end()), *std::max_element(ratios.begin(), ratios.end()));
         }
         std::printf(" |\n");
     };
@@ -355,7 +314,8 @@ int main(int argc, char** argv) {
         if (m == "plain") continue;
         std::vector<double> v;
         for (const auto& r : res[m]) v.push_back(r.flush_s);
-        std::printf("\n%s: bottomless_flush() after the program (not in the total): median %.2f s", m.c_str(), median(v));
+        std::printf("\n%s: bottomless_flush() after the program (not in the total): median %.2f s", m.c_str(),
+                    bench::median_measured(v));
     }
     std::printf("\n");
 

@@ -239,18 +239,6 @@ Round run_round(const std::string& uri, const std::string& sync, double before_s
     return r;
 }
 
-std::vector<std::string> split(const std::string& s) {
-    std::vector<std::string> out;
-    size_t start = 0;
-    while (start <= s.size()) {
-        size_t comma = s.find(',', start);
-        if (comma == std::string::npos) comma = s.size();
-        if (comma > start) out.push_back(s.substr(start, comma - start));
-        start = comma + 1;
-    }
-    return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -270,7 +258,7 @@ int main(int argc, char** argv) {
         else if (a == "--control") with_control = std::atoi(argv[i + 1]) != 0;
         else die("unknown option " + a + " (--mib N --rounds R --before S --sync normal,full --control 1|0 --uri-extra '&k=v')");
     }
-    std::vector<std::string> sync_modes = split(syncs);
+    std::vector<std::string> sync_modes = split_list(syncs);
     if (mib < 1 || rounds < 1 || before_s <= 0 || sync_modes.empty()) die("bad arguments");
     if (!std::getenv("LIBSQL_BOTTOMLESS_ENDPOINT"))
         die("LIBSQL_BOTTOMLESS_ENDPOINT is not set (eval \"$(scripts/s3-server.sh env)\")");

@@ -30,51 +30,19 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "bench_support.h"
 #include "bottomless.h"
 #include "s3/client.h"
 
 using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
+using namespace bench;
 
 namespace {
-
-void die(const std::string& m) {
-    std::fprintf(stderr, "write_bench: %s\n", m.c_str());
-    std::exit(1);
-}
-
-sqlite3* open(const std::string& uri) {
-    sqlite3* db = nullptr;
-    if (sqlite3_open_v2(uri.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, nullptr) != SQLITE_OK)
-        die("open " + uri + ": " + (db ? sqlite3_errmsg(db) : "?"));
-    sqlite3_busy_timeout(db, 30'000);
-    return db;
-}
-
-void exec(sqlite3* db, const std::string& sql) {
-    char* err = nullptr;
-    if (sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) die("SQL: " + std::string(err ? err : "?"));
-}
-
-std::string query(sqlite3* db, const char* sql) {
-    sqlite3_stmt* st = nullptr;
-    if (sqlite3_prepare_v2(db, sql, -1, &st, nullptr) != SQLITE_OK) die(sqlite3_errmsg(db));
-    std::string out;
-    if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_text(st, 0))
-        out = reinterpret_cast<const char*>(sqlite3_column_text(st, 0));
-    sqlite3_finalize(st);
-    return out;
-}
-
-int64_t wall_us() {
-    return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
-        .count();
-}
 
 // A counter from bottomless_status(), 0 when absent (the status shape may grow or change).
 double counter(const nlohmann::json& j, const char* name) {
@@ -82,36 +50,14 @@ double counter(const nlohmann::json& j, const char* name) {
     return it != j.end() && it->is_number() ? it->get<double>() : 0.0;
 }
 
-std::vector<std::string> split(const std::string& s) {
-    std::vector<std::string> out;
-    std::stringstream in(s);
-    for (std::string item; std::getline(in, item, ',');)
-        if (!item.empty()) out.push_back(item);
-    return out;
-}
-
 std::vector<int> split_ints(const std::string& s) {
     std::vector<int> out;
-    for (const auto& item : split(s)) {
+    for (const auto& item : split_list(s)) {
         int v = std::atoi(item.c_str());
         if (v <= 0) die("not a positive integer: " + item);
         out.push_back(v);
     }
     return out;
-}
-
-double median(std::vector<double> v) {
-    v.erase(std::remove_if(v.begin(), v.end(), [](double x) { return x < 0; }), v.end());
-    if (v.empty()) return -1;
-    std::sort(v.begin(), v.end());
-    size_t n = v.size();
-    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-double pct(std::vector<double> v, double p) {
-    if (v.empty()) return -1;
-    std::sort(v.begin(), v.end());
-    return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
 }
 
 struct Cell {
@@ -150,11 +96,11 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
 
     // The setup connection stays open for the whole run in every mode, as an
     // application's would; for bottomless it keeps one replicator alive.
-    sqlite3* setup = open(uri);
-    exec(setup, "PRAGMA journal_mode=wal; " + pragmas + " CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT);");
-    if (query(setup, "PRAGMA journal_mode") != "wal") die("journal_mode is not wal");
-    if (bottomless) query(setup, "SELECT bottomless_flush()");
-    nlohmann::json st0 = bottomless ? nlohmann::json::parse(query(setup, "SELECT bottomless_status()")) : nlohmann::json{};
+    Db setup = open_db(uri);
+    exec(setup.get(), "PRAGMA journal_mode=wal; " + pragmas + " CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT);");
+    if (query(setup.get(), "PRAGMA journal_mode") != "wal") die("journal_mode is not wal");
+    if (bottomless) query(setup.get(), "SELECT bottomless_flush()");
+    nlohmann::json st0 = bottomless ? status(setup.get()) : nlohmann::json{};
 
     std::vector<std::string> payloads;
     for (int i = 0; i < c.rows; ++i)
@@ -169,9 +115,9 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
     std::thread monitor;
     if (async && o.lag) {
         monitor = std::thread([&] {
-            sqlite3* m = open(uri);
+            Db m = open_db(uri);
             auto poll = [&] {
-                auto j = nlohmann::json::parse(query(m, "SELECT bottomless_status()"));
+                auto j = status(m.get());
                 polls.emplace_back(wall_us(), static_cast<int64_t>(counter(j, "last_durable_commit_us")));
             };
             while (!stop.load()) {
@@ -180,33 +126,30 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
                 // not to tax the writers on 2 cores.
                 std::this_thread::sleep_for(std::chrono::milliseconds(20));
             }
-            query(m, "SELECT bottomless_flush()");
+            query(m.get(), "SELECT bottomless_flush()");
             poll();
-            sqlite3_close(m);
         });
     }
     std::vector<std::thread> ts;
     auto t0 = Clock::now();
     for (int w = 0; w < c.writers; ++w)
         ts.emplace_back([&] {
-            sqlite3* db = open(uri);
-            exec(db, pragmas);  // per connection: synchronous is not persistent
+            Db db = open_db(uri);
+            exec(db.get(), pragmas);  // per connection: synchronous is not persistent
             // Prepared once, as applications that care about speed do: the
             // per-transaction cost is then SQLite's and the VFS's, not the parser's.
-            sqlite3_stmt *begin = nullptr, *insert = nullptr, *commit = nullptr;
-            if (sqlite3_prepare_v2(db, "BEGIN", -1, &begin, nullptr) != SQLITE_OK ||
-                sqlite3_prepare_v2(db, "INSERT INTO t(a, b) VALUES(abs(random()) % 1000000, ?1)", -1, &insert,
-                                   nullptr) != SQLITE_OK ||
-                sqlite3_prepare_v2(db, "COMMIT", -1, &commit, nullptr) != SQLITE_OK)
-                die(sqlite3_errmsg(db));
-            auto step = [&](sqlite3_stmt* st) {
-                if (sqlite3_step(st) != SQLITE_DONE) die(std::string("SQL: ") + sqlite3_errmsg(db));
-                sqlite3_reset(st);
+            // (Declared after the connection: finalized before it closes.)
+            Stmt begin = prepare(db.get(), "BEGIN");
+            Stmt insert = prepare(db.get(), "INSERT INTO t(a, b) VALUES(abs(random()) % 1000000, ?1)");
+            Stmt commit = prepare(db.get(), "COMMIT");
+            auto step = [&](const Stmt& st) {
+                if (sqlite3_step(st.get()) != SQLITE_DONE) die(std::string("SQL: ") + sqlite3_errmsg(db.get()));
+                sqlite3_reset(st.get());
             };
             while (Clock::now() - t0 < std::chrono::duration<double>(o.seconds)) {
                 step(begin);
                 for (const auto& p : payloads) {
-                    sqlite3_bind_text(insert, 1, p.data(), static_cast<int>(p.size()), SQLITE_STATIC);
+                    sqlite3_bind_text(insert.get(), 1, p.data(), static_cast<int>(p.size()), SQLITE_STATIC);
                     step(insert);
                 }
                 step(commit);
@@ -216,8 +159,6 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
                     commit_times.push_back(wall_us());
                 }
             }
-            for (sqlite3_stmt* st : {begin, insert, commit}) sqlite3_finalize(st);
-            sqlite3_close(db);
         });
     for (auto& t : ts) t.join();
     double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -227,8 +168,8 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
     Result r;
     r.tps = static_cast<double>(txns.load()) / elapsed;
     if (bottomless) {
-        query(setup, "SELECT bottomless_flush()");
-        auto st1 = nlohmann::json::parse(query(setup, "SELECT bottomless_status()"));
+        query(setup.get(), "SELECT bottomless_flush()");
+        auto st1 = status(setup.get());
         r.puts_per_min = (counter(st1, "put_requests") - counter(st0, "put_requests")) / (elapsed / 60.0);
         double wal = counter(st1, "wal_bytes_shipped") - counter(st0, "wal_bytes_shipped");
         double up = counter(st1, "segment_bytes_uploaded") - counter(st0, "segment_bytes_uploaded");
@@ -243,12 +184,13 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
                     break;
                 }
         }
-        r.lag_p50_ms = pct(lags, 0.5);
-        r.lag_p99_ms = pct(lags, 0.99);
+        // -1 (an empty cell), not 0 ms, when no sampled commit became durable.
+        r.lag_p50_ms = lags.empty() ? -1 : percentile(lags, 0.5);
+        r.lag_p99_ms = lags.empty() ? -1 : percentile(lags, 0.99);
     }
     // The last close flushes (bottomless) and checkpoints, so the next run
     // starts with no upload or checkpoint of this one still going.
-    sqlite3_close(setup);
+    setup.reset();
     std::error_code ec;
     fs::remove_all(sub, ec);
     return r;
@@ -264,6 +206,7 @@ std::string fmt(double v, const char* f) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    program_name() = "write_bench";
     Options o;
     std::string sync_arg = "both", writers_arg = "1,4", rows_arg = "1,100", modes_arg = "plain,async";
     for (int i = 1; i < argc; i += 2) {
@@ -285,13 +228,13 @@ int main(int argc, char** argv) {
     }
     if (o.seconds <= 0 || o.rounds < 1) die("--seconds must be > 0 and --rounds >= 1");
     std::vector<std::string> syncs;
-    for (auto& s : split(sync_arg)) {
+    for (auto& s : split_list(sync_arg)) {
         std::transform(s.begin(), s.end(), s.begin(), ::toupper);
         if (s == "BOTH") syncs.insert(syncs.end(), {"NORMAL", "FULL"});
         else if (s == "NORMAL" || s == "FULL" || s == "OFF" || s == "EXTRA") syncs.push_back(s);
         else die("--sync takes NORMAL, FULL or both");
     }
-    std::vector<std::string> modes = split(modes_arg);
+    std::vector<std::string> modes = split_list(modes_arg);
     for (const auto& m : modes)
         if (m != "plain" && m != "async" && m != "enc" && m != "sync") die("unknown mode " + m);
     if (std::find(modes.begin(), modes.end(), "plain") == modes.end()) modes.insert(modes.begin(), "plain");
@@ -347,13 +290,13 @@ int main(int argc, char** argv) {
         for (const auto& m : modes) {
             std::vector<double> tps;
             for (const auto& r : res[m]) tps.push_back(r.tps);
-            std::printf(" | %.0f", median(tps));
+            std::printf(" | %.0f", median_measured(tps));
         }
         for (const auto& m : modes) {
             if (m == "plain") continue;
             std::vector<double> ratios;
             for (int k = 0; k < o.rounds; ++k) ratios.push_back(res[m][k].tps / res["plain"][k].tps);
-            double med = median(ratios);
+            double med = median_measured(ratios);
             if (m == "async") all_async_ratios.push_back(med);
             std::printf(" | %.2f | %.2f–%.2f", med, *std::min_element(ratios.begin(), ratios.end()),
                         *std::max_element(ratios.begin(), ratios.end()));
@@ -366,14 +309,16 @@ int main(int argc, char** argv) {
                 puts.push_back(r.puts_per_min);
                 bytes.push_back(r.bytes_ratio);
             }
-            std::printf(" | %s | %s | %s | %s", fmt(median(p50), "%.0f ms").c_str(), fmt(median(p99), "%.0f ms").c_str(),
-                        fmt(median(puts), "%.0f").c_str(), fmt(median(bytes), "%.3f").c_str());
+            std::printf(" | %s | %s | %s | %s", fmt(median_measured(p50), "%.0f ms").c_str(),
+                        fmt(median_measured(p99), "%.0f ms").c_str(), fmt(median_measured(puts), "%.0f").c_str(),
+                        fmt(median_measured(bytes), "%.3f").c_str());
         }
         std::printf(" |\n");
     }
     if (!all_async_ratios.empty())
         std::printf("\nasync/plain over the %zu cells: lowest cell %.2f, median cell %.2f\n", all_async_ratios.size(),
-                    *std::min_element(all_async_ratios.begin(), all_async_ratios.end()), median(all_async_ratios));
+                    *std::min_element(all_async_ratios.begin(), all_async_ratios.end()),
+                    median_measured(all_async_ratios));
 
     if (auto client = bottomless::s3::Client::from_env()) (void)(*client)->delete_bucket_and_objects(o.bucket);
     std::error_code ec;
