@@ -300,6 +300,40 @@ json ls_json(const std::string& bucket, const std::string& db) {
     return json::parse(r.out);
 }
 
+// Two generations of app.db, written by one writer: table t (the older
+// generation's snapshot), then one segment per entry of `older_segments`
+// holding that many new rows (ids 1, 2, ...); a snapshot starts the newer
+// generation, which gets one segment per entry of `newer_segments` likewise.
+struct TwoGenerations {
+    std::string older, newer;
+    json ls;  // `ls --json` afterwards: generations[0] is the newer, [1] the older
+};
+
+TwoGenerations write_two_generations(const TempDir& dir, const std::string& bucket,
+                                     const std::vector<int>& older_segments, const std::vector<int>& newer_segments) {
+    TwoGenerations g;
+    {
+        Writer w(dir / "app.db", bucket);
+        setup_table(w);
+        int64_t id = 0;
+        auto ship = [&](const std::vector<int>& segments) {
+            for (int rows : segments) {
+                for (int k = 0; k < rows; ++k) insert(w, ++id);
+                w.flush();
+            }
+        };
+        ship(older_segments);
+        g.newer = w.snapshot();
+        ship(newer_segments);
+        w.close();
+    }
+    g.ls = ls_json(bucket, "app.db");
+    REQUIRE(g.ls["generations"].size() == 2);
+    REQUIRE(g.ls["generations"][0]["id"] == g.newer);
+    g.older = g.ls["generations"][1]["id"];
+    return g;
+}
+
 bool exists(const std::string& p) { return fs::exists(p); }
 
 }  // namespace
@@ -995,22 +1029,9 @@ TEST_CASE("cli: point in time: a commit at exactly T is restored, one microsecon
     TempDir dir;
     // Generation A: snapshot (table t), segment 1 = rows 1..3, segment 2 =
     // rows 4..6; generation B: a snapshot of rows 1..6 and nothing else.
-    std::string newer;
-    {
-        Writer w(dir / "app.db", bucket.name());
-        setup_table(w);
-        for (int id = 1; id <= 6; ++id) {
-            insert(w, id);
-            if (id % 3 == 0) w.flush();
-        }
-        newer = w.snapshot();
-        w.close();
-    }
-    json ls = ls_json(bucket.name(), "app.db");
-    REQUIRE(ls["generations"].size() == 2);
-    REQUIRE(ls["generations"][0]["id"] == newer);
-    REQUIRE(ls["generations"][0]["segments"] == 0);
-    const std::string older = ls["generations"][1]["id"];
+    TwoGenerations g = write_two_generations(dir, bucket.name(), {3, 3}, {});
+    const std::string &older = g.older, &newer = g.newer;
+    REQUIRE(g.ls["generations"][0]["segments"] == 0);
     std::vector<int64_t> commit(7);  // commit[id], from the segments
     for (uint64_t seq : {1, 2}) {
         auto seg = fetch_segment(*client, bucket.name(), replicator::segment_key("app.db", older, seq));
@@ -1120,27 +1141,10 @@ TEST_CASE("cli: a restore makes one listing pass, one header read per object it 
     TestBucket bucket(*client, "cli-requests");
     TempDir dir;
     // Generation A: snapshot + segments; generation B: snapshot + 3 segments.
-    std::string newer;
-    {
-        Writer w(dir / "app.db", bucket.name());
-        setup_table(w);
-        int id = 0;
-        for (int s = 0; s < 2; ++s) {
-            insert(w, ++id);
-            w.flush();
-        }
-        newer = w.snapshot();
-        for (int s = 0; s < 3; ++s) {
-            insert(w, ++id);
-            w.flush();
-        }
-        w.close();
-    }
-    json ls = ls_json(bucket.name(), "app.db");
-    REQUIRE(ls["generations"].size() == 2);
-    REQUIRE(ls["generations"][0]["id"] == newer);
+    TwoGenerations g = write_two_generations(dir, bucket.name(), {1, 1}, {1, 1, 1});
+    const std::string &older = g.older, &newer = g.newer;
+    json& ls = g.ls;
     REQUIRE(ls["generations"][0]["last_seq"] == 3);
-    const std::string older = ls["generations"][1]["id"];
     const uint64_t older_last = ls["generations"][1]["last_seq"];
     const int64_t older_end = ls["generations"][1]["last_txn_us"];
     REQUIRE(older_last >= 2);
