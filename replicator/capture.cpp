@@ -64,32 +64,32 @@ void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     if (!same_epoch || mx_frame < last_noted_frame_) foreign_writer_.store(true);
 }
 
-bool Replicator::begin_checkpoint() {
-    checkpoints_active_.fetch_add(1);
-    if (checkpoint_allowed()) return true;
-    checkpoints_active_.fetch_sub(1);
+namespace {
+// Registers first, then asks; takes the registration back when refused
+// (replicator.h: why in this order).
+template <class Allowed>
+bool register_then_ask(std::atomic<int>& active, Allowed allowed) {
+    active.fetch_add(1);
+    if (allowed()) return true;
+    active.fetch_sub(1);
     return false;
+}
+}  // namespace
+
+bool Replicator::begin_checkpoint() {
+    return register_then_ask(checkpoints_active_, [&] { return checkpoint_allowed(); });
 }
 
 bool Replicator::begin_checkpoint(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
-    checkpoints_active_.fetch_add(1);
-    if (checkpoint_allowed(salt1, salt2, mx_frame)) return true;
-    checkpoints_active_.fetch_sub(1);
-    return false;
+    return register_then_ask(checkpoints_active_, [&] { return checkpoint_allowed(salt1, salt2, mx_frame); });
 }
 
 bool Replicator::begin_restart() {
-    restarts_active_.fetch_add(1);
-    if (restart_allowed()) return true;
-    restarts_active_.fetch_sub(1);
-    return false;
+    return register_then_ask(restarts_active_, [&] { return restart_allowed(); });
 }
 
 bool Replicator::begin_restart(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
-    restarts_active_.fetch_add(1);
-    if (restart_allowed(salt1, salt2, mx_frame)) return true;
-    restarts_active_.fetch_sub(1);
-    return false;
+    return register_then_ask(restarts_active_, [&] { return restart_allowed(salt1, salt2, mx_frame); });
 }
 
 void Replicator::note_shm(const volatile unsigned char* region0) {

@@ -14,28 +14,30 @@ Fd::~Fd() {
     if (fd >= 0) ::close(fd);
 }
 
-bool pread_full(int fd, void* buf, size_t n, uint64_t off) {
-    auto* p = static_cast<char*>(buf);
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = ::pread(fd, p + got, n - got, static_cast<off_t>(off + got));
+namespace {
+// Repeats a positional read or write until all n bytes are done (short
+// counts and EINTR); false on an error or end of file first.
+template <class Op>
+bool whole(Op op, size_t n) {
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = op(done);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) return false;
-        got += static_cast<size_t>(r);
+        done += static_cast<size_t>(r);
     }
     return true;
+}
+}  // namespace
+
+bool pread_full(int fd, void* buf, size_t n, uint64_t off) {
+    auto* p = static_cast<char*>(buf);
+    return whole([&](size_t done) { return ::pread(fd, p + done, n - done, static_cast<off_t>(off + done)); }, n);
 }
 
 bool pwrite_full(int fd, const void* buf, size_t n, uint64_t off) {
     const auto* p = static_cast<const char*>(buf);
-    size_t done = 0;
-    while (done < n) {
-        ssize_t w = ::pwrite(fd, p + done, n - done, static_cast<off_t>(off + done));
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return false;
-        done += static_cast<size_t>(w);
-    }
-    return true;
+    return whole([&](size_t done) { return ::pwrite(fd, p + done, n - done, static_cast<off_t>(off + done)); }, n);
 }
 
 int64_t now_us() {
