@@ -187,7 +187,15 @@ Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
             snap_pending = (need_snapshot_ || broken_outside_wal_.load() || foreign_writer_.load()) &&
                            ::stat(path_.c_str(), &st) == 0 && st.st_size > 0;
         }
-        if (durable_index_.load() >= target && !snap_pending) break;
+        if (durable_index_.load() >= target && !snap_pending) {
+            // The request this loop may have re-armed while the upload it
+            // waited for was finishing is not for later commits: those wait
+            // for their batch (a force left behind would ship the next
+            // commit alone). A concurrent flush re-arms its own.
+            std::lock_guard cvlock(cv_mu_);
+            force_ = false;
+            break;
+        }
         if (Clock::now() >= deadline) {
             std::lock_guard slock(status_mu_);
             return make_error(ErrorKind::Transport,
