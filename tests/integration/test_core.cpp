@@ -49,6 +49,14 @@ nlohmann::json status(sqlite3* db) { return nlohmann::json::parse(query_text(db,
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// The exit status of a child process that must exit (not be killed).
+int exit_status_of(pid_t pid) {
+    int wstatus = 0;
+    REQUIRE(waitpid(pid, &wstatus, 0) == pid);
+    REQUIRE(WIFEXITED(wstatus));
+    return WEXITSTATUS(wstatus);
+}
+
 }  // namespace
 
 TEST_CASE("async writers never wait for S3: past the memory cap the WAL keeps the frames", "[core][outage]") {
@@ -599,10 +607,7 @@ TEST_CASE("sync mode: a transaction durable in S3 whose commit never reached the
         execl(BOTTOMLESS_CRASH_WRITER, BOTTOMLESS_CRASH_WRITER, uri.c_str(), log.c_str(), "7", static_cast<char*>(nullptr));
         _exit(127);
     }
-    int wstatus = 0;
-    REQUIRE(waitpid(pid, &wstatus, 0) == pid);
-    REQUIRE(WIFEXITED(wstatus));
-    REQUIRE(WEXITSTATUS(wstatus) == 3);
+    REQUIRE(exit_status_of(pid) == 3);
 
     // Reopen: the bucket is one transaction ahead of the file. Before, that
     // cost a new generation (a full snapshot); now the transaction, never
@@ -652,10 +657,7 @@ TEST_CASE("a crash after a RESTART checkpoint with unshipped frames loses nothin
         if (sqlite3_exec(db, sql, nullptr, nullptr, nullptr) != SQLITE_OK) _exit(11);
         _exit(0);
     }
-    int wstatus = 0;
-    REQUIRE(waitpid(pid, &wstatus, 0) == pid);
-    REQUIRE(WIFEXITED(wstatus));
-    REQUIRE(WEXITSTATUS(wstatus) == 0);
+    REQUIRE(exit_status_of(pid) == 0);
 
     // Every committed row reaches the bucket, in a history a restore can
     // replay: the same generation (the old epoch's frames read back from the
@@ -665,8 +667,5 @@ TEST_CASE("a crash after a RESTART checkpoint with unshipped frames loses nothin
     query_text(db.get(), "SELECT bottomless_flush(30000)");
     const std::string local = content_hash(db.get());
     db.reset();
-    const std::string out = s.dir.file("rc-restored.db");
-    auto r = replicator::restore_database(*s.client, s.bucket.name(), "rc.db", out);
-    REQUIRE(r.ok());
-    CHECK(content_hash_of_file(out) == local);
+    CHECK(s.restored_hash("rc.db") == local);
 }
