@@ -4,10 +4,11 @@
 // to restore, continue or start afresh.
 //
 // The VFS shim tells it what SQLite does (cheap calls, no I/O, safe under
-// SQLite's shm locks) and asks it two questions: may the WAL restart now
-// (only when nothing committed is unshipped), and — in sync mode — is this
-// commit durable. An uploader thread does the reading, encoding and network
-// work. docs/SEMANTICS.md describes the guarantees.
+// SQLite's shm locks), hands it every WAL write (the tee: frames are kept as
+// written, never read back), and asks it: may the WAL restart or be
+// checkpointed now, and — in sync mode — is this commit durable. An uploader
+// thread checks, encodes and uploads. docs/SEMANTICS.md describes the
+// guarantees.
 //
 // Lock order (a thread holding one may take only those after it):
 //   registry lock (replicator.cpp) — held only to look an entry up or
@@ -89,10 +90,10 @@ public:
     // May the WAL be restarted (its frames overwritten from the start)?
     // Without arguments: only when every committed frame is durable in S3
     // and no snapshot reads WAL frames. Given the wal-index header (shm
-    // mode): also when the unshipped frames fit in memory, where the write
-    // of the new WAL header captures them first (invariant 2: they are
-    // staged there and, after SQLite's complete checkpoint, in the database
-    // file). Frames of a writer we never observed count too.
+    // mode): also when the unshipped frames are all in memory (the tee has
+    // no hole) and fit there (invariant 2: they are kept there and, after
+    // SQLite's complete checkpoint, in the database file). Frames of a
+    // writer we never observed count too.
     bool restart_allowed() const;
     bool restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) const;
     // A connection took the WAL write lock; the wal-index header must still

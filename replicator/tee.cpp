@@ -162,13 +162,6 @@ void Tee::trim(uint32_t salt1, uint32_t salt2, uint64_t frame) {
     erase_frames(*it, it->frames.begin(), it->frames.upper_bound(frame));
 }
 
-void Tee::clear() {
-    std::lock_guard lock(mu_);
-    epochs_.clear();
-    bytes_.store(0, std::memory_order_relaxed);
-    hole_upto_.store(0, std::memory_order_relaxed);
-}
-
 void Tee::captured_through(uint32_t salt1, uint32_t salt2, uint64_t frame) {
     std::lock_guard lock(mu_);
     if (!epochs_.empty() && epochs_.back().salt1 == salt1 && epochs_.back().salt2 == salt2 &&

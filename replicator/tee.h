@@ -62,7 +62,6 @@ public:
     // Everything up to frame `frame` of epoch (salt1, salt2) is shipped or
     // covered otherwise: forget it, and every older epoch.
     void trim(uint32_t salt1, uint32_t salt2, uint64_t frame);
-    void clear();
 
     // A frame of the newest epoch was dropped (memory full, or an error):
     // the WAL is the only copy of it until it is captured from there.

@@ -17,13 +17,16 @@
 ** - Invariant 2 (nothing unshipped is discarded): SQLite restarts the WAL
 **   only after a complete checkpoint, taking an exclusive lock on read marks
 **   1..4 (walRestartLog). That lock is refused with SQLITE_BUSY (SQLite then
-**   simply appends) while unshipped frames would not fit in memory or a
-**   snapshot reads the WAL. Otherwise the write of the new WAL header first
-**   reads every committed frame into the replicator's memory; truncating or
-**   deleting the WAL does the same, and falls back to waiting for S3
-**   (bounded) when memory is full.
-** - Checkpoints are refused (SQLITE_BUSY on the CKPT lock) only while a
-**   snapshot reads the database file.
+**   simply appends) while unshipped frames are not all in memory or a
+**   snapshot reads the WAL. Every WAL write is handed to the replicator's
+**   tee, so the frames are in memory already: the write of the new WAL
+**   header only records how far the old epoch went; truncating or deleting
+**   the WAL does the same, and falls back to waiting for S3 (bounded) when
+**   memory is full.
+** - Checkpoints are refused (SQLITE_BUSY on the CKPT lock) while a snapshot
+**   reads the database file, and while the WAL could not restart after them
+**   (auto-checkpoint then fails in one lock call). Both kinds of lock are
+**   registered with the replicator before it is asked (shm_lock_veto).
 ** - No network or file I/O in xShmLock: it reads the 48-byte wal-index
 **   header, touches atomics, and records a commit under a short mutex.
 ** - Exceptions never cross this C ABI: every method catches and maps to an
