@@ -14,6 +14,7 @@
 
 #include "replicator/bucket.h"
 #include "replicator/restore.h"
+#include "replicator/startup_decision.h"
 #include "replicator/state_file.h"
 #include "s3/log.h"
 
@@ -105,32 +106,37 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
 }  // namespace
 
 bool Replicator::start_offline() {
-    // initial_replication=force asks for a decision against the bucket; a
-    // restored file's note starts a new history (both need the bucket).
-    if (config_.initial_replication == InitialReplication::Force) return false;
     auto state = read_state_file(state_path_);
-    if (!state || state->restored || state->generation.empty() || state->bucket != config_.bucket ||
-        state->db_id != config_.db_id)
-        return false;
-    // A sync commit's upload was under way when the last run ended: the
-    // bucket may hold one more transaction (bring_in_last_segment()).
-    if (state->sync_pending) return false;
-    // The key must provably be the generation's: its id, derived locally
-    // (a passphrase from the KDF parameters the state file recorded).
     std::shared_ptr<const Cipher> cipher;
-    if (config_.encryption.kind() == EncryptionSecret::Kind::Key) {
-        cipher = Cipher::from_key(config_.encryption.material());
-    } else if (config_.encryption.kind() == EncryptionSecret::Kind::Passphrase) {
-        if (state->kdf.empty()) return false;
-        auto kdf = parse_kdf(state->kdf, state_path_);
-        if (!kdf) return false;
-        auto c = Cipher::from_passphrase(config_.encryption.material(), *kdf);
-        if (!c) return false;
-        cipher = std::move(c).value();
+    LocalProof proof;
+    OfflineFacts f;
+    f.initial_replication = config_.initial_replication;
+    f.bucket = config_.bucket;
+    f.db_id = config_.db_id;
+    f.state = state ? &*state : nullptr;
+    // The key's id, derived locally (a passphrase from the KDF parameters
+    // the state file recorded).
+    f.key_id = [&]() -> std::optional<std::string> {
+        if (config_.encryption.kind() == EncryptionSecret::Kind::Key) {
+            cipher = Cipher::from_key(config_.encryption.material());
+        } else if (config_.encryption.kind() == EncryptionSecret::Kind::Passphrase) {
+            if (state->kdf.empty()) return std::nullopt;
+            auto kdf = parse_kdf(state->kdf, state_path_);
+            if (!kdf) return std::nullopt;
+            auto c = Cipher::from_passphrase(config_.encryption.material(), *kdf);
+            if (!c) return std::nullopt;
+            cipher = std::move(c).value();
+        }
+        return cipher ? cipher->key_id() : std::string();
+    };
+    f.proven = [&] {
+        proof = prove_local(*state, path_, wal_path_);
+        return proof.proven;
+    };
+    if (std::string why = why_not_offline(f); !why.empty()) {
+        log::debug(path_ + ": asking the bucket at open: " + why);
+        return false;
     }
-    if ((cipher ? cipher->key_id() : std::string()) != state->key_id) return false;
-    LocalProof proof = prove_local(*state, path_, wal_path_);
-    if (!proof.proven) return false;
 
     cipher_ = std::move(cipher);
     kdf_text_ = state->kdf;
@@ -407,10 +413,17 @@ Status Replicator::startup() {
     if (Status st = find_latest(*client_, bucket, db_id, *gens, latest); !st) return st;
 
     // Encryption: the key must be the one the newest generation was written
-    // with. Anything else (no key for an encrypted replica, a key for a
-    // plaintext one, another key) is refused unless initial_replication=force
-    // says to start a new generation under the new setting.
-    bool encryption_switch = false;
+    // with (decide_startup() refuses anything else unless forced).
+    StartupFacts f;
+    f.initial_replication = config_.initial_replication;
+    f.auto_restore = config_.auto_restore;
+    f.path = path_;
+    f.bucket = bucket;
+    f.db_id = db_id;
+    if (latest) {
+        f.latest = latest->id;
+        f.latest_seq = latest->last_seq;
+    }
     {
         std::optional<EncryptionInfo> latest_enc;
         const std::string snap = latest ? snapshot_key(db_id, latest->id) : std::string();
@@ -419,132 +432,84 @@ Status Replicator::startup() {
             if (!h) return std::move(h).error();
             latest_enc = h->encryption;
         }
-        const bool force = config_.initial_replication == InitialReplication::Force;
-        // Takes a failed check: an error to return, or OK when forced.
-        auto refuse = [&](Status st) -> Status {
-            Error e = std::move(st).error();
-            if (!force) {
-                e.message = "cannot replicate " + path_ + ": " + e.message +
-                            ". To start a new generation under this setting (turning encryption on or off, or "
-                            "rotating the key), open once with initial_replication=force";
-                return e;
-            }
-            log::warn(path_ + ": " + e.message + "; a new generation starts (initial_replication=force)");
-            encryption_switch = true;
-            return {};
-        };
         // Encrypted or not is known from the header alone: a refused open
         // must not derive a key or create the passphrase's KDF object. (For
         // this check only whether there is a key counts, not its id.)
         const std::string any_key_id;
         if (latest && latest_enc.has_value() == config_.encryption.empty())
             if (Status st = check_key_id(latest_enc, config_.encryption.empty() ? nullptr : &any_key_id, snap); !st)
-                if (Status r = refuse(std::move(st)); !r) return r;
+                f.key_mismatch = std::move(st).error();
+        if (f.key_mismatch && config_.initial_replication != InitialReplication::Force) {
+            StartupPlan plan = decide_startup(f);
+            return std::move(*plan.error);
+        }
         auto c = open_cipher(*client_, bucket, db_id, config_.encryption, /*create=*/true, &kdf_text_);
         if (!c) return std::move(c).error();
         cipher_ = std::move(c).value();
-        if (latest && latest_enc && cipher_ && !encryption_switch)
-            if (Status st = check_cipher(latest_enc, cipher_.get(), snap); !st)
-                if (Status r = refuse(std::move(st)); !r) return r;
+        if (latest && latest_enc && cipher_ && !f.key_mismatch)
+            if (Status st = check_cipher(latest_enc, cipher_.get(), snap); !st) f.key_mismatch = std::move(st).error();
+        f.key_id = cipher_ ? cipher_->key_id() : std::string();
     }
 
     struct stat db_st{}, wal_st{};
-    bool db_exists = stat_file(path_, db_st);
-    bool wal_exists = stat_file(wal_path_, wal_st);
-    bool local_empty = (!db_exists || db_st.st_size == 0) && (!wal_exists || wal_st.st_size == 0);
+    f.files.db_exists = stat_file(path_, db_st);
+    f.files.db_size = db_st.st_size;
+    f.files.db_mtime_ns = mtime_ns(db_st);
+    f.files.db_ino = db_st.st_ino;
+    f.files.wal_exists = stat_file(wal_path_, wal_st);
+    f.files.wal_size = wal_st.st_size;
     auto state = read_state_file(state_path_);
     if (state && state->bucket == bucket && state->db_id == db_id) {
+        f.state = &*state;
         // Keep only generations that exist: attempts a killed run never
         // finished would otherwise crowd out the real ones.
         for (const auto& g : state->lineage)
             if (std::any_of(gens->begin(), gens->end(), [&](const GenerationInfo& x) { return x.id == g; }))
                 lineage_.push_back(g);
     }
+    LocalProof proof;
+    f.proven = [&] {
+        proof = prove_local(*state, path_, wal_path_);
+        return proof.proven;
+    };
 
-    if (local_empty) {
-        if (latest && config_.auto_restore) {
-            log::info("restoring " + path_ + " from generation " + latest->id + " of s3://" + bucket + "/" + db_id);
-            RestoreOptions ro;
-            ro.cipher = cipher_;
-            auto rr = restore_database(*client_, bucket, db_id, path_, ro);
-            if (!rr) {
-                Error e = std::move(rr).error();
-                e.message = "cannot restore " + path_ + " from the bucket: " + e.message;
-                return e;
-            }
-            log::info("restored " + path_ + ": generation " + rr->generation + ", " + std::to_string(rr->db_pages) +
-                      " pages, last transaction at " + fmt_time_us(rr->last_commit_us));
-            parent_generation_ = rr->generation;
-            parent_seq_ = rr->seq;
-            request_snapshot("the database was restored from the bucket");
-        } else {
-            request_snapshot(latest ? "auto-restore is off: a new history starts" : "first start: nothing in the bucket");
+    const StartupPlan plan = decide_startup(f);
+    if (!plan.warning.empty()) log::warn(plan.warning);
+    switch (plan.action) {
+    case StartupAction::Refuse:
+        return *plan.error;
+    case StartupAction::Skip:
+        enabled_ = false;
+        return {};
+    case StartupAction::Restore: {
+        log::info("restoring " + path_ + " from generation " + latest->id + " of s3://" + bucket + "/" + db_id);
+        RestoreOptions ro;
+        ro.cipher = cipher_;
+        auto rr = restore_database(*client_, bucket, db_id, path_, ro);
+        if (!rr) {
+            Error e = std::move(rr).error();
+            e.message = "cannot restore " + path_ + " from the bucket: " + e.message;
+            return e;
         }
-    } else if (state && state->restored && state->bucket == bucket && state->db_id == db_id && db_exists &&
-               (!wal_exists || wal_st.st_size == 0) && state->db_size == db_st.st_size &&
-               state->db_mtime_ns == mtime_ns(db_st) && state->db_ino == db_st.st_ino) {
-        // Restored by bottomless-cli and untouched since: a new history whose
-        // parent is the restored state (even if the bucket moved on: restoring
-        // an older point in time and starting from it is a rollback).
-        parent_generation_ = state->generation;
-        parent_seq_ = state->seq;
-        request_snapshot("the database was restored from generation " + state->generation);
-    } else if (encryption_switch) {
-        parent_generation_ = latest->id;
-        parent_seq_ = latest->last_seq;
-        request_snapshot(cipher_ ? "encryption changed: key id " + cipher_->key_id() : "encryption turned off");
-    } else if (!latest) {
-        request_snapshot("first start: the bucket has no generation of '" + db_id + "'");
-    } else if (state && state->bucket == bucket && state->db_id == db_id && state->generation == latest->id) {
-        // We wrote the bucket's newest generation. Continue it only if the
-        // local files still are exactly where that history ends.
-        LocalProof proof = latest->last_seq == state->seq ? prove_local(*state, path_, wal_path_) : LocalProof{};
-        if (proof.proven) {
-            continue_from(*state, proof);
-            log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
-        } else if (continue_at_bucket_end(*latest, /*may_write_wal=*/true)) {
-        } else {
-            parent_generation_ = latest->id;
-            parent_seq_ = latest->last_seq;
-            request_snapshot("the local files do not match where the bucket's history ends (local changes, or an "
-                             "upload whose outcome was unknown)");
-        }
-    } else if (state && state->bucket == bucket && state->db_id == db_id &&
-               std::find(state->lineage.begin(), state->lineage.end(), latest->id) != state->lineage.end()) {
-        // The bucket's newest generation was started from this file (the last
-        // run may have died before recording how far it got): the local file
-        // is at least as new. If the WAL still holds where it ends, go on
-        // from there; otherwise where it ends is not proven.
-        if (!continue_at_bucket_end(*latest, /*may_write_wal=*/true)) {
-            parent_generation_ = latest->id;
-            parent_seq_ = latest->last_seq;
-            request_snapshot("this file started generation " + latest->id + " but its end is not recorded");
-        }
-    } else {
-        std::string why = state && state->bucket == bucket && state->db_id == db_id
-                              ? "the bucket's newest generation " + latest->id + " is not the one this file was last "
-                                    "replicated to (" + state->generation + "): another writer, or a restore elsewhere"
-                              : "this file has no replication state for this bucket, so nothing proves they match";
-        switch (config_.initial_replication) {
-        case InitialReplication::Skip:
-            log::warn(path_ + ": replication skipped for this run (LIBSQL_BOTTOMLESS_INITIAL_REPLICATION=skip): " + why);
-            enabled_ = false;
-            return {};
-        case InitialReplication::Force:
-            log::warn(path_ + ": replicating the local file as a new generation (initial_replication=force): " + why);
-            parent_generation_ = latest->id;
-            parent_seq_ = latest->last_seq;
-            request_snapshot("forced by initial_replication=force");
-            break;
-        case InitialReplication::Error:
-            return make_error(
-                ErrorKind::InvalidArgument,
-                "local database " + path_ + " and s3://" + bucket + "/" + db_id + " disagree: " + why +
-                    ". Set LIBSQL_BOTTOMLESS_INITIAL_REPLICATION=force (or initial_replication=force) to replicate "
-                    "the local file as a new generation, =skip to open it without replication, or move the local "
-                    "file away to restore it from the bucket",
-                "ReplicaMismatch");
-        }
+        log::info("restored " + path_ + ": generation " + rr->generation + ", " + std::to_string(rr->db_pages) +
+                  " pages, last transaction at " + fmt_time_us(rr->last_commit_us));
+        parent_generation_ = rr->generation;
+        parent_seq_ = rr->seq;
+        request_snapshot(plan.reason);
+        break;
+    }
+    case StartupAction::Continue:
+        continue_from(*state, proof);
+        log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
+        break;
+    case StartupAction::ContinueAtBucketEnd:
+        if (continue_at_bucket_end(*latest, /*may_write_wal=*/true)) break;
+        [[fallthrough]];
+    case StartupAction::NewGeneration:
+        parent_generation_ = plan.parent_generation;
+        parent_seq_ = plan.parent_seq;
+        request_snapshot(plan.reason);
+        break;
     }
 
     start_uploader();
