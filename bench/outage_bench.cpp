@@ -16,9 +16,13 @@
 //     (goal >= 0.9), mean/p99/max commit time and the latest a commit
 //     started against its schedule; commit times by pending_in state
 //     (memory: staged in memory; wal: past max_pending_bytes, left in the WAL);
-//   - memory (sampled every 100 ms): the heap's (RssAnon) growth during the
-//     outage and including the catch-up, against max_pending_bytes; RSS; the
-//     highest pending_bytes (unshipped, in memory or WAL) and WAL size;
+//   - memory (sampled every 100 ms), against max_pending_bytes, during the
+//     outage and including the catch-up: what the replicator says it holds
+//     (bottomless_status memory_bytes, and its own high-water mark
+//     memory_peak_bytes), the allocator's bytes in use (mallinfo2: live
+//     blocks, whoever owns them) and the heap's resident growth (RssAnon:
+//     also freed memory the allocator keeps); RSS; the highest
+//     pending_bytes (unshipped, in memory or WAL) and WAL size;
 //   - catch-up: seconds from the server's return until every transaction
 //     committed before the return is durable (last_durable_commit_us passes
 //     the return instant; goal <= 30 s), and how long the final flush took;
@@ -29,6 +33,7 @@
 // Usage (server from scripts/s3-server.sh, env from its `env` command):
 //   build/bench/outage_bench [--rate 1000] [--warmup 10] [--outage 60] [--after 30]
 //                            [--fault reset,stall] [--sync normal|full] [--max-pending-mib N]
+#include <malloc.h>
 #include <sqlite3.h>
 #include <unistd.h>
 
@@ -81,7 +86,15 @@ struct Sample {
     int64_t last_durable_commit_us, lag_ms;
     std::string pending_in;
     long rss_kib, anon_kib, file_kib;  // VmRSS, RssAnon (heap: what the replicator holds), RssFile (mapped files)
+    uint64_t memory_bytes;             // bottomless_status: what the replicator holds for unshipped frames
+    uint64_t inuse_bytes;              // the allocator's live bytes (all arenas, mmapped blocks included)
 };
+
+// Bytes the C library's allocator has handed out and not got back (glibc).
+uint64_t heap_in_use() {
+    struct mallinfo2 m = mallinfo2();
+    return m.uordblks + m.hblkhd;
+}
 
 struct Options {
     double rate = 1000, warmup = 10, outage = 60, after = 30;
@@ -174,7 +187,8 @@ bool run(const std::string& fault, const Options& o, const std::string& dir, con
             samples.push_back({mono_ns(), j["pending_bytes"].get<uint64_t>(), j["pending_transactions"].get<uint64_t>(),
                                j["wal_bytes"].get<uint64_t>(), j["last_durable_commit_us"].get<int64_t>(),
                                j["lag_ms"].get<int64_t>(), j["pending_in"].get<std::string>(),
-                               proc_status_kib("VmRSS"), proc_status_kib("RssAnon"), proc_status_kib("RssFile")});
+                               proc_status_kib("VmRSS"), proc_status_kib("RssAnon"), proc_status_kib("RssFile"),
+                               j.value("memory_bytes", uint64_t{0}), heap_in_use()});
             if (in_outage.load() && j["last_error"].is_string()) outage_error = j["last_error"].get<std::string>();
             std::this_thread::sleep_for(std::chrono::milliseconds(100));
         }
@@ -183,6 +197,7 @@ bool run(const std::string& fault, const Options& o, const std::string& dir, con
     std::this_thread::sleep_for(std::chrono::duration<double>(o.warmup));
     auto st_before = status(ctl.get());
     const long rss_before = proc_status_kib("VmRSS"), anon_before = proc_status_kib("RssAnon");
+    const uint64_t inuse_before = heap_in_use();
     const int64_t t_out = mono_ns();
     const int64_t out_ns = static_cast<int64_t>(o.outage * 1e9);
     in_outage.store(true);
@@ -222,7 +237,8 @@ bool run(const std::string& fault, const Options& o, const std::string& dir, con
     Phase before = phase(commits, warm_from, t_out);
     Phase during = phase(commits, t_out, t_back);
     Phase after = phase(commits, t_back, t_stop);
-    uint64_t peak_pending = 0, peak_wal = 0;
+    uint64_t peak_pending = 0, peak_wal = 0, peak_memory = 0, peak_memory_outage = 0, peak_inuse = 0,
+             peak_inuse_outage = 0;
     long peak_rss = 0, peak_anon = 0, peak_file = 0, peak_anon_outage = 0;
     std::map<std::string, int> pending_in;
     double caught_up_s = -1;
@@ -233,6 +249,12 @@ bool run(const std::string& fault, const Options& o, const std::string& dir, con
         peak_rss = std::max(peak_rss, s.rss_kib);
         peak_anon = std::max(peak_anon, s.anon_kib);
         if (s.t_ns < t_back) peak_anon_outage = std::max(peak_anon_outage, s.anon_kib);
+        peak_memory = std::max(peak_memory, s.memory_bytes);
+        peak_inuse = std::max(peak_inuse, s.inuse_bytes);
+        if (s.t_ns < t_back) {
+            peak_memory_outage = std::max(peak_memory_outage, s.memory_bytes);
+            peak_inuse_outage = std::max(peak_inuse_outage, s.inuse_bytes);
+        }
         peak_file = std::max(peak_file, s.file_kib);
         ++pending_in[s.pending_in];
         if (caught_up_s < 0 && s.t_ns >= t_back && s.last_durable_commit_us >= wall_back)
@@ -259,6 +281,17 @@ bool run(const std::string& fault, const Options& o, const std::string& dir, con
     // WAL. What memory holds shows in the process's anonymous RSS (heap),
     // compared to the cap by its growth; RssFile is mapped files (the
     // wal-index, file pages read through a mapping), which the kernel can drop.
+    const double mib = 1048576.0;
+    const uint64_t peak_reported = st_end.value("memory_peak_bytes", uint64_t{0});
+    std::printf("memory held (bottomless_status memory_bytes) peak %.1f MiB in the outage, %.1f MiB with catch-up; "
+                "memory_peak_bytes %.1f MiB; max_pending_bytes %.0f MiB: %s\n",
+                peak_memory_outage / mib, peak_memory / mib, peak_reported / mib, cap / mib,
+                std::max(peak_memory, peak_reported) <= cap ? "within" : "OVER");
+    std::printf("heap in use (mallinfo2) %.1f MiB before, growth +%.1f MiB in the outage, +%.1f MiB with catch-up: "
+                "%s\n",
+                inuse_before / mib, (static_cast<double>(peak_inuse_outage) - inuse_before) / mib,
+                (static_cast<double>(peak_inuse) - inuse_before) / mib,
+                peak_inuse <= inuse_before + cap ? "within" : "OVER");
     const double anon_growth_mib = (peak_anon - anon_before) / 1024.0;
     std::printf("memory: RSS %.1f MiB before, peak %.1f MiB during/after; heap (RssAnon) %.1f -> peak %.1f MiB "
                 "(+%.1f MiB; max_pending_bytes %.0f MiB: %s; peak during the outage itself %.1f MiB); RssFile peak "

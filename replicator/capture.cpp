@@ -228,8 +228,27 @@ Status Replicator::capture_range(const WalHeader& hdr, uint64_t from, uint64_t t
         pending_.push_back(std::move(t));
     }
     pending_bytes_ += bytes;
+    note_memory();
     captured_ = pos;
     return {};
+}
+
+bool Replicator::fits_in_memory(const WalHeader& hdr, uint64_t from, uint64_t to) {
+    // Frames taken from the tee only change hands; frames read from the WAL
+    // add to the memory held, which stays within held_limit (the cap less
+    // room for one encoded segment).
+    if (tee_.holds(hdr.salt1, hdr.salt2, from, to)) return true;
+    const uint64_t need = (to - from + 1) * Tee::frame_bytes(hdr.page_size);
+    const uint64_t limit = held_limit(config_);
+    const uint64_t held = memory_bytes();
+    if (held + need <= limit) return true;
+    // Pending transactions or a segment under way free room as they ship.
+    if (!pending_.empty() || inflight_) return false;
+    // Nothing else will: the tee's newer frames give way (the WAL keeps
+    // them too). Past that, only a transaction larger than the room left
+    // is read whole, alone (docs/CONFIG.md, max_pending_bytes).
+    tee_.shed(hdr.salt1, hdr.salt2, to, held + need - limit);
+    return true;
 }
 
 Status Replicator::capture() {
@@ -242,7 +261,6 @@ Status Replicator::capture() {
     WalFile wal(wal_path_);
     Status result;
     while (!todo.empty()) {
-        if (pending_bytes_ >= config_.max_pending_bytes) break;  // the WAL keeps the rest
         Commit c = todo.front();
         if (c.salt1 != captured_.salt1 || c.salt2 != captured_.salt2) {
             auto hdr = epoch_header(c.salt1, c.salt2, wal);
@@ -275,6 +293,7 @@ Status Replicator::capture() {
             todo.clear();
             break;
         }
+        if (!fits_in_memory(*hdr, captured_.frame + 1, c.frame)) break;  // the WAL keeps the rest
         if (pending_.empty() && !inflight_) first_pending_time_ = Clock::now();
         auto st = capture_range(*hdr, captured_.frame + 1, c.frame, wal, c.time_us, c.index);
         if (!st) {
@@ -362,6 +381,7 @@ Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseco
         }
         if (in_memory) {
             if (Status st = record_epoch_end(why); !st) return st;
+            tee_.pin(s1, s2);  // the uploader must not shed what only the tee will hold
             return {};
         }
     }
@@ -496,6 +516,7 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
         pending_.clear();
         pending_bytes_ = 0;
         inflight_.reset();
+        segment_bytes_ = 0;
         request_snapshot("a sync commit failed");
         retry_after_ = {};
         return e;

@@ -56,7 +56,7 @@ std::map<std::string, RegistryEntry>& registry() {
 
 Replicator::Replicator(std::string path, ReplicatorConfig config)
     : path_(std::move(path)), wal_path_(path_ + "-wal"), state_path_(path_ + "-bottomless"),
-      config_(std::move(config)), tee_(config_.max_pending_bytes) {
+      config_(std::move(config)), tee_(held_limit(config_)) {
     s3::ClientConfig c = config_.s3;
     // A sync commit must not outlive its timeout inside the client's retries.
     if (config_.sync) c.retry.max_elapsed = std::min(c.retry.max_elapsed, config_.sync_timeout);
@@ -245,6 +245,11 @@ std::string Replicator::status_json() const {
     // Frames kept as they were written (tee.h), and frames the uploader had
     // to read back from the WAL because the tee lacked them.
     j["tee_bytes"] = tee_.bytes();
+    // Memory held for unshipped frames now and at its highest since the
+    // open (tee, pending transactions, the segment under way): never above
+    // max_pending_bytes (docs/CONFIG.md).
+    j["memory_bytes"] = memory_bytes();
+    j["memory_peak_bytes"] = memory_peak_.load();
     j["wal_frames_read"] = wal_frames_read_.load();
     j["snapshots_torn"] = snapshots_torn_.load();  // attempts read again (0 unless something bypassed bottomless)
     j["wal_budget"] = {{"max_wal_bytes", config_.max_wal_bytes},

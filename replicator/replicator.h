@@ -156,7 +156,9 @@ public:
     // tee keeps the frame bytes (tee.h), so nothing reads them back. Cheap:
     // a copy under a short mutex; never fails the write.
     void tee_write(uint64_t off, const void* p, size_t n, uint32_t page_size) noexcept {
-        if (enabled_) tee_.write(off, static_cast<const unsigned char*>(p), n, page_size, pending_bytes_.load());
+        if (!enabled_) return;
+        tee_.write(off, static_cast<const unsigned char*>(p), n, page_size, pending_bytes_.load() + segment_bytes_.load());
+        note_memory();
     }
 
     // ---- SQL surface ----
@@ -237,6 +239,10 @@ private:
     // pending_ (from the tee, or read from the WAL when the tee lacks them).
     Status capture_range(const WalHeader& hdr, uint64_t from, uint64_t to, WalFile& wal, int64_t commit_us,
                          uint64_t commit_index);
+    // Whether capturing frames [from, to] keeps memory_bytes() within
+    // held_limit (the tee holds them, or there is room to read them from
+    // the WAL, made by shedding newer tee frames if nothing else frees it).
+    bool fits_in_memory(const WalHeader& hdr, uint64_t from, uint64_t to);
     // The frames of one or more transactions, after `captured_`, checked
     // against the checksum chain, into `out`; `pos` ends at the last commit.
     Status frames_to_txns(const WalHeader& hdr, uint64_t from, std::vector<TeeFrame>& frames, WalPosition& pos,
@@ -251,6 +257,18 @@ private:
     void record_error(const Error& e);
     void note_failure(const Error& e);  // record_error + back-off before the next attempt
     void wake();
+
+    // Memory held for this database's unshipped frames (docs/CONFIG.md,
+    // max_pending_bytes): the tee, pending transactions and the segment
+    // being encoded or uploaded, all counted against the cap.
+    // segment_limit: the most page bytes cut into one segment
+    // (batch_max_bytes, at most a quarter of the cap). held_limit: what the
+    // tee and pending transactions may fill; the rest of the cap is kept for
+    // the encoded copy of one segment (its frames are already counted).
+    static uint64_t segment_limit(const ReplicatorConfig& c);
+    static uint64_t held_limit(const ReplicatorConfig& c);
+    uint64_t memory_bytes() const { return tee_.bytes() + pending_bytes_.load() + segment_bytes_.load(); }
+    void note_memory() noexcept;  // raises memory_peak_ to memory_bytes()
 
     const std::string path_, wal_path_, state_path_;
     const ReplicatorConfig config_;
@@ -289,6 +307,10 @@ private:
     std::atomic<uint64_t> wal_bytes_{0};           // highest WAL offset written since the last restart
     std::atomic<bool> wal_over_budget_{false};     // warned about this WAL epoch's size already
     std::atomic<uint64_t> pending_bytes_{0};       // bytes of pending_ (captured, not yet in a segment)
+    // The segment under way: its frames' page bytes while it is encoded,
+    // then its encoded size until uploaded or dropped (changed under net_mu_).
+    std::atomic<uint64_t> segment_bytes_{0};
+    std::atomic<uint64_t> memory_peak_{0};         // highest memory_bytes() seen (status: memory_peak_bytes)
     std::atomic<uint64_t> wal_frames_read_{0};     // frames read back from the WAL file (the tee lacked them)
     Tee tee_;
 

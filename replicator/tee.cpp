@@ -90,7 +90,10 @@ void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t 
         if (e && e->page_size == page_size) {
             auto it = e->frames.find(i);
             if (it == e->frames.end() && within == 0) {
-                if (bytes_.load(std::memory_order_relaxed) + fsz + other_bytes > cap_) {
+                const uint64_t mine = bytes_.load(std::memory_order_relaxed) + fsz;
+                // Behind a hole, half the limit stays free for the frames the
+                // uploader must read from the WAL before it can use ours (tee.h).
+                if (mine + other_bytes > cap_ || (has_hole() && mine > cap_ / 2)) {
                     if (e == &epochs_.back() && i > hole_upto_.load(std::memory_order_relaxed))
                         hole_upto_.store(i, std::memory_order_relaxed);
                 } else {
@@ -160,6 +163,35 @@ void Tee::trim(uint32_t salt1, uint32_t salt2, uint64_t frame) {
     for (auto x = epochs_.begin(); x != it; ++x) erase_frames(*x, x->frames.begin(), x->frames.end());
     it = epochs_.erase(epochs_.begin(), it);
     erase_frames(*it, it->frames.begin(), it->frames.upper_bound(frame));
+}
+
+uint64_t Tee::shed(uint32_t salt1, uint32_t salt2, uint64_t after, uint64_t need) {
+    std::lock_guard lock(mu_);
+    if (epochs_.empty()) return 0;
+    Epoch& e = epochs_.back();
+    if (e.salt1 != salt1 || e.salt2 != salt2) return 0;
+    if (pinned_ && pinned_->first == salt1 && pinned_->second == salt2) return 0;
+    auto first = e.frames.upper_bound(after);
+    if (first == e.frames.end()) return 0;
+    // The hole is marked before any frame goes: a WAL restart asked from now
+    // on is refused (Replicator::restart_allowed) until the uploader has
+    // read these frames back from the WAL.
+    const uint64_t last = e.frames.rbegin()->first;
+    if (last > hole_upto_.load()) hole_upto_.store(last);
+    const uint64_t fsz = frame_bytes(e.page_size);
+    auto from = e.frames.end();
+    uint64_t freed = 0;
+    while (from != first && freed < need) {
+        --from;
+        freed += fsz;
+    }
+    erase_frames(e, from, e.frames.end());
+    return freed;
+}
+
+void Tee::pin(uint32_t salt1, uint32_t salt2) {
+    std::lock_guard lock(mu_);
+    pinned_ = std::make_pair(salt1, salt2);
 }
 
 void Tee::captured_through(uint32_t salt1, uint32_t salt2, uint64_t frame) {

@@ -17,9 +17,17 @@
 // epochs stay until taken or trimmed: a restart with unshipped frames moves
 // nothing, the frames are simply still here.
 //
-// Memory: a frame is kept only while the tee and the replicator's pending
-// frames together stay within the cap; past it the frame is dropped (a hole:
-// the uploader reads it from the WAL, which keeps it until it is durable).
+// Memory: a frame is kept only while the tee and everything else the
+// replicator holds for the database (pending frames, the segment being
+// encoded or uploaded) stay within the tee's limit; past it the frame is
+// dropped (a hole: the uploader reads it from the WAL, which keeps it until
+// it is durable). While there is a hole the tee keeps at most half its
+// limit: the frames it would keep are newer than the ones the uploader must
+// read back from the WAL first, and the other half is theirs, so a backlog
+// never waits for memory that only its own progress would free. The
+// uploader may also shed the newest epoch's frames (shed()) when it needs
+// the room to read older ones; an epoch whose end a WAL restart has been
+// promised is pinned against that (pin()).
 //
 // Thread safety: one mutex, held for a copy or a map operation, never for
 // I/O. write() is noexcept: a tee that cannot keep a frame forgets it.
@@ -32,6 +40,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "replicator/wal.h"
@@ -45,11 +54,11 @@ struct TeeFrame {
 
 class Tee {
 public:
-    explicit Tee(uint64_t cap_bytes) : cap_(cap_bytes) {}
+    explicit Tee(uint64_t limit_bytes) : cap_(limit_bytes) {}
 
     // A successful write of `n` bytes at offset `off` of the WAL, whose
     // pages are `page_size` bytes. `other_bytes`: memory the replicator
-    // already holds for unshipped frames (counted against the cap).
+    // already holds for unshipped frames (counted against the limit).
     void write(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes) noexcept;
 
     // Whether frames [from, to] of the epoch (salt1, salt2) are all held.
@@ -70,6 +79,18 @@ public:
     // the WAL where the tee lacked them): a hole at or before it is filled.
     void captured_through(uint32_t salt1, uint32_t salt2, uint64_t frame);
     uint64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+    // Frames kept in memory count kWalFrameHeaderSize + page_size each.
+    static uint64_t frame_bytes(uint32_t page_size) { return kWalFrameHeaderSize + uint64_t{page_size}; }
+
+    // Frees at least `need` bytes, if it can, by forgetting frames after
+    // `after` of the newest epoch, if that is (salt1, salt2) and not pinned
+    // (newest first; they become a hole: the WAL still holds them, since it
+    // cannot restart over a hole). Returns the bytes freed.
+    uint64_t shed(uint32_t salt1, uint32_t salt2, uint64_t after, uint64_t need);
+    // A WAL restart (or truncation) was allowed because the tee holds every
+    // unshipped frame of epoch (salt1, salt2): from now on shed() leaves
+    // that epoch alone (the WAL will not hold its frames for long).
+    void pin(uint32_t salt1, uint32_t salt2);
 
 private:
     struct Epoch {
@@ -91,6 +112,7 @@ private:
     std::deque<Epoch> epochs_;  // oldest first; back() is the WAL's current epoch as far as the tee knows
     std::atomic<uint64_t> bytes_{0};
     std::atomic<uint64_t> hole_upto_{0};  // the newest epoch's last dropped frame (0: none; max: unknown)
+    std::optional<std::pair<uint32_t, uint32_t>> pinned_;  // guarded by mu_: salts of the pinned epoch
 };
 
 }  // namespace bottomless::replicator

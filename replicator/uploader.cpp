@@ -26,9 +26,33 @@ void Replicator::record_error(const Error& e) {
 void Replicator::note_failure(const Error& e) {
     record_error(e);
     ++consecutive_failures_;
-    // 0.5 s, 1 s, 2 s, ... up to 30 s before the uploader tries again by itself.
+    // 0.5 s, 1 s, 2 s, ... up to 8 s before the uploader tries again by
+    // itself. Longer would leave a backlog waiting after S3 is back (issue 9:
+    // everything durable within 30 s of its return); each attempt is a few
+    // requests, so an outage costs well under one request a second.
     retry_after_ = Clock::now() +
-                   std::chrono::milliseconds(std::min<int64_t>(30'000, 250ll << std::min(consecutive_failures_, 7)));
+                   std::chrono::milliseconds(std::min<int64_t>(8'000, 250ll << std::min(consecutive_failures_, 5)));
+}
+
+uint64_t Replicator::segment_limit(const ReplicatorConfig& c) {
+    return std::max<uint64_t>(4096, std::min(c.batch_max_bytes, c.max_pending_bytes / 4));
+}
+
+uint64_t Replicator::held_limit(const ReplicatorConfig& c) {
+    // The encoded copy of a segment is at most its page bytes plus a
+    // quarter: 4 bytes of page number a frame, zstd's worst case (+0.4 %),
+    // the header (~80 bytes a transaction, i.e. a frame of >= 512 bytes),
+    // and the headroom std::string keeps while it grows.
+    const uint64_t seg = segment_limit(c);
+    const uint64_t reserve = seg + seg / 4;
+    return c.max_pending_bytes > 2 * reserve ? c.max_pending_bytes - reserve : c.max_pending_bytes / 2;
+}
+
+void Replicator::note_memory() noexcept {
+    const uint64_t now = memory_bytes();
+    uint64_t peak = memory_peak_.load(std::memory_order_relaxed);
+    while (now > peak && !memory_peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+    }
 }
 
 void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
@@ -83,6 +107,7 @@ Status Replicator::upload_inflight(Lock& lock) {
                                           "starting a new generation",
                                     "Fork"));
             inflight_.reset();
+            segment_bytes_ = 0;
             pending_.clear();
             pending_bytes_ = 0;
             request_snapshot("segment key taken by another writer");
@@ -113,6 +138,7 @@ Status Replicator::upload_inflight(Lock& lock) {
     WalPosition end = f.header.end;
     uint64_t idx = f.commit_index;
     inflight_.reset();
+    segment_bytes_ = 0;
     mark_durable(end, idx);
     sync_pending_ = false;  // the state written next records this upload
     write_state_file(false);
@@ -120,14 +146,18 @@ Status Replicator::upload_inflight(Lock& lock) {
 }
 
 Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point deadline) {
+    const uint64_t seg_limit = segment_limit(config_);
     for (;;) {
         if (inflight_) {
             if (auto st = upload_inflight(lock); !st) return st;
             continue;
         }
+        // Nothing under way (a snapshot or a failed sync commit may have
+        // dropped a segment without saying so here).
+        segment_bytes_ = 0;
         if (pending_.empty()) return {};
         if (generation_.empty() || need_snapshot_) return {};  // the next snapshot covers them
-        bool due = force || pending_bytes_ >= config_.batch_max_bytes ||
+        bool due = force || pending_bytes_ >= seg_limit ||
                    Clock::now() - first_pending_time_ >= config_.batch_interval;
         if (!due) return {};
         if (Clock::now() > deadline)
@@ -156,7 +186,7 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         }
         uint64_t seg_body = 0;
         while (n < pending_.size() && n < kMaxSegmentTxns && seg_body + body(pending_[n]) <= kMaxSegmentBodyBytes &&
-               (n == 0 || bytes + pending_[n].bytes <= config_.batch_max_bytes)) {
+               (n == 0 || bytes + pending_[n].bytes <= seg_limit)) {
             seg_body += body(pending_[n]);
             PendingTxn& t = pending_[n];
             f.header.txns.push_back(SegmentTxn{static_cast<uint32_t>(t.frames.size()), t.db_pages, t.commit_us});
@@ -167,12 +197,19 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
             ++n;
         }
         pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
+        // The frames move from pending to the segment: counted once.
+        segment_bytes_ = bytes;
         pending_bytes_ -= std::min(pending_bytes_.load(), bytes);
         // Compressing (and encrypting) up to batch_max_bytes takes a while:
         // not under upload_mu_, which a writer restarting the WAL needs.
         // net_mu_ (held by our caller) keeps other uploads out meanwhile.
         lock.unlock();
         f.bytes = encode_segment(f.header, frames, &f.sha256, cipher_.get());
+        segment_bytes_ = bytes + f.bytes.size();  // both held until the frames go
+        note_memory();
+        frames.clear();
+        frames.shrink_to_fit();
+        segment_bytes_ = f.bytes.size();
         lock.lock();
         inflight_ = std::move(f);
         if (!pending_.empty()) first_pending_time_ = Clock::now();
@@ -248,7 +285,28 @@ Status Replicator::step(Lock& lock, bool force) {
         request_snapshot("snapshot policy: " + std::to_string(wal_bytes_since_snapshot_) + " WAL bytes since the last one");
     else if (config_.snapshot_interval.count() > 0 && Clock::now() - last_snapshot_time_ > config_.snapshot_interval)
         request_snapshot("snapshot policy: interval elapsed");
-    return upload_pending(lock, force, Clock::now() + std::chrono::hours(1));
+    // A backlog (commits the memory cap left in the WAL) ships as one
+    // stream: each uploaded segment frees room, the next capture fills it
+    // and ships at once, without waiting for the batch interval. Bounded in
+    // time so that the thread still looks at its stop flag and lets a
+    // flush or a snapshot in now and then.
+    const auto stream_until = Clock::now() + std::chrono::seconds(2);
+    for (;;) {
+        bool backlog;
+        {
+            std::lock_guard olock(obs_mu_);
+            backlog = !commits_.empty();
+        }
+        Status st = upload_pending(lock, force || backlog, Clock::now() + std::chrono::hours(1));
+        if (!st || !backlog || need_snapshot_) return st;
+        if (Clock::now() >= stream_until) {
+            wake();  // go on after the run loop's look at its flags, without its wait
+            return st;
+        }
+        const WalPosition before = captured_;
+        (void)capture();
+        if (captured_ == before && pending_.empty()) return st;  // no progress: leave it to the next step
+    }
 }
 
 void Replicator::run() {
