@@ -21,6 +21,9 @@ RestoreRequest restore_request_from(const Args& args) {
                              "'YYYY-MM-DD HH:MM:SS' (UTC)"};
     }
     r.parallel = static_cast<int>(parse_int_option(args, "parallel", 1, 64, 4));
+    if (args.has("integrity-check") &&
+        !replicator::parse_integrity_check(args.get("integrity-check"), r.integrity_check))
+        throw UsageError{"--integrity-check '" + args.get("integrity-check") + "': expected full, quick or none"};
     return r;
 }
 
@@ -46,7 +49,7 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
                                                    const std::string& label) {
     replicator::RestoreOptions opt;
     opt.parallel = req.parallel;
-    opt.integrity_check = true;
+    opt.integrity_check = req.integrity_check;
     auto cipher = ctx.cipher(db_id);
     if (!cipher) return std::move(cipher).error();
     opt.cipher = std::move(cipher).value();

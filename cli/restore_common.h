@@ -1,5 +1,6 @@
-// What restore and verify share: reading -g/--utc-time/--parallel, choosing
-// the generation, and running replicator::restore_database with a progress
+// What restore and verify share: reading -g/--utc-time/--parallel/
+// --integrity-check, choosing the generation, and running
+// replicator::restore_database with a progress
 // bar and interrupt cleanup.
 #pragma once
 
@@ -16,9 +17,12 @@ struct RestoreRequest {
     std::string generation;           // -g
     std::optional<int64_t> until_us;  // --utc-time
     int parallel = 4;                 // --parallel
+    // --integrity-check. Full unless given: verify proves a restore with
+    // the full check; restore sets replicator::kDefaultIntegrityCheck.
+    replicator::IntegrityCheck integrity_check = replicator::IntegrityCheck::Full;
 };
 
-// Throws UsageError for a bad --utc-time or --parallel.
+// Throws UsageError for a bad --utc-time, --parallel or --integrity-check.
 RestoreRequest restore_request_from(const Args& args);
 
 // Lists the database's generations and picks the one that serves the

@@ -897,8 +897,9 @@ uint64_t SnapshotWriter::bytes_out() const { return impl_->bytes_out; }
 struct SnapshotReader::Impl {
     enum class Phase { Preamble, Header, Body };
 
-    Impl(std::string n, PageFn fn, const Cipher* c)
-        : name(std::move(n)), on_page(std::move(fn)), cipher(c), hasher(s3::Hasher::Algo::Sha256) {}
+    Impl(std::string n, PageFn fn, const Cipher* c, Trailer t)
+        : name(std::move(n)), on_page(std::move(fn)), cipher(c), hasher(s3::Hasher::Algo::Sha256),
+          verify_trailer(t == Trailer::Verify) {}
 
     Status page(std::string_view p) {
         if (pages == header->db_pages)
@@ -915,7 +916,7 @@ struct SnapshotReader::Impl {
 
     // Bytes known not to be the trailer: hash them and parse them.
     Status consume(std::string_view data) {
-        hasher.update(data);
+        if (verify_trailer) hasher.update(data);
         while (!data.empty()) {
             if (phase == Phase::Preamble) {
                 size_t n = std::min(data.size(), kPreambleSize - head.size());
@@ -950,6 +951,7 @@ struct SnapshotReader::Impl {
     PageFn on_page;
     const Cipher* cipher;
     s3::Hasher hasher;  // over every byte released from `tail`
+    bool verify_trailer;  // false: the caller checks the trailer (Trailer::Caller)
     Phase phase = Phase::Preamble;
     std::string head;  // preamble, then header bytes, until complete
     uint32_t header_len = 0;
@@ -964,8 +966,8 @@ struct SnapshotReader::Impl {
     std::optional<Error> failed;  // sticky
 };
 
-SnapshotReader::SnapshotReader(std::string name, PageFn on_page, const Cipher* cipher)
-    : impl_(std::make_unique<Impl>(std::move(name), std::move(on_page), cipher)) {}
+SnapshotReader::SnapshotReader(std::string name, PageFn on_page, const Cipher* cipher, Trailer trailer)
+    : impl_(std::make_unique<Impl>(std::move(name), std::move(on_page), cipher, trailer)) {}
 
 SnapshotReader::~SnapshotReader() = default;
 
@@ -1000,8 +1002,7 @@ Result<SnapshotHeader> SnapshotReader::finish() {
     if (r.finished) return *r.header;
     if (r.phase != Impl::Phase::Body)
         return r.fail(corrupt(r.name, "truncated: the object ends inside its preamble or header", kCodeTruncated));
-    std::string digest = r.hasher.finish();
-    if (r.tail.size() != kTrailerSize || digest != r.tail)
+    if (r.tail.size() != kTrailerSize || (r.verify_trailer && r.hasher.finish() != r.tail))
         return r.fail(corrupt(r.name,
                               "checksum mismatch: the trailer is not the SHA-256 of the content "
                               "(corrupt or truncated)"));

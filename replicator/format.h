@@ -166,7 +166,12 @@ private:
 class SnapshotReader {
 public:
     using PageFn = std::function<Status(uint32_t pgno, std::string_view page)>;
-    SnapshotReader(std::string name, PageFn on_page, const Cipher* cipher = nullptr);
+    // Trailer::Caller: the reader does not hash; the caller checks that the
+    // last 32 bytes are the SHA-256 of all before them (restore does it on
+    // another thread, beside the decoding) and must not trust the result
+    // until it has. finish() then checks everything else.
+    enum class Trailer { Verify, Caller };
+    SnapshotReader(std::string name, PageFn on_page, const Cipher* cipher = nullptr, Trailer trailer = Trailer::Verify);
     ~SnapshotReader();
     SnapshotReader(const SnapshotReader&) = delete;
     SnapshotReader& operator=(const SnapshotReader&) = delete;

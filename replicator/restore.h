@@ -3,11 +3,14 @@
 // into a file. What to restore is chosen by bucket.h (choose_restore_target),
 // the one rule every caller shares.
 //
-// A restore downloads the snapshot and the segments (several in flight),
-// checks every object's trailer checksum and the chain between them (each
-// segment names the SHA-256 of its predecessor and continues its WAL
-// position), applies whole transactions only, writes to PATH.restore-tmp,
-// fsyncs, runs PRAGMA integrity_check, and renames into place. Any missing,
+// A restore downloads the snapshot (8 MiB ranged parts) and the segments,
+// several GETs in flight, while one decoder thread checks every object's
+// trailer checksum and the chain between them (each segment names the
+// SHA-256 of its predecessor and continues its WAL position) and a writer
+// thread writes the pages to PATH.restore-tmp; it applies whole transactions
+// only, fsyncs, runs the chosen check (none by default), and renames
+// into place. Memory is bounded: (parallel + 3) parts of 8 MiB, whatever the
+// database's size (segments: as many whole objects). Any missing,
 // corrupt or out-of-chain object stops it with an error naming the object,
 // and nothing is left at the destination.
 #pragma once
@@ -17,6 +20,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "replicator/bucket.h"
@@ -26,13 +30,28 @@
 
 namespace bottomless::replicator {
 
+// The PRAGMA a restore runs on its result before renaming it into place.
+// Full: integrity_check (every page, every index against its table). Quick:
+// quick_check (every page and b-tree structure, not index contents). None:
+// only the per-object SHA-256 trailers and the chain, which prove the bytes
+// are the ones the writer shipped.
+enum class IntegrityCheck { Full, Quick, None };
+// None by default: quick_check reads the whole file back, ~0.5 s per GiB
+// here, a third of a restore's time (docs/SEMANTICS.md "Restore: which check runs").
+constexpr IntegrityCheck kDefaultIntegrityCheck = IntegrityCheck::None;
+const char* to_string(IntegrityCheck c);
+// "full", "quick", "none"; false for anything else.
+bool parse_integrity_check(std::string_view s, IntegrityCheck& out);
+
 struct RestoreOptions {
     // What restore_database() restores (choose_restore_target() in bucket.h);
     // restore_target() takes both from its target instead.
     std::string generation;              // empty: the newest restorable one
     std::optional<int64_t> until_us;     // point in time: transactions committed at or before it
-    int parallel = 4;                    // objects in flight
-    bool integrity_check = true;
+    int parallel = 4;                    // GETs in flight (snapshot parts of 8 MiB, segments)
+    // The whole-file check before the rename (docs/SEMANTICS.md "Restore:
+    // which check runs"): the objects' checksums and the chain are always checked.
+    IntegrityCheck integrity_check = kDefaultIntegrityCheck;
     // The replica's key (open_cipher()); null for a plaintext replica. A
     // mismatch either way fails before anything is written (check_cipher()).
     std::shared_ptr<const Cipher> cipher;
@@ -50,6 +69,20 @@ struct RestoreResult {
     double seconds = 0;
     WalPosition position;          // WAL position the result reflects
     std::string last_sha256;       // trailer of the last object applied
+    IntegrityCheck checked = IntegrityCheck::None;  // the check that ran and passed
+    // Where the time went (seconds). The download, decode and write overlap:
+    // download_wait and write_wait are the parts on the decoder's critical path.
+    struct Timings {
+        double download = 0;       // GETs, summed over the download threads (overlapped)
+        double download_wait = 0;  // the decoder waiting for the next object or part
+        double decode = 0;         // decryption, zstd, chain checks; segments' checksums (decoder thread)
+        double hash = 0;           // the snapshot's SHA-256, beside the decoder (overlapped)
+        double write = 0;          // pwrite and write-back kicks (writer thread, overlapped)
+        double write_wait = 0;     // the decoder waiting for the writer's queue
+        double fsync = 0;          // the final fsync (overlaps the check)
+        double check = 0;          // integrity_check / quick_check
+        double finish = 0;         // stale files, rename, directory fsync, state file
+    } timings;
 };
 
 // Restores into output_path (which must not exist or will be replaced:
@@ -69,9 +102,9 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
                                      const RestoreTarget& target, const std::string& output_path,
                                      const RestoreOptions& options = {});
 
-// Runs PRAGMA integrity_check on a database file (read-only). Uses the
-// host's SQLite inside the extension.
-Status integrity_check(const std::string& path);
+// Runs PRAGMA integrity_check (or quick_check) on a database file
+// (read-only). Uses the host's SQLite inside the extension. None: OK.
+Status integrity_check(const std::string& path, IntegrityCheck mode = IntegrityCheck::Full);
 // The SQLite URI ("file:...") naming `path`, with the characters URIs give a
 // meaning ('?', '#', '%', controls) escaped, so it opens that file and no other.
 std::string sqlite_file_uri(const std::string& path);

@@ -1266,6 +1266,37 @@ TEST_CASE("cli: a 64 MiB database: multipart snapshot upload, parallel ranged-GE
     Run r = cli({"-b", bucket.name(), "-d", "big.db", "restore", "-q", "-o", out2});
     REQUIRE(r.code == 0);
     same_rows(out2);
+
+    // One download thread or eight: the parts are applied in order, the
+    // same file comes out (the decoder, hasher and writer threads change
+    // nothing but the time).
+    const std::string reference = read_file(out);
+    for (int parallel : {1, 8}) {
+        INFO("parallel " << parallel);
+        const std::string o = dir / ("p" + std::to_string(parallel) + ".db");
+        opt.parallel = parallel;
+        REQUIRE(restore_code(*restorer, bucket.name(), o, opt, &res, "big.db").empty());
+        CHECK(read_file(o) == reference);
+    }
+
+    // The trailer of a snapshot in parts is checked beside the decoding
+    // (restore.cpp SideHasher): one flipped bit in the trailer, or in a page
+    // in the middle of a part (a stored zstd block has no checksum of its
+    // own), fails the restore by the object's name and leaves nothing.
+    auto body = client->get_object(bucket.name(), snap.key);
+    REQUIRE(body.ok());
+    const std::string original = *body;
+    for (uint64_t at : {uint64_t{original.size() - 1}, uint64_t{(5ull << 20) * 3 + 12345}}) {
+        INFO("flipped byte at " << at);
+        std::string bad = original;
+        bad[at] = static_cast<char>(bad[at] ^ 0x10);
+        REQUIRE(client->put_object(bucket.name(), snap.key, bad).ok());
+        const std::string o = dir / "bad.db";
+        opt.parallel = 4;
+        CHECK(restore_code(*restorer, bucket.name(), o, opt, &res, "big.db") == "CorruptObject");
+        CHECK_FALSE(fs::exists(o));
+        CHECK_FALSE(fs::exists(o + ".restore-tmp"));
+    }
 }
 
 TEST_CASE("cli: restore-before-start.sh", "[cli][integration][script]") {
@@ -1491,4 +1522,101 @@ TEST_CASE("cli: an encrypted replica: ls without the key, restore and verify wit
         r = cli(with({"ls", "--encryption-key", key, "--encryption-passphrase", pass}));
         CHECK(r.code == 2);
     }
+}
+
+// ---- --integrity-check (issue 15) ----
+
+TEST_CASE("cli: --integrity-check full finds an index that disagrees with its table, quick and none do not",
+          "[cli][integration][restore][integrity]") {
+    // A snapshot with a valid trailer whose table row no longer matches its
+    // index entry: the bytes are what "the writer shipped", so only the full
+    // check (every index against its table) can tell. quick_check checks
+    // every page and b-tree, not index contents.
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-integrity");
+    TempDir dir;
+    const std::string src = dir / "src.db";
+    {
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open(src.c_str(), &raw) == SQLITE_OK);
+        Db db(raw);
+        exec(db.get(), "PRAGMA page_size=4096; CREATE TABLE t(id INTEGER PRIMARY KEY, x TEXT); "
+                       "CREATE INDEX tx ON t(x); INSERT INTO t VALUES(1, 'MARKER-AAAA')");
+    }
+    std::string bytes = read_file(src);
+    REQUIRE(bytes.size() % 4096 == 0);
+    // Page 2 is the table (created first), page 3 its index: change the row only.
+    const size_t at = bytes.find("MARKER-AAAA", 4096);
+    REQUIRE(at != std::string::npos);
+    REQUIRE(at < 8192);
+    bytes.replace(at, 11, "MARKER-BBBB");
+    {
+        std::ofstream(src, std::ios::binary | std::ios::trunc) << bytes;
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open(src.c_str(), &raw) == SQLITE_OK);
+        Db db(raw);
+        REQUIRE(query_text(db.get(), "PRAGMA quick_check") == "ok");
+        REQUIRE(query_text(db.get(), "PRAGMA integrity_check") != "ok");
+    }
+    const std::string gen = replicator::new_generation_id(1790000000000);
+    {
+        replicator::SnapshotHeader h;
+        h.db_id = "idx.db";
+        h.generation = gen;
+        h.page_size = 4096;
+        h.db_pages = static_cast<uint32_t>(bytes.size() / 4096);
+        h.created_us = h.last_commit_us = 1790000000000000;
+        h.position = {1, 2, 0, 3, 4};
+        std::string obj;
+        replicator::SnapshotWriter w(h, [&](std::string_view p) -> Status {
+            obj.append(p);
+            return {};
+        });
+        for (size_t off = 0; off < bytes.size(); off += 4096) REQUIRE(w.add_page(std::string_view(bytes).substr(off, 4096)).ok());
+        REQUIRE(w.finish().ok());
+        REQUIRE(client->put_object(bucket.name(), replicator::snapshot_key("idx.db", gen), obj).ok());
+    }
+    const std::string out = dir / "idx.db";
+    auto restore = [&](std::vector<std::string> extra) {
+        std::vector<std::string> args = {"-b", bucket.name(), "-d", "idx.db", "restore", "-o", out, "--force"};
+        args.insert(args.end(), extra.begin(), extra.end());
+        return cli(args);
+    };
+
+    Run r = restore({"--integrity-check", "full"});
+    CHECK(r.code == 1);
+    CHECK(r.err.find("PRAGMA integrity_check failed") != std::string::npos);
+    CHECK_FALSE(fs::exists(out));
+    CHECK_FALSE(fs::exists(out + ".restore-tmp"));
+
+    // The default is none: it restores, and says which check ran.
+    r = restore({"--json"});
+    REQUIRE(r.code == 0);
+    CHECK(json::parse(r.out)["integrity_check"] == "none");
+    CHECK(read_file(out) == bytes);
+    r = restore({"--integrity-check", "quick"});
+    REQUIRE(r.code == 0);
+    CHECK(r.out.find("checksums, chain and quick_check ok") != std::string::npos);
+    r = restore({"--integrity-check", "none"});
+    REQUIRE(r.code == 0);
+    CHECK(r.out.find("checksums and chain ok (no integrity check)") != std::string::npos);
+
+    // The library says the same, by code.
+    auto lib = [&](replicator::IntegrityCheck mode) {
+        replicator::RestoreOptions o;
+        o.integrity_check = mode;
+        auto res = replicator::restore_database(*client, bucket.name(), "idx.db", out, o);
+        return res ? std::string() : res.error().code;
+    };
+    CHECK(lib(replicator::IntegrityCheck::Full) == "IntegrityCheck");
+    CHECK(lib(replicator::IntegrityCheck::Quick).empty());
+    CHECK(lib(replicator::IntegrityCheck::None).empty());
+
+    // A bad value is a usage error, before anything is fetched.
+    r = restore({"--integrity-check", "fast"});
+    CHECK(r.code == 2);
+    CHECK(r.err.find("expected full, quick or none") != std::string::npos);
+    // verify keeps the full check.
+    r = cli({"-b", bucket.name(), "-d", "idx.db", "verify", "-q"});
+    CHECK(r.code == 1);
 }

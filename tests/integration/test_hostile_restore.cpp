@@ -129,7 +129,7 @@ TEST_CASE("restore streams a segment: memory stays small whatever it decodes to"
 
     const std::string out = "/tmp/hostile-" + testing::unique_name("r") + ".db";
     RestoreOptions o;
-    o.integrity_check = false;  // page 1 is zeros: not a database, and not the point
+    o.integrity_check = IntegrityCheck::None;  // page 1 is zeros: not a database, and not the point
     const long before = max_rss_kib();
     auto r = restore_database(*client, bucket.name(), kDb, out, o);
     const long grown_mib = (max_rss_kib() - before) / 1024;
