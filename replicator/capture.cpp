@@ -4,11 +4,13 @@
 #include "replicator/replicator.h"
 #include "replicator/replicator_internal.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <stdexcept>
 #include <thread>
 
 #include "replicator/state_file.h"
@@ -49,7 +51,13 @@ bool Replicator::restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     // Not durable yet: the restart may go ahead if the frames are in memory
     // (the tee, or pending transactions) and fit there; the WAL keeps them
     // otherwise. They are in the checkpointed database file too: SQLite
-    // restarts only after a complete checkpoint.
+    // restarts only after a complete checkpoint. Only one epoch at a time
+    // may end so: the durable position must be in the epoch that ends, so
+    // that after a crash its unshipped frames are read back from their old
+    // slots in the WAL file (the state file records how far it went); a
+    // second restart would overwrite them with no record, and cost a new
+    // generation.
+    if (durable_salts_.load() != salts) return false;
     return !tee_.has_hole() && unshipped_bytes_.load() <= config_.max_pending_bytes;
 }
 
@@ -334,6 +342,8 @@ Status Replicator::record_epoch_end(const char* why) {
     else ended_epochs_.push_back(WalPosition{lost.salt1, lost.salt2, lost.frame, 0, 0});
     while (ended_epochs_.size() > 16) ended_epochs_.pop_front();
     const WalPosition record = restart_record();
+    if (record.frame && page_size_)
+        preserve_from_.store(wal_frame_offset(page_size_, durable_.frame + 1));  // the new epoch writes from frame 1
     if (generation_.empty() || record == written_record_) return {};
     if (!write_state_file(false)) {
         // An old state without the record would "prove" a history that lacks
@@ -349,6 +359,51 @@ WalPosition Replicator::restart_record() const {
     for (const WalPosition& e : ended_epochs_)
         if (e.salt1 == durable_.salt1 && e.salt2 == durable_.salt2 && e.frame > durable_.frame) return e;
     return WalPosition{};
+}
+
+Status copy_frames_aside(const std::string& wal_path, const std::string& out_path, uint64_t from, uint64_t to) {
+    Fd in(::open(wal_path.c_str(), O_RDONLY | O_CLOEXEC));
+    Fd out(::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
+    if (in.fd < 0 || out.fd < 0)
+        return make_error(ErrorKind::Io, "cannot open " + (in.fd < 0 ? wal_path : out_path) + ": " + std::strerror(errno));
+    std::vector<unsigned char> buf(std::min<uint64_t>(to - from, 1u << 20));
+    for (uint64_t off = from; off < to;) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), to - off));
+        if (!pread_full(in.fd, buf.data(), n, off) || !pwrite_full(out.fd, buf.data(), n, off))
+            return make_error(ErrorKind::Io, "cannot copy frames to " + out_path + ": " + std::strerror(errno));
+        off += n;
+    }
+    return {};
+}
+
+void Replicator::preserve_ended_frames() noexcept {
+    try {
+        WalPosition ended, durable;
+        uint32_t psz;
+        {
+            Lock lock(upload_mu_);
+            ended = restart_record();
+            durable = durable_;
+            psz = page_size_;
+            preserve_from_.store(UINT64_MAX);
+        }
+        if (ended.frame == 0 || psz == 0) return;  // durable meanwhile
+        // The WAL still holds them: the new epoch is only now reaching their
+        // slots, and SQLite's write lock keeps its other writers out. Copied
+        // at the same offsets (a sparse file), so recovery reads either file
+        // the same way; stale content from an older epoch fails its salts.
+        const std::string out_path = path_ + "-bottomless-frames";
+        if (Status st = copy_frames_aside(wal_path_, out_path, wal_frame_offset(psz, durable.frame + 1),
+                                          wal_frame_offset(psz, ended.frame + 1));
+            !st) {
+            // Only the cost of a crash changes: the next start may need a new generation.
+            log::warn(path_ + ": could not keep the ended WAL epoch's unshipped frames aside: " + st.error().message);
+            return;
+        }
+        log::debug(path_ + ": frames " + std::to_string(durable.frame + 1) + ".." + std::to_string(ended.frame) +
+                   " of the ended WAL epoch, not yet in S3, copied to " + out_path + " before the new epoch overwrites them");
+    } catch (...) {
+    }
 }
 
 Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseconds timeout) {

@@ -152,6 +152,16 @@ public:
     bool wal_write_allowed(uint64_t end);
     // The WAL was restarted (a new header at offset 0).
     void note_wal_restart() { wal_bytes_.store(0); wal_over_budget_.store(false); }
+    // SQLite is about to write the WAL up to byte `end` (a frame), or to
+    // truncate it (`end` 0). If that would overwrite frames of the ended
+    // epoch that are not durable yet (restart_allowed() let it end with
+    // them in memory), they are first copied, at their offsets, to
+    // `<db>-bottomless-frames`, so that after a crash the next start still
+    // recovers them (startup.cpp) instead of starting a new generation. At
+    // most once per epoch; otherwise one atomic load. Never fails the write.
+    void before_wal_overwrite(uint64_t end) noexcept {
+        if (end == 0 || end > preserve_from_.load(std::memory_order_relaxed)) preserve_ended_frames();
+    }
     // A successful write of the WAL by a connection of this process: the
     // tee keeps the frame bytes (tee.h), so nothing reads them back. Cheap:
     // a copy under a short mutex; never fails the write.
@@ -190,6 +200,12 @@ private:
     // Where the bucket's history of `g` ends, if the local WAL still holds
     // exactly that position (a state file that lagged behind an upload).
     std::optional<LocalState> bucket_end_held_locally(const GenerationInfo& g);
+    struct BucketEnd {
+        WalPosition position;     // as the bucket stores it (masked under encryption)
+        std::string prev_sha256;  // its last object's trailer
+    };
+    std::optional<BucketEnd> read_bucket_end(const GenerationInfo& g);
+    bool continue_within_pending(const GenerationInfo& g);
     // continue_from() there; false if not held. `may_write_wal` (start-up,
     // before SQLite has the file open): bring_in_last_segment() first.
     bool continue_at_bucket_end(const GenerationInfo& g, bool may_write_wal);
@@ -254,6 +270,7 @@ private:
     // far it went and write the state file if its record changes.
     Status record_epoch_end(const char* why);
     WalPosition restart_record() const;  // ended_epochs_'s entry for durable_, if it went further
+    void preserve_ended_frames() noexcept;
     void record_error(const Error& e);
     void note_failure(const Error& e);  // record_error + back-off before the next attempt
     void wake();
@@ -312,6 +329,9 @@ private:
     std::atomic<uint64_t> segment_bytes_{0};
     std::atomic<uint64_t> memory_peak_{0};         // highest memory_bytes() seen (status: memory_peak_bytes)
     std::atomic<uint64_t> wal_frames_read_{0};     // frames read back from the WAL file (the tee lacked them)
+    // WAL offset of the first frame of the ended epoch not yet durable, while
+    // the new epoch has not overwritten it (before_wal_overwrite); max: none.
+    std::atomic<uint64_t> preserve_from_{UINT64_MAX};
     Tee tee_;
 
     // net_mu_ serialises network work (segment uploads, snapshots, sync

@@ -41,7 +41,14 @@ struct LocalProof {
     // Committed frames of the recorded epoch that a WAL restart left in the
     // file (they were staged in memory when the process died): shipped first.
     std::vector<RecoveredTxn> recovered;
+    std::string why;  // when not proven: what did not match (for the log)
+    bool recovered_from_wal = false;  // `recovered` read from the WAL's old slots (not the copy aside)
 };
+
+// Copies bytes [from, to) of the WAL to the same offsets of `out_path`
+// (created or emptied first): the copy aside of an ended epoch's unshipped
+// frames, `<db>-bottomless-frames` (Replicator::before_wal_overwrite).
+Status copy_frames_aside(const std::string& wal_path, const std::string& out_path, uint64_t from, uint64_t to);
 
 // The WAL file, opened when first needed: frames the tee lacks are read
 // from it (the uploader's fallback, counted in status as wal_frames_read).

@@ -63,7 +63,10 @@ bool recover_old_epoch(const std::string& wal_path, const WalHeader& current, co
 LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path) {
     LocalProof proof;
     auto scan = scan_wal_file(wal_path);
-    if (!scan) return proof;
+    if (!scan) {
+        proof.why = "the WAL could not be read";
+        return proof;
+    }
     const WalPosition& at = state.position;
     if (scan->has_header && scan->header.salt1 == at.salt1 && scan->header.salt2 == at.salt2 &&
         at.frame <= scan->last_commit_frame) {
@@ -77,6 +80,7 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
                 proof.proven = h.cksum1 == at.cksum1 && h.cksum2 == at.cksum2 && h.is_commit();
             }
         }
+        if (!proof.proven) proof.why = "the WAL's frame " + std::to_string(at.frame) + " is not the recorded commit";
         proof.unshipped_from = at.frame;
     } else if (scan->has_header && scan->header.salt1 == at.salt1 + 1u) {
         // Exactly one restart since the recorded position: SQLite adds one to
@@ -84,15 +88,35 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
         // while frames were unshipped records how far that epoch went first
         // (`restarted`); without a record, everything was durable then.
         const WalPosition& r = state.restarted;
-        if (r.frame > at.frame && r.salt1 == at.salt1 && r.salt2 == at.salt2)
-            proof.proven = recover_old_epoch(wal_path, scan->header, at, r.frame, proof.recovered);
-        else
+        if (r.frame > at.frame && r.salt1 == at.salt1 && r.salt2 == at.salt2) {
+            // From their old slots in the WAL, or, once the new epoch had
+            // reached them, from the copy made just before
+            // (Replicator::before_wal_overwrite).
+            proof.proven = proof.recovered_from_wal =
+                recover_old_epoch(wal_path, scan->header, at, r.frame, proof.recovered);
+            if (!proof.proven) {
+                proof.recovered.clear();
+                proof.proven = recover_old_epoch(db_path + "-bottomless-frames", scan->header, at, r.frame,
+                                                 proof.recovered);
+            }
+            if (!proof.proven)
+                proof.why = "the previous WAL epoch's unshipped frames " + std::to_string(at.frame + 1) + ".." +
+                            std::to_string(r.frame) + " are no longer in the file";
+        } else {
             proof.proven = true;
+        }
         proof.unshipped_from = 0;
     } else if (!scan->has_header && state.clean_close) {
         struct stat db{};
         proof.proven = ::stat(db_path.c_str(), &db) == 0 && state.db_size == db.st_size &&
                        state.db_mtime_ns == mtime_ns(db) && state.db_ino == db.st_ino;
+        if (!proof.proven) proof.why = "the database file changed since the clean close (size, mtime or inode)";
+    } else if (!scan->has_header) {
+        proof.why = "no WAL, and the last run did not close cleanly";
+    } else {
+        proof.why = "the WAL's epoch (salt1 " + std::to_string(scan->header.salt1) + ", last commit frame " +
+                    std::to_string(scan->last_commit_frame) + ") is not the recorded one (salt1 " +
+                    std::to_string(at.salt1) + ", frame " + std::to_string(at.frame) + ") nor the next";
     }
     if (proof.proven && scan->has_header) {
         proof.page_size = scan->header.page_size;
@@ -134,7 +158,7 @@ bool Replicator::start_offline() {
         return proof.proven;
     };
     if (std::string why = why_not_offline(f); !why.empty()) {
-        log::debug(path_ + ": asking the bucket at open: " + why);
+        log::debug(path_ + ": asking the bucket at open: " + why + (proof.why.empty() ? "" : " (" + proof.why + ")"));
         return false;
     }
 
@@ -162,6 +186,14 @@ void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
         // shipped before the new epoch's. (Commit times: now, the moment
         // bottomless observes them, as for any commit.)
         ended_epochs_.push_back(state.restarted);  // recorded again until they are durable
+        // The current epoch will overwrite their old slots: keep them aside
+        // for the next start, should this run die before they are durable.
+        if (proof.recovered_from_wal && proof.page_size)
+            if (Status st = copy_frames_aside(wal_path_, path_ + "-bottomless-frames",
+                                              wal_frame_offset(proof.page_size, state.position.frame + 1),
+                                              wal_frame_offset(proof.page_size, state.restarted.frame + 1));
+                !st)
+                log::warn(path_ + ": " + st.error().message);
         const int64_t t = now_us();
         uint64_t bytes = 0;
         for (RecoveredTxn& r : proof.recovered) {
@@ -189,37 +221,54 @@ void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
         note_commit(proof.salt1, proof.salt2, proof.last_commit_frame, proof.page_size);
 }
 
-std::optional<LocalState> Replicator::bucket_end_held_locally(const GenerationInfo& g) {
+std::optional<Replicator::BucketEnd> Replicator::read_bucket_end(const GenerationInfo& g) {
     const auto& bucket = config_.bucket;
     const auto& db_id = config_.db_id;
     // Where the bucket's history of `g` ends: its last object's end position
     // and trailer (the next segment's prev_sha256).
     const std::string key = g.last_seq ? segment_key(db_id, g.id, g.last_seq) : snapshot_key(db_id, g.id);
     uint64_t size = g.snapshot_bytes;
-    WalPosition end;
+    BucketEnd out;
     if (g.last_seq) {
         auto info = client_->head_object(bucket, key);
         if (!info) return std::nullopt;
         size = info->size;
         auto h = read_segment_header(*client_, bucket, key, size);
         if (!h || h->generation != g.id || h->seq != g.last_seq) return std::nullopt;
-        end = h->end;
+        out.position = h->end;
     } else {
         auto h = read_snapshot_header(*client_, bucket, key, size);
         if (!h || h->generation != g.id) return std::nullopt;
-        end = h->position;
+        out.position = h->position;
     }
     if (size < 32) return std::nullopt;
     auto trailer = client_->get_object(bucket, key, s3::ByteRange{size - 32, 32});
     if (!trailer || trailer->size() != 32) return std::nullopt;
+    out.prev_sha256 = s3::to_hex(reinterpret_cast<const unsigned char*>(trailer->data()), trailer->size());
+    return out;
+}
+
+std::optional<LocalState> Replicator::bucket_end_held_locally(const GenerationInfo& g) {
+    const auto& bucket = config_.bucket;
+    const auto& db_id = config_.db_id;
+    auto bend = read_bucket_end(g);
+    if (!bend) return std::nullopt;
+    const WalPosition& end = bend->position;
 
     // Does the local WAL hold that very position: same epoch, a commit frame
     // there with the same running checksum (compared as the bucket stores
     // it: masked under encryption)?
     auto scan = scan_wal_file(wal_path_);
     if (!scan || !scan->has_header || scan->header.salt1 != end.salt1 || scan->header.salt2 != end.salt2 ||
-        end.frame > scan->last_commit_frame)
+        end.frame > scan->last_commit_frame) {
+        log::info(path_ + ": the local WAL does not hold where generation " + g.id + " ends (segment " +
+                  std::to_string(g.last_seq) + ", WAL epoch salt1 " + std::to_string(end.salt1) + " frame " +
+                  std::to_string(end.frame) + "); the WAL is " +
+                  (scan && scan->has_header ? "at salt1 " + std::to_string(scan->header.salt1) + ", last commit frame " +
+                                                  std::to_string(scan->last_commit_frame)
+                                            : std::string("empty")));
         return std::nullopt;
+    }
     WalPosition local{end.salt1, end.salt2, end.frame, scan->header.cksum1, scan->header.cksum2};
     if (end.frame > 0) {
         Fd fd(::open(wal_path_.c_str(), O_RDONLY | O_CLOEXEC));
@@ -237,7 +286,7 @@ std::optional<LocalState> Replicator::bucket_end_held_locally(const GenerationIn
     st.db_id = db_id;
     st.generation = g.id;
     st.seq = g.last_seq;
-    st.prev_sha256 = s3::to_hex(reinterpret_cast<const unsigned char*>(trailer->data()), trailer->size());
+    st.prev_sha256 = bend->prev_sha256;
     st.position = local;
     return st;
 }
@@ -332,10 +381,58 @@ bool Replicator::continue_at_bucket_end(const GenerationInfo& g, bool may_write_
     if (!end && may_write_wal && bring_in_last_segment(g)) end = bucket_end_held_locally(g);
     if (!end) return false;
     LocalProof proof = prove_local(*end, path_, wal_path_);
-    if (!proof.proven) return false;
+    if (!proof.proven) {
+        log::info(path_ + ": cannot continue where generation " + g.id + " ends: " + proof.why);
+        return false;
+    }
     continue_from(*end, proof);
     log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_) +
               " (where the bucket's history ends, which the local WAL still holds)");
+    return true;
+}
+
+bool Replicator::continue_within_pending(const GenerationInfo& g) {
+    // The last run died after uploading some of the transactions this start
+    // recovered (read back from an ended WAL epoch) and before recording it:
+    // the bucket ends where one of them ends. Those are shipped; the rest go
+    // on from there.
+    auto end = read_bucket_end(g);
+    if (!end) return false;
+    for (size_t i = 0; i < pending_.size(); ++i) {
+        const WalPosition& e = pending_[i].end;
+        if (!((cipher_ ? cipher_->mask(e, config_.db_id, g.id) : e) == end->position)) continue;
+        uint64_t bytes = 0;
+        for (size_t j = 0; j <= i; ++j) bytes += pending_[j].bytes;
+        pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(i + 1));
+        pending_bytes_ -= std::min(pending_bytes_.load(), bytes);
+        const uint64_t u = unshipped_bytes_.load();
+        unshipped_bytes_.store(u > bytes ? u - bytes : 0);
+        seq_ = g.last_seq;
+        prev_sha256_ = end->prev_sha256;
+        mark_durable(e, 0);
+        log::info(path_ + ": the bucket's generation " + g.id + " already holds " + std::to_string(i + 1) +
+                  " of the recovered transaction(s) (up to segment " + std::to_string(seq_) + "); continuing it");
+        return true;
+    }
+    // Or all of them and more, up to a commit of the current WAL epoch: the
+    // segments are uploaded in order, so where the bucket ends is all that
+    // counts (continue_at_bucket_end() proves the WAL holds it).
+    if (end->position.salt1 == pending_.back().end.salt1 && end->position.salt2 == pending_.back().end.salt2)
+        return false;
+    std::vector<PendingTxn> recovered = std::move(pending_);
+    pending_.clear();
+    if (!continue_at_bucket_end(g, /*may_write_wal=*/false)) {
+        pending_ = std::move(recovered);
+        return false;
+    }
+    uint64_t bytes = 0;
+    for (const PendingTxn& p : recovered) bytes += p.bytes;
+    pending_bytes_ -= std::min(pending_bytes_.load(), bytes);
+    const uint64_t u = unshipped_bytes_.load();
+    unshipped_bytes_.store(u > bytes ? u - bytes : 0);
+    ended_epochs_.clear();
+    log::info(path_ + ": the bucket's generation " + g.id + " already holds the " + std::to_string(recovered.size()) +
+              " recovered transaction(s) and more; continuing it");
     return true;
 }
 
@@ -374,6 +471,10 @@ Status Replicator::verify_bucket() {
                                                            : std::find(lineage_.begin(), lineage_.end(), latest->id) !=
                                                                  lineage_.end());
     if (ours && pending_.empty() && !inflight_ && continue_at_bucket_end(*latest, /*may_write_wal=*/false)) {
+        write_state_file(false);
+        return {};
+    }
+    if (ours && latest->id == generation_ && !pending_.empty() && !inflight_ && continue_within_pending(*latest)) {
         write_state_file(false);
         return {};
     }
@@ -503,6 +604,7 @@ Status Replicator::startup() {
         log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));
         break;
     case StartupAction::ContinueAtBucketEnd:
+        if (!proof.why.empty()) log::info(path_ + ": the state file's position is not proven: " + proof.why);
         if (continue_at_bucket_end(*latest, /*may_write_wal=*/true)) break;
         [[fallthrough]];
     case StartupAction::NewGeneration:

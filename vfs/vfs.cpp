@@ -424,6 +424,7 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
                 if (s->commit_wait_cksum && s->commit_page.size() == s->page_size) return write_held_commit(s, r);
                 return SQLITE_OK;
             }
+            r->before_wal_overwrite(static_cast<uint64_t>(off) + 24 + s->page_size);
             // Writers never wait for S3; past the WAL budget the policy
             // decides (SQLite rolls the transaction back on SQLITE_FULL).
             if (!r->wal_write_allowed(static_cast<uint64_t>(off) + 24 + s->page_size)) {
@@ -477,6 +478,7 @@ int wal_truncate(sqlite3_file* f, sqlite3_int64 size) {
             sqlite3_log(SQLITE_IOERR_TRUNCATE, "bottomless: %s", st.error().message.c_str());
             return SQLITE_IOERR_TRUNCATE;
         }
+        s->repl->before_wal_overwrite(0);
         return l->pMethods->xTruncate(l, size);
     });
 }

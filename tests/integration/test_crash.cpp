@@ -174,9 +174,16 @@ TEST_CASE("SIGKILL at random moments: every restore is a committed prefix", "[vf
     REQUIRE(r.ok());
     CHECK(check_prefix(out) == local);
     CHECK(local >= last_logged(log));
-    // A measurement, not a limit (a kill during the first snapshot or before
-    // a state is recorded legitimately costs one): how many kills started a
-    // new generation, i.e. a full upload.
-    if (auto g = replicator::list_generations(*client, bucket.name(), "crash.db"))
-        WARN(mode << ": " << g->size() << " generations after " << n << " kills");
+    // How many kills started a new generation, i.e. a full upload. A crash
+    // must not cost one (issue goal: at most 5 per 100 kills): the WAL keeps
+    // what the bucket lacks, an ended epoch's unshipped frames are kept
+    // aside before the next epoch overwrites them, a bucket ahead of the
+    // state file is caught up with. The first start's snapshot is in the
+    // bucket before the first kill; the bound leaves room for a kill during
+    // a new generation's snapshot, should one be needed legitimately (before
+    // these fixes: 11 generations per 30 kills).
+    auto g = replicator::list_generations(*client, bucket.name(), "crash.db");
+    REQUIRE(g.ok());
+    WARN(mode << ": " << g->size() << " generations after " << n << " kills");
+    CHECK(g->size() <= static_cast<size_t>(1 + std::max(2, n / 10)));
 }
