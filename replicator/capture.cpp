@@ -269,6 +269,7 @@ Status Replicator::capture() {
     WalFile wal(wal_path_);
     Status result;
     while (!todo.empty()) {
+    capture_held_back_ = false;
         Commit c = todo.front();
         if (c.salt1 != captured_.salt1 || c.salt2 != captured_.salt2) {
             auto hdr = epoch_header(c.salt1, c.salt2, wal);
@@ -301,7 +302,10 @@ Status Replicator::capture() {
             todo.clear();
             break;
         }
-        if (!fits_in_memory(*hdr, captured_.frame + 1, c.frame)) break;  // the WAL keeps the rest
+        if (!fits_in_memory(*hdr, captured_.frame + 1, c.frame)) {
+            capture_held_back_ = true;  // the WAL keeps the rest: a backlog
+            break;
+        }
         if (pending_.empty() && !inflight_) first_pending_time_ = Clock::now();
         auto st = capture_range(*hdr, captured_.frame + 1, c.frame, wal, c.time_us, c.index);
         if (!st) {

@@ -380,6 +380,7 @@ private:
     std::string last_error_;
     int64_t last_error_us_ = 0;
     int64_t last_durable_commit_us_ = 0;
+    bool capture_held_back_ = false;  // the last capture() stopped at the memory cap: the WAL holds a backlog
     uint64_t errors_ = 0;  // record_error() calls, for bottomless_metrics()
     uint64_t segments_uploaded_ = 0;
     uint64_t snapshots_uploaded_ = 0;

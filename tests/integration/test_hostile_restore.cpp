@@ -137,8 +137,15 @@ TEST_CASE("restore streams a segment: memory stays small whatever it decodes to"
     ::unlink((out + "-bottomless").c_str());
     REQUIRE(r.ok());
     CHECK(r->transactions == 1);
-    // In memory it was 512 MiB of frames (issue 13); streamed it is one page.
+    // In memory it was 512 MiB of frames (issue 13); streamed it is one page
+    // (plus the download window of a few 8 MiB parts). AddressSanitizer keeps
+    // freed blocks in quarantine, so resident memory there also counts what
+    // was already released: a looser bound, still far below 512 MiB.
+#if defined(__SANITIZE_ADDRESS__)
+    CHECK(grown_mib < 160);
+#else
     CHECK(grown_mib < 64);
+#endif
 
     // One frame more than declared: the decoder stops at the first extra record.
     std::string bomb = object(kSegmentMagic, header, zstd_repeat(rec, frames + 256));
