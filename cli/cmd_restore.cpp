@@ -56,6 +56,15 @@ int run_restore(Context& ctx, const Args& args) {
     const bool if_db_missing = args.has("if-db-not-exists");
     const bool if_replica = args.has("if-replica-exists");
     const bool force = args.has("force");
+    req.incremental = args.has("incremental");
+    req.full_if_refused = force;
+    if (args.has("incremental-via")) {
+        const std::string via = args.get("incremental-via");
+        if (via != "wal" && via != "copy") throw UsageError{"--incremental-via '" + via + "': expected wal or copy"};
+        req.incremental_copy = via == "copy";
+    }
+    if (req.incremental && if_db_missing)
+        throw UsageError{"--incremental updates an existing copy, --if-db-not-exists keeps it: choose one"};
 
     // The output and, from its name, the database id (as the extension derives it).
     std::string output = args.get("output");
@@ -78,7 +87,9 @@ int run_restore(Context& ctx, const Args& args) {
                                         .c_str());
             return kExitOk;
         }
-        if (!force)
+        // --incremental decides on an existing file itself (its state note
+        // must prove it an older copy); a WAL without its database does not.
+        if (!force && !(req.incremental && exists))
             return ctx.fail(output + (exists ? " exists (" + format_bytes(size) + ")" : "-wal exists (" + format_bytes(wal_size) + ")") +
                                 ": refusing to overwrite a database",
                             "pass --force to replace it, --if-db-not-exists to keep it, or -o another path");
@@ -109,7 +120,7 @@ int run_restore(Context& ctx, const Args& args) {
         return code;
     }
 
-    auto result = run_restore_into(ctx, *db, *chosen, req, output, "restoring " + *db);
+    auto result = run_restore_into(ctx, *db, *chosen, req, output, "restoring " + *db, &history);
     if (!result) {
         int code = ctx.fail(result.error());
         suggest_older(result.error());
@@ -134,6 +145,16 @@ int run_restore(Context& ctx, const Args& args) {
                   {"downloaded_bytes", r.bytes_downloaded},
                   {"integrity_check", replicator::to_string(r.checked)},
                   {"seconds", r.seconds}};
+        if (req.incremental) {
+            j["incremental"] = r.incremental;
+            if (!r.incremental_reason.empty()) j["incremental_reason"] = r.incremental_reason;
+            if (r.incremental != "full") {
+                j["from_segment"] = r.from_seq;
+                j["applied_via"] = r.applied_via;
+                j["copied_bytes"] = r.copied_bytes;
+                j["copy_seconds"] = r.timings.copy;
+            }
+        }
         if (req.until_us) j["until"] = format_time_us(*req.until_us);
         std::printf("%s\n", j.dump(2).c_str());
     } else if (!ctx.quiet()) {
@@ -152,6 +173,19 @@ int run_restore(Context& ctx, const Args& args) {
                                                                               : "checksums and chain ok (no integrity check)";
         std::printf("  downloaded        %s in %.2f s (%s/s), %s\n", format_bytes(r.bytes_downloaded).c_str(), r.seconds,
                     format_bytes(static_cast<uint64_t>(rate)).c_str(), checks);
+        if (r.incremental == "full")
+            std::printf("  incremental       no, a full restore: %s\n", r.incremental_reason.c_str());
+        else if (r.incremental == "up-to-date")
+            std::printf("  incremental       the copy already was at segment %llu: nothing changed\n",
+                        static_cast<unsigned long long>(r.seq));
+        else if (r.incremental == "segments")
+            std::printf("  incremental       segments %llu..%llu applied %s\n",
+                        static_cast<unsigned long long>(r.from_seq + 1), static_cast<unsigned long long>(r.seq),
+                        r.applied_via == "wal"
+                            ? "through a WAL journal, checkpointed by SQLite"
+                            : ("onto a " + std::string(r.applied_via == "clone" ? "clone" : "copy") + " of the file (" +
+                               format_bytes(r.copied_bytes) + " in " + std::to_string(r.timings.copy) + " s)")
+                                  .c_str());
     }
     return kExitOk;
 }
@@ -163,7 +197,7 @@ const Command& restore_command() {
         "restore",
         "restore a database: the latest state, a generation, or a point in time",
         "restore [-o PATH] [-g GEN | --utc-time T] [--if-db-not-exists] [--if-replica-exists] [--force] "
-        "[--integrity-check MODE]",
+        "[--incremental] [--integrity-check MODE]",
         "Rebuilds the database from its snapshot and segments: every object's checksum\n"
         "and the chain between them are checked, whole transactions only are applied,\n"
         "the result goes to PATH.restore-tmp, is fsynced and renamed to PATH. On any\n"
@@ -180,6 +214,15 @@ const Command& restore_command() {
         "  2026-03-01T10:42:17Z, 2026-03-01T10:42:17.250+01:00, '2026-03-01 10:42:17'\n"
         "  (no offset: UTC), 2026-03-01 (midnight UTC). 'ls' prints the times it can reach.\n"
         "\n"
+        "--incremental brings an older copy at PATH, restored earlier by this tool, up\n"
+        "to date: only the segments after its position are downloaded, written as one\n"
+        "transaction into a WAL renamed to PATH-wal and checkpointed by SQLite (or, with\n"
+        "--incremental-via copy, into a duplicate of the file renamed over it); killed\n"
+        "before that rename, the old copy stays as it was. Its note (PATH-bottomless) must\n"
+        "prove it is: same bucket and database, unchanged since (size, mtime, inode,\n"
+        "no WAL), part of this history. Else it is refused; with --force restored in\n"
+        "full. Across a newer generation it restores in full (and says why).\n"
+        "\n"
         "Without -d the database id is the output file's name (as the extension derives\n"
         "it from the database file's name).",
         {
@@ -188,7 +231,9 @@ const Command& restore_command() {
             {'t', "utc-time", "T", "restore the state at T (RFC 3339 or 'YYYY-MM-DD HH:MM:SS', UTC)"},
             {0, "if-db-not-exists", nullptr, "do nothing (exit 0) if PATH already holds a database"},
             {0, "if-replica-exists", nullptr, "do nothing (exit 0) if the bucket holds no replica of the database"},
-            {'f', "force", nullptr, "replace an existing database at PATH"},
+            {'f', "force", nullptr, "replace an existing database at PATH (with --incremental: if refused)"},
+            {0, "incremental", nullptr, "update the older restored copy at PATH: download only what changed"},
+            {0, "incremental-via", "HOW", "wal (default: a WAL journal when the copy is in WAL mode) or copy (a duplicate file)"},
             {'j', "parallel", "N", "GETs in flight: snapshot parts and segments (default 4, 1..64)"},
             {0, "integrity-check", "MODE", "none (default), quick or full: the SQLite check before the rename"},
             {'q', "quiet", nullptr, "no progress bar and no report"},

@@ -46,10 +46,13 @@ std::string older_than_damaged(const std::vector<GenerationView>& history, const
 
 Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreTarget& choice,
                                                    const RestoreRequest& req, const std::string& output,
-                                                   const std::string& label) {
+                                                   const std::string& label,
+                                                   std::vector<GenerationView>* history) {
     replicator::RestoreOptions opt;
     opt.parallel = req.parallel;
     opt.integrity_check = req.integrity_check;
+    opt.full_if_refused = req.full_if_refused;
+    opt.incremental_copy = req.incremental_copy;
     auto cipher = ctx.cipher(db_id);
     if (!cipher) return std::move(cipher).error();
     opt.cipher = std::move(cipher).value();
@@ -70,7 +73,8 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
         // restore_target reports once the snapshot is in; while it streams,
         // the temp file's growth against the snapshot's page count (from its
         // header, read when it was chosen) tells how far it is.
-        const uint64_t raw = static_cast<uint64_t>(choice.snapshot.db_pages) * choice.snapshot.page_size;
+        // (Not incremental: there the temp file starts as a copy of the old file.)
+        const uint64_t raw = req.incremental ? 0 : static_cast<uint64_t>(choice.snapshot.db_pages) * choice.snapshot.page_size;
         ticker = std::thread([&, raw] {
             // Only this thread draws until it is joined.
             while (!stop.load()) {
@@ -87,7 +91,9 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
             }
         });
     }
-    auto r = replicator::restore_target(ctx.client(), ctx.bucket(), db_id, choice, output, opt);
+    auto r = req.incremental && history
+                 ? replicator::restore_incremental(ctx.client(), ctx.bucket(), db_id, *history, choice, output, opt)
+                 : replicator::restore_target(ctx.client(), ctx.bucket(), db_id, choice, output, opt);
     stop.store(true);
     if (ticker.joinable()) ticker.join();
     if (r && bar.enabled()) bar.update(r->bytes_downloaded, r->bytes_downloaded);

@@ -20,6 +20,9 @@ struct RestoreRequest {
     // --integrity-check. Full unless given: verify proves a restore with
     // the full check; restore sets replicator::kDefaultIntegrityCheck.
     replicator::IntegrityCheck integrity_check = replicator::IntegrityCheck::Full;
+    bool incremental = false;      // --incremental (replicator::restore_incremental)
+    bool full_if_refused = false;  // with it, --force
+    bool incremental_copy = false; // --incremental-via copy
 };
 
 // Throws UsageError for a bad --utc-time, --parallel or --integrity-check.
@@ -39,10 +42,12 @@ Result<RestoreTarget> plan_restore(Context& ctx, const std::string& db_id, const
 std::string older_than_damaged(const std::vector<GenerationView>& history, const Error& e);
 
 // Restores the chosen state into `output` (temp file, checks, rename), with
-// a progress bar labelled `label` unless quiet. Nothing is listed or read
+// a progress bar labelled `label` unless quiet. req.incremental needs the
+// `history` the choice was made from. Nothing is listed or read
 // again: the snapshot and segment GETs only.
 Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreTarget& choice,
                                                    const RestoreRequest& req, const std::string& output,
-                                                   const std::string& label);
+                                                   const std::string& label,
+                                                   std::vector<GenerationView>* history = nullptr);
 
 }  // namespace bottomless::cli

@@ -56,6 +56,15 @@ struct RestoreOptions {
     // mismatch either way fails before anything is written (check_cipher()).
     std::shared_ptr<const Cipher> cipher;
     std::function<void(uint64_t bytes_done, uint64_t bytes_total)> progress;
+    // restore_database(): onto the older copy at output_path when it proves
+    // to be one (restore_incremental()).
+    bool incremental = false;
+    // With `incremental`: a copy that is refused (NotIncremental) is replaced
+    // by a full restore instead, the reason in RestoreResult::incremental_reason.
+    bool full_if_refused = false;
+    // With `incremental`: apply onto a duplicate of the file (a clone or a
+    // copy) even when the copy is in WAL mode and a WAL journal would do.
+    bool incremental_copy = false;
 };
 
 struct RestoreResult {
@@ -70,6 +79,19 @@ struct RestoreResult {
     WalPosition position;          // WAL position the result reflects
     std::string last_sha256;       // trailer of the last object applied
     IntegrityCheck checked = IntegrityCheck::None;  // the check that ran and passed
+    // A point in time inside segment seq+1: that many of its transactions are applied too.
+    uint64_t next_txns = 0;
+    // restore_incremental() only. "segments": the segments after the copy's
+    // position applied onto a local copy of it; "up-to-date": the copy
+    // already is the target (nothing downloaded, nothing written); "full": a
+    // full restore, incremental_reason says why.
+    std::string incremental;
+    std::string incremental_reason;
+    uint64_t from_seq = 0;         // "segments": the copy's position (segments from_seq+1..seq applied)
+    // "segments": how they were applied: "wal" (a WAL journal checkpointed
+    // by SQLite), "clone" (onto a FICLONE clone), "copy" (onto a local copy).
+    std::string applied_via;
+    uint64_t copied_bytes = 0;     // "copy"/"clone": bytes of the old copy duplicated locally
     // Where the time went (seconds). The download, decode and write overlap:
     // download_wait and write_wait are the parts on the decoder's critical path.
     struct Timings {
@@ -82,6 +104,7 @@ struct RestoreResult {
         double fsync = 0;          // the final fsync (overlaps the check)
         double check = 0;          // integrity_check / quick_check
         double finish = 0;         // stale files, rename, directory fsync, state file
+        double copy = 0;           // incremental: duplicating the old copy into the temp file
     } timings;
 };
 
@@ -101,6 +124,42 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
 Result<RestoreResult> restore_target(s3::Client& client, const std::string& bucket, const std::string& db_id,
                                      const RestoreTarget& target, const std::string& output_path,
                                      const RestoreOptions& options = {});
+
+// Incremental restore: brings the older copy of this history at
+// output_path up to `target` by downloading only what it lacks, instead of
+// the whole snapshot (docs/CLI.md "restore --incremental").
+//
+// The copy must prove what it is, from the state note restore wrote next to
+// it ("<output>-bottomless", restored: true, docs/FORMAT.md "The local state
+// file"): the same bucket and database id; its size, mtime and inode as the
+// note recorded them and no WAL or journal with content next to it (not
+// changed since); and its generation in the target's history: the target's
+// generation itself, where the note's last trailer must be the SHA-256 of
+// the bucket's segment `seq` (or snapshot) and the next segment must start
+// at the note's position, or an ancestor through the snapshots' parent
+// links. Else Precondition "NotIncremental", whose message says why and to
+// restore in full -- unless options.full_if_refused, which restores in full.
+//
+// Same generation: segments seq+1..target.last_seq are downloaded and
+// applied (whole transactions, the point in time respected; a target before
+// the copy's state is refused: a restore cannot go back). A copy in WAL mode
+// (every database bottomless replicates is): the pages go into
+// PATH.restore-wal as one SQLite transaction, fsynced, renamed to PATH-wal
+// (the commit point) and checkpointed by SQLite: only the changed pages are
+// written (twice). Otherwise (or options.incremental_copy): onto a duplicate,
+// PATH.restore-tmp (a FICLONE clone where the file system offers one, else a
+// local copy of the whole file), fsynced, checked and renamed over PATH as a
+// full restore is. Killed before the commit point, the old copy and its note
+// are left as they were; after it, SQLite holds the new state (the note is
+// gone: the next incremental restore refuses the copy).
+// A newer generation: format 1 snapshots carry no page hashes, so it is a
+// full restore (incremental "full", with the reason).
+// No copy at output_path at all: a full restore (incremental "full").
+// `history` is the listing choose_restore_target() chose `target` from; the
+// generations walked for the parent links get their headers read (once).
+Result<RestoreResult> restore_incremental(s3::Client& client, const std::string& bucket, const std::string& db_id,
+                                          std::vector<GenerationView>& history, const RestoreTarget& target,
+                                          const std::string& output_path, const RestoreOptions& options = {});
 
 // Runs PRAGMA integrity_check (or quick_check) on a database file
 // (read-only). Uses the host's SQLite inside the extension. None: OK.

@@ -69,6 +69,10 @@ std::optional<LocalState> parse_state_file(std::string_view text, const std::str
                                       0, 0};
         }
         if (j.contains("kdf")) s.kdf = j["kdf"].get<std::string>();
+        if (j.contains("page_size")) s.page_size = static_cast<uint32_t>(u(j["page_size"], 65536));
+        if (j.contains("db_pages")) s.db_pages = static_cast<uint32_t>(u(j["db_pages"], UINT32_MAX));
+        if (j.contains("last_commit_us")) s.last_commit_us = i(j, "last_commit_us");
+        if (j.contains("next_txns")) s.next_txns = u(j["next_txns"], UINT64_MAX);
         return s;
     } catch (const std::exception& e) {
         log::warn("ignoring unreadable replication state " + path + ": " + e.what());
@@ -125,6 +129,12 @@ Status write_state_file(const std::string& path, const LocalState& s) {
         j["db_size"] = s.db_size;
         j["db_mtime_ns"] = s.db_mtime_ns;
         j["db_ino"] = s.db_ino;
+    }
+    if (s.restored && s.page_size) {
+        j["page_size"] = s.page_size;
+        j["db_pages"] = s.db_pages;
+        j["last_commit_us"] = s.last_commit_us;
+        if (s.next_txns) j["next_txns"] = s.next_txns;
     }
     const std::string text = j.dump() + "\n";
 

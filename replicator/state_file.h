@@ -26,6 +26,14 @@ struct LocalState {
     std::vector<std::string> lineage;  // generations this file's replicators started
     int64_t db_size = -1, db_mtime_ns = -1;  // set with clean_close or restored
     uint64_t db_ino = 0;
+    // Written by restore only: what an incremental restore onto this file
+    // needs besides generation/seq/prev_sha256/position (docs/FORMAT.md "The
+    // local state file"). page_size 0: a note from a build before them.
+    uint32_t page_size = 0, db_pages = 0;
+    int64_t last_commit_us = 0;  // commit time of the newest transaction in the file (0: none)
+    // Transactions of segment seq+1 also in the file (a point in time inside
+    // it): position and prev_sha256 stay those of segment seq's end.
+    uint64_t next_txns = 0;
     // What the generation is encrypted with, so a start can prove it holds
     // the right key without asking the bucket: the key id (empty: plaintext),
     // and for a passphrase the KDF object's text (salt and cost; no secret).

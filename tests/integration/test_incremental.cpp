@@ -1,0 +1,359 @@
+// bottomless-cli restore --incremental (and replicator::restore_incremental)
+// against the real S3 server: a writer in this process replicates through
+// the embedded VFS, the built CLI runs as a subprocess.
+//
+//   - onto an older copy: only the new segments are downloaded, the result
+//     is byte-identical to a full restore; up to date afterwards; from a copy
+//     restored to a point inside a segment; a time before the copy refused
+//   - refused: a copy modified since, without its note, of another database
+//     id, from another history (a generation with no parent link to it);
+//     --force restores those in full; a newer generation restores in full
+//     and says why (format 1 has no page hashes)
+//   - SIGKILL while the segments are being applied (a stalled GET through
+//     the fault proxy): the old copy and its note are left byte-identical
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "replicator/format.h"
+#include "replicator/restore.h"
+#include "support/fault_proxy.h"
+#include "support/s3_env.h"
+#include "support/sqlite_util.h"
+
+#ifndef BOTTOMLESS_CLI_PATH
+#error "BOTTOMLESS_CLI_PATH must name the built bottomless-cli"
+#endif
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace bottomless;
+using namespace bottomless::testing;
+
+namespace {
+
+std::string slurp(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+struct Run {
+    int code = -1;
+    std::string out, err;
+};
+
+// Runs bottomless-cli: stdout in `out`, stderr in `err`.
+Run cli(const std::string& args) {
+    Run r;
+    const std::string err = (fs::temp_directory_path() / ("incr-err-" + std::to_string(::getpid()))).string();
+    r.code = run_command("{ env -u LIBSQL_BOTTOMLESS_DATABASE_ID " + shell_quote(BOTTOMLESS_CLI_PATH) + " " + args +
+                             " 2>" + shell_quote(err) + "; }",
+                         &r.out);
+    r.err = slurp(err);
+    fs::remove(err);
+    UNSCOPED_INFO("bottomless-cli " << args << "\nexit " << r.code << "\n" << r.out << r.err);
+    return r;
+}
+
+json cli_json(const std::string& args, int expect = 0) {
+    Run r = cli(args + " --json");
+    REQUIRE(r.code == expect);
+    if (expect != 0) return {};
+    return json::parse(r.out);
+}
+
+// A database replicated into `bucket`; batches ship only on flush().
+struct Writer {
+    Db db;
+    Writer(const std::string& path, const std::string& bucket, const std::string& extra = "") {
+        register_bottomless();
+        db = open_db("file:" + path + "?vfs=bottomless&bucket=" + bucket + "&batch_interval_ms=3600000" + extra);
+        exec(db.get(), "PRAGMA journal_mode=wal");
+    }
+    void sql(const std::string& s) { exec(db.get(), s); }
+    void flush() { (void)query_text(db.get(), "SELECT bottomless_flush(30000)"); }
+    void snapshot() { (void)query_text(db.get(), "SELECT bottomless_snapshot()"); }
+    // `rows` rows of 400 random bytes in one transaction.
+    void add(int rows) {
+        sql("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < " + std::to_string(rows) +
+            ") INSERT INTO t(pad) SELECT randomblob(400) FROM c");
+    }
+};
+
+std::string file_hash(const std::string& p) { return content_hash_of_file(p); }
+
+struct Fixture {
+    std::unique_ptr<s3::Client> client = server_client();
+    TestBucket bucket{*client, "incr"};
+    TempDir dir;
+    std::string writer_path = dir.file("w/app.db"), copy = dir.file("copy/app.db"), full = dir.file("full/app.db");
+    std::string b() const { return "-b " + bucket.name() + " -d app.db "; }
+    Fixture() {
+        fs::create_directories(dir.file("w"));
+        fs::create_directories(dir.file("copy"));
+        fs::create_directories(dir.file("full"));
+    }
+    // A fresh full restore at `full`; returns its report.
+    json full_restore(const std::string& extra = "") {
+        fs::remove(full);
+        fs::remove(full + "-bottomless");
+        return cli_json(b() + "restore -q -o " + full + " " + extra);
+    }
+};
+
+// A big snapshot (about 2 MB of rows), then `segments` small segments.
+void write_history(Writer& w, int segments, int rows_per_segment = 5) {
+    w.sql("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, pad BLOB)");
+    w.add(5000);
+    w.flush();
+    w.snapshot();
+    for (int i = 0; i < segments; ++i) {
+        w.add(rows_per_segment);
+        w.flush();
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cli: restore --incremental applies only the new segments and equals a full restore",
+          "[cli][integration][incremental]") {
+    Fixture f;
+    Writer w(f.writer_path, f.bucket.name());
+    write_history(w, 3);
+    json first = cli_json(f.b() + "restore -q -o " + f.copy);
+    REQUIRE(first["segment"] == 3);
+    const std::string copy2 = f.dir.file("copy/copy2.db");  // the same, applied onto a duplicate
+    REQUIRE(cli(f.b() + "restore -q -o " + copy2).code == 0);
+
+    // Three more segments, then an incremental restore onto the copy.
+    for (int i = 0; i < 3; ++i) {
+        w.add(7);
+        w.flush();
+    }
+    json inc = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+    CHECK(inc["incremental"] == "segments");
+    CHECK(inc["applied_via"] == "wal");
+    CHECK(inc["from_segment"] == 3);
+    CHECK(inc["segment"] == 6);
+    CHECK_FALSE(fs::exists(f.copy + "-wal"));
+    const uint64_t copy2_size = fs::file_size(copy2);
+    json inc2 = cli_json(f.b() + "restore -q --incremental --incremental-via copy -o " + copy2);
+    CHECK(inc2["incremental"] == "segments");
+    CHECK(inc2["applied_via"] != "wal");
+    CHECK(inc2["copied_bytes"].get<uint64_t>() == copy2_size);
+    json full = f.full_restore();
+    REQUIRE(full["segment"] == 6);
+    INFO("incremental downloaded " << inc["downloaded_bytes"] << ", full " << full["downloaded_bytes"]);
+    CHECK(inc["downloaded_bytes"].get<uint64_t>() * 20 < full["downloaded_bytes"].get<uint64_t>());
+    CHECK(slurp(f.copy) == slurp(f.full));  // byte for byte
+    CHECK(slurp(copy2) == slurp(f.full));
+    CHECK(file_hash(f.copy) == file_hash(f.full));
+    CHECK(integrity_of_file(f.copy) == "ok");
+
+    // Nothing new: up to date, nothing written.
+    const std::string before = slurp(f.copy + "-bottomless");
+    json again = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+    CHECK(again["incremental"] == "up-to-date");
+    CHECK(slurp(f.copy + "-bottomless") == before);
+
+    // The library call, from a copy restored to a point inside a segment:
+    // the rest of that segment and the next are applied.
+    w.sql("BEGIN");
+    w.add(3);
+    w.sql("COMMIT");
+    const int64_t mid = std::chrono::duration_cast<std::chrono::microseconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    w.add(4);
+    w.flush();  // segment 7: two transactions, the point in time between them
+    w.add(2);
+    w.flush();  // segment 8
+    const std::string pit = f.dir.file("copy/pit.db");
+    replicator::RestoreOptions o;
+    o.until_us = mid;
+    auto r1 = replicator::restore_database(*f.client, f.bucket.name(), "app.db", pit, o);
+    REQUIRE(r1.ok());
+    CHECK(r1->seq == 6);
+    CHECK(r1->next_txns == 1);
+
+    // Cannot go back: a time before the copy's newest transaction.
+    o.incremental = true;
+    o.until_us = json::parse(slurp(f.copy + "-bottomless"))["last_commit_us"].get<int64_t>() - 1;
+    auto back = replicator::restore_database(*f.client, f.bucket.name(), "app.db", f.copy, o);
+    REQUIRE_FALSE(back.ok());
+    CHECK(back.error().code == "NotIncremental");
+    CHECK(back.error().message.find("cannot go back") != std::string::npos);
+
+    o.until_us.reset();
+    auto r2 = replicator::restore_database(*f.client, f.bucket.name(), "app.db", pit, o);
+    REQUIRE(r2.ok());
+    CHECK(r2->incremental == "segments");
+    CHECK(r2->from_seq == 6);
+    CHECK(r2->seq == 8);
+    CHECK(r2->transactions == 2);  // the second of segment 7, segment 8's one
+    CHECK(r2->applied_via == "wal");
+    f.full_restore();
+    CHECK(slurp(pit) == slurp(f.full));
+    CHECK(integrity_of_file(pit) == "ok");
+
+    // A newer generation: format 1 has no page hashes, so a full restore that says so.
+    w.snapshot();
+    w.add(1);
+    w.flush();
+    json across = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+    CHECK(across["incremental"] == "full");
+    CHECK(across["incremental_reason"].get<std::string>().find("page hashes") != std::string::npos);
+    f.full_restore();
+    CHECK(file_hash(f.copy) == file_hash(f.full));
+
+    // No copy at all: a full restore.
+    json none = cli_json(f.b() + "restore -q --incremental -o " + f.dir.file("copy/new.db"));
+    CHECK(none["incremental"] == "full");
+}
+
+TEST_CASE("cli: restore --incremental refuses a copy it cannot prove, --force restores it in full",
+          "[cli][integration][incremental]") {
+    Fixture f;
+    {
+        Writer w(f.writer_path, f.bucket.name());
+        write_history(w, 2);
+        REQUIRE(cli(f.b() + "restore -q -o " + f.copy).code == 0);
+        w.add(3);
+        w.flush();
+    }
+    const std::string copy_bytes = slurp(f.copy);
+    auto refused = [&](const std::string& path, const std::string& why) {
+        Run r = cli(f.b() + "restore -q --incremental -o " + path);
+        CHECK(r.code == 1);
+        CHECK(r.err.find(why) != std::string::npos);
+        CHECK(r.err.find("--force") != std::string::npos);
+    };
+
+    SECTION("modified locally since the restore") {
+        {
+            sqlite3* raw = nullptr;
+            REQUIRE(sqlite3_open_v2(f.copy.c_str(), &raw, SQLITE_OPEN_READWRITE, "unix") == SQLITE_OK);
+            Db db(raw);
+            exec(db.get(), "PRAGMA journal_mode=delete");
+            exec(db.get(), "INSERT INTO t(pad) VALUES(x'00')");
+        }
+        const std::string modified = slurp(f.copy);
+        refused(f.copy, "changed since it was restored");
+        CHECK(slurp(f.copy) == modified);  // a refusal writes nothing
+        json forced = cli_json(f.b() + "restore -q --incremental --force -o " + f.copy);
+        CHECK(forced["incremental"] == "full");
+        CHECK(forced["incremental_reason"].get<std::string>().find("refused") != std::string::npos);
+        f.full_restore();
+        CHECK(slurp(f.copy) == slurp(f.full));
+    }
+    SECTION("a WAL with content next to it") {
+        {
+            std::ofstream(f.copy + "-wal") << "x";
+        }
+        refused(f.copy, "-wal has content");
+    }
+    SECTION("no state note") {
+        fs::remove(f.copy + "-bottomless");
+        refused(f.copy, "no readable state note");
+        CHECK(slurp(f.copy) == copy_bytes);
+    }
+    SECTION("another database id") {
+        Run r = cli("-b " + f.bucket.name() + " -d other.db restore -q --incremental -o " + f.copy);
+        CHECK(r.code != 0);
+        CHECK(slurp(f.copy) == copy_bytes);
+    }
+    SECTION("another history: a new generation without a parent link") {
+        fs::create_directories(f.dir.file("w2"));
+        {
+            Writer w2(f.dir.file("w2/app.db"), f.bucket.name(), "&auto_restore=0");
+            w2.sql("CREATE TABLE u(x)");
+            w2.flush();
+        }
+        refused(f.copy, "another history");
+        CHECK(slurp(f.copy) == copy_bytes);
+        json forced = cli_json(f.b() + "restore -q --incremental --force -o " + f.copy);
+        CHECK(forced["incremental"] == "full");
+        f.full_restore();
+        CHECK(slurp(f.copy) == slurp(f.full));
+    }
+}
+
+TEST_CASE("cli: an incremental restore killed midway leaves the old copy intact", "[cli][integration][incremental]") {
+    const std::string via = GENERATE(as<std::string>{}, "wal", "copy");
+    INFO("--incremental-via " << via);
+    Fixture f;
+    Writer w(f.writer_path, f.bucket.name());
+    write_history(w, 1);
+    REQUIRE(cli(f.b() + "restore -q -o " + f.copy).code == 0);
+    for (int i = 0; i < 4; ++i) {
+        w.add(5);
+        w.flush();
+    }
+    const std::string copy_bytes = slurp(f.copy), note = slurp(f.copy + "-bottomless");
+    struct stat before{};
+    REQUIRE(::stat(f.copy.c_str(), &before) == 0);
+
+    // The last segment's GET stalls: the CLI has duplicated the copy and is
+    // applying segments when it is killed.
+    FaultProxy proxy("127.0.0.1", server_port());
+    proxy.set_stall_ms(60000);
+    proxy.set_filter("GET", "seg-000000000005");
+    proxy.inject_always(Fault::Stall);
+    // Its journal, or the duplicate of the copy.
+    const std::string tmp = f.copy + (via == "wal" ? ".restore-wal" : ".restore-tmp");
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        ::unsetenv("LIBSQL_BOTTOMLESS_DATABASE_ID");
+        int devnull = ::open("/dev/null", O_WRONLY);
+        ::dup2(devnull, 1);
+        ::dup2(devnull, 2);
+        ::execl(BOTTOMLESS_CLI_PATH, BOTTOMLESS_CLI_PATH, "-e", proxy.url().c_str(), "-b", f.bucket.name().c_str(),
+                "-d", "app.db", "restore", "-q", "--incremental", "--incremental-via", via.c_str(), "-o", f.copy.c_str(),
+                static_cast<char*>(nullptr));
+        ::_exit(127);
+    }
+    bool duplicated = false;
+    for (int i = 0; i < 300 && !duplicated; ++i) {
+        struct stat st{};
+        // The journal is created before the first GET (its pages are
+        // batched: it may stay empty until then); the duplicate is whole.
+        duplicated = ::stat(tmp.c_str(), &st) == 0 && (via == "wal" || st.st_size >= before.st_size);
+        if (!duplicated) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // into the segments
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    proxy.clear();
+    REQUIRE(duplicated);
+    CHECK(WIFSIGNALED(status));
+    CHECK(slurp(f.copy) == copy_bytes);
+    CHECK(slurp(f.copy + "-bottomless") == note);
+    struct stat after{};
+    REQUIRE(::stat(f.copy.c_str(), &after) == 0);
+    CHECK(after.st_ino == before.st_ino);
+    CHECK(after.st_mtim.tv_nsec == before.st_mtim.tv_nsec);
+    CHECK_FALSE(fs::exists(f.copy + "-wal"));
+
+    // The copy still proves itself: the next incremental restore completes.
+    json inc = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+    CHECK(inc["incremental"] == "segments");
+    f.full_restore();
+    CHECK(slurp(f.copy) == slurp(f.full));
+}
