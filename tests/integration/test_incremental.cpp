@@ -229,9 +229,13 @@ TEST_CASE("cli: restore --incremental applies only the new segments and equals a
 TEST_CASE("cli: restore --incremental refuses a copy it cannot prove, --force restores it in full",
           "[cli][integration][incremental]") {
     Fixture f;
+    const std::string older = f.dir.file("copy/older.db");  // restored at segment 1, the copy at 2
     {
         Writer w(f.writer_path, f.bucket.name());
-        write_history(w, 2);
+        write_history(w, 1);
+        REQUIRE(cli("-b " + f.bucket.name() + " -d app.db restore -q -o " + older).code == 0);
+        w.add(3);
+        w.flush();
         REQUIRE(cli(f.b() + "restore -q -o " + f.copy).code == 0);
         w.add(3);
         w.flush();
@@ -275,6 +279,17 @@ TEST_CASE("cli: restore --incremental refuses a copy it cannot prove, --force re
     SECTION("another database id") {
         Run r = cli("-b " + f.bucket.name() + " -d other.db restore -q --incremental -o " + f.copy);
         CHECK(r.code != 0);
+        CHECK(slurp(f.copy) == copy_bytes);
+    }
+    SECTION("a newer generation that continued from before the copy's position (a rollback)") {
+        {
+            // Opened with bottomless, the older restore starts a generation
+            // whose parent is segment 1 of the copy's generation.
+            Writer w2(older, f.bucket.name(), "&database_id=app.db");
+            w2.add(1);
+            w2.flush();
+        }
+        refused(f.copy, "the history went another way");
         CHECK(slurp(f.copy) == copy_bytes);
     }
     SECTION("another history: a new generation without a parent link") {
