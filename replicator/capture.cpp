@@ -36,6 +36,7 @@ void Replicator::note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uin
     oldest_unshipped_us_.compare_exchange_strong(zero, c.time_us);
     noted_index_.store(c.index);
     unshipped_bytes_.fetch_add(frames * (page_size ? page_size : 4096));
+    schedule_commit();  // the pool's mutex is below obs_mu_ (replicator.h)
 }
 
 bool Replicator::restart_allowed() const {
@@ -126,6 +127,9 @@ void Replicator::note_write_outside_wal() {
     if (!enabled_) return;
     broken_outside_wal_.store(true);
     snapshot_torn_.store(true);
+    // No commit is noted in rollback-journal mode: the step that starts the
+    // new generation is scheduled here (once until it runs: the fast path).
+    if (pool_member_) pool_member_->schedule(Clock::now() + std::chrono::milliseconds(250));
 }
 
 void Replicator::note_db_write() {
@@ -139,7 +143,7 @@ void Replicator::wake() {
         std::lock_guard cvlock(cv_mu_);
         wake_ = true;
     }
-    cv_.notify_all();
+    if (pool_member_) pool_member_->wake();
 }
 
 bool Replicator::wal_write_allowed(uint64_t end) {
@@ -265,11 +269,11 @@ Status Replicator::capture() {
         std::lock_guard olock(obs_mu_);
         todo.swap(commits_);
     }
+    capture_held_back_ = false;
     if (todo.empty()) return {};
     WalFile wal(wal_path_);
     Status result;
     while (!todo.empty()) {
-    capture_held_back_ = false;
         Commit c = todo.front();
         if (c.salt1 != captured_.salt1 || c.salt2 != captured_.salt2) {
             auto hdr = epoch_header(c.salt1, c.salt2, wal);

@@ -134,6 +134,13 @@ const std::vector<Setting>& settings() {
              c.s3.max_requests_per_second = d;
              return true;
          }},
+        {"uploader_threads", "a number of threads, 1 to 256 (0: the number of cores, at least 2)",
+         [](ReplicatorConfig& c, const std::string& v) {
+             uint64_t n;
+             if (!parse_u64(v, n) || n > 256) return false;
+             c.uploader_threads = static_cast<unsigned>(n);
+             return true;
+         }},
         {"encryption_key", "a 32-byte key: 64 hex digits or base64 (e.g. from 'openssl rand -hex 32')",
          [](ReplicatorConfig& c, const std::string& v) { return apply_secret(c, EncryptionSecret::key(v, "")); },
          true},

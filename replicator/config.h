@@ -37,6 +37,10 @@ struct ReplicatorConfig {
     std::chrono::seconds snapshot_interval{0};       // new generation after this long (0: never)
     bool auto_restore = true;                        // restore a missing/empty database on open
     EncryptionSecret encryption;                     // empty: objects are stored in plaintext
+    // Process-wide: worker threads of the uploader pool (pool.h) shared by
+    // every database; 0: max(2, cores). The first database opened sets it;
+    // a later one can only raise it.
+    unsigned uploader_threads = 0;
     s3::ClientConfig s3;
 };
 

@@ -64,6 +64,9 @@ Replicator::Replicator(std::string path, ReplicatorConfig config)
     // status shows the outage and new commits join the next batch.
     else c.retry.max_elapsed = std::min<std::chrono::milliseconds>(
         c.retry.max_elapsed, std::max<std::chrono::milliseconds>(std::chrono::seconds(5), config_.batch_interval * 5));
+    // Sockets are shared by every database of the process that uses this
+    // endpoint (pool.h); the client (retry budget, counters, rate cap) is ours.
+    if (!c.connection_pool) c.connection_pool = shared_connection_pool(c.endpoint, c.ca_bundle, c.verify_tls);
     client_ = std::make_unique<s3::Client>(std::move(c));
     last_snapshot_time_ = Clock::now();
 }
@@ -144,14 +147,12 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
 Replicator::~Replicator() {
     // The final flush runs without the registry's lock; an open of this
     // path meanwhile waits for the entry to go (below).
-    if (thread_.joinable()) {
-        {
-            std::lock_guard cvlock(cv_mu_);
-            stop_ = true;
-            force_ = true;
-        }
-        cv_.notify_all();
-        thread_.join();
+    if (pool_member_) {
+        // Out of the pool first (waits for a step running on a worker): no
+        // worker touches this object once leave() returns. The closing
+        // flush then runs on this thread.
+        pool_member_->leave();
+        ship_before_close();
     }
     if (enabled_) write_state_file(/*clean_close=*/true);
     if (db_fd_ >= 0) ::close(db_fd_);  // the last connection is gone: no SQLite lock can be dropped
@@ -176,7 +177,7 @@ Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
         wake_ = true;
         force_ = true;
     }
-    cv_.notify_all();
+    if (pool_member_) pool_member_->wake();
     auto deadline = Clock::now() + timeout;
     for (;;) {
         bool snap_pending;
@@ -206,7 +207,7 @@ Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
         std::unique_lock lock(cv_mu_);
         wake_ = true;
         force_ = true;
-        cv_.notify_all();
+        if (pool_member_) pool_member_->wake();  // the pool's mutex is below cv_mu_
         durable_cv_.wait_for(lock, std::chrono::milliseconds(50));
     }
     std::lock_guard slock(status_mu_);
@@ -270,6 +271,71 @@ std::string Replicator::status_json() const {
     j["retries"] = cs.retries;
     j["last_error"] = last_error_.empty() ? nlohmann::json(nullptr) : nlohmann::json(last_error_);
     if (!last_error_.empty()) j["last_error_at"] = fmt_time_us(last_error_us_);
+    return j.dump();
+}
+
+std::string Replicator::process_status_json() {
+    uint64_t open = 0, replicating = 0, pending_bytes = 0, pending_txns = 0, memory = 0, requests = 0, puts = 0,
+             retries = 0, errors_total = 0;
+    double max_lag_s = 0;
+    nlohmann::json failing = nlohmann::json::array();
+    for_each([&](const Replicator& r) {
+        ++open;
+        if (!r.enabled_) return;
+        ++replicating;
+        ReplicatorMetrics m = r.metrics();
+        pending_bytes += m.pending_bytes;
+        pending_txns += m.pending_transactions;
+        max_lag_s = std::max(max_lag_s, m.lag_seconds);
+        memory += r.memory_bytes();
+        requests += m.s3.requests;
+        puts += m.s3.puts;
+        retries += m.s3.retries;
+        errors_total += m.errors;
+        std::lock_guard slock(r.status_mu_);
+        if (!r.last_error_.empty())
+            failing.push_back({{"database", r.path_},
+                               {"database_id", r.config_.db_id},
+                               {"bucket", r.config_.bucket},
+                               {"last_error", r.last_error_},
+                               {"last_error_at", fmt_time_us(r.last_error_us_)}});
+    });
+    // Requests a minute: from samples of the process's request count taken
+    // by earlier calls (the newest one at least a second old, within the
+    // last minute); null until there is one. Requests of databases closed
+    // in between leave the count, so a drop reads as 0.
+    nlohmann::json rpm = nullptr;
+    {
+        static std::mutex mu;
+        static std::deque<std::pair<Clock::time_point, uint64_t>> samples;  // guarded by mu
+        std::lock_guard lock(mu);
+        const auto now = Clock::now();
+        while (!samples.empty() && now - samples.front().first > std::chrono::seconds(60)) samples.pop_front();
+        if (!samples.empty() && now - samples.front().first >= std::chrono::seconds(1)) {
+            const double minutes = std::chrono::duration<double>(now - samples.front().first).count() / 60;
+            const uint64_t before = samples.front().second;
+            rpm = requests > before ? static_cast<double>(requests - before) / minutes : 0.0;
+        }
+        if (samples.empty() || now - samples.back().first >= std::chrono::seconds(1)) samples.emplace_back(now, requests);
+    }
+    PoolStats p = UploaderPool::instance().stats();
+    nlohmann::json j;
+    j["databases_open"] = open;
+    j["databases_replicating"] = replicating;
+    j["uploader_threads"] = p.threads;
+    j["uploader"] = {{"base_threads", p.base_threads}, {"threads", p.threads}, {"busy", p.busy},
+                     {"scheduled", p.queued}, {"steps", p.steps}, {"spares_started", p.spares_started}};
+    j["pending_bytes"] = pending_bytes;
+    j["pending_transactions"] = pending_txns;
+    j["memory_bytes"] = memory;
+    j["max_lag_ms"] = static_cast<int64_t>(max_lag_s * 1000);
+    j["requests"] = requests;
+    j["put_requests"] = puts;
+    j["retries"] = retries;
+    j["requests_per_minute"] = rpm;
+    j["errors"] = errors_total;
+    j["databases_with_errors"] = failing.size();
+    j["failing"] = std::move(failing);
     return j.dump();
 }
 

@@ -6,9 +6,10 @@
 // The VFS shim tells it what SQLite does (cheap calls, no I/O, safe under
 // SQLite's shm locks), hands it every WAL write (the tee: frames are kept as
 // written, never read back), and asks it: may the WAL restart or be
-// checkpointed now, and — in sync mode — is this commit durable. An uploader
-// thread checks, encodes and uploads. docs/SEMANTICS.md describes the
-// guarantees.
+// checkpointed now, and — in sync mode — is this commit durable. Its
+// uploader steps (check, encode, upload) run on the process's uploader pool
+// (pool.h), scheduled by the database itself; docs/SEMANTICS.md describes
+// the guarantees.
 //
 // Lock order (a thread holding one may take only those after it):
 //   registry lock (replicator.cpp) — held only to look an entry up or
@@ -19,6 +20,9 @@
 //               segment is compressed
 //   obs_mu_, status_mu_, cv_mu_, the tee's mutex — leaves: held for a
 //     copy or a container operation, never with each other
+//   the uploader pool's mutex (pool.h) — below every other: taken by
+//     schedule() (wake(), note_commit()) and by the pool's workers, never
+//     held while a step runs
 // The shm hooks (xShmLock) take only leaves and atomics. Guards are named
 // after their mutex (lock: upload_mu_, olock: obs_mu_, slock: status_mu_,
 // cvlock: cv_mu_, reg: the registry's).
@@ -40,6 +44,7 @@
 #include "replicator/config.h"
 #include "replicator/format.h"
 #include "replicator/leader_lock.h"
+#include "replicator/pool.h"
 #include "replicator/tee.h"
 #include "replicator/wal.h"
 #include "s3/client.h"
@@ -177,6 +182,9 @@ public:
     // client's retry budget); returns its id.
     Result<std::string> snapshot_now();
     std::string status_json() const;  // bottomless_status()
+    // bottomless_status('*'): the process's summary (databases open, the
+    // uploader pool, pending bytes, requests, databases with an error).
+    static std::string process_status_json();
     // bottomless_metrics() (replicator/metrics.h): a copy of the counters,
     // and a visit of every running replicator of the process (not under
     // the registry's lock: opens and closes go on meanwhile).
@@ -214,7 +222,19 @@ private:
     // reached the disk): write its frames into the WAL. Never acknowledged,
     // so either outcome is allowed; this one keeps the generation.
     bool bring_in_last_segment(const GenerationInfo& g);
-    void run();  // the uploader thread
+    // One uploader step on a pool worker (step() under net_mu_ and
+    // upload_mu_, behind guarded_step's barrier); returns when the next is due.
+    std::chrono::steady_clock::time_point pool_step() noexcept;
+    // When the next step is due, from the state after a step (upload_mu_
+    // held): the batch deadline, the end of a back-off, a snapshot owed, the
+    // snapshot interval; time_point::max() when idle (a commit schedules it).
+    std::chrono::steady_clock::time_point next_due();
+    // A commit was noted: the step is due at the batch deadline (or now,
+    // when a segment's worth is unshipped). Cheap; never throws.
+    void schedule_commit() noexcept;
+    // The closing flush (the destructor): ships everything committed,
+    // bounded by shutdown_timeout, on the closing thread.
+    void ship_before_close();
 
     struct PendingTxn {
         std::vector<SegmentFrame> frames;
@@ -360,6 +380,7 @@ private:
     std::deque<WalPosition> ended_epochs_;
     WalPosition written_record_;  // the record in the last state file written
     bool sync_pending_ = false;  // a sync commit's segment is being uploaded (recorded in the state file)
+    bool capture_held_back_ = false;  // the last capture() stopped at the memory cap: the WAL holds a backlog
     std::atomic<bool> halted_{false};  // the bucket's newest generation is under another key
     std::string snapshot_reason_;
     std::string parent_generation_;
@@ -380,7 +401,6 @@ private:
     std::string last_error_;
     int64_t last_error_us_ = 0;
     int64_t last_durable_commit_us_ = 0;
-    bool capture_held_back_ = false;  // the last capture() stopped at the memory cap: the WAL holds a backlog
     uint64_t errors_ = 0;  // record_error() calls, for bottomless_metrics()
     uint64_t segments_uploaded_ = 0;
     uint64_t snapshots_uploaded_ = 0;
@@ -391,14 +411,14 @@ private:
     uint64_t status_seq_ = 0;
     WalPosition status_durable_;
 
-    // Uploader thread control, guarded by cv_mu_.
+    // Uploader control, guarded by cv_mu_: a step is asked for (wake_) and
+    // must ship what is pending now, batch due or not (force_).
     std::mutex cv_mu_;
-    std::condition_variable cv_;        // wakes the uploader
     std::condition_variable durable_cv_;  // wakes flushers
-    bool stop_ = false;
     bool wake_ = false;
     bool force_ = false;
-    std::thread thread_;
+    // This database in the uploader pool (start_uploader() to the destructor).
+    std::unique_ptr<PoolMember> pool_member_;
 };
 
 }  // namespace bottomless::replicator

@@ -620,7 +620,12 @@ Status Replicator::startup() {
 
 void Replicator::start_uploader() {
     db_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);  // may not exist yet: opened on first snapshot
-    thread_ = std::thread([this] { run(); });
+    // No thread of its own: the process's uploader pool runs its steps. A
+    // database with nothing owed (a proven offline start, no unshipped
+    // frames) is not scheduled at all: no step, no request until it commits.
+    pool_member_ = UploaderPool::instance().join(config_.uploader_threads, [this] { return pool_step(); });
+    Lock lock(upload_mu_);
+    pool_member_->schedule(next_due());
 }
 
 }  // namespace bottomless::replicator

@@ -1,4 +1,5 @@
-// The uploader: its thread, segments cut from pending transactions and
+// The uploader: its steps on the process's pool (pool.h) and when each is
+// due, segments cut from pending transactions and
 // uploaded in order, durability bookkeeping, and the local state file.
 #include "replicator/replicator.h"
 #include "replicator/replicator_internal.h"
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <stdexcept>
+#include <thread>
 
 #include "replicator/state_file.h"
 #include "s3/log.h"
@@ -300,7 +302,7 @@ Status Replicator::step(Lock& lock, bool force) {
         Status st = upload_pending(lock, force || backlog, Clock::now() + std::chrono::hours(1));
         if (!st || !backlog || need_snapshot_) return st;
         if (Clock::now() >= stream_until) {
-            wake();  // go on after the run loop's look at its flags, without its wait
+            wake();  // go on in a next step, after the databases due before it
             return st;
         }
         const WalPosition before = captured_;
@@ -309,26 +311,91 @@ Status Replicator::step(Lock& lock, bool force) {
     }
 }
 
-void Replicator::run() {
-    for (;;) {
-        bool stopping, force;
+namespace {
+// How often an uploader step looks again while something is owed but not
+// yet shippable (the batch deadline passed, memory full, a snapshot asked
+// for after this step's): as the per-database thread polled before the pool.
+std::chrono::milliseconds poll_interval(const ReplicatorConfig& c) {
+    return std::min<std::chrono::milliseconds>(c.batch_interval / 4 + std::chrono::milliseconds(1),
+                                               std::chrono::milliseconds(250));
+}
+// An application thread holds net_mu_ (a sync commit, bottomless_snapshot(),
+// a flush before a WAL restart): it ships for this database meanwhile; the
+// pool's worker looks again after this instead of waiting on the mutex
+// (a worker never blocks on one database).
+constexpr std::chrono::milliseconds kNetBusyRetry{50};
+}  // namespace
+
+Clock::time_point Replicator::pool_step() noexcept {
+    try {
+        std::unique_lock net(net_mu_, std::try_to_lock);
+        if (!net.owns_lock()) return Clock::now() + kNetBusyRetry;
+        bool force;
         {
-            std::unique_lock lock(cv_mu_);
-            auto wait = std::min<std::chrono::milliseconds>(config_.batch_interval / 4 + std::chrono::milliseconds(1),
-                                                            std::chrono::milliseconds(250));
-            cv_.wait_for(lock, wait, [&] { return stop_ || wake_; });
-            stopping = stop_;
-            force = force_ || stopping;
+            std::lock_guard cvlock(cv_mu_);
+            force = force_;
             wake_ = false;
             force_ = false;
         }
-        {
-            std::lock_guard net(net_mu_);
-            Lock lock(upload_mu_);
-            guarded_step(lock, force);
-        }
-        if (stopping) break;
+        Lock lock(upload_mu_);
+        // The batch deadline counts from the oldest unshipped commit (the
+        // step was scheduled for it): ship what is pending now, unless the
+        // database is backing off after a failure.
+        const int64_t oldest = oldest_unshipped_us_.load();
+        const int64_t batch_us = std::chrono::duration_cast<std::chrono::microseconds>(config_.batch_interval).count();
+        if (!force && Clock::now() >= retry_after_ && oldest > 0 && now_us() - oldest >= batch_us) force = true;
+        guarded_step(lock, force);
+        return next_due();
+    } catch (...) {
+        // next_due() or a lock failed (nothing in a step escapes guarded_step).
+        return Clock::now() + std::chrono::seconds(1);
     }
+}
+
+Clock::time_point Replicator::next_due() {
+    const auto now = Clock::now();
+    const auto poll = poll_interval(config_);
+    constexpr auto kIdle = Clock::time_point::max();
+    if (halted_.load()) return kIdle;  // nothing ships until the process restarts (status says why)
+    auto due = kIdle;
+    if (need_snapshot_ || broken_outside_wal_.load() || foreign_writer_.load()) {
+        // An empty database has nothing to snapshot: its first commit
+        // schedules the step.
+        struct stat st{};
+        if (::stat(path_.c_str(), &st) == 0 && st.st_size > 0) due = now + poll;
+    }
+    if (noted_index_.load() > durable_index_.load() || !pending_.empty() || inflight_) {
+        // The batch deadline: batch_interval after the oldest unshipped
+        // commit, or now when a segment's worth waits.
+        auto batch = now;
+        const int64_t oldest = oldest_unshipped_us_.load();
+        if (oldest > 0 && unshipped_bytes_.load() < segment_limit(config_))
+            batch = now + std::chrono::microseconds(oldest - now_us()) + config_.batch_interval;
+        if (batch <= now) batch = now + poll;  // this step was at or past it: look again shortly
+        due = std::min(due, batch);
+    }
+    if (due != kIdle) due = std::max(due, retry_after_);  // a failing database backs off on its own schedule
+    if (config_.snapshot_interval.count() > 0 && !generation_.empty())
+        due = std::min(due, std::max(last_snapshot_time_ + config_.snapshot_interval + std::chrono::milliseconds(1),
+                                     retry_after_));
+    return due;
+}
+
+void Replicator::schedule_commit() noexcept {
+    if (!pool_member_) return;
+    try {
+        // A batch ships batch_interval after its first commit, or at once
+        // when it fills a segment. Later commits of the batch find the step
+        // scheduled earlier already: one atomic load.
+        const auto now = Clock::now();
+        pool_member_->schedule(unshipped_bytes_.load() >= segment_limit(config_) ? now : now + config_.batch_interval);
+    } catch (...) {
+        // Out of memory in the pool's queue: the next flush, commit or
+        // close ships it.
+    }
+}
+
+void Replicator::ship_before_close() {
     // Closing: ship everything committed, bounded by the shutdown timeout.
     auto deadline = Clock::now() + config_.shutdown_timeout;
     while (Clock::now() < deadline) {

@@ -197,6 +197,7 @@ Client::Client(ClientConfig config)
     timeouts_.verify_tls = config_.verify_tls;
     if (config_.part_size < (5ull << 20)) config_.part_size = 5ull << 20;
     if (config_.part_concurrency < 1) config_.part_concurrency = 1;
+    pool_ = config_.connection_pool ? config_.connection_pool : std::make_shared<http::ConnectionPool>();
     credentials_ = config_.credentials_provider;
     if (!credentials_) credentials_ = std::make_shared<StaticCredentialsProvider>(config_.credentials);
     if (!config_.endpoint.empty()) {
@@ -479,7 +480,7 @@ Result<http::Response> Client::execute(Call& call) {
 
         stats_.requests.fetch_add(1, std::memory_order_relaxed);
         if (call.attempts > 1) stats_.retries.fetch_add(1, std::memory_order_relaxed);
-        http::Response resp = http::perform(pool_, req, timeouts_);
+        http::Response resp = http::perform(*pool_, req, timeouts_);
         // The Authorization header and the signature die with req; wipe the token copy.
         for (auto& [k, v] : req.headers)
             if (k == "Authorization" || k == "X-Amz-Security-Token") secure_wipe(v);

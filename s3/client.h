@@ -222,7 +222,7 @@ private:
     std::shared_ptr<CredentialsProvider> credentials_;
     http::Timeouts timeouts_;
     Signer signer_;
-    http::ConnectionPool pool_;
+    std::shared_ptr<http::ConnectionPool> pool_;  // config_.connection_pool, or its own
     std::function<std::chrono::system_clock::time_point()> clock_;
 
     std::mutex rate_mu_;  // guards next_slot_

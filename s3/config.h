@@ -25,6 +25,10 @@
 
 namespace bottomless::s3 {
 
+namespace http {
+class ConnectionPool;
+}
+
 class CredentialsProvider;  // s3/credentials.h
 
 // Environment lookup, injectable so tests do not touch the real environment.
@@ -77,6 +81,10 @@ struct ClientConfig {
     // PUT (LIBSQL_BOTTOMLESS_S3_CONDITIONAL_WRITES=auto|trust|verify).
     enum class ConditionalWrites { Auto, Trust, Verify };
     ConditionalWrites conditional_writes = ConditionalWrites::Auto;
+    // Curl handles (and their kept-alive connections) shared with other
+    // clients to the same endpoint; null: the client's own. The replicator
+    // shares one per endpoint across the databases of a process.
+    std::shared_ptr<http::ConnectionPool> connection_pool;
 };
 
 // An S3 endpoint is an http:// or https:// URL naming a host (and a port):

@@ -2,6 +2,7 @@
 // static library (libbottomless.a), and the SQL functions:
 //
 //   bottomless_status()            JSON: generation, mode, durable position, lag, counters, last error
+//   bottomless_status('*')         JSON: the process: databases open, uploader pool, pending, requests, errors
 //   bottomless_flush([timeout_ms]) waits until everything committed so far is durable; JSON position
 //   bottomless_snapshot()          starts a new generation now; returns its id
 //   bottomless_metrics()           Prometheus text (0.0.4) for every replicated database of the process
@@ -61,8 +62,19 @@ Replicator* connection_replicator(sqlite3_context* ctx) {
     return r;
 }
 
-void fn_status(sqlite3_context* ctx, int, sqlite3_value**) {
+void fn_status(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
     try {
+        if (argc > 0) {
+            // bottomless_status('*'): the whole process, on any connection.
+            const unsigned char* what = sqlite3_value_text(argv[0]);
+            if (!what || std::strcmp(reinterpret_cast<const char*>(what), "*") != 0) {
+                sqlite3_result_error(ctx, "bottomless_status: the only argument it takes is '*' (every database of the process)", -1);
+                return;
+            }
+            std::string s = Replicator::process_status_json();
+            sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+            return;
+        }
         // A follower connection answers with who leads instead of an error:
         // status is how an operator finds out.
         if (sqlite3_file* file = main_file(ctx)) {
@@ -150,6 +162,7 @@ int register_functions(sqlite3* db) {
     };
     static constexpr Fn kFunctions[] = {
         {"bottomless_status", 0, fn_status},
+        {"bottomless_status", 1, fn_status},
         {"bottomless_flush", 0, fn_flush},
         {"bottomless_flush", 1, fn_flush},
         {"bottomless_snapshot", 0, fn_snapshot},
