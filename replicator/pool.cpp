@@ -72,7 +72,10 @@ std::unique_ptr<PoolMember> UploaderPool::join(unsigned threads, PoolMember::Ste
     s.base = std::max(s.base, threads ? threads : default_threads());
     ++s.members;
     try {
-        while (s.live < s.base) start_worker_locked(false);
+        // One worker to begin with; the pool grows when a step is taken
+        // with no worker left waiting (worker()): a process with a few
+        // quiet databases on a many-core machine keeps one or two threads.
+        if (s.live == 0) start_worker_locked(false);
     } catch (...) {
         --s.members;
         throw;
@@ -144,9 +147,10 @@ void UploaderPool::worker(bool spare) {
         ++s.busy;
         // Keep one worker waiting while the pool may grow: this step may
         // stall on the network, and the other databases must still ship.
+        // Workers beyond the base count are spares (they exit when idle).
         if (s.idle == 0 && s.live < 2 * s.base) {
             try {
-                start_worker_locked(true);
+                start_worker_locked(s.live >= s.base);
             } catch (...) {  // the pool goes on with the workers it has
             }
         }

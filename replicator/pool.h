@@ -19,8 +19,9 @@
 // spare exits after some idle seconds. With `base` workers, up to
 // 2*base - 1 databases can be stuck in steps while the others still ship.
 //
-// Lifetime: the workers start with the first member and exit when the last
-// member leaves (they are detached; none runs a step after leave()
+// Lifetime: the first member starts one worker; the pool grows by the rule
+// above (up to `base` for good, spares beyond), and every worker exits when
+// the last member leaves (they are detached; none runs a step after leave()
 // returned). leave() waits for the member's running step, so a Replicator
 // destructor can call it and then free what the step used.
 //

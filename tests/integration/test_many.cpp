@@ -220,7 +220,9 @@ TEST_CASE("the uploader pool runs the earliest due first, reruns on a wake, and 
         auto third = pool.join(2, recorder(8));
         other->wake();
         third->wake();
-        CHECK(wait_for(2) == std::vector<int>{7, 8});
+        auto others = wait_for(2);
+        std::sort(others.begin(), others.end());  // on two workers: either may record first
+        CHECK(others == std::vector<int>{7, 8});
         CHECK(pool.stats().threads <= static_cast<unsigned>(2 * base));
         release = true;
         deadline = Clock::now() + std::chrono::seconds(5);
