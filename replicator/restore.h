@@ -12,7 +12,8 @@
 // into place. Memory is bounded: (parallel + 3) parts of 8 MiB, whatever the
 // database's size (segments: as many whole objects). Any missing,
 // corrupt or out-of-chain object stops it with an error naming the object,
-// and nothing is left at the destination.
+// and nothing is left at the destination. restore_incremental() brings an
+// older restored copy up to date with the segments after its position.
 #pragma once
 
 #include <cstdint>
