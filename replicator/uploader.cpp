@@ -404,6 +404,16 @@ void Replicator::schedule_commit() noexcept {
 
 void Replicator::ship_before_close() {
     // Closing: ship everything committed, bounded by the shutdown timeout.
+    {
+        // Nothing owed (an idle database): no step, so no request either
+        // (the deferred bucket check of an offline start waits for an upload).
+        std::lock_guard net(net_mu_);
+        Lock lock(upload_mu_);
+        std::lock_guard olock(obs_mu_);
+        if (durable_index_.load() >= noted_index_.load() && commits_.empty() && pending_.empty() && !inflight_ &&
+            !need_snapshot_ && !broken_outside_wal_.load() && !foreign_writer_.load())
+            return;
+    }
     auto deadline = Clock::now() + config_.shutdown_timeout;
     while (Clock::now() < deadline) {
         {
