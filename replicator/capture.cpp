@@ -350,8 +350,11 @@ Status Replicator::record_epoch_end(const char* why) {
     else ended_epochs_.push_back(WalPosition{lost.salt1, lost.salt2, lost.frame, 0, 0});
     while (ended_epochs_.size() > 16) ended_epochs_.pop_front();
     const WalPosition record = restart_record();
-    if (record.frame && page_size_)
+    if (record.frame && page_size_ && record.salt1 == durable_.salt1 && record.salt2 == durable_.salt2) {
+        preserve_to_.store(wal_frame_offset(page_size_, record.frame + 1));
+        preserve_salts_.store((static_cast<uint64_t>(record.salt1) << 32) | record.salt2);
         preserve_from_.store(wal_frame_offset(page_size_, durable_.frame + 1));  // the new epoch writes from frame 1
+    }
     if (generation_.empty() || record == written_record_) return {};
     if (!write_state_file(false)) {
         // An old state without the record would "prove" a history that lacks
@@ -386,30 +389,26 @@ Status copy_frames_aside(const std::string& wal_path, const std::string& out_pat
 
 void Replicator::preserve_ended_frames() noexcept {
     try {
-        WalPosition ended, durable;
-        uint32_t psz;
-        {
-            Lock lock(upload_mu_);
-            ended = restart_record();
-            durable = durable_;
-            psz = page_size_;
-            preserve_from_.store(UINT64_MAX);
-        }
-        if (ended.frame == 0 || psz == 0) return;  // durable meanwhile
+        // No lock: the range was fixed when the epoch ended (record_epoch_end),
+        // and only the thread holding SQLite's WAL write lock gets here. What
+        // became durable meanwhile is copied too, harmlessly.
+        const uint64_t from = preserve_from_.exchange(UINT64_MAX);
+        const uint64_t to = preserve_to_.load();
+        if (from == UINT64_MAX || from >= to) return;
+        const uint64_t salts = preserve_salts_.load();
+        if (durable_salts_.load() != salts) return;  // durable in a later epoch: nothing left to keep
         // The WAL still holds them: the new epoch is only now reaching their
-        // slots, and SQLite's write lock keeps its other writers out. Copied
-        // at the same offsets (a sparse file), so recovery reads either file
-        // the same way; stale content from an older epoch fails its salts.
+        // slots. Copied at the same offsets (a sparse file), so recovery
+        // reads either file the same way; stale content from an older epoch
+        // fails its salts.
         const std::string out_path = path_ + "-bottomless-frames";
-        if (Status st = copy_frames_aside(wal_path_, out_path, wal_frame_offset(psz, durable.frame + 1),
-                                          wal_frame_offset(psz, ended.frame + 1));
-            !st) {
+        if (Status st = copy_frames_aside(wal_path_, out_path, from, to); !st) {
             // Only the cost of a crash changes: the next start may need a new generation.
             log::warn(path_ + ": could not keep the ended WAL epoch's unshipped frames aside: " + st.error().message);
             return;
         }
-        log::debug(path_ + ": frames " + std::to_string(durable.frame + 1) + ".." + std::to_string(ended.frame) +
-                   " of the ended WAL epoch, not yet in S3, copied to " + out_path + " before the new epoch overwrites them");
+        log::debug(path_ + ": " + std::to_string(to - from) + " bytes of the ended WAL epoch's frames, not yet in S3, "
+                   "copied to " + out_path + " before the new epoch overwrites them");
     } catch (...) {
     }
 }

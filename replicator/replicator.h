@@ -352,6 +352,11 @@ private:
     // WAL offset of the first frame of the ended epoch not yet durable, while
     // the new epoch has not overwritten it (before_wal_overwrite); max: none.
     std::atomic<uint64_t> preserve_from_{UINT64_MAX};
+    // The end of that range (the ended epoch's last frame), and the epoch's
+    // salts: set with preserve_from_, so the copy needs no lock (the writer
+    // must never wait for upload_mu_, which a snapshot holds while it uploads).
+    std::atomic<uint64_t> preserve_to_{0};
+    std::atomic<uint64_t> preserve_salts_{0};
     Tee tee_;
 
     // net_mu_ serialises network work (segment uploads, snapshots, sync
