@@ -556,6 +556,18 @@ void write_restored_note(const std::string& output_path, const std::string& buck
     }
 }
 
+// The transfer is over (or no longer needed): the fetcher stops, the
+// writer's last pages land; both record where their time went.
+Status end_transfer(OrderedFetcher& fetcher, PageWriter& writer, RestoreResult::Timings& tm) {
+    fetcher.stop();  // segments past the point in time need not finish
+    tm.download = fetcher.busy_seconds();
+    tm.download_wait = fetcher.wait_seconds();
+    Status st = writer.finish();
+    tm.write = writer.busy_seconds();
+    tm.write_wait = writer.wait_seconds();
+    return st;
+}
+
 // The end of every restore: the pages are in tmp; truncates to the last
 // transaction's size, fsyncs (beside the chosen check), removes the stale
 // files next to the destination (its state note first: a crash from here
@@ -565,15 +577,7 @@ Status finish_restore(OrderedFetcher& fetcher, PageWriter& writer, TmpFile& tmp,
                       const std::string& bucket, const std::string& db_id, const RestoreOptions& options,
                       RestoreResult& res) {
     auto& tm = res.timings;
-    fetcher.stop();  // segments past the point in time need not finish
-    tm.download = fetcher.busy_seconds();
-    tm.download_wait = fetcher.wait_seconds();
-    {
-        Status st = writer.finish();
-        tm.write = writer.busy_seconds();
-        tm.write_wait = writer.wait_seconds();
-        if (!st) return st;
-    }
+    if (Status st = end_transfer(fetcher, writer, tm); !st) return st;
 
     // ---- durable and checked ----
     // The check reads the file through the page cache while the fsync
@@ -1324,15 +1328,7 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
 
         // ---- through the WAL ----
         auto& tm = res.timings;
-        fetcher.stop();
-        tm.download = fetcher.busy_seconds();
-        tm.download_wait = fetcher.wait_seconds();
-        {
-            Status w = writer.finish();
-            tm.write = writer.busy_seconds();
-            tm.write_wait = writer.wait_seconds();
-            if (!w) return w;
-        }
+        if (Status w = end_transfer(fetcher, writer, tm); !w) return w;
         if (wal->frames() == 0) {  // no transaction in time: the copy already is the target
             res.incremental = "up-to-date";
             return {};
