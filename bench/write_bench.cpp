@@ -19,6 +19,8 @@
 //                           [--lag on|off]
 // The markdown table goes to stdout; per-round progress to stderr.
 #include <sqlite3.h>
+#include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -50,6 +52,19 @@ double counter(const nlohmann::json& j, const char* name) {
     return it != j.end() && it->is_number() ? it->get<double>() : 0.0;
 }
 
+double thread_cpu_us() {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) * 1e6 + static_cast<double>(ts.tv_nsec) / 1e3;
+}
+
+double process_cpu_us() {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    auto us = [](const timeval& tv) { return static_cast<double>(tv.tv_sec) * 1e6 + static_cast<double>(tv.tv_usec); };
+    return us(ru.ru_utime) + us(ru.ru_stime);
+}
+
 std::vector<int> split_ints(const std::string& s) {
     std::vector<int> out;
     for (const auto& item : split_list(s)) {
@@ -71,6 +86,12 @@ struct Result {
     double lag_p50_ms = -1, lag_p99_ms = -1;
     double puts_per_min = -1;
     double bytes_ratio = -1;
+    // CPU per transaction (µs): the writer threads' own (what the VFS adds
+    // on the commit path), and the whole process's from the first commit to
+    // the end of the final flush (the uploader's share included: on a
+    // machine with few cores it competes with the writers).
+    double writer_cpu_us = -1, process_cpu_us = -1;
+    double wal_read_share = -1;  // frames the uploader read back from the WAL / frames shipped
 };
 
 struct Options {
@@ -131,9 +152,13 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
         });
     }
     std::vector<std::thread> ts;
+    std::mutex cpu_mu;
+    double writer_cpu = 0;  // guarded by cpu_mu
+    const double cpu0 = process_cpu_us();
     auto t0 = Clock::now();
     for (int w = 0; w < c.writers; ++w)
         ts.emplace_back([&] {
+            const double my_cpu0 = thread_cpu_us();
             Db db = open_db(uri);
             exec(db.get(), pragmas);  // per connection: synchronous is not persistent
             // Prepared once, as applications that care about speed do: the
@@ -159,6 +184,8 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
                     commit_times.push_back(wall_us());
                 }
             }
+            std::lock_guard lock(cpu_mu);
+            writer_cpu += thread_cpu_us() - my_cpu0;
         });
     for (auto& t : ts) t.join();
     double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -167,13 +194,21 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
 
     Result r;
     r.tps = static_cast<double>(txns.load()) / elapsed;
+    const double n_txns = std::max<double>(1, static_cast<double>(txns.load()));
+    r.writer_cpu_us = writer_cpu / n_txns;
     if (bottomless) {
         query(setup.get(), "SELECT bottomless_flush()");
+        r.process_cpu_us = (process_cpu_us() - cpu0) / n_txns;
         auto st1 = status(setup.get());
+        // Frames shipped: page bytes over the default page size, which the bench keeps.
+        double shipped = (counter(st1, "wal_bytes_shipped") - counter(st0, "wal_bytes_shipped")) / 4096.0;
+        if (shipped > 0) r.wal_read_share = (counter(st1, "wal_frames_read") - counter(st0, "wal_frames_read")) / shipped;
         r.puts_per_min = (counter(st1, "put_requests") - counter(st0, "put_requests")) / (elapsed / 60.0);
         double wal = counter(st1, "wal_bytes_shipped") - counter(st0, "wal_bytes_shipped");
         double up = counter(st1, "segment_bytes_uploaded") - counter(st0, "segment_bytes_uploaded");
         if (wal > 0) r.bytes_ratio = up / wal;
+    } else {
+        r.process_cpu_us = (process_cpu_us() - cpu0) / n_txns;
     }
     if (!polls.empty()) {
         std::vector<double> lags;
@@ -312,6 +347,34 @@ int main(int argc, char** argv) {
             std::printf(" | %s | %s | %s | %s", fmt(median_measured(p50), "%.0f ms").c_str(),
                         fmt(median_measured(p99), "%.0f ms").c_str(), fmt(median_measured(puts), "%.0f").c_str(),
                         fmt(median_measured(bytes), "%.3f").c_str());
+        }
+        std::printf(" |\n");
+    }
+    // Where the time goes: CPU per transaction, medians over the rounds.
+    std::printf("\nCPU per transaction (µs, medians): writer threads' own, and the whole process's up to the end of "
+                "the final flush (the uploader included)\n\n| synchronous | writers | rows/txn");
+    for (const auto& m : modes) std::printf(" | %s writer | %s process", m.c_str(), m.c_str());
+    if (has_async) std::printf(" | async frames read back from the WAL");
+    std::printf(" |\n|---|---|---");
+    for (size_t k = 0; k < modes.size(); ++k) std::printf("|---|---");
+    if (has_async) std::printf("|---");
+    std::printf("|\n");
+    for (size_t ci = 0; ci < cells.size(); ++ci) {
+        const Cell& c = cells[ci];
+        auto& res = results[ci];
+        std::printf("| %s | %d | %d", c.sync.c_str(), c.writers, c.rows);
+        for (const auto& m : modes) {
+            std::vector<double> w, p;
+            for (const auto& r : res[m]) {
+                w.push_back(r.writer_cpu_us);
+                p.push_back(r.process_cpu_us);
+            }
+            std::printf(" | %s | %s", fmt(median_measured(w), "%.2f").c_str(), fmt(median_measured(p), "%.2f").c_str());
+        }
+        if (has_async) {
+            std::vector<double> rb;
+            for (const auto& r : res["async"]) rb.push_back(r.wal_read_share);
+            std::printf(" | %s", fmt(median_measured(rb) * 100.0, "%.0f %%").c_str());
         }
         std::printf(" |\n");
     }
