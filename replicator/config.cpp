@@ -7,6 +7,7 @@
 #include <functional>
 #include <vector>
 
+#include "replicator/util.h"
 #include "s3/log.h"
 
 namespace bottomless::replicator {
@@ -141,6 +142,18 @@ const std::vector<Setting>& settings() {
              c.uploader_threads = static_cast<unsigned>(n);
              return true;
          }},
+        {"replica", "0 or 1", [](ReplicatorConfig& c, const std::string& v) { return parse_bool(v, c.replica); }},
+        {"replica_poll_ms", "milliseconds (>= 10)", [](ReplicatorConfig& c, const std::string& v) {
+             uint64_t n;
+             if (!parse_u64(v, n) || n < 10) return false;
+             c.replica_poll = std::chrono::milliseconds(n);
+             return true;
+         }},
+        {"at", "an RFC 3339 time such as 2026-11-21T10:42:17Z (with replica=1)",
+         [](ReplicatorConfig& c, const std::string& v) {
+             c.replica_at_us = parse_time_us(v);
+             return c.replica_at_us.has_value();
+         }},
         {"encryption_key", "a 32-byte key: 64 hex digits or base64 (e.g. from 'openssl rand -hex 32')",
          [](ReplicatorConfig& c, const std::string& v) { return apply_secret(c, EncryptionSecret::key(v, "")); },
          true},
@@ -234,6 +247,10 @@ Result<ReplicatorConfig> load_config(const std::string& db_path, const std::map<
         }
         if (!it->apply(cfg, v)) return invalid("URI parameter " + k, v, *it);
     }
+    if (cfg.replica_at_us && !cfg.replica)
+        return make_error(ErrorKind::InvalidArgument,
+                          "at= opens a past state read-only and needs replica=1 (file:app.db?vfs=bottomless&replica=1&at=...)",
+                          "BadSetting");
     if (cfg.db_id.empty()) {
         std::string base = db_path.substr(db_path.find_last_of('/') + 1);
         cfg.db_id = base;

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "replicator/encryption.h"
@@ -41,6 +42,10 @@ struct ReplicatorConfig {
     // every database; 0: max(2, cores). The first database opened sets it;
     // a later one can only raise it.
     unsigned uploader_threads = 0;
+    // Read replica (replica.h): the file follows the bucket, read-only.
+    bool replica = false;
+    std::chrono::milliseconds replica_poll{1000};   // how often a replica asks for the next segment
+    std::optional<int64_t> replica_at_us;           // time travel: the state at this time, not followed
     s3::ClientConfig s3;
 };
 

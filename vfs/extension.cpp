@@ -53,6 +53,10 @@ Replicator* connection_replicator(sqlite3_context* ctx) {
         return nullptr;
     }
     Replicator* r = bottomless::vfs::replicator_of(file);
+    if (!bottomless::vfs::replica_status(file).empty()) {
+        sqlite3_result_error(ctx, "bottomless: this connection is a read replica (replica=1): it follows the bucket and does not replicate", -1);
+        return nullptr;
+    }
     if (long leader = bottomless::vfs::leader_elsewhere(file)) {
         std::string m = follower_message(leader);
         sqlite3_result_error(ctx, m.c_str(), -1);
@@ -78,6 +82,10 @@ void fn_status(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
         // A follower connection answers with who leads instead of an error:
         // status is how an operator finds out.
         if (sqlite3_file* file = main_file(ctx)) {
+            if (std::string s = bottomless::vfs::replica_status(file); !s.empty()) {
+                sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+                return;
+            }
             if (long leader = bottomless::vfs::leader_elsewhere(file)) {
                 std::string s = nlohmann::json{{"role", "follower"},
                                                {"leader_pid", leader > 0 ? nlohmann::json(leader) : nlohmann::json()},

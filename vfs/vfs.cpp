@@ -43,6 +43,7 @@
 #include <new>
 #include <string>
 
+#include "replicator/replica.h"
 #include "replicator/replicator.h"
 #include "replicator/sqlite_api.h"
 #include "replicator/wal.h"
@@ -71,6 +72,9 @@ struct ShimFile {
     // a checkpoint here could empty a WAL whose frames the leader has not
     // shipped yet.
     long leader_elsewhere = 0;
+    // Main db opened with replica=1: the file follows the bucket (replica.h)
+    // and is read-only; SQLite reads it in rollback mode.
+    std::shared_ptr<replicator::Replica> replica;
     // Main db: region 0 of the wal-index, when mapped.
     volatile void* shm0 = nullptr;
     bool holds_ckpt = false;     // a checkpoint registered with the replicator (shm_lock_veto)
@@ -134,7 +138,18 @@ int x_file_size(sqlite3_file* f, sqlite3_int64* size) {
 }
 int x_lock(sqlite3_file* f, int lock) {
     sqlite3_file* l = shim(f)->lower();
-    return l->pMethods->xLock(l, lock);
+    int rc = l->pMethods->xLock(l, lock);
+    // A replica's follower holds PENDING for the length of one apply (or a
+    // few ms while readers finish): a reader waits that out here instead of
+    // failing with SQLITE_BUSY when it has no busy handler.
+    if (rc == SQLITE_BUSY && lock == SQLITE_LOCK_SHARED && shim(f)->replica) {
+        const int max_polls = static_cast<int>(replicator::Replica::kReaderWait.count());
+        for (int i = 0; i < max_polls && rc == SQLITE_BUSY; ++i) {
+            g_lower->xSleep(g_lower, 1000);
+            rc = l->pMethods->xLock(l, lock);
+        }
+    }
+    return rc;
 }
 int x_unlock(sqlite3_file* f, int lock) {
     sqlite3_file* l = shim(f)->lower();
@@ -188,7 +203,7 @@ int x_close(sqlite3_file* f) {
 
 int main_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
     ShimFile* s = shim(f);
-    if (s->leader_elsewhere) return SQLITE_READONLY;  // a checkpoint (the pager itself is read-only)
+    if (s->leader_elsewhere || s->replica) return SQLITE_READONLY;  // the pager itself is read-only
     if (s->repl) {
         // In WAL mode only checkpoints write the database file; without a WAL
         // open, a write is a rollback-journal transaction the WAL never saw.
@@ -201,7 +216,7 @@ int main_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
 
 int main_truncate(sqlite3_file* f, sqlite3_int64 size) {
     ShimFile* s = shim(f);
-    if (s->leader_elsewhere) return SQLITE_READONLY;
+    if (s->leader_elsewhere || s->replica) return SQLITE_READONLY;
     if (s->repl) {
         if (s->repl->wal_is_open()) s->repl->note_db_write();
         else s->repl->note_write_outside_wal();
@@ -567,6 +582,7 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
     if (!name || (!main_db && !wal)) return g_lower->xOpen(g_lower, name, file, flags, out_flags);
 
     std::shared_ptr<Replicator> repl;
+    std::shared_ptr<replicator::Replica> replica;
     std::string canon;
     long leader_elsewhere = 0;
     int rc = guarded(SQLITE_CANTOPEN, [&]() -> int {
@@ -577,6 +593,16 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
                 log::error("cannot open " + canon + ": " + cfg.error().message);
                 sqlite3_log(SQLITE_CANTOPEN, "bottomless: %s", cfg.error().message.c_str());
                 return SQLITE_CANTOPEN;
+            }
+            if (cfg->replica) {
+                auto rp = replicator::Replica::acquire(canon, *cfg, g_lower);
+                if (!rp) {
+                    log::error("cannot open the replica " + canon + ": " + rp.error().describe());
+                    sqlite3_log(SQLITE_CANTOPEN, "bottomless: %s", rp.error().describe().c_str());
+                    return SQLITE_CANTOPEN;
+                }
+                replica = std::move(rp).value();
+                return SQLITE_OK;
             }
             auto r = Replicator::acquire(canon, *cfg, &leader_elsewhere);
             if (!r) {
@@ -610,7 +636,14 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
     s->kind = main_db ? Kind::MainDb : Kind::Wal;
     s->repl = std::move(repl);
     s->leader_elsewhere = leader_elsewhere;
+    s->replica = std::move(replica);
     sqlite3_file* l = s->lower();
+    if (s->replica) {
+        // Read-only for the application: only the follower writes, through
+        // a file of its own. Time travel opens its private copy instead.
+        flags = (flags & ~(SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)) | SQLITE_OPEN_READONLY;
+        name = s->replica->file_name();
+    }
     rc = g_lower->xOpen(g_lower, name, l, flags, out_flags);
     if (rc != SQLITE_OK) {
         s->~ShimFile();
@@ -618,7 +651,7 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
     }
     // A follower's pager is read-only: writes fail with SQLITE_READONLY
     // ("attempt to write a readonly database") instead of forking the history.
-    if (leader_elsewhere && out_flags) *out_flags = (*out_flags & ~SQLITE_OPEN_READWRITE) | SQLITE_OPEN_READONLY;
+    if ((leader_elsewhere || s->replica) && out_flags) *out_flags = (*out_flags & ~SQLITE_OPEN_READWRITE) | SQLITE_OPEN_READONLY;
     int v = l->pMethods ? l->pMethods->iVersion : 1;
     v = v < 1 ? 1 : (v > 3 ? 3 : v);
     s->base.pMethods = main_db ? &g_main_methods[v] : &g_wal_methods[v];
@@ -692,6 +725,11 @@ Replicator* replicator_of(sqlite3_file* f) {
 long leader_elsewhere(sqlite3_file* f) {
     if (!is_bottomless_file(f)) return 0;
     return shim(f)->leader_elsewhere;
+}
+
+std::string replica_status(sqlite3_file* f) {
+    if (!is_bottomless_file(f) || !shim(f)->replica) return {};
+    return shim(f)->replica->status_json();
 }
 
 bool is_bottomless_file(sqlite3_file* f) {

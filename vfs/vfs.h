@@ -2,6 +2,8 @@
 // replicator. See vfs.cpp for how SQLite's file operations are observed.
 #pragma once
 
+#include <string>
+
 #include "replicator/sqlite_api.h"
 
 namespace bottomless::replicator {
@@ -22,5 +24,8 @@ bool is_bottomless_file(sqlite3_file* file);
 // Non-zero when another process replicates the database behind `file`: its
 // pid (-1 when unknown). Such a connection is read-only.
 long leader_elsewhere(sqlite3_file* file);
+// bottomless_status() of a read replica (replica=1), or empty when `file`
+// is not one.
+std::string replica_status(sqlite3_file* file);
 
 }  // namespace bottomless::vfs

@@ -1,0 +1,800 @@
+// Read replicas and time travel: see replica.h and docs/SEMANTICS.md "Read replicas".
+#include "replicator/replica.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "replicator/bucket.h"
+#include "replicator/pool.h"
+#include "replicator/restore.h"
+#include "replicator/util.h"
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr size_t kHeader = 100;  // SQLite's database header, at the start of page 1
+// While readers hold SHARED, the follower keeps PENDING (which keeps new
+// readers out) at most this long, then lets them in again and retries later:
+// a long read transaction delays the apply, never the other readers.
+constexpr auto kPendingHold = std::chrono::milliseconds(10);
+constexpr auto kPendingBackoff = std::chrono::milliseconds(20);
+// After this many polls that found nothing, and every kListEvery after, the
+// follower lists the generations: a new one (a snapshot on the writer) is
+// found within a few polls, and an idle replica costs one GET per poll.
+constexpr uint64_t kListAfterMisses = 3;
+constexpr uint64_t kListEvery = 30;
+
+void put_be32(unsigned char* p, uint32_t v) {
+    p[0] = static_cast<unsigned char>(v >> 24);
+    p[1] = static_cast<unsigned char>(v >> 16);
+    p[2] = static_cast<unsigned char>(v >> 8);
+    p[3] = static_cast<unsigned char>(v);
+}
+uint32_t get_be32(const unsigned char* p) {
+    return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
+}
+
+std::string errno_text(int e) { return std::strerror(e); }
+
+json position_json(const WalPosition& p) {
+    return {{"salt1", p.salt1}, {"salt2", p.salt2}, {"frame", p.frame}, {"cksum1", p.cksum1}, {"cksum2", p.cksum2}};
+}
+
+bool fsync_dir_of(const std::string& path) {
+    std::string dir = path.substr(0, path.find_last_of('/') + 1);
+    if (dir.empty()) dir = ".";
+    int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return false;
+    const bool ok = ::fsync(fd) == 0;
+    ::close(fd);
+    return ok;
+}
+
+std::string cache_dir() {
+    const char* xdg = std::getenv("XDG_CACHE_HOME");
+    const char* home = std::getenv("HOME");
+    std::string base = xdg && *xdg ? xdg : home && *home ? std::string(home) + "/.cache" : "/tmp";
+    return base + "/bottomless";
+}
+
+// The in-process registry: one Replica per replica file.
+std::mutex& registry_mu() {
+    static std::mutex mu;
+    return mu;
+}
+std::map<std::string, std::weak_ptr<Replica>>& registry() {
+    static std::map<std::string, std::weak_ptr<Replica>> r;
+    return r;
+}
+
+}  // namespace
+
+std::string replica_state_json(const ReplicaState& s) {
+    return json{{"format", 1},
+                {"kind", "replica"},
+                {"bucket", s.bucket},
+                {"db_id", s.db_id},
+                {"generation", s.generation},
+                {"seq", s.seq},
+                {"position", position_json(s.position)},
+                {"last_sha256", s.last_sha256},
+                {"page_size", s.page_size},
+                {"db_pages", s.db_pages},
+                {"last_commit_us", s.last_commit_us},
+                {"counter", s.counter},
+                {"applying", s.applying},
+                {"db_size", s.db_size},
+                {"db_mtime_ns", s.db_mtime_ns},
+                {"db_ino", s.db_ino}}
+        .dump();
+}
+
+std::optional<ReplicaState> parse_replica_state(std::string_view text) {
+    json j = parse_untrusted_json(text, 64 * 1024);
+    if (j.is_discarded() || !j.is_object()) return std::nullopt;
+    try {
+        if (j.at("format").get<int>() != 1 || j.at("kind").get<std::string>() != "replica") return std::nullopt;
+        ReplicaState s;
+        s.bucket = j.at("bucket").get<std::string>();
+        s.db_id = j.at("db_id").get<std::string>();
+        s.generation = j.at("generation").get<std::string>();
+        s.seq = j.at("seq").get<uint64_t>();
+        const json& p = j.at("position");
+        s.position = {p.at("salt1").get<uint32_t>(), p.at("salt2").get<uint32_t>(), p.at("frame").get<uint64_t>(),
+                      p.at("cksum1").get<uint32_t>(), p.at("cksum2").get<uint32_t>()};
+        s.last_sha256 = j.at("last_sha256").get<std::string>();
+        s.page_size = j.at("page_size").get<uint32_t>();
+        s.db_pages = j.at("db_pages").get<uint32_t>();
+        s.last_commit_us = j.at("last_commit_us").get<int64_t>();
+        s.counter = j.at("counter").get<uint32_t>();
+        s.applying = j.at("applying").get<bool>();
+        s.db_size = j.at("db_size").get<int64_t>();
+        s.db_mtime_ns = j.at("db_mtime_ns").get<int64_t>();
+        s.db_ino = j.at("db_ino").get<uint64_t>();
+        return s;
+    } catch (const std::exception&) {
+        return std::nullopt;
+    }
+}
+
+void make_legacy_header(unsigned char* h, uint32_t counter, uint32_t db_pages) {
+    h[18] = 1;  // file format write version: legacy (rollback journal)
+    h[19] = 1;  // read version
+    put_be32(h + 24, counter);
+    put_be32(h + 28, db_pages);
+    put_be32(h + 92, counter);  // "version-valid-for": makes the in-header size trusted
+}
+
+// ---- the replica file through the lower VFS ----
+
+class Replica::File {
+public:
+    explicit File(sqlite3_vfs* vfs)
+        : vfs_(vfs), f_(static_cast<sqlite3_file*>(::operator new(static_cast<size_t>(vfs->szOsFile)))) {
+        std::memset(f_, 0, static_cast<size_t>(vfs->szOsFile));
+    }
+    ~File() {
+        close();
+        ::operator delete(f_);
+    }
+    File(const File&) = delete;
+    File& operator=(const File&) = delete;
+
+    Status open(const std::string& path) {
+        close();
+        name_ = sqlite3_create_filename(path.c_str(), (path + "-journal").c_str(), (path + "-wal").c_str(), 0, nullptr);
+        if (!name_) return make_error(ErrorKind::Io, "out of memory", "OpenFailed");
+        int out = 0;
+        int rc = vfs_->xOpen(vfs_, name_, f_, SQLITE_OPEN_MAIN_DB | SQLITE_OPEN_READWRITE, &out);
+        if (rc != SQLITE_OK) {
+            if (f_->pMethods) f_->pMethods->xClose(f_);
+            f_->pMethods = nullptr;
+            return make_error(ErrorKind::Io, "cannot open the replica file " + path + " (SQLite error " +
+                                                 std::to_string(rc) + ")",
+                              "OpenFailed");
+        }
+        path_ = path;
+        return {};
+    }
+    void close() {
+        if (f_->pMethods) {
+            f_->pMethods->xUnlock(f_, SQLITE_LOCK_NONE);
+            f_->pMethods->xClose(f_);
+            f_->pMethods = nullptr;
+        }
+        if (name_) sqlite3_free_filename(name_);
+        name_ = nullptr;
+    }
+    bool is_open() const { return f_->pMethods != nullptr; }
+    Status check(int rc, const char* what) const {
+        if (rc == SQLITE_OK) return {};
+        return make_error(ErrorKind::Io, std::string("cannot ") + what + " the replica file " + path_ +
+                                             " (SQLite error " + std::to_string(rc) + ")",
+                          "WriteFailed");
+    }
+    Status read(void* buf, int n, int64_t off) {
+        int rc = f_->pMethods->xRead(f_, buf, n, off);
+        return check(rc == SQLITE_IOERR_SHORT_READ ? SQLITE_OK : rc, "read");
+    }
+    Status write(const void* buf, int n, int64_t off) { return check(f_->pMethods->xWrite(f_, buf, n, off), "write"); }
+    Status truncate(int64_t size) { return check(f_->pMethods->xTruncate(f_, size), "truncate"); }
+    Status sync() { return check(f_->pMethods->xSync(f_, SQLITE_SYNC_NORMAL), "sync"); }
+    int64_t size() {
+        sqlite3_int64 s = 0;
+        return f_->pMethods->xFileSize(f_, &s) == SQLITE_OK ? s : -1;
+    }
+    int lock(int level) { return f_->pMethods->xLock(f_, level); }
+    void unlock(int level) { f_->pMethods->xUnlock(f_, level); }
+
+private:
+    sqlite3_vfs* vfs_;
+    sqlite3_file* f_;
+    const char* name_ = nullptr;
+    std::string path_;
+};
+
+// ---- opening ----
+
+Replica::Replica(std::string path, ReplicatorConfig cfg, sqlite3_vfs* lower)
+    : path_(std::move(path)), cfg_(std::move(cfg)), lower_(lower) {}
+
+Replica::~Replica() {
+    {
+        std::lock_guard lock(mu_);
+        stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+    file_.reset();
+    if (file_name_) sqlite3_free_filename(file_name_);
+    // A time-travel copy is ours alone: nothing to manage for the user.
+    if (time_travel_) ::unlink(path_.c_str());
+}
+
+Result<std::shared_ptr<Replica>> Replica::acquire(const std::string& path, const ReplicatorConfig& cfg,
+                                                  sqlite3_vfs* lower) {
+    std::unique_lock reg(registry_mu(), std::defer_lock);
+    if (!cfg.replica_at_us) {
+        reg.lock();
+        if (auto it = registry().find(path); it != registry().end())
+            if (auto r = it->second.lock()) return r;
+    }
+    std::shared_ptr<Replica> r(new Replica(path, cfg, lower));
+    s3::ClientConfig c = cfg.s3;
+    // A poll that cannot reach S3 gives up soon and tries again at the next one.
+    c.retry.max_elapsed = std::min<std::chrono::milliseconds>(
+        c.retry.max_elapsed, std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg.replica_poll * 5));
+    if (!c.connection_pool) c.connection_pool = shared_connection_pool(c.endpoint, c.ca_bundle, c.verify_tls);
+    r->client_ = std::make_unique<s3::Client>(std::move(c));
+    Status st = cfg.replica_at_us ? r->init_time_travel() : r->start();
+    if (!st) return std::move(st).error();
+    if (!cfg.replica_at_us) registry()[path] = r;
+    return r;
+}
+
+Status Replica::init_time_travel() {
+    time_travel_ = true;
+    auto cipher = open_cipher(*client_, cfg_.bucket, cfg_.db_id, cfg_.encryption, /*create=*/false);
+    if (!cipher) return std::move(cipher).error();
+    cipher_ = *cipher;
+    const std::string dir = cache_dir();
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);  // the pages may be secrets: private
+    if (ec) return make_error(ErrorKind::Io, "cannot create the cache directory " + dir + ": " + ec.message(), "OpenFailed");
+    (void)::chmod(dir.c_str(), 0700);
+    std::random_device rd;
+    char rnd[9];
+    std::snprintf(rnd, sizeof rnd, "%08x", static_cast<unsigned>(rd()));
+    // The id, the time and a random tail: two opens never share a file.
+    path_ = dir + "/" + cfg_.db_id + "@" + std::to_string(*cfg_.replica_at_us) + "-" +
+                                      std::to_string(::getpid()) + "-" + rnd + ".db";
+    RestoreOptions o;
+    o.until_us = cfg_.replica_at_us;
+    o.cipher = cipher_;
+    auto res = restore_database(*client_, cfg_.bucket, cfg_.db_id, path_, o);
+    ::unlink((path_ + "-bottomless").c_str());  // restore's note: this copy is never replicated
+    if (!res) {
+        Error e = std::move(res).error();
+        e.message = "time travel to " + fmt_time_us(*cfg_.replica_at_us) + " failed: " + e.message;
+        return e;
+    }
+    time_travel_ = true;  // from here the destructor removes the copy
+    // No connection has the copy yet: a plain descriptor is safe here.
+    int fd = ::open(path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) return make_error(ErrorKind::Io, "cannot open " + path_ + ": " + errno_text(errno), "OpenFailed");
+    unsigned char h[kHeader] = {};
+    bool ok = pread_full(fd, h, sizeof h, 0);
+    if (ok) {
+        make_legacy_header(h, get_be32(h + 24) + 1, res->db_pages);
+        ok = pwrite_full(fd, h, sizeof h, 0);
+    }
+    ::close(fd);
+    if (!ok) return make_error(ErrorKind::Io, "cannot prepare " + path_ + ": " + errno_text(errno), "WriteFailed");
+    std::lock_guard lock(mu_);
+    state_.bucket = cfg_.bucket;
+    state_.db_id = cfg_.db_id;
+    state_.generation = res->generation;
+    state_.seq = res->seq;
+    state_.page_size = res->page_size;
+    state_.db_pages = res->db_pages;
+    state_.last_commit_us = res->last_commit_us;
+    file_name_ = const_cast<char*>(
+        sqlite3_create_filename(path_.c_str(), (path_ + "-journal").c_str(), (path_ + "-wal").c_str(), 0, nullptr));
+    if (!file_name_) return make_error(ErrorKind::Io, "out of memory", "OpenFailed");
+    return {};
+}
+
+Status Replica::start() {
+    file_name_ = const_cast<char*>(
+        sqlite3_create_filename(path_.c_str(), (path_ + "-journal").c_str(), (path_ + "-wal").c_str(), 0, nullptr));
+    if (!file_name_) return make_error(ErrorKind::Io, "out of memory", "OpenFailed");
+    auto cipher = open_cipher(*client_, cfg_.bucket, cfg_.db_id, cfg_.encryption, /*create=*/false);
+    // Without S3 a proven replica still opens (it just does not follow yet);
+    // the key is needed only to apply.
+    if (cipher) cipher_ = *cipher;
+    else if (cipher.error().kind == ErrorKind::Corrupt || cipher.error().kind == ErrorKind::InvalidArgument)
+        return std::move(cipher).error();
+    // Another process may be hydrating this file: its start-up byte makes us wait.
+    auto lock = LeaderLock::acquire(path_, std::chrono::milliseconds(60'000));
+    if (!lock) return std::move(lock).error();
+    lock_.emplace(std::move(lock).value());
+    file_ = std::make_unique<File>(lower_);
+    if (lock_->leader()) {
+        leader_ = true;
+        if (!cipher && !cfg_.encryption.empty()) return std::move(cipher).error();
+        auto saved = [&]() -> std::optional<ReplicaState> {
+            std::string text;
+            int fd = ::open((path_ + "-bottomless-replica").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+            if (fd < 0) return std::nullopt;
+            char buf[4096];
+            for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0 && text.size() < 65536;) text.append(buf, static_cast<size_t>(n));
+            ::close(fd);
+            return parse_replica_state(text);
+        }();
+        struct stat st{};
+        const bool exists = ::stat(path_.c_str(), &st) == 0;
+        if (exists) {
+            if (auto s = file_->open(path_); !s) return s;
+            unsigned char h[kHeader] = {};
+            if (file_->read(h, sizeof h, 0)) state_.counter = get_be32(h + 24);
+        }
+        if (saved && exists && proven(*saved)) {
+            // The file is where its state says: follow from there, no S3 needed to open.
+            saved->counter = std::max(saved->counter, state_.counter);
+            state_ = *saved;
+        } else {
+            const std::string why = !exists ? "no replica file yet"
+                                    : !saved ? "no readable replica state next to the file"
+                                    : saved->applying ? "an apply was interrupted (crash?)"
+                                                      : "the file is not the one its replica state describes";
+            if (auto s = hydrate(why); !s) return s;
+        }
+        lock_->startup_done();
+    } else {
+        leader_pid_ = lock_->leader_pid();
+        struct stat st{};
+        if (::stat(path_.c_str(), &st) != 0)
+            return make_error(ErrorKind::Precondition,
+                              path_ + " is followed by " +
+                                  (leader_pid_ > 0 ? "process " + std::to_string(leader_pid_) : std::string("another process")) +
+                                  " but does not exist yet; open it again once that process has hydrated it",
+                              "ReplicaMissing");
+    }
+    thread_ = std::thread([this] { run(); });
+    return {};
+}
+
+bool Replica::proven(const ReplicaState& s) const {
+    struct stat st{};
+    if (s.applying || s.bucket != cfg_.bucket || s.db_id != cfg_.db_id || s.page_size == 0) return false;
+    if (::stat(path_.c_str(), &st) != 0) return false;
+    const int64_t mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+    return s.db_size == static_cast<int64_t>(st.st_size) && s.db_mtime_ns == mtime_ns &&
+           s.db_ino == static_cast<uint64_t>(st.st_ino) && static_cast<uint64_t>(st.st_size) == uint64_t{s.db_pages} * s.page_size;
+}
+
+// Replaces the state file (temp + rename). `durable`: fsynced with its
+// directory, for the "applying" mark that must precede the writes it guards.
+Status Replica::save_state(const ReplicaState& s0, bool durable) {
+    ReplicaState s = s0;
+    struct stat st{};
+    if (!s.applying && ::stat(path_.c_str(), &st) == 0) {
+        s.db_size = static_cast<int64_t>(st.st_size);
+        s.db_mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+        s.db_ino = static_cast<uint64_t>(st.st_ino);
+    }
+    const std::string p = path_ + "-bottomless-replica", tmp = p + ".tmp";
+    const std::string text = replica_state_json(s);
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) return make_error(ErrorKind::Io, "cannot write " + tmp + ": " + errno_text(errno), "WriteFailed");
+    bool ok = pwrite_full(fd, text.data(), text.size(), 0) && (!durable || ::fsync(fd) == 0);
+    ::close(fd);
+    ok = ok && ::rename(tmp.c_str(), p.c_str()) == 0 && (!durable || fsync_dir_of(p));
+    if (!ok) return make_error(ErrorKind::Io, "cannot write " + p + ": " + errno_text(errno), "WriteFailed");
+    std::lock_guard lock(mu_);
+    state_ = s;
+    return {};
+}
+
+void Replica::set_error(const std::string& e) {
+    std::lock_guard lock(mu_);
+    if (e != last_error_) log::warn("replica " + path_ + ": " + e);
+    last_error_ = e;
+}
+
+// SHARED, RESERVED, then PENDING and EXCLUSIVE, as SQLite's pager does for
+// a rollback-mode write. Readers holding SHARED make EXCLUSIVE wait; PENDING
+// (held while it waits) keeps new readers out, so it is held only
+// kPendingHold at a time.
+Status Replica::lock_exclusive(File& f) {
+    bool waited = false;
+    for (;;) {
+        {
+            std::lock_guard lock(mu_);
+            if (stop_) return make_error(ErrorKind::Cancelled, "closing", "Closing");
+        }
+        int rc = f.lock(SQLITE_LOCK_SHARED);
+        if (rc == SQLITE_OK) rc = f.lock(SQLITE_LOCK_RESERVED);
+        const auto t0 = Clock::now();
+        while (rc == SQLITE_OK) {
+            rc = f.lock(SQLITE_LOCK_EXCLUSIVE);
+            if (rc == SQLITE_OK) return {};
+            if (rc != SQLITE_BUSY || Clock::now() - t0 > kPendingHold) break;
+            rc = SQLITE_OK;
+            std::this_thread::sleep_for(std::chrono::microseconds(500));
+        }
+        if (rc != SQLITE_BUSY && rc != SQLITE_OK) {
+            f.unlock(SQLITE_LOCK_NONE);
+            return f.check(rc, "lock");
+        }
+        // Readers are in a transaction: let new ones in, try again shortly.
+        f.unlock(SQLITE_LOCK_NONE);
+        std::unique_lock lock(mu_);
+        if (!waited) ++lock_waits_;
+        waited = true;
+        cv_.wait_for(lock, kPendingBackoff, [&] { return stop_; });
+    }
+}
+
+// ---- hydration ----
+
+Status Replica::hydrate(const std::string& why, const std::string& generation) {
+    log::info("replica " + path_ + ": hydrating from the bucket (" + why + ")");
+    RestoreOptions o;
+    o.cipher = cipher_;
+    o.generation = generation;
+    const std::string tmp = path_ + ".replica-new";
+    auto res = restore_database(*client_, cfg_.bucket, cfg_.db_id, tmp, o);
+    ::unlink((tmp + "-bottomless").c_str());
+    if (!res) {
+        ::unlink(tmp.c_str());
+        Error e = std::move(res).error();
+        e.message = "cannot hydrate the replica " + path_ + " from s3://" + cfg_.bucket + "/" + cfg_.db_id + ": " + e.message;
+        return e;
+    }
+    ReplicaState s;
+    s.bucket = cfg_.bucket;
+    s.db_id = cfg_.db_id;
+    s.generation = res->generation;
+    s.seq = res->seq;
+    s.position = res->position;
+    s.last_sha256 = res->last_sha256;
+    s.page_size = res->page_size;
+    s.db_pages = res->db_pages;
+    s.last_commit_us = res->last_commit_us;
+    {
+        std::lock_guard lock(mu_);
+        s.counter = state_.counter + 1;
+    }
+    // The new image, in rollback format, in the temp file (ours alone).
+    Fd src(::open(tmp.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+    unsigned char h[kHeader] = {};
+    if (src.fd < 0 || !pread_full(src.fd, h, sizeof h, 0))
+        return make_error(ErrorKind::Io, "cannot read " + tmp + ": " + errno_text(errno), "OpenFailed");
+    s.counter = std::max(s.counter, get_be32(h + 24) + 1);
+    make_legacy_header(h, s.counter, s.db_pages);
+    if (!pwrite_full(src.fd, h, sizeof h, 0) || ::fsync(src.fd) != 0)
+        return make_error(ErrorKind::Io, "cannot write " + tmp + ": " + errno_text(errno), "WriteFailed");
+
+    struct stat st{};
+    if (!file_->is_open() && ::stat(path_.c_str(), &st) != 0) {
+        // No replica file yet, so no reader: the image is renamed into place.
+        for (const char* suffix : {"-journal", "-wal", "-shm"}) ::unlink((path_ + suffix).c_str());
+        if (::rename(tmp.c_str(), path_.c_str()) != 0)
+            return make_error(ErrorKind::Io, "cannot rename " + tmp + ": " + errno_text(errno), "RenameFailed");
+        fsync_dir_of(path_);
+        if (auto o2 = file_->open(path_); !o2) return o2;
+    } else {
+        // Readers may have the file open: it is rewritten in place (same
+        // inode) under the exclusive lock, as one big apply.
+        if (!file_->is_open())
+            if (auto o2 = file_->open(path_); !o2) return o2;
+        if (auto l = lock_exclusive(*file_); !l) return l;
+        ReplicaState mark;
+        {
+            std::lock_guard lock(mu_);
+            mark = state_;
+        }
+        mark.applying = true;
+        Status w = save_state(mark, true);
+        std::string buf(1u << 20, '\0');
+        const uint64_t size = uint64_t{s.db_pages} * s.page_size;
+        for (uint64_t off = 0; w && off < size; off += buf.size()) {
+            const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), size - off));
+            if (!pread_full(src.fd, buf.data(), n, off))
+                w = make_error(ErrorKind::Io, "cannot read " + tmp + ": " + errno_text(errno), "ReadFailed");
+            else w = file_->write(buf.data(), static_cast<int>(n), static_cast<int64_t>(off));
+        }
+        if (w) w = file_->truncate(static_cast<int64_t>(size));
+        if (w) w = file_->sync();
+        // The state (and status) moves before readers can see the new content.
+        if (w) w = hydrated(s, why);
+        file_->unlock(SQLITE_LOCK_NONE);
+        ::unlink(tmp.c_str());
+        return w;  // on failure the mark stays: the next open hydrates again
+    }
+    return hydrated(s, why);
+}
+
+Status Replica::hydrated(const ReplicaState& s, const std::string& why) {
+    if (auto w = save_state(s, false); !w) return w;
+    std::lock_guard lock(mu_);
+    ++hydrations_;
+    broken_ = false;
+    misses_ = 0;
+    last_event_ = "hydrated generation " + s.generation + " at segment " + std::to_string(s.seq) + ": " + why;
+    caught_up_us_ = now_us();
+    return {};
+}
+
+// ---- following ----
+
+void Replica::run() {
+    std::unique_lock lock(mu_);
+    while (!stop_) {
+        lock.unlock();
+        bool progressed = false;
+        try {
+            progressed = step();
+        } catch (const std::exception& e) {
+            set_error(std::string("follower step failed: ") + e.what());
+        }
+        lock.lock();
+        if (!progressed) cv_.wait_for(lock, cfg_.replica_poll, [&] { return stop_; });
+    }
+}
+
+bool Replica::try_lead() {
+    // The follower process went away: one of the readers takes over.
+    auto l = LeaderLock::acquire(path_, std::chrono::milliseconds(0));
+    if (!l || !l->leader()) return false;
+    lock_.emplace(std::move(l).value());
+    {
+        std::lock_guard lock(mu_);
+        leader_ = true;
+    }
+    std::string text;
+    int fd = ::open((path_ + "-bottomless-replica").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd >= 0) {
+        char buf[4096];
+        for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0 && text.size() < 65536;) text.append(buf, static_cast<size_t>(n));
+        ::close(fd);
+    }
+    auto saved = parse_replica_state(text);
+    if (!file_->is_open())
+        if (auto o = file_->open(path_); !o) {
+            set_error(o.error().message);
+            return false;
+        }
+    if (saved && proven(*saved)) {
+        std::lock_guard lock(mu_);
+        state_ = *saved;
+    } else if (auto h = hydrate("took over following from a process that left, its state not proven"); !h) {
+        set_error(h.error().message);
+    }
+    lock_->startup_done();
+    return true;
+}
+
+bool Replica::step() {
+    bool leader, broken;
+    ReplicaState s;
+    {
+        std::lock_guard lock(mu_);
+        ++polls_;
+        leader = leader_;
+        broken = broken_;
+        s = state_;
+    }
+    if (!leader) return try_lead();
+    if (!cipher_ && !cfg_.encryption.empty()) {  // S3 was unreachable at the open
+        auto c = open_cipher(*client_, cfg_.bucket, cfg_.db_id, cfg_.encryption, /*create=*/false);
+        if (!c) {
+            set_error(c.error().message);
+            return false;
+        }
+        cipher_ = *c;
+    }
+    if (s.applying) {  // an earlier apply failed half-way: the file is not trusted
+        if (auto h = hydrate("an apply failed half-way"); !h) set_error(h.error().message);
+        return false;
+    }
+    if (!broken) {
+        const uint64_t seq = s.seq + 1;
+        const std::string key = segment_key(cfg_.db_id, s.generation, seq);
+        // The next key is predictable: one GET finds it or answers 404.
+        auto body = client_->get_object(cfg_.bucket, key, std::nullopt, nullptr, max_segment_object_size());
+        if (body) {
+            if (auto a = apply_segment(seq, key, *body); !a) {
+                set_error(a.error().message);
+                return false;
+            }
+            std::lock_guard lock(mu_);
+            last_error_.clear();
+            misses_ = 0;
+            return true;
+        }
+        if (body.error().kind != ErrorKind::NotFound) {
+            set_error("polling " + key + ": " + body.error().message);
+            return false;
+        }
+    }
+    uint64_t misses;
+    {
+        std::lock_guard lock(mu_);
+        misses = ++misses_;
+        if (!broken) {
+            caught_up_us_ = now_us();
+            last_error_.clear();
+        }
+    }
+    if (misses == kListAfterMisses || misses % kListEvery == 0)
+        if (auto c = check_generations(); !c) set_error(c.error().message);
+    return false;
+}
+
+Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::string& body) {
+    ReplicaState s;
+    {
+        std::lock_guard lock(mu_);
+        s = state_;
+    }
+    // First pass: the whole object is checked (trailer, key, chain, every
+    // frame decodes) before one byte of the file changes.
+    SegmentHeader h;
+    auto on_header = [&](const SegmentHeader& sh) -> Status {
+        if (sh.db_id != cfg_.db_id || sh.generation != s.generation || sh.seq != seq)
+            return make_error(ErrorKind::Corrupt, key + " holds another object (" + sh.db_id + "/" + sh.generation + "/" +
+                                                      std::to_string(sh.seq) + ")",
+                              "WrongObject");
+        if (sh.prev_sha256 != s.last_sha256 || !(sh.start == s.position) || sh.page_size != s.page_size)
+            return make_error(ErrorKind::Corrupt,
+                              key + " does not continue the replica's position (chain broken: a fork, or an object "
+                                    "replaced); not applied, waiting for a new generation",
+                              "ChainBroken");
+        h = sh;
+        return {};
+    };
+    auto sha = for_each_segment_frame(body, key, cipher_.get(), on_header,
+                                      [](uint64_t, uint32_t, std::string_view) { return Status{}; });
+    if (!sha) {
+        if (sha.error().kind == ErrorKind::Corrupt) {
+            std::lock_guard lock(mu_);
+            broken_ = true;
+        }
+        return std::move(sha).error();
+    }
+    if (h.txns.empty()) return make_error(ErrorKind::Corrupt, key + " holds no transaction", "CorruptObject");
+    const uint32_t db_pages = h.txns.back().db_pages;
+
+    if (auto l = lock_exclusive(*file_); !l) return l;
+    ReplicaState mark = s;
+    mark.applying = true;
+    Status w = save_state(mark, true);
+    // Second pass: the pages, in order (a later frame of a page wins).
+    if (w) {
+        auto again = for_each_segment_frame(body, key, cipher_.get(), [](const SegmentHeader&) { return Status{}; },
+                                            [&](uint64_t, uint32_t pgno, std::string_view page) {
+                                                return file_->write(page.data(), static_cast<int>(page.size()),
+                                                                    static_cast<int64_t>(pgno - 1) * s.page_size);
+                                            });
+        if (!again) w = std::move(again).error();
+    }
+    if (w && file_->size() > static_cast<int64_t>(uint64_t{db_pages} * s.page_size))
+        w = file_->truncate(static_cast<int64_t>(uint64_t{db_pages} * s.page_size));
+    ReplicaState next = s;
+    next.counter = s.counter + 1;
+    if (w) {
+        unsigned char hdr[kHeader] = {};
+        w = file_->read(hdr, sizeof hdr, 0);
+        make_legacy_header(hdr, next.counter, db_pages);
+        if (w) w = file_->write(hdr, sizeof hdr, 0);
+    }
+    if (w) w = file_->sync();
+    next.seq = seq;
+    next.position = h.end;
+    next.last_sha256 = *sha;
+    next.db_pages = db_pages;
+    next.last_commit_us = h.txns.back().commit_us;
+    next.applying = false;
+    // The state (and status) moves before readers can see the new pages.
+    if (w) w = save_state(next, false);
+    if (!w) {
+        file_->unlock(SQLITE_LOCK_NONE);
+        std::lock_guard lock(mu_);
+        state_.applying = true;  // the next step hydrates
+        return w;
+    }
+    {
+        std::lock_guard lock(mu_);
+        ++segments_applied_;
+        last_apply_us_ = now_us();
+        applied_lag_us_ = next.last_commit_us > 0 ? last_apply_us_ - next.last_commit_us : 0;
+    }
+    file_->unlock(SQLITE_LOCK_NONE);
+    return {};
+}
+
+// A listing of the generations (after a streak of misses): a newer one than
+// the replica's is followed by re-hydrating in place (format-1 snapshots
+// carry no page hashes, so what changed cannot be known without it);
+// whether it descends from the replica's position is reported.
+Status Replica::check_generations() {
+    auto gens = list_generations(*client_, cfg_.bucket, cfg_.db_id);
+    if (!gens) return std::move(gens).error();
+    const GenerationInfo* latest = nullptr;
+    if (auto st = find_latest(*client_, cfg_.bucket, cfg_.db_id, *gens, latest); !st) return st;
+    ReplicaState s;
+    {
+        std::lock_guard lock(mu_);
+        s = state_;
+    }
+    if (!latest || latest->id == s.generation) return {};
+    if (generation_time_ms(latest->id) >= 0 && generation_time_ms(s.generation) > generation_time_ms(latest->id))
+        return make_error(ErrorKind::Precondition,
+                          "the bucket's newest generation " + latest->id + " is older than the replica's " +
+                              s.generation + " (generations removed?); not followed",
+                          "ReplicaAhead");
+    std::string lineage = "a new generation " + latest->id;
+    auto snap = read_snapshot_header(*client_, cfg_.bucket, snapshot_key(cfg_.db_id, latest->id), latest->snapshot_bytes);
+    if (snap) {
+        if (snap->parent_generation == s.generation && snap->parent_seq >= s.seq)
+            lineage += " continues the replica's generation (from its segment " + std::to_string(snap->parent_seq) + ")";
+        else
+            lineage += " does not descend from the replica's position (parent " +
+                       (snap->parent_generation.empty() ? std::string("none") : snap->parent_generation) + " at segment " +
+                       std::to_string(snap->parent_seq) + "): the history diverged (a restore elsewhere?)";
+    }
+    return hydrate(lineage, latest->id);
+}
+
+std::string Replica::status_json() const {
+    ReplicaState s;
+    json j;
+    const auto stats = client_->stats();
+    std::lock_guard lock(mu_);
+    s = state_;
+    if (!time_travel_ && !leader_) {
+        // Another process follows: where the file stands is in its state file.
+        std::string text;
+        int fd = ::open((path_ + "-bottomless-replica").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd >= 0) {
+            char buf[4096];
+            for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0 && text.size() < 65536;) text.append(buf, static_cast<size_t>(n));
+            ::close(fd);
+        }
+        if (auto p = parse_replica_state(text)) s = *p;
+    }
+    const int64_t now = now_us();
+    j["mode"] = "replica";
+    j["role"] = time_travel_ ? "time-travel" : leader_ ? "follower" : "reader";
+    if (!time_travel_ && !leader_) j["follower_pid"] = leader_pid_ > 0 ? json(leader_pid_) : json();
+    j["read_only"] = true;
+    j["bucket"] = cfg_.bucket;
+    j["database_id"] = cfg_.db_id;
+    j["generation"] = s.generation;
+    j["segment"] = s.seq;
+    j["db_pages"] = s.db_pages;
+    j["page_size"] = s.page_size;
+    j["last_applied_commit"] = fmt_time_us(s.last_commit_us);
+    j["last_applied_commit_us"] = s.last_commit_us;
+    if (time_travel_) {
+        j["at"] = fmt_time_us(cfg_.replica_at_us.value_or(0));
+    } else {
+        j["poll_ms"] = cfg_.replica_poll.count();
+        // How stale the replica may be: since the last poll that found
+        // nothing newer (caught up as of then); null before the first.
+        j["lag_ms"] = leader_ && caught_up_us_ > 0 ? json((now - caught_up_us_) / 1000) : json();
+        j["applied_lag_ms"] = applied_lag_us_ / 1000;  // at the last apply: its time minus the writer's commit time
+        j["last_apply"] = fmt_time_us(last_apply_us_);
+        j["segments_applied"] = segments_applied_;
+        j["hydrations"] = hydrations_;
+        j["polls"] = polls_;
+        j["lock_waits"] = lock_waits_;
+        j["chain_broken"] = broken_;
+        j["last_event"] = last_event_;
+    }
+    j["requests"] = {{"total", stats.requests}, {"get", stats.gets},   {"head", stats.heads},
+                     {"list", stats.lists},     {"put", stats.puts},   {"retries", stats.retries},
+                     {"bytes_received", stats.bytes_received}};
+    j["last_error"] = last_error_.empty() ? json() : json(last_error_);
+    return j.dump();
+}
+
+}  // namespace bottomless::replicator

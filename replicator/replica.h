@@ -1,0 +1,139 @@
+// Read replicas: a local database file that follows the bucket
+// (docs/SEMANTICS.md "Read replicas"), and time travel (a read-only copy of
+// a past state).
+//
+// The replica file is kept in rollback-journal ("legacy") format, header
+// bytes 18/19 = 1, so that SQLite readers need no -wal or -shm and read it
+// under SQLite's own rollback locking protocol. One process per replica file
+// follows (LeaderLock on the file): its follower thread polls for the next
+// segment of the generation (a GET of the predictable key; a listing only
+// after a streak of misses), checks the chain, and applies the segment as a
+// rollback-mode writer would: SHARED, RESERVED, PENDING, EXCLUSIVE on the
+// file through the lower VFS (readers holding SHARED make it wait), the
+// pages written, the size set, the change counter bumped (how readers learn
+// to drop their cache), fsync, unlock. A new generation is re-hydrated in
+// place (the same inode: open readers keep working). "applying" in the
+// state file "<db>-bottomless-replica" brackets every write, so a crash in
+// the middle is answered by a re-hydration at the next open, never served.
+//
+// Everything that touches the replica file goes through the lower
+// sqlite3_vfs (never a raw descriptor): closing a raw descriptor of the file
+// would drop every POSIX lock this process's SQLite connections hold on it.
+//
+// Lock order: registry mutex (acquire) > Replica::mu_. No lock is held
+// across S3 requests or while waiting for the file's locks.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "replicator/config.h"
+#include "replicator/format.h"
+#include "replicator/leader_lock.h"
+#include "replicator/sqlite_api.h"
+#include "s3/client.h"
+#include "s3/result.h"
+
+namespace bottomless::replicator {
+
+// Where a replica file stands: what the state file "<db>-bottomless-replica" records.
+struct ReplicaState {
+    std::string bucket, db_id, generation;
+    uint64_t seq = 0;             // last segment applied (0: the snapshot only)
+    WalPosition position;         // the position the file reflects
+    std::string last_sha256;      // trailer of the last object applied
+    uint32_t page_size = 0, db_pages = 0;
+    int64_t last_commit_us = 0;   // the writer's commit time of the newest transaction in the file
+    uint32_t counter = 0;         // the file change counter we last wrote (header bytes 24 and 92)
+    bool applying = false;        // a write to the file is under way: its content is not proven
+    int64_t db_size = -1, db_mtime_ns = -1;
+    uint64_t db_ino = 0;
+};
+
+// The state file's text and back; nullopt for anything not understood.
+std::string replica_state_json(const ReplicaState& s);
+std::optional<ReplicaState> parse_replica_state(std::string_view text);
+
+// Rewrites the first 100 bytes of page 1 so SQLite reads the file in
+// rollback mode: bytes 18/19 = 1 (legacy), the change counter (24) and the
+// version-valid-for number (92) = counter, the in-header size (28) = db_pages.
+void make_legacy_header(unsigned char* header100, uint32_t counter, uint32_t db_pages);
+
+class Replica {
+public:
+    // One per replica file and process (found by canonical path), shared by
+    // its connections. `lower` is the VFS the file is read and locked
+    // through (the default VFS below the shim). With cfg.replica_at_us: a
+    // private read-only copy of that point in time under the cache directory
+    // (removed when the last connection closes), not registered, not followed.
+    // Errors: the open fails (the message says what to do).
+    static Result<std::shared_ptr<Replica>> acquire(const std::string& path, const ReplicatorConfig& cfg,
+                                                    sqlite3_vfs* lower);
+    ~Replica();
+    Replica(const Replica&) = delete;
+    Replica& operator=(const Replica&) = delete;
+
+    // The file SQLite opens, as a filename from sqlite3_create_filename()
+    // (the lower VFS reads URI parameters after the name's terminator).
+    const char* file_name() const { return file_name_; }
+    bool time_travel() const { return time_travel_; }
+    // bottomless_status() on a replica connection.
+    std::string status_json() const;
+    // A reader's SHARED lock met the follower's PENDING: how long to keep
+    // trying (a little more than one apply may take).
+    static constexpr std::chrono::milliseconds kReaderWait{5000};
+
+private:
+    Replica(std::string path, ReplicatorConfig cfg, sqlite3_vfs* lower);
+    Status start();             // the first open: prove or hydrate, then follow
+    Status init_time_travel();  // at=: restore the point in time into the cache
+    void run();                 // the follower thread
+    bool step();                // one poll; true if it made progress (poll again at once)
+    bool try_lead();
+    Status hydrate(const std::string& why, const std::string& generation = "");
+    Status hydrated(const ReplicaState& s, const std::string& why);
+    Status apply_segment(uint64_t seq, const std::string& key, const std::string& body);
+    Status check_generations();
+    bool proven(const ReplicaState& s) const;
+    Status save_state(const ReplicaState& s, bool durable);
+    void set_error(const std::string& e);
+
+    // Locks of the replica file, taken as a rollback-mode writer does.
+    class File;
+    Status lock_exclusive(File& f);
+
+    std::string path_;                // the cache copy's path for time travel (set before any thread)
+    const ReplicatorConfig cfg_;
+    sqlite3_vfs* const lower_;
+    bool time_travel_ = false;
+    char* file_name_ = nullptr;   // sqlite3_create_filename(); freed in the destructor
+    std::unique_ptr<s3::Client> client_;
+    std::shared_ptr<const Cipher> cipher_;
+    std::optional<LeaderLock> lock_;  // follower thread only after start()
+    std::unique_ptr<File> file_;      // follower thread only after start()
+
+    mutable std::mutex mu_;           // guards everything below
+    std::condition_variable cv_;      // stop_
+    bool stop_ = false;
+    bool leader_ = false;
+    long leader_pid_ = 0;
+    ReplicaState state_;              // the follower's position (leader); read from the file otherwise
+    bool broken_ = false;             // the next segment does not continue the chain: not applied
+    std::string last_error_;
+    std::string last_event_;          // the last generation change or re-hydration, and why
+    uint64_t segments_applied_ = 0, hydrations_ = 0, misses_ = 0, polls_ = 0;
+    uint64_t lock_waits_ = 0;         // applies that had to wait for readers (counted when the wait starts)
+    int64_t last_apply_us_ = 0;       // wall clock of the last apply
+    int64_t applied_lag_us_ = 0;      // at the last apply: its time minus the writer's commit time
+    int64_t caught_up_us_ = 0;        // wall clock of the last poll that found nothing newer
+    std::thread thread_;              // last: started once the members above exist
+};
+
+}  // namespace bottomless::replicator

@@ -1,0 +1,262 @@
+// Read replicas (replica=1) and time travel (at=) against the real S3
+// server: a writer through the embedded VFS (async, short batches) and
+// replica connections in the same process, on another file.
+//
+//   - the replica sees every commit of a counter table within a bound,
+//     integrity_check ok, refuses writes with SQLITE_READONLY
+//   - a read transaction open while segments arrive sees one stable state,
+//     and another reader is not blocked meanwhile
+//   - a new generation on the writer (bottomless_snapshot()) is followed
+//   - a crash in the middle of an apply (the state file's mark) is re-hydrated at the next open
+//   - at=<time> shows the old state, read-only, and leaves no file behind
+//   - a plain sqlite3 shell in another process reads the replica file while it follows
+#include <catch2/catch.hpp>
+
+#include <stdlib.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "replicator/util.h"
+#include "support/s3_env.h"
+#include "support/sqlite_util.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace bottomless;
+using namespace bottomless::testing;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Fixture {
+    std::unique_ptr<s3::Client> client = server_client();
+    TestBucket bucket{*client, "replica"};
+    TempDir dir;
+    std::string writer_path = dir.file("w/app.db"), replica_path = dir.file("r/app.db");
+    Db writer;
+    Fixture() {
+        fs::create_directories(dir.file("w"));
+        fs::create_directories(dir.file("r"));
+        register_bottomless();
+        writer = open_db("file:" + writer_path + "?vfs=bottomless&bucket=" + bucket.name() +
+                         "&database_id=app.db&batch_interval_ms=50");
+        exec(writer.get(), "PRAGMA journal_mode=wal");
+        exec(writer.get(), "CREATE TABLE c(n INTEGER); INSERT INTO c VALUES(0); CREATE TABLE log(i INTEGER PRIMARY KEY, pad BLOB)");
+        flush();
+    }
+    void flush() { (void)query_text(writer.get(), "SELECT bottomless_flush(30000)"); }
+    std::string replica_uri(const std::string& path, const std::string& extra = "") const {
+        return "file:" + path + "?vfs=bottomless&bucket=" + bucket.name() + "&database_id=app.db&replica=1&replica_poll_ms=50" +
+               extra;
+    }
+    // One commit: the counter to i and a row i.
+    void commit(int i) {
+        exec(writer.get(), "BEGIN; UPDATE c SET n=" + std::to_string(i) + "; INSERT INTO log VALUES(" + std::to_string(i) +
+                               ", randomblob(300)); COMMIT");
+    }
+};
+
+// Polls `sql` on `db` until it returns `want` or `limit` passes; the time it took.
+std::chrono::milliseconds wait_for_value(sqlite3* db, const std::string& sql, long long want,
+                                         std::chrono::milliseconds limit = 10s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+        const long long v = query_int(db, sql);
+        const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+        if (v == want) return took;
+        if (took > limit) {
+            FAIL("'" << sql << "' is " << v << " after " << took.count() << " ms, expected " << want);
+        }
+        std::this_thread::sleep_for(5ms);
+    }
+}
+
+std::string slurp_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+json status(sqlite3* db) { return json::parse(query_text(db, "SELECT bottomless_status()")); }
+
+}  // namespace
+
+TEST_CASE("replica: follows every commit of a writer within a bound and refuses writes", "[vfs][integration][replica]") {
+    Fixture f;
+    Db r = open_db(f.replica_uri(f.replica_path));
+    CHECK(query_int(r.get(), "SELECT n FROM c") == 0);
+    std::chrono::milliseconds worst{0};
+    for (int i = 1; i <= 20; ++i) {
+        f.commit(i);
+        // Writer batch 50 ms (+ the pool's quarter interval) + poll 50 ms + round trips.
+        worst = std::max(worst, wait_for_value(r.get(), "SELECT n FROM c", i));
+    }
+    INFO("slowest commit to reach the replica: " << worst.count() << " ms");
+    CHECK(worst < 5s);
+    // Every commit, in order, no gap.
+    CHECK(query_int(r.get(), "SELECT count(*) FROM log") == 20);
+    CHECK(query_int(r.get(), "SELECT sum(i) FROM log") == 210);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    // The file is in rollback mode for its readers: no -wal or -shm.
+    CHECK(query_text(r.get(), "PRAGMA journal_mode") == "delete");
+    CHECK_FALSE(fs::exists(f.replica_path + "-wal"));
+
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["mode"] == "replica");
+    CHECK(st["role"] == "follower");
+    CHECK(st["generation"] == json::parse(query_text(f.writer.get(), "SELECT bottomless_status()"))["generation"]);
+    CHECK(st["segment"].get<uint64_t>() >= 1);
+    CHECK(st["segments_applied"].get<uint64_t>() >= 1);
+    CHECK(st["requests"]["get"].get<uint64_t>() >= st["segments_applied"].get<uint64_t>());
+    CHECK(st["last_error"].is_null());
+    CHECK_FALSE(st["lag_ms"].is_null());
+
+    // Writes fail, with SQLite's read-only error.
+    std::string err;
+    CHECK(try_exec(r.get(), "INSERT INTO log VALUES(1000, NULL)", err) == SQLITE_READONLY);
+    CHECK(err.find("readonly") != std::string::npos);
+    CHECK(try_exec(r.get(), "CREATE TABLE x(a)", err) == SQLITE_READONLY);
+    CHECK(try_exec(r.get(), "SELECT bottomless_snapshot()", err) != SQLITE_OK);
+    CHECK(err.find("read replica") != std::string::npos);
+
+    // Closed and opened again: the file proves its position (no hydration) and goes on.
+    r.reset();
+    f.commit(21);
+    r = open_db(f.replica_uri(f.replica_path));
+    wait_for_value(r.get(), "SELECT n FROM c", 21);
+    st = status(r.get());
+    CHECK(st["hydrations"] == 0);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+
+    // A crash in the middle of an apply leaves "applying" in the state file:
+    // the next open does not trust the file and hydrates it again.
+    r.reset();
+    {
+        json state = json::parse(slurp_file(f.replica_path + "-bottomless-replica"));
+        CHECK(state["applying"] == false);
+        state["applying"] = true;
+        std::ofstream(f.replica_path + "-bottomless-replica", std::ios::trunc) << state.dump();
+    }
+    r = open_db(f.replica_uri(f.replica_path));
+    st = status(r.get());
+    CHECK(st["hydrations"] == 1);
+    CHECK(st["last_event"].get<std::string>().find("interrupted") != std::string::npos);
+    CHECK(query_int(r.get(), "SELECT n FROM c") == 21);
+
+    // Another process, a plain sqlite3 shell without bottomless, reads the
+    // same file while it follows (rollback mode: no -wal, no -shm).
+    f.commit(22);
+    wait_for_value(r.get(), "SELECT n FROM c", 22);
+    std::string out;
+    REQUIRE(run_command(shell_quote(sqlite3_shell()) + " -readonly " + shell_quote(f.replica_path) +
+                            " 'PRAGMA busy_timeout=5000' 'SELECT n FROM c'",
+                        &out) == 0);
+    CHECK(out.find("22") != std::string::npos);
+}
+
+TEST_CASE("replica: a read transaction sees one stable state while segments arrive", "[vfs][integration][replica]") {
+    Fixture f;
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    Db a = open_db(f.replica_uri(f.replica_path));
+    Db b = open_db(f.replica_uri(f.replica_path));
+    wait_for_value(a.get(), "SELECT n FROM c", 3);
+
+    exec(a.get(), "BEGIN");
+    REQUIRE(query_int(a.get(), "SELECT count(*) FROM log") == 3);
+    for (int i = 4; i <= 8; ++i) {
+        f.commit(i);
+        f.flush();  // one segment each
+    }
+    std::this_thread::sleep_for(400ms);  // several polls: the segments are there to apply
+    for (int k = 0; k < 5; ++k) {
+        CHECK(query_int(a.get(), "SELECT count(*) FROM log") == 3);
+        CHECK(query_int(a.get(), "SELECT n FROM c") == 3);
+        // Another reader is not held up by the waiting follower for long.
+        const auto t0 = std::chrono::steady_clock::now();
+        const long long seen = query_int(b.get(), "SELECT n FROM c");
+        CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+        CHECK(seen == 3);  // nothing is applied while a reads
+        std::this_thread::sleep_for(50ms);
+    }
+    CHECK(status(b.get())["lock_waits"].get<uint64_t>() >= 1);
+    exec(a.get(), "COMMIT");
+    wait_for_value(a.get(), "SELECT n FROM c", 8);
+    CHECK(query_int(b.get(), "SELECT count(*) FROM log") == 8);
+    CHECK(query_text(b.get(), "PRAGMA integrity_check") == "ok");
+}
+
+TEST_CASE("replica: a new generation on the writer is followed", "[vfs][integration][replica]") {
+    Fixture f;
+    f.commit(1);
+    f.flush();
+    Db r = open_db(f.replica_uri(f.replica_path));
+    wait_for_value(r.get(), "SELECT n FROM c", 1);
+    const std::string first = status(r.get())["generation"];
+    const std::string second = query_text(f.writer.get(), "SELECT bottomless_snapshot()");
+    REQUIRE(second != first);
+    for (int i = 2; i <= 4; ++i) f.commit(i);
+    wait_for_value(r.get(), "SELECT n FROM c", 4);
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["generation"] == second);
+    CHECK(st["hydrations"].get<uint64_t>() >= 1);
+    CHECK(st["last_event"].get<std::string>().find("continues the replica's generation") != std::string::npos);
+    CHECK(query_int(r.get(), "SELECT count(*) FROM log") == 4);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    // And on from there, segment by segment.
+    f.commit(5);
+    wait_for_value(r.get(), "SELECT n FROM c", 5);
+}
+
+TEST_CASE("replica: at= opens the state of a past time read-only and leaves nothing behind",
+          "[vfs][integration][replica]") {
+    Fixture f;
+    TempDir cache;
+    const char* old_cache = std::getenv("XDG_CACHE_HOME");
+    const std::string saved = old_cache ? old_cache : "";
+    ::setenv("XDG_CACHE_HOME", cache.path().c_str(), 1);
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    std::this_thread::sleep_for(20ms);
+    const int64_t then = replicator::now_us();
+    std::this_thread::sleep_for(20ms);
+    for (int i = 4; i <= 6; ++i) f.commit(i);
+    f.flush();
+    {
+        Db past = open_db(f.replica_uri(f.dir.file("r/past.db"), "&at=" + replicator::fmt_time_us(then)));
+        CHECK(query_int(past.get(), "SELECT n FROM c") == 3);
+        CHECK(query_int(past.get(), "SELECT count(*) FROM log") == 3);
+        CHECK(query_text(past.get(), "PRAGMA integrity_check") == "ok");
+        std::string err;
+        CHECK(try_exec(past.get(), "DELETE FROM log", err) == SQLITE_READONLY);
+        json st = status(past.get());
+        CHECK(st["role"] == "time-travel");
+        // Not followed: later commits never show.
+        f.commit(7);
+        f.flush();
+        std::this_thread::sleep_for(200ms);
+        CHECK(query_int(past.get(), "SELECT n FROM c") == 3);
+        CHECK_FALSE(fs::exists(f.dir.file("r/past.db")));  // the name only names the database
+    }
+    size_t left = 0;
+    for (const auto& e : fs::recursive_directory_iterator(cache.path()))
+        if (e.is_regular_file()) ++left;
+    CHECK(left == 0);
+    // at= without replica=1 is a configuration error.
+    Db bad;
+    std::string err;
+    CHECK(try_open_db("file:" + f.dir.file("r/x.db") + "?vfs=bottomless&bucket=" + f.bucket.name() + "&at=" +
+                          replicator::fmt_time_us(then),
+                      bad, err) != SQLITE_OK);
+    if (old_cache) ::setenv("XDG_CACHE_HOME", saved.c_str(), 1);
+    else ::unsetenv("XDG_CACHE_HOME");
+}
