@@ -354,6 +354,7 @@ Status Replicator::record_epoch_end(const char* why) {
         preserve_to_.store(wal_frame_offset(page_size_, record.frame + 1));
         preserve_salts_.store((static_cast<uint64_t>(record.salt1) << 32) | record.salt2);
         preserve_from_.store(wal_frame_offset(page_size_, durable_.frame + 1));  // the new epoch writes from frame 1
+        wake();  // the uploader copies them aside before the new epoch gets there (usually)
     }
     if (generation_.empty() || record == written_record_) return {};
     if (!write_state_file(false)) {
@@ -389,19 +390,35 @@ Status copy_frames_aside(const std::string& wal_path, const std::string& out_pat
 
 void Replicator::preserve_ended_frames() noexcept {
     try {
-        // No lock: the range was fixed when the epoch ended (record_epoch_end),
-        // and only the thread holding SQLite's WAL write lock gets here. What
-        // became durable meanwhile is copied too, harmlessly.
-        const uint64_t from = preserve_from_.exchange(UINT64_MAX);
+        // The range was fixed when the epoch ended (record_epoch_end). The
+        // uploader or the writer copies it, one at a time: the range stays
+        // set until the copy is done, so a writer whose frames reach it meets
+        // it here and waits for the uploader's copy instead of overwriting
+        // what is being read. What became durable meanwhile is copied too,
+        // harmlessly.
+        std::lock_guard plock(preserve_mu_);
+        const uint64_t from = preserve_from_.load();
+        if (from == UINT64_MAX) return;
         const uint64_t to = preserve_to_.load();
-        if (from == UINT64_MAX || from >= to) return;
         const uint64_t salts = preserve_salts_.load();
+        // Done with this range whatever happens below (a newer epoch's range
+        // set meanwhile stays owed).
+        struct Done {
+            std::atomic<uint64_t>& slot;
+            uint64_t from;
+            ~Done() {
+                uint64_t expected = from;
+                slot.compare_exchange_strong(expected, UINT64_MAX);
+            }
+        } done{preserve_from_, from};
+        if (from >= to) return;
         if (durable_salts_.load() != salts) return;  // durable in a later epoch: nothing left to keep
         // The WAL still holds them: the new epoch is only now reaching their
         // slots. Copied at the same offsets (a sparse file), so recovery
         // reads either file the same way; stale content from an older epoch
         // fails its salts.
         const std::string out_path = path_ + "-bottomless-frames";
+        if (::access(wal_path_.c_str(), F_OK) != 0 && errno == ENOENT) return;  // deleted: nothing left to copy
         if (Status st = copy_frames_aside(wal_path_, out_path, from, to); !st) {
             // Only the cost of a crash changes: the next start may need a new generation.
             log::warn(path_ + ": could not keep the ended WAL epoch's unshipped frames aside: " + st.error().message);

@@ -20,6 +20,8 @@
 //               segment is compressed
 //   obs_mu_, status_mu_, cv_mu_, the tee's mutex — leaves: held for a
 //     copy or a container operation, never with each other
+//   preserve_mu_ — held for the copy aside of an ended epoch's unshipped
+//     frames (file I/O), with no other lock
 //   the uploader pool's mutex (pool.h) — below every other: taken by
 //     schedule() (wake(), note_commit()) and by the pool's workers, never
 //     held while a step runs
@@ -353,10 +355,17 @@ private:
     // the new epoch has not overwritten it (before_wal_overwrite); max: none.
     std::atomic<uint64_t> preserve_from_{UINT64_MAX};
     // The end of that range (the ended epoch's last frame), and the epoch's
-    // salts: set with preserve_from_, so the copy needs no lock (the writer
-    // must never wait for upload_mu_, which a snapshot holds while it uploads).
+    // salts: set with preserve_from_, so the copy needs no lock of the upload
+    // state (the writer must never wait for upload_mu_, which a snapshot
+    // holds while it uploads).
     std::atomic<uint64_t> preserve_to_{0};
     std::atomic<uint64_t> preserve_salts_{0};
+    // Held for one copy aside (file I/O: milliseconds), by the uploader
+    // (woken when the epoch ends, so the copy is normally done before the new
+    // epoch reaches the range) or by a writer that got there first; a writer
+    // waits on it only when its new frames reach a range the uploader is
+    // still copying. Taken with no other lock held.
+    std::mutex preserve_mu_;
     Tee tee_;
 
     // net_mu_ serialises network work (segment uploads, snapshots, sync

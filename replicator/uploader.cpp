@@ -328,6 +328,10 @@ constexpr std::chrono::milliseconds kNetBusyRetry{50};
 
 Clock::time_point Replicator::pool_step() noexcept {
     try {
+        // First, before any lock a snapshot may hold for long: an ended WAL
+        // epoch's unshipped frames, copied aside before the new epoch
+        // overwrites them (so the writer does not have to).
+        if (preserve_from_.load(std::memory_order_relaxed) != UINT64_MAX) preserve_ended_frames();
         std::unique_lock net(net_mu_, std::try_to_lock);
         if (!net.owns_lock()) return Clock::now() + kNetBusyRetry;
         bool force;

@@ -683,6 +683,8 @@ int x_delete(sqlite3_vfs* vfs, const char* name, int sync_dir) {
                     log::warn(st.error().message + "; keeping " + n);
                     return SQLITE_IOERR_DELETE;
                 }
+                // Frames kept only in memory lose their slots now: aside first.
+                r->before_wal_overwrite(0);
             }
         }
         return SQLITE_OK;
