@@ -18,10 +18,14 @@
 //
 // Usage (server from scripts/s3-server.sh, env from its `env` command):
 //   build/bench/many_dbs [--dbs 2000] [--seconds 20] [--active-pct 1] [--rate 10]
-//                        [--batch-ms 1000] [--uri-extra '&uploader_threads=4']
+//                        [--batch-ms 1000] [--uri-extra '&uploader_threads=4'] [--rounds 0]
+// --rounds N: after phase 3, N rounds of plain SQLite opening and closing
+// all the (idle) databases, then bottomless doing the same, each timed in
+// wall and CPU time (steadier figures side by side; a profile of open/close).
 #include <dirent.h>
 #include <malloc.h>
 #include <sqlite3.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -57,6 +61,14 @@ double heap_bytes() {
     struct mallinfo2 m = mallinfo2();
     return static_cast<double>(m.uordblks + m.hblkhd);
 }
+// CPU seconds (user + system) of the whole process so far: a figure the
+// other loads of a shared machine disturb less than the wall clock.
+double cpu_seconds() {
+    rusage ru{};
+    ::getrusage(RUSAGE_SELF, &ru);
+    auto s = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec / 1e6; };
+    return s(ru.ru_utime) + s(ru.ru_stime);
+}
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -74,6 +86,7 @@ struct Options {
     double active_pct = 1;
     double rate = 10;
     int batch_ms = 1000;
+    int rounds = 0;  // extra close-all/reopen-all rounds of idle databases (for profiling and steadier figures)
     std::string uri_extra;
 };
 
@@ -116,6 +129,7 @@ Options parse(int argc, char** argv) {
         else if (a == "--rate") o.rate = std::stod(next());
         else if (a == "--batch-ms") o.batch_ms = std::stoi(next());
         else if (a == "--uri-extra") o.uri_extra = next();
+        else if (a == "--rounds") o.rounds = std::stoi(next());
         else die("unknown option " + a + " (see the usage at the top of bench/many_dbs.cpp)");
     }
     if (o.dbs < 1 || o.seconds < 1) die("--dbs and --seconds must be positive");
@@ -198,6 +212,43 @@ int main(int argc, char** argv) {
                 double((idle.rss_kib - base2.rss_kib) - (plain.rss_kib - base.rss_kib)) / o.dbs,
                 ((idle.heap - base2.heap) - (plain.heap - base.heap)) / 1024 / o.dbs,
                 double((idle.fds - base2.fds) - (plain.fds - base.fds)) / o.dbs);
+    for (int round = 1; round <= o.rounds; ++round) {
+        // Each round also times plain SQLite's close and open of the same
+        // files just before, so both see the same file system state (ext4
+        // slows down as the files' inodes churn) and machine load.
+        for (auto& db : dbs) db.reset();
+        double cpu0 = cpu_seconds();
+        t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < o.dbs; ++i) {
+            dbs[i] = open_db("file:" + file(i));
+            query(dbs[i].get(), "SELECT count(*) FROM t");
+        }
+        const double p_open_s = seconds_since(t0), p_open_cpu = cpu_seconds() - cpu0;
+        cpu0 = cpu_seconds();
+        t0 = std::chrono::steady_clock::now();
+        for (auto& db : dbs) db.reset();
+        const double p_close_s = seconds_since(t0), p_close_cpu = cpu_seconds() - cpu0;
+        cpu0 = cpu_seconds();
+        t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < o.dbs; ++i) {
+            dbs[i] = open_db(uri(i));
+            query(dbs[i].get(), "SELECT count(*) FROM t");
+        }
+        const double b_open_s = seconds_since(t0), b_open_cpu = cpu_seconds() - cpu0;
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        cpu0 = cpu_seconds();
+        t0 = std::chrono::steady_clock::now();
+        for (auto& db : dbs) db.reset();
+        const double b_close_s = seconds_since(t0), b_close_cpu = cpu_seconds() - cpu0;
+        std::printf("round %d: opens+reads/s plain %.0f, bottomless %.0f (CPU us/open %.0f vs %.0f); closes of %d idle: "
+                    "plain %.2f s, bottomless %.2f s (CPU us/close %.0f vs %.0f)\n",
+                    round, o.dbs / p_open_s, o.dbs / b_open_s, p_open_cpu / o.dbs * 1e6, b_open_cpu / o.dbs * 1e6,
+                    o.dbs, p_close_s, b_close_s, p_close_cpu / o.dbs * 1e6, b_close_cpu / o.dbs * 1e6);
+        for (int i = 0; i < o.dbs; ++i) {
+            dbs[i] = open_db(uri(i));
+            query(dbs[i].get(), "SELECT count(*) FROM t");
+        }
+    }
 
     // 4. active
     const int active = std::max(1, static_cast<int>(o.dbs * o.active_pct / 100));

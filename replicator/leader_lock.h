@@ -1,23 +1,43 @@
 // One replicating process per database: an election among the processes
 // that open it through bottomless (docs/SEMANTICS.md, "Several processes").
 //
-// The lock lives in a side file, "<db>-bottomless.lock", never deleted. It is
-// not a byte of the database or -shm file on purpose: POSIX locks belong to
-// the process and die with ANY close of the inode, so a descriptor of ours on
-// SQLite's files would drop SQLite's own locks when closed; and a restore
-// replaces the database file (a new inode) while the lock must stay put.
-// Open-file-description locks (F_OFD_SETLK) are released by the kernel when
+// The locks live in one side file per directory, "<dir>/.bottomless-locks",
+// never deleted: every database of the directory has two bytes of it, at an
+// offset derived from the database's file name (a fixed 64-bit hash, the
+// same in every build and process). A process holds ONE descriptor of that
+// file for all its databases in the directory (issue 10: no descriptor per
+// database beyond SQLite's own), and an open-file-description lock
+// (F_OFD_SETLK) per byte it holds. OFD locks belong to the open file
+// description, not to the process: closing some other descriptor of the
+// file never drops them (POSIX locks would all go), and unlocking one
+// database's bytes leaves the others' alone. The kernel releases them when
 // the holder exits or is killed, so a dead leader never blocks the others.
+// Within the process the kernel sees one owner, so the bytes held are also
+// tracked here: two LeaderLocks of one database exclude each other in one
+// process as in two.
 //
-//   byte 0  the leader: held for as long as the process replicates
-//   byte 1  start-up: held by whoever is deciding or starting up, so a second
-//           process waits for the leader's start-up (which may restore the
-//           file) instead of opening a file that is about to be replaced
+// Why not a byte of the database or -shm file, on SQLite's own descriptor:
+// the election and the start-up byte are needed before SQLite opens the
+// file (a start-up may restore it: a new inode), each connection has its
+// own descriptor that closes on its own schedule (a lock on one would go
+// with that connection while others still use the replicator), and an OFD
+// lock on the database's bytes would conflict with SQLite's POSIX locks.
 //
-// The leader writes its pid into the file, for the others' messages.
+//   leader byte   held for as long as the process replicates the database
+//   start-up byte held by whoever is deciding or starting up, so a second
+//                 process waits for the leader's start-up (which may restore
+//                 the file) instead of opening a file about to be replaced
+//
+// The leader's pid goes into "<db>-bottomless.lock" (written only when it
+// changes), for the others' messages: an OFD lock has no owner pid. Older
+// builds took byte 0 of that file as their leader lock; an open still
+// checks it (F_OFD_GETLK), so a process of an older build that leads is
+// seen. (The reverse is not: an older build does not see a newer leader.)
 #pragma once
 
 #include <chrono>
+#include <cstdint>
+#include <memory>
 #include <string>
 
 #include "s3/result.h"
@@ -35,18 +55,27 @@ public:
     LeaderLock& operator=(LeaderLock&& o) noexcept;
     LeaderLock(const LeaderLock&) = delete;
     LeaderLock& operator=(const LeaderLock&) = delete;
-    ~LeaderLock();  // releases both bytes (closing the descriptor)
+    ~LeaderLock();  // releases both bytes
 
     bool leader() const { return leader_; }
     // The leader's pid as it recorded it (0 when unknown). For a leader, ours.
     long leader_pid() const { return leader_pid_; }
     // The leader's start-up is over: let the others in.
     void startup_done();
+    // The directory's lock file, and the offset of this database's leader
+    // byte in it (the start-up byte follows).
     const std::string& path() const { return path_; }
+    int64_t leader_byte() const { return byte_; }
+    // Descriptors of directory lock files this process holds now (tests).
+    static size_t open_files();
+
+    struct DirFile;  // the shared descriptor of one directory's lock file
 
 private:
     LeaderLock() = default;
-    int fd_ = -1;
+    void release() noexcept;
+    std::shared_ptr<DirFile> dir_;
+    int64_t byte_ = 0;
     bool leader_ = false;
     bool startup_held_ = false;
     long leader_pid_ = 0;

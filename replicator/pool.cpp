@@ -49,7 +49,12 @@ UploaderPool::Impl& UploaderPool::impl() {
     return *impl_;
 }
 
-unsigned UploaderPool::default_threads() { return std::max(2u, std::thread::hardware_concurrency()); }
+unsigned UploaderPool::default_threads() {
+    // Once: hardware_concurrency() reads /sys on every call, and every open
+    // of a database joins the pool.
+    static const unsigned n = std::max(2u, std::thread::hardware_concurrency());
+    return n;
+}
 
 void UploaderPool::start_worker_locked(bool spare) {
     Impl& s = *impl_;

@@ -155,7 +155,6 @@ Replicator::~Replicator() {
         ship_before_close();
     }
     if (enabled_) write_state_file(/*clean_close=*/true);
-    if (db_fd_ >= 0) ::close(db_fd_);  // the last connection is gone: no SQLite lock can be dropped
     // Before the entry goes: the next replicator of this path (perhaps in
     // this process) must find the leadership free.
     leader_lock_.reset();

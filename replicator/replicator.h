@@ -52,6 +52,8 @@
 #include "s3/client.h"
 #include "s3/result.h"
 
+struct sqlite3_vfs;
+
 namespace bottomless::replicator {
 
 // Test hook: the next `n` uploader steps (in any replicator of this
@@ -80,6 +82,12 @@ public:
                                                        long* leader_elsewhere = nullptr);
     // The running replicator of `path`, if any (for the WAL and journals).
     static std::shared_ptr<Replicator> find(const std::string& path);
+    // The VFS the shim forwards to (SQLite's default): a snapshot opens the
+    // database file through it, read-only and for the snapshot only, so a
+    // replicator holds no descriptor of its own between snapshots, and its
+    // close never drops SQLite's POSIX locks (the unix VFS defers it while
+    // the inode is locked). Set once at registration.
+    static void set_file_vfs(sqlite3_vfs* vfs);
 
     ~Replicator();
     Replicator(const Replicator&) = delete;
@@ -317,7 +325,6 @@ private:
     std::optional<LeaderLock> leader_lock_;  // held until the destructor's work is done
     bool registered_ = false;                // in the registry (acquire() succeeded)
     std::string kdf_text_;  // the passphrase's KDF object (recorded in the state file); set at start-up
-    int db_fd_ = -1;  // read-only; closed only when the last connection is gone (POSIX locks)
 
     // Observations from the VFS. obs_mu_ is held only to copy small values.
     mutable std::mutex obs_mu_;
@@ -393,6 +400,10 @@ private:
     // it went further, is the state file's `restarted` (restart_record()).
     std::deque<WalPosition> ended_epochs_;
     WalPosition written_record_;  // the record in the last state file written
+    // The clean-close state file an offline open proved continuity with, as
+    // long as nothing has rewritten it: a close that would write the same
+    // record leaves the file alone (a create and a rename per idle close).
+    std::shared_ptr<const LocalState> state_on_disk_;
     bool sync_pending_ = false;  // a sync commit's segment is being uploaded (recorded in the state file)
     bool capture_held_back_ = false;  // the last capture() stopped at the memory cap: the WAL holds a backlog
     std::atomic<bool> halted_{false};  // the bucket's newest generation is under another key

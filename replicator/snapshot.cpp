@@ -7,14 +7,83 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <memory>
 #include <thread>
 #include <unordered_map>
 
+#include "replicator/sqlite_api.h"
 #include "s3/log.h"
 
 namespace bottomless::replicator {
 
 namespace {
+
+std::atomic<sqlite3_vfs*> g_file_vfs{nullptr};
+
+// The database file, read-only, for one snapshot: opened through the VFS
+// SQLite uses (the unix VFS tracks inodes: while a connection holds a POSIX
+// lock on the file, closing this handle is deferred instead of dropping that
+// lock, which a close of any descriptor of the inode would do). Not the
+// handle of one of the application's connections: SQLite calls a file's
+// methods from that connection's thread only (its memory map may be
+// remapped meanwhile), and that connection may close mid-snapshot. Without
+// a VFS (no connection ever went through the shim) a plain descriptor,
+// which then cannot hold anyone's lock.
+class DbFile {
+public:
+    DbFile() = default;
+    DbFile(const DbFile&) = delete;
+    DbFile& operator=(const DbFile&) = delete;
+    ~DbFile() {
+        if (file_ && file_->pMethods) file_->pMethods->xClose(file_);
+        if (name_) sqlite3_free_filename(name_);
+        if (fd_ >= 0) ::close(fd_);
+    }
+    bool open(const std::string& path) {
+        if (sqlite3_vfs* vfs = g_file_vfs.load()) {
+            // The name as SQLite itself passes it (a VFS may look for URI
+            // parameters after it).
+            name_ = sqlite3_create_filename(path.c_str(), "", "", 0, nullptr);
+            if (!name_) return false;
+            mem_ = std::make_unique<std::max_align_t[]>(
+                (static_cast<size_t>(vfs->szOsFile) + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
+            file_ = reinterpret_cast<sqlite3_file*>(mem_.get());
+            file_->pMethods = nullptr;
+            int out = 0;
+            if (vfs->xOpen(vfs, name_, file_, SQLITE_OPEN_MAIN_DB | SQLITE_OPEN_READONLY, &out) != SQLITE_OK) {
+                if (!file_->pMethods) file_ = nullptr;
+                return false;
+            }
+            return true;
+        }
+        fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        return fd_ >= 0;
+    }
+    bool size(uint64_t& out) {
+        if (file_) {
+            sqlite3_int64 n = 0;
+            if (file_->pMethods->xFileSize(file_, &n) != SQLITE_OK || n < 0) return false;
+            out = static_cast<uint64_t>(n);
+            return true;
+        }
+        struct stat st{};
+        if (::fstat(fd_, &st) != 0) return false;
+        out = static_cast<uint64_t>(st.st_size);
+        return true;
+    }
+    bool read(void* buf, size_t n, uint64_t off) {
+        if (file_) return file_->pMethods->xRead(file_, buf, static_cast<int>(n), static_cast<sqlite3_int64>(off)) ==
+                          SQLITE_OK;
+        return pread_full(fd_, buf, n, off);
+    }
+
+private:
+    std::unique_ptr<std::max_align_t[]> mem_;
+    sqlite3_file* file_ = nullptr;
+    sqlite3_filename name_ = nullptr;
+    int fd_ = -1;
+};
 
 uint32_t db_header_page_size(const unsigned char* h) {
     uint32_t v = (static_cast<uint32_t>(h[16]) << 8) | h[17];
@@ -22,6 +91,8 @@ uint32_t db_header_page_size(const unsigned char* h) {
 }
 
 }  // namespace
+
+void Replicator::set_file_vfs(sqlite3_vfs* vfs) { g_file_vfs.store(vfs); }
 
 void Replicator::request_snapshot(const std::string& reason) {
     if (!need_snapshot_) log::info(path_ + ": new generation needed: " + reason);
@@ -56,10 +127,18 @@ Status Replicator::take_snapshot(Lock& lock) {
     snapshot_torn_.store(false);
 
     const uint64_t idx0 = noted_index_.load();
-    if (db_fd_ < 0) db_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    DbFile db;
     unsigned char dbh[100] = {0};
     struct stat st{};
-    bool have_db = db_fd_ >= 0 && ::fstat(db_fd_, &st) == 0 && st.st_size >= 100 && pread_full(db_fd_, dbh, 100, 0);
+    uint64_t db_size = 0;
+    // The path's inode, size and mtime, checked again once every page is
+    // read (below); the handle must see the same size.
+    const bool opened = db.open(path_) && ::stat(path_.c_str(), &st) == 0;
+    if (!opened) st = {};  // as with no file: nothing is read from it
+    if (opened && (!db.size(db_size) || db_size != static_cast<uint64_t>(st.st_size)))
+        return make_error(ErrorKind::Cancelled, "the database file changed while the snapshot opened it; retrying",
+                          "SnapshotTorn");
+    bool have_db = opened && st.st_size >= 100 && db.read(dbh, 100, 0);
     // The image: the wal-index header names the last commit (the frames up
     // to it are in the WAL, the rest in the database file). Without shared
     // memory (exclusive locking mode) the WAL is scanned by SQLite's own
@@ -150,7 +229,7 @@ Status Replicator::take_snapshot(Lock& lock) {
         if (it != latest.end()) {
             ok = pread_full(wal.fd, page.data(), psz, wal_frame_offset(psz, it->second) + kWalFrameHeaderSize);
         } else if (static_cast<uint64_t>(pgno) * psz <= static_cast<uint64_t>(st.st_size)) {
-            ok = pread_full(db_fd_, page.data(), psz, static_cast<uint64_t>(pgno - 1) * psz);
+            ok = db.read(page.data(), psz, static_cast<uint64_t>(pgno - 1) * psz);
         } else {
             std::fill(page.begin(), page.end(), '\0');  // never written (e.g. the lock page)
             ok = true;
@@ -164,8 +243,11 @@ Status Replicator::take_snapshot(Lock& lock) {
     // bottomless (another program writing the files): the database file's
     // mtime/size and the WAL's header and last frame must be as they were.
     struct stat st_after{};
-    bool db_moved = db_fd_ >= 0 && (::fstat(db_fd_, &st_after) != 0 || st_after.st_size != st.st_size ||
-                    st_after.st_mtim.tv_sec != st.st_mtim.tv_sec || st_after.st_mtim.tv_nsec != st.st_mtim.tv_nsec);
+    uint64_t db_size_after = 0;
+    bool db_moved = opened && (::stat(path_.c_str(), &st_after) != 0 || st_after.st_ino != st.st_ino ||
+                                st_after.st_size != st.st_size || st_after.st_mtim.tv_sec != st.st_mtim.tv_sec ||
+                                st_after.st_mtim.tv_nsec != st.st_mtim.tv_nsec || !db.size(db_size_after) ||
+                                db_size_after != db_size);
     bool wal_moved = false;
     if (last_frame) {
         unsigned char hdr2[kWalHeaderSize], fh2[kWalFrameHeaderSize];

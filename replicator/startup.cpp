@@ -165,6 +165,7 @@ bool Replicator::start_offline() {
     cipher_ = std::move(cipher);
     kdf_text_ = state->kdf;
     lineage_ = state->lineage;
+    if (state->clean_close) state_on_disk_ = std::make_shared<const LocalState>(*state);
     continue_from(*state, proof);
     // Until the uploader has seen the bucket agree, nothing is uploaded.
     deferred_check_ = true;
@@ -619,7 +620,6 @@ Status Replicator::startup() {
 }
 
 void Replicator::start_uploader() {
-    db_fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);  // may not exist yet: opened on first snapshot
     // No thread of its own: the process's uploader pool runs its steps. A
     // database with nothing owed (a proven offline start, no unshipped
     // frames) is not scheduled at all: no step, no request until it commits.

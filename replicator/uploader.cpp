@@ -437,6 +437,18 @@ void Replicator::ship_before_close() {
               " ms; they stay in the local WAL and are shipped at the next open");
 }
 
+namespace {
+// Whether two states say the same (every field write_state_file() records
+// but its time).
+bool same_record(const LocalState& a, const LocalState& b) {
+    return a.bucket == b.bucket && a.db_id == b.db_id && a.generation == b.generation && a.seq == b.seq &&
+           a.prev_sha256 == b.prev_sha256 && a.position == b.position && a.clean_close == b.clean_close &&
+           !a.restored && !b.restored && a.lineage == b.lineage && a.db_size == b.db_size &&
+           a.db_mtime_ns == b.db_mtime_ns && a.db_ino == b.db_ino && a.key_id == b.key_id && a.kdf == b.kdf &&
+           a.restarted.frame == 0 && b.restarted.frame == 0 && !a.sync_pending && !b.sync_pending;
+}
+}  // namespace
+
 bool Replicator::write_state_file(bool clean_close) {
     if (generation_.empty() && lineage_.empty()) return true;
     LocalState st;
@@ -459,6 +471,11 @@ bool Replicator::write_state_file(bool clean_close) {
         st.db_mtime_ns = mtime_ns(db);
         st.db_ino = static_cast<uint64_t>(db.st_ino);
     }
+    // The clean close of a database that changed nothing since its offline
+    // open: the file already says exactly this (only its updated_us would
+    // differ). Rewriting it costs a file creation and a rename per close.
+    if (st.clean_close && state_on_disk_ && same_record(*state_on_disk_, st)) return true;
+    state_on_disk_.reset();
     // Not fsynced on purpose: a stale state file only makes the next start
     // unable to prove continuity, which costs a new generation, never data.
     written_record_ = st.restarted;

@@ -747,6 +747,7 @@ int register_vfs(bool make_default) {
     }
     g_lower = sqlite3_vfs_find(nullptr);
     if (!g_lower) return SQLITE_ERROR;
+    Replicator::set_file_vfs(g_lower);  // snapshots read the database through it
     build_tables();
     std::memset(&g_vfs, 0, sizeof g_vfs);
     g_vfs.iVersion = g_lower->iVersion < 3 ? g_lower->iVersion : 3;

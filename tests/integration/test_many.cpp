@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <dirent.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -17,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "replicator/leader_lock.h"
 #include "replicator/pool.h"
 #include "replicator/restore.h"
 #include "support/s3_env.h"
@@ -35,6 +37,21 @@ int thread_count() {
         ::closedir(d);
     }
     return n;
+}
+
+int fd_count() {
+    int n = 0;
+    if (DIR* d = ::opendir("/proc/self/fd")) {
+        while (dirent* e = ::readdir(d))
+            if (e->d_name[0] != '.') ++n;
+        ::closedir(d);
+    }
+    return n - 1;  // less the directory stream itself
+}
+
+ino_t inode_of(const std::string& path) {
+    struct stat st{};
+    return ::stat(path.c_str(), &st) == 0 ? st.st_ino : 0;
 }
 
 nlohmann::json process_status(sqlite3* db) {
@@ -157,6 +174,119 @@ TEST_CASE("200 databases written by 4 threads share a few uploader threads and a
     while (replicator::UploaderPool::instance().stats().threads > 0 && std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     CHECK(replicator::UploaderPool::instance().stats().threads == 0);
+}
+
+// Issue 10: no descriptor per database beyond SQLite's own (the leader
+// locks share one descriptor per directory; a snapshot opens the database
+// file for its own duration only), and closing an idle database that changed
+// nothing since its offline open rewrites no state file (before: +2
+// descriptors per database, and a new state file at every close).
+TEST_CASE("open databases hold no descriptor beyond SQLite's own and an idle close rewrites nothing", "[vfs][integration][many]") {
+    register_bottomless();
+    auto client = server_client();
+    TestBucket bucket(*client, "manyfd");
+    TempDir dir;
+    constexpr int kDbs = 20;
+    auto path = [&](int i) { return dir.file("db" + std::to_string(i)); };
+    auto uri = [&](int i) { return "file:" + path(i) + "?vfs=bottomless&bucket=" + bucket.name(); };
+    std::vector<Db> dbs(kDbs);
+    for (int i = 0; i < kDbs; ++i) {
+        dbs[i] = open_db(uri(i));
+        exec(dbs[i].get(), "PRAGMA journal_mode=wal; CREATE TABLE t(x); INSERT INTO t VALUES (1);");
+        query_text(dbs[i].get(), "SELECT bottomless_flush(60000)");
+    }
+    for (auto& db : dbs) db.reset();
+    CHECK(replicator::LeaderLock::open_files() == 0);
+
+    // The control: SQLite's own descriptors for kDbs open databases.
+    const int base = fd_count();
+    for (int i = 0; i < kDbs; ++i) {
+        dbs[i] = open_db("file:" + path(i));
+        CHECK(query_int(dbs[i].get(), "SELECT count(*) FROM t") == 1);
+    }
+    const int plain = fd_count() - base;
+    for (auto& db : dbs) db.reset();
+
+    std::vector<ino_t> state_inodes(kDbs);
+    for (int i = 0; i < kDbs; ++i) state_inodes[i] = inode_of(path(i) + "-bottomless");
+    const int base2 = fd_count();
+    for (int i = 0; i < kDbs; ++i) {
+        dbs[i] = open_db(uri(i));
+        CHECK(query_int(dbs[i].get(), "SELECT count(*) FROM t") == 1);
+    }
+    const int ours = fd_count() - base2;
+    INFO("descriptors for " << kDbs << " databases: plain SQLite " << plain << ", through bottomless " << ours);
+    // One more for the directory's lock file, shared by all (sockets of the
+    // shared connection pool may only have closed meanwhile: an offline
+    // open makes no request).
+    CHECK(ours <= plain + 1);
+    CHECK(replicator::LeaderLock::open_files() == 1);
+    for (int i = 0; i < kDbs; ++i)
+        CHECK(nlohmann::json::parse(query_text(dbs[i].get(), "SELECT bottomless_status()"))["requests"] == 0);
+
+    // A snapshot reads the file through a handle of its own, closed after it.
+    exec(dbs[0].get(), "INSERT INTO t VALUES (2)");
+    const std::string gen = query_text(dbs[0].get(), "SELECT bottomless_snapshot()");
+    CHECK(!gen.empty());
+    const std::string local = content_hash(dbs[0].get());
+    query_text(dbs[0].get(), "SELECT bottomless_flush(60000)");
+    for (auto& db : dbs) db.reset();
+    CHECK(replicator::LeaderLock::open_files() == 0);
+    {
+        const std::string out = dir.file("restored0");
+        auto r = replicator::restore_database(*client, bucket.name(), "db0", out);
+        REQUIRE(r.ok());
+        CHECK(r->generation == gen);
+        CHECK(content_hash_of_file(out) == local);
+    }
+    // The idle ones kept their state file (a rewrite is a new file renamed
+    // over it: a new inode); the one written to has a new one.
+    int kept = 0;
+    for (int i = 1; i < kDbs; ++i) kept += inode_of(path(i) + "-bottomless") == state_inodes[i];
+    CHECK(kept == kDbs - 1);
+    CHECK(inode_of(path(0) + "-bottomless") != state_inodes[0]);
+    // And the next open still proves continuity without asking S3.
+    Db again = open_db(uri(1));
+    CHECK(query_int(again.get(), "SELECT count(*) FROM t") == 1);
+    CHECK(nlohmann::json::parse(query_text(again.get(), "SELECT bottomless_status()"))["requests"] == 0);
+}
+
+TEST_CASE("leader locks share one descriptor per directory and still exclude each other in one process", "[many][processes]") {
+    using replicator::LeaderLock;
+    TempDir dir;
+    const auto wait = std::chrono::milliseconds(0);
+    const int before = fd_count();
+    auto a = LeaderLock::acquire(dir.file("a.db"), wait);
+    auto b = LeaderLock::acquire(dir.file("b.db"), wait);
+    REQUIRE(a.ok());
+    REQUIRE(b.ok());
+    CHECK(a->leader());
+    CHECK(b->leader());
+    CHECK(a->leader_pid() == ::getpid());
+    CHECK(a->leader_byte() != b->leader_byte());
+    CHECK(fd_count() - before == 1);  // the directory's lock file, shared
+    CHECK(LeaderLock::open_files() == 1);
+    {
+        // Still starting up: another open of the database waits for that.
+        auto busy = LeaderLock::acquire(dir.file("a.db"), wait);
+        REQUIRE(!busy.ok());
+        CHECK(busy.error().code == "StartupBusy");
+    }
+    a->startup_done();
+    {
+        // The same database again (a read replica and a replicator of one
+        // file, say): a follower, as another process would be.
+        auto a2 = LeaderLock::acquire(dir.file("a.db"), wait);
+        REQUIRE(a2.ok());
+        CHECK(!a2->leader());
+        CHECK(a2->leader_pid() == ::getpid());
+    }
+    a = LeaderLock::acquire(dir.file("c.db"), wait);  // the old one is released by the assignment
+    a->startup_done();
+    auto a3 = LeaderLock::acquire(dir.file("a.db"), wait);
+    REQUIRE(a3.ok());
+    CHECK(a3->leader());
+    CHECK(b->leader());
 }
 
 TEST_CASE("the uploader pool runs the earliest due first, reruns on a wake, and a stuck step blocks no one", "[pool]") {
