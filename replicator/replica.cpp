@@ -332,6 +332,10 @@ Status Replica::start() {
         if (exists) {
             if (auto s = file_->open(path_); !s) return s;
             unsigned char h[kHeader] = {};
+            // A follower that died in the middle of an apply left a hot
+            // journal: the original pages go back first (its state mark
+            // then makes us hydrate).
+            if (auto r = recover_journal(); !r) return r;
             if (file_->read(h, sizeof h, 0)) state_.counter = get_be32(h + 24);
         }
         if (saved && exists && proven(*saved)) {
@@ -432,6 +436,157 @@ Status Replica::lock_exclusive(File& f) {
     }
 }
 
+// ---- the rollback journal ----
+
+namespace {
+
+constexpr unsigned char kJournalMagic[8] = {0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7};
+// The header is padded to one "sector"; records follow it. Any power of two
+// from 32 is valid to SQLite's reader; 512 keeps the journal small.
+constexpr uint32_t kJournalSector = 512;
+
+// SQLite's page checksum in a journal record: the nonce plus every 200th
+// byte from the end of the page (pager.c, pager_cksum).
+uint32_t journal_cksum(uint32_t nonce, const unsigned char* page, uint32_t page_size) {
+    uint32_t c = nonce;
+    for (int i = static_cast<int>(page_size) - 200; i > 0; i -= 200) c += page[i];
+    return c;
+}
+
+bool valid_page_size(uint32_t ps) { return ps >= 512 && ps <= 65536 && (ps & (ps - 1)) == 0; }
+
+// Test hook (BOTTOMLESS_TEST_REPLICA_EXIT_AFTER_PAGES=N): the process exits
+// (status 3) right after the N-th page of an apply reached the file: a
+// follower killed in the middle of an apply, at a chosen point.
+long exit_after_pages() {
+    static const long n = [] {
+        const char* v = std::getenv("BOTTOMLESS_TEST_REPLICA_EXIT_AFTER_PAGES");
+        return v ? std::atol(v) : 0L;
+    }();
+    return n;
+}
+
+}  // namespace
+
+Status Replica::write_journal(const std::vector<uint32_t>& pgnos, uint32_t orig_pages, uint32_t page_size) {
+    const std::string jp = path_ + "-journal";
+    auto fail = [&](const char* what) {
+        return make_error(ErrorKind::Io, std::string("cannot ") + what + " the journal " + jp + ": " + errno_text(errno),
+                          "WriteFailed");
+    };
+    Fd fd(::open(jp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
+    if (fd.fd < 0) return fail("create");
+    uint32_t nonce = 0;
+    {
+        std::random_device rd;
+        nonce = static_cast<uint32_t>(rd());
+    }
+    // Records first, at offset kJournalSector, then the header: a crash
+    // before the header is durable leaves a journal whose first byte is 0,
+    // which SQLite ignores (the file was not touched yet).
+    const uint32_t lock_pgno = static_cast<uint32_t>(0x40000000u / page_size) + 1;
+    const size_t rec = size_t{page_size} + 8;
+    std::string buf;
+    buf.reserve(std::max<size_t>(rec, 1u << 20));
+    uint64_t off = kJournalSector;
+    uint32_t nrec = 0;
+    for (uint32_t pgno : pgnos) {
+        if (pgno == 0 || pgno > orig_pages || pgno == lock_pgno) continue;
+        const size_t at = buf.size();
+        buf.resize(at + rec);
+        auto* r = reinterpret_cast<unsigned char*>(buf.data() + at);
+        put_be32(r, pgno);
+        if (auto rd = file_->read(r + 4, static_cast<int>(page_size), static_cast<int64_t>(pgno - 1) * page_size); !rd)
+            return rd;
+        put_be32(r + 4 + page_size, journal_cksum(nonce, r + 4, page_size));
+        ++nrec;
+        if (buf.size() + rec > buf.capacity()) {
+            if (!pwrite_full(fd.fd, buf.data(), buf.size(), off)) return fail("write");
+            off += buf.size();
+            buf.clear();
+        }
+    }
+    if (!buf.empty() && !pwrite_full(fd.fd, buf.data(), buf.size(), off)) return fail("write");
+    if (::fsync(fd.fd) != 0) return fail("sync");
+    unsigned char h[kJournalSector] = {};
+    std::memcpy(h, kJournalMagic, sizeof kJournalMagic);
+    put_be32(h + 8, nrec);
+    put_be32(h + 12, nonce);
+    put_be32(h + 16, orig_pages);
+    put_be32(h + 20, kJournalSector);
+    put_be32(h + 24, page_size);
+    if (!pwrite_full(fd.fd, h, sizeof h, 0)) return fail("write");
+    if (::fsync(fd.fd) != 0) return fail("sync");
+    if (!fsync_dir_of(jp)) return fail("sync the directory of");
+    return {};
+}
+
+// Plays a hot journal back as SQLite would: every record whose checksum
+// holds (up to the header's count; the first bad one ends it) puts its page
+// back (the first record of a page wins), the file is cut to its original
+// size and fsynced, and the journal is deleted. A journal that is not hot
+// (missing, first byte 0, no magic) is only deleted.
+Status Replica::rollback_journal_locked(bool* rolled_back) {
+    *rolled_back = false;
+    const std::string jp = path_ + "-journal";
+    Fd fd(::open(jp.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    if (fd.fd < 0) {
+        if (errno == ENOENT) return {};
+        return make_error(ErrorKind::Io, "cannot open the journal " + jp + ": " + errno_text(errno), "OpenFailed");
+    }
+    struct stat st{};
+    if (::fstat(fd.fd, &st) != 0)
+        return make_error(ErrorKind::Io, "cannot stat the journal " + jp + ": " + errno_text(errno), "OpenFailed");
+    unsigned char h[28] = {};
+    const bool hot = st.st_size >= static_cast<off_t>(sizeof h) && pread_full(fd.fd, h, sizeof h, 0) && h[0] != 0 &&
+                     std::memcmp(h, kJournalMagic, sizeof kJournalMagic) == 0;
+    if (hot) {
+        const uint32_t nrec = get_be32(h + 8), nonce = get_be32(h + 12), orig_pages = get_be32(h + 16);
+        const uint32_t sector = get_be32(h + 20), ps = get_be32(h + 24);
+        if (!valid_page_size(ps) || sector < 32 || sector > 65536 || (sector & (sector - 1)) != 0)
+            return make_error(ErrorKind::Corrupt,
+                              "the journal " + jp + " has an invalid header; move it away and open the replica again "
+                                                    "(it will be hydrated from the bucket)",
+                              "CorruptJournal");
+        std::vector<unsigned char> r(size_t{ps} + 8);
+        std::vector<bool> done(size_t{orig_pages} + 1, false);
+        uint64_t off = sector;
+        for (uint32_t i = 0; i < nrec && off + r.size() <= static_cast<uint64_t>(st.st_size); ++i, off += r.size()) {
+            if (!pread_full(fd.fd, r.data(), r.size(), off))
+                return make_error(ErrorKind::Io, "cannot read the journal " + jp + ": " + errno_text(errno), "ReadFailed");
+            const uint32_t pgno = get_be32(r.data());
+            if (pgno == 0 || get_be32(r.data() + 4 + ps) != journal_cksum(nonce, r.data() + 4, ps)) break;
+            if (pgno > orig_pages || done[pgno]) continue;
+            done[pgno] = true;
+            if (auto w = file_->write(r.data() + 4, static_cast<int>(ps), static_cast<int64_t>(pgno - 1) * ps); !w) return w;
+        }
+        if (file_->size() > static_cast<int64_t>(uint64_t{orig_pages} * ps))
+            if (auto t = file_->truncate(static_cast<int64_t>(uint64_t{orig_pages} * ps)); !t) return t;
+        if (auto s = file_->sync(); !s) return s;
+        *rolled_back = true;
+    }
+    if (::unlink(jp.c_str()) != 0 && errno != ENOENT)
+        return make_error(ErrorKind::Io, "cannot delete the journal " + jp + ": " + errno_text(errno), "WriteFailed");
+    return {};
+}
+
+Status Replica::recover_journal() {
+    struct stat st{};
+    if (::stat((path_ + "-journal").c_str(), &st) != 0) return {};
+    if (!file_->is_open())
+        if (auto o = file_->open(path_); !o) return o;
+    if (auto l = lock_exclusive(*file_); !l) return l;
+    bool rolled = false;
+    Status r = rollback_journal_locked(&rolled);
+    file_->unlock(SQLITE_LOCK_NONE);
+    if (r && rolled) {
+        log::warn("replica " + path_ + ": rolled back the journal of an apply that did not finish");
+        std::lock_guard lock(mu_);
+        last_event_ = "rolled back the journal of an apply that did not finish (a follower died in the middle)";
+    }
+    return r;
+}
+
 // ---- hydration ----
 
 Status Replica::hydrate(const std::string& why, const std::string& generation) {
@@ -486,28 +641,78 @@ Status Replica::hydrate(const std::string& why, const std::string& generation) {
         if (!file_->is_open())
             if (auto o2 = file_->open(path_); !o2) return o2;
         if (auto l = lock_exclusive(*file_); !l) return l;
+        bool rolled = false;
+        Status w = rollback_journal_locked(&rolled);  // a torn file is never journaled as the original
         ReplicaState mark;
         {
             std::lock_guard lock(mu_);
             mark = state_;
         }
         mark.applying = true;
-        Status w = save_state(mark, true);
-        std::string buf(1u << 20, '\0');
-        const uint64_t size = uint64_t{s.db_pages} * s.page_size;
-        for (uint64_t off = 0; w && off < size; off += buf.size()) {
-            const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), size - off));
-            if (!pread_full(src.fd, buf.data(), n, off))
-                w = make_error(ErrorKind::Io, "cannot read " + tmp + ": " + errno_text(errno), "ReadFailed");
-            else w = file_->write(buf.data(), static_cast<int>(n), static_cast<int64_t>(off));
+        if (w) w = save_state(mark, true);
+        // Only the pages that differ are journaled and written (a new
+        // generation mostly holds the same pages); with another page size,
+        // all of them.
+        const uint32_t ps = s.page_size;
+        const int64_t cur_size = file_->size();
+        unsigned char cur_h[kHeader] = {};
+        uint32_t cur_ps = 0;
+        if (w && cur_size >= static_cast<int64_t>(kHeader) && file_->read(cur_h, sizeof cur_h, 0)) {
+            cur_ps = (uint32_t{cur_h[16]} << 8) | cur_h[17];
+            if (cur_ps == 1) cur_ps = 65536;
         }
-        if (w) w = file_->truncate(static_cast<int64_t>(size));
+        const bool same_ps = cur_ps == ps;
+        const uint32_t jps = valid_page_size(cur_ps) ? cur_ps : ps;
+        const uint32_t orig_pages = cur_size > 0 ? static_cast<uint32_t>(cur_size / jps) : 0;
+        std::vector<uint32_t> changed, journal;
+        std::string a(ps, '\0'), b(ps, '\0');
+        for (uint32_t p = 1; w && p <= s.db_pages; ++p) {
+            const int64_t off = static_cast<int64_t>(p - 1) * ps;
+            if (!pread_full(src.fd, a.data(), ps, static_cast<uint64_t>(off))) {
+                w = make_error(ErrorKind::Io, "cannot read " + tmp + ": " + errno_text(errno), "ReadFailed");
+                break;
+            }
+            if (same_ps && p <= orig_pages) {
+                if (auto r = file_->read(b.data(), static_cast<int>(ps), off); !r) w = r;
+                else if (a == b) continue;
+            }
+            changed.push_back(p);
+        }
+        if (same_ps) {
+            journal = changed;
+            for (uint32_t p = s.db_pages + 1; p <= orig_pages; ++p) journal.push_back(p);
+        } else {
+            for (uint32_t p = 1; p <= orig_pages; ++p) journal.push_back(p);
+        }
+        if (w && !journal.empty()) w = write_journal(journal, orig_pages, jps);
+        const bool journaled = w && !journal.empty();
+        for (size_t i = 0; w && i < changed.size(); ++i) {
+            const int64_t off = static_cast<int64_t>(changed[i] - 1) * ps;
+            if (!pread_full(src.fd, a.data(), ps, static_cast<uint64_t>(off)))
+                w = make_error(ErrorKind::Io, "cannot read " + tmp + ": " + errno_text(errno), "ReadFailed");
+            else w = file_->write(a.data(), static_cast<int>(ps), off);
+        }
+        const uint64_t size = uint64_t{s.db_pages} * ps;
+        if (w && file_->size() != static_cast<int64_t>(size)) w = file_->truncate(static_cast<int64_t>(size));
         if (w) w = file_->sync();
-        // The state (and status) moves before readers can see the new content.
+        // The state (and status) moves before readers can see the new
+        // content; deleting the journal is the commit point.
         if (w) w = hydrated(s, why);
+        if (w && journaled && ::unlink((path_ + "-journal").c_str()) != 0)
+            w = make_error(ErrorKind::Io, "cannot delete the journal " + path_ + "-journal: " + errno_text(errno),
+                           "WriteFailed");
+        if (!w && journaled) {
+            bool back = false;
+            if (auto rb = rollback_journal_locked(&back); !rb)
+                log::warn("replica " + path_ + ": cannot roll back a failed hydration: " + rb.error().message);
+        }
         file_->unlock(SQLITE_LOCK_NONE);
         ::unlink(tmp.c_str());
-        return w;  // on failure the mark stays: the next open hydrates again
+        if (!w) {
+            std::lock_guard lock(mu_);
+            state_.applying = true;
+        }
+        return w;  // on failure the mark stays: the next step (or open) hydrates again
     }
     return hydrated(s, why);
 }
@@ -562,6 +767,10 @@ bool Replica::try_lead() {
             set_error(o.error().message);
             return false;
         }
+    if (auto r = recover_journal(); !r) {
+        set_error(r.error().message);
+        saved.reset();
+    }
     if (saved && proven(*saved)) {
         std::lock_guard lock(mu_);
         state_ = *saved;
@@ -651,8 +860,12 @@ Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::s
         h = sh;
         return {};
     };
+    std::vector<uint32_t> pgnos{1};  // page 1 always changes (its counters)
     auto sha = for_each_segment_frame(body, key, cipher_.get(), on_header,
-                                      [](uint64_t, uint32_t, std::string_view) { return Status{}; });
+                                      [&](uint64_t, uint32_t pgno, std::string_view) {
+                                          pgnos.push_back(pgno);
+                                          return Status{};
+                                      });
     if (!sha) {
         if (sha.error().kind == ErrorKind::Corrupt) {
             std::lock_guard lock(mu_);
@@ -664,15 +877,38 @@ Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::s
     const uint32_t db_pages = h.txns.back().db_pages;
 
     if (auto l = lock_exclusive(*file_); !l) return l;
+    // A hot journal (an earlier apply that failed and could not be rolled
+    // back) goes first: journaling a torn page would make it the "original".
+    bool rolled = false;
+    Status w = rollback_journal_locked(&rolled);
+    if (w && rolled) {
+        file_->unlock(SQLITE_LOCK_NONE);
+        std::lock_guard lock(mu_);
+        state_.applying = true;  // rolled back to a state the position may not describe: hydrate
+        return make_error(ErrorKind::Io, "rolled back an unfinished apply's journal; hydrating", "JournalRolledBack");
+    }
     ReplicaState mark = s;
     mark.applying = true;
-    Status w = save_state(mark, true);
+    if (w) w = save_state(mark, true);
+    // The original of every page this apply overwrites or cuts off, durable
+    // before the first write.
+    const int64_t cur_size = file_->size();
+    const uint32_t orig_pages = cur_size > 0 ? static_cast<uint32_t>(cur_size / s.page_size) : 0;
+    for (uint32_t p = db_pages + 1; p <= orig_pages; ++p) pgnos.push_back(p);
+    std::sort(pgnos.begin(), pgnos.end());
+    pgnos.erase(std::unique(pgnos.begin(), pgnos.end()), pgnos.end());
+    bool journaled = false;
+    if (w) w = write_journal(pgnos, orig_pages, s.page_size);
+    journaled = static_cast<bool>(w);
     // Second pass: the pages, in order (a later frame of a page wins).
     if (w) {
+        long written = 0;
         auto again = for_each_segment_frame(body, key, cipher_.get(), [](const SegmentHeader&) { return Status{}; },
                                             [&](uint64_t, uint32_t pgno, std::string_view page) {
-                                                return file_->write(page.data(), static_cast<int>(page.size()),
-                                                                    static_cast<int64_t>(pgno - 1) * s.page_size);
+                                                Status pw = file_->write(page.data(), static_cast<int>(page.size()),
+                                                                         static_cast<int64_t>(pgno - 1) * s.page_size);
+                                                if (++written == exit_after_pages()) ::_exit(3);
+                                                return pw;
                                             });
         if (!again) w = std::move(again).error();
     }
@@ -693,10 +929,20 @@ Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::s
     next.db_pages = db_pages;
     next.last_commit_us = h.txns.back().commit_us;
     next.applying = false;
-    // The state (and status) moves before readers can see the new pages.
+    // The state (and status) moves before readers can see the new pages;
+    // deleting the journal is the commit point.
     if (w) w = save_state(next, false);
+    if (w && ::unlink((path_ + "-journal").c_str()) != 0)
+        w = make_error(ErrorKind::Io, "cannot delete the journal " + path_ + "-journal: " + errno_text(errno),
+                       "WriteFailed");
     if (!w) {
+        // Put the original pages back while we still hold the lock; if that
+        // fails too the journal stays hot (readers refuse to read the file)
+        // and the next step hydrates.
+        bool back = false;
+        Status rb = journaled ? rollback_journal_locked(&back) : Status{};
         file_->unlock(SQLITE_LOCK_NONE);
+        if (!rb) log::warn("replica " + path_ + ": cannot roll back a failed apply: " + rb.error().message);
         std::lock_guard lock(mu_);
         state_.applying = true;  // the next step hydrates
         return w;

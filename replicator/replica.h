@@ -10,11 +10,14 @@
 // after a streak of misses), checks the chain, and applies the segment as a
 // rollback-mode writer would: SHARED, RESERVED, PENDING, EXCLUSIVE on the
 // file through the lower VFS (readers holding SHARED make it wait), the
-// pages written, the size set, the change counter bumped (how readers learn
-// to drop their cache), fsync, unlock. A new generation is re-hydrated in
+// original pages journaled (a real rollback journal, fsynced), the pages
+// written, the size set, the change counter bumped (how readers learn to
+// drop their cache), fsync, the journal deleted, unlock. A new generation is re-hydrated in
 // place (the same inode: open readers keep working). "applying" in the
-// state file "<db>-bottomless-replica" brackets every write, so a crash in
-// the middle is answered by a re-hydration at the next open, never served.
+// state file "<db>-bottomless-replica" brackets every write, and the
+// journal makes a torn file unreadable: a crash in the middle is rolled back
+// (by SQLite in any reader, or by the next follower) and then re-hydrated,
+// never served.
 //
 // Everything that touches the replica file goes through the lower
 // sqlite3_vfs (never a raw descriptor): closing a raw descriptor of the file
@@ -33,6 +36,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "replicator/config.h"
 #include "replicator/format.h"
@@ -101,6 +105,19 @@ private:
     Status hydrated(const ReplicaState& s, const std::string& why);
     Status apply_segment(uint64_t seq, const std::string& key, const std::string& body);
     Status check_generations();
+    // The rollback journal "<db>-journal", in SQLite's own format
+    // (fileformat.html, "The Rollback Journal"): the original content of
+    // every page an apply or an in-place hydration overwrites, fsynced before
+    // the first write and deleted once the file is fsynced (the commit
+    // point). A writer that dies in between leaves a hot journal: SQLite
+    // readers roll it back (read-write) or refuse to read
+    // (SQLITE_READONLY_ROLLBACK), and the next follower rolls it back.
+    // Called with the file's EXCLUSIVE lock held.
+    Status write_journal(const std::vector<uint32_t>& pgnos, uint32_t orig_pages, uint32_t page_size);
+    Status rollback_journal_locked(bool* rolled_back);
+    // A hot journal left by a follower that died: rolled back at once
+    // (takes the EXCLUSIVE lock) so readers in other processes can read.
+    Status recover_journal();
     bool proven(const ReplicaState& s) const;
     Status save_state(const ReplicaState& s, bool durable);
     void set_error(const std::string& e);

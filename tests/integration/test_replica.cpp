@@ -10,9 +10,17 @@
 //   - a crash in the middle of an apply (the state file's mark) is re-hydrated at the next open
 //   - at=<time> shows the old state, read-only, and leaves no file behind
 //   - a plain sqlite3 shell in another process reads the replica file while it follows
+//   - a follower killed in the middle of an apply (another process, a test
+//     hook) leaves a hot rollback journal: readers in other processes refuse
+//     or roll back, never read a torn state; the next follower recovers
+//   - a follower in another process (the sqlite3 shell with the extension)
+//     while this process reads; a reader here takes over when it exits
 #include <catch2/catch.hpp>
 
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -24,6 +32,7 @@
 
 #include "replicator/util.h"
 #include "support/s3_env.h"
+#include "support/skip.h"
 #include "support/sqlite_util.h"
 
 namespace fs = std::filesystem;
@@ -85,6 +94,72 @@ std::string slurp_file(const std::string& path) {
 }
 
 json status(sqlite3* db) { return json::parse(query_text(db, "SELECT bottomless_status()")); }
+
+// The shells that follow in another process hold the file open with
+// .system (a fork of a multithreaded process), which ThreadSanitizer does
+// not support; sanitizer builds without a wrapper cannot load the extension.
+#if defined(__SANITIZE_THREAD__)
+constexpr bool skip_process_tests() { return true; }
+#else
+constexpr bool skip_process_tests() { return sanitizer_build(); }
+#endif
+constexpr const char* kProcessSkipReason =
+    "needs the sqlite3 shell with the extension and .system (not under ThreadSanitizer)";
+
+// A sqlite3 shell with the extension that opens `uri` (a replica: it
+// follows when it is the first), touches `ready`, then lives until `stop`
+// exists (or 120 s). `env` prefixes the command (VAR=value ...).
+pid_t spawn_follower(const TempDir& dir, const std::string& name, const std::string& uri, const std::string& env = "") {
+    const std::string script = dir.file(name + ".sql"), log = dir.file(name + ".log");
+    {
+        std::ofstream f(script);
+        f << ".bail on\n.load " << BOTTOMLESS_EXT_PATH << "\n.open " << uri << "\n"
+          << "SELECT 'opened', n FROM c;\n"
+          << ".system touch " << dir.file(name + ".ready") << "\n"
+          << ".system i=0; while [ ! -e " << dir.file(name + ".stop") << " ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i+1)); done\n"
+          << "SELECT 'leaving';\n";
+    }
+    const std::string cmd = env + " exec " + shell_quote(sqlite3_shell()) + " < " + shell_quote(script) + " > " +
+                            shell_quote(log) + " 2>&1";
+    pid_t pid = ::fork();
+    if (pid == 0) {
+        execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+        _exit(127);
+    }
+    REQUIRE(pid > 0);
+    for (int i = 0; i < 6000 && !fs::exists(dir.file(name + ".ready")); ++i) {
+        int st = 0;
+        if (::waitpid(pid, &st, WNOHANG) == pid) FAIL("the follower shell exited early: " << slurp_file(log));
+        std::this_thread::sleep_for(10ms);
+    }
+    if (!fs::exists(dir.file(name + ".ready"))) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, nullptr, 0);
+        FAIL("the follower shell did not open the replica within 60 s: " << slurp_file(log));
+    }
+    return pid;
+}
+
+// Waits for `pid` to exit (at most `limit`); its exit status, or -1 if it
+// did not exit (then it is killed).
+int wait_exit(pid_t pid, std::chrono::milliseconds limit) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+        int st = 0;
+        if (::waitpid(pid, &st, WNOHANG) == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (std::chrono::steady_clock::now() - t0 > limit) {
+            ::kill(pid, SIGKILL);
+            ::waitpid(pid, nullptr, 0);
+            return -1;
+        }
+        std::this_thread::sleep_for(10ms);
+    }
+}
+
+// What a reader sees: "n:distinct v:min v:rows" of the crash test's tables.
+constexpr const char* kStateSql =
+    "SELECT (SELECT n FROM c) || ':' || (SELECT count(DISTINCT v) FROM t) || ':' || (SELECT min(v) FROM t) || ':' || "
+    "(SELECT count(*) FROM t)";
 
 }  // namespace
 
@@ -259,4 +334,131 @@ TEST_CASE("replica: at= opens the state of a past time read-only and leaves noth
                       bad, err) != SQLITE_OK);
     if (old_cache) ::setenv("XDG_CACHE_HOME", saved.c_str(), 1);
     else ::unsetenv("XDG_CACHE_HOME");
+}
+
+TEST_CASE("replica: a follower killed in the middle of an apply leaves no torn state to read", "[vfs][integration][replica]") {
+    if (skip_process_tests()) BOTTOMLESS_SKIP(kProcessSkipReason);
+    Fixture f;
+    // 400 rows over ~30 pages: every round sets v of all rows and c.n to the
+    // round in one transaction (one segment). A committed state has one v,
+    // equal to n; a torn one mixes them.
+    exec(f.writer.get(), "CREATE TABLE t(k INTEGER PRIMARY KEY, v INTEGER, pad BLOB)");
+    exec(f.writer.get(), "WITH RECURSIVE s(k) AS (SELECT 1 UNION ALL SELECT k+1 FROM s WHERE k<400) "
+                         "INSERT INTO t SELECT k, 0, randomblob(250) FROM s");
+    f.flush();
+    const std::string journal = f.replica_path + "-journal";
+    const std::string plain = shell_quote(sqlite3_shell());
+    // Exit after this many pages of the apply reached the file.
+    const int pages_at[] = {1, 5, 12};
+    for (int round = 1; round <= 3; ++round) {
+        INFO("round " << round);
+        const std::string name = "follower" + std::to_string(round);
+        pid_t pid = spawn_follower(f.dir, name, f.replica_uri(f.replica_path),
+                                   "BOTTOMLESS_TEST_REPLICA_EXIT_AFTER_PAGES=" + std::to_string(pages_at[round - 1]));
+        Db reader;  // round 3: a reader in this process, that takes over
+        if (round == 3) {
+            reader = open_db(f.replica_uri(f.replica_path));
+            CHECK(status(reader.get())["role"] == "reader");
+            CHECK(query_text(reader.get(), kStateSql) == "2:1:2:400");
+        }
+        exec(f.writer.get(), "BEGIN; UPDATE t SET v=" + std::to_string(round) + "; UPDATE c SET n=" +
+                                 std::to_string(round) + "; COMMIT");
+        f.flush();
+        // The hook: status 3 in the middle of the apply.
+        const int rc = wait_exit(pid, 30s);
+        INFO(slurp_file(f.dir.file(name + ".log")));
+        REQUIRE(rc == 3);
+        REQUIRE(fs::exists(journal));  // hot: the follower died before its commit point
+
+        const std::string before = std::to_string(round - 1) + ":1:" + std::to_string(round - 1) + ":400";
+        const std::string after = std::to_string(round) + ":1:" + std::to_string(round) + ":400";
+        if (round == 1) {
+            // A read-only reader in another process refuses to read
+            // (SQLITE_READONLY_ROLLBACK) instead of reading torn pages.
+            std::string out;
+            const int src = run_command(plain + " -readonly " + shell_quote(f.replica_path) + " 'PRAGMA integrity_check' " +
+                                            shell_quote(kStateSql),
+                                        &out);
+            INFO(out);
+            CHECK(src != 0);
+            CHECK(out.find("readonly") != std::string::npos);
+            CHECK(out.find(":400") == std::string::npos);  // no state read at all (torn: "1:1:0:400")
+            CHECK(fs::exists(journal));
+        } else if (round == 2) {
+            // A read-write reader rolls the journal back and reads the last
+            // committed state the file held.
+            std::string out;
+            REQUIRE(run_command(plain + " " + shell_quote(f.replica_path) + " 'PRAGMA integrity_check' " +
+                                    shell_quote(kStateSql),
+                                &out) == 0);
+            CHECK(out == "ok\n" + before + "\n");
+            CHECK_FALSE(fs::exists(journal));
+        }
+        // The next follower recovers: opened here (round 1, 2), or the
+        // reader here takes over (round 3).
+        if (round < 3) reader = open_db(f.replica_uri(f.replica_path));
+        const auto t0 = std::chrono::steady_clock::now();
+        while (status(reader.get())["role"] != "follower" && std::chrono::steady_clock::now() - t0 < 10s)
+            std::this_thread::sleep_for(10ms);
+        wait_for_value(reader.get(), "SELECT n FROM c", round);
+        CHECK(query_text(reader.get(), kStateSql) == after);
+        CHECK(query_text(reader.get(), "PRAGMA integrity_check") == "ok");
+        CHECK_FALSE(fs::exists(journal));
+        json st = status(reader.get());
+        INFO(st.dump());
+        CHECK(st["role"] == "follower");
+        CHECK(st["hydrations"].get<uint64_t>() >= 1);  // the interrupted apply is not trusted
+        // A plain reader in another process reads the recovered file.
+        std::string out;
+        REQUIRE(run_command(plain + " -readonly " + shell_quote(f.replica_path) + " 'PRAGMA integrity_check' " +
+                                shell_quote(kStateSql),
+                            &out) == 0);
+        CHECK(out == "ok\n" + after + "\n");
+        reader.reset();  // the next round's shell follows
+    }
+}
+
+TEST_CASE("replica: a follower in another process while this one reads, and a takeover when it exits",
+          "[vfs][integration][replica]") {
+    if (skip_process_tests()) BOTTOMLESS_SKIP(kProcessSkipReason);
+    Fixture f;
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    pid_t pid = spawn_follower(f.dir, "follower", f.replica_uri(f.replica_path));
+    Db r = open_db(f.replica_uri(f.replica_path));
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["role"] == "reader");
+    CHECK(st["follower_pid"] == static_cast<long>(pid));
+    // The shell follows; this process only reads the file.
+    for (int i = 4; i <= 10; ++i) {
+        f.commit(i);
+        wait_for_value(r.get(), "SELECT n FROM c", i);
+        CHECK(query_int(r.get(), "SELECT count(*) FROM log") == i);
+    }
+    st = status(r.get());
+    CHECK(st["role"] == "reader");
+    CHECK(st["segment"].get<uint64_t>() >= 2);  // the follower's position, from its state file
+    CHECK(st["requests"]["get"] == 0);          // a reader asks S3 nothing
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+
+    // The follower leaves (a clean exit): this process takes over within
+    // about one poll interval (50 ms here), from the proven state file.
+    std::ofstream(f.dir.file("follower.stop")).close();
+    REQUIRE(wait_exit(pid, 30s) == 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    while (status(r.get())["role"] != "follower" && std::chrono::steady_clock::now() - t0 < 10s)
+        std::this_thread::sleep_for(5ms);
+    const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+    st = status(r.get());
+    INFO(st.dump() << " takeover after " << took.count() << " ms");
+    CHECK(st["role"] == "follower");
+    CHECK(took < 1s);
+    CHECK(st["hydrations"] == 0);  // nothing downloaded again
+    for (int i = 11; i <= 15; ++i) {
+        f.commit(i);
+        wait_for_value(r.get(), "SELECT n FROM c", i);
+    }
+    CHECK(query_int(r.get(), "SELECT count(*) FROM log") == 15);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
 }
