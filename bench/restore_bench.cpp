@@ -13,7 +13,9 @@
 // time goes (download, decode, write, fsync, check).
 //
 // Usage (server from scripts/s3-server.sh, env from its `env` command):
-//   build/bench/restore_bench [--mib N] [--rounds R] [--parallel P] [--plain-only]
+//   build/bench/restore_bench [--mib N] [--rounds R] [--parallel P] [--pause-ms MS] [--plain-only]
+// Every timed step starts after `sync` and a pause of --pause-ms (default
+// 3000: on this VM all steps then start on cold memory, see settle()).
 // --plain-only: no encrypted replica and a single snapshot upload (for
 // large sizes on a server with little room). BENCH_VERBOSE=1: every round.
 #include <fcntl.h>
@@ -59,9 +61,18 @@ void exec(sqlite3* db, const std::string& sql) {
 
 // Each timed step starts from a quiet disk: the write-back of the previous
 // step (a restored file, curl's files) would otherwise land on the next one.
+// And from the same memory state: on a VM with free page reporting (this dev
+// machine: a Firecracker guest, page_reporting_order=11) memory freed for
+// more than ~2 s goes back to the host, and the next first touch of it (the
+// page cache a restore writes into) costs a host fault per page. A step run
+// right after another one's files were deleted writes into warm memory, one
+// run after a pause into cold memory: which variant got which depended on
+// the order of the rounds. After a pause longer than that every variant
+// starts cold (--pause-ms; 0 for the old 200 ms).
+int g_pause_ms = 3000;
 void settle() {
     ::sync();
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    std::this_thread::sleep_for(std::chrono::milliseconds(g_pause_ms > 0 ? g_pause_ms : 200));
 }
 
 double median(std::vector<double> v) {
@@ -183,10 +194,11 @@ int main(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "--plain-only") plain_only = true;
-        else if (i + 1 >= argc) die("usage: restore_bench [--mib N] [--rounds R] [--parallel P] [--plain-only]");
+        else if (i + 1 >= argc) die("usage: restore_bench [--mib N] [--rounds R] [--parallel P] [--pause-ms MS] [--plain-only]");
         else if (a == "--mib") mib = std::atoi(argv[++i]);
         else if (a == "--rounds") rounds = std::atoi(argv[++i]);
         else if (a == "--parallel") parallel = std::atoi(argv[++i]);
+        else if (a == "--pause-ms") g_pause_ms = std::atoi(argv[++i]);
     }
     const bool verbose = std::getenv("BENCH_VERBOSE") != nullptr;
     std::string cli = std::filesystem::path(argv[0]).parent_path().parent_path() / "bottomless-cli";
@@ -345,6 +357,11 @@ int main(int argc, char** argv) {
     std::printf("# restore vs a plain parallel GET of the same %zu objects (%.0f MiB, generation %s), "
                 "parallel %d, %d rounds, medians\n",
                 objects->size(), mb, gen.c_str(), parallel, rounds);
+    if (g_pause_ms > 0)
+        std::printf("# every step after sync and a %.1f s pause: all start from the same (cold) memory state\n",
+                    g_pause_ms / 1000.0);
+    else
+        std::printf("# every step after sync and a 0.2 s pause: memory freed by the step before may still be warm\n");
     for (int v : variants) {
         const double m = median(secs[v]);
         const auto [lo, hi] = std::minmax_element(secs[v].begin(), secs[v].end());
