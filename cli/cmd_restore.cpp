@@ -9,7 +9,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdio>
+#include <mutex>
+#include <set>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -17,6 +23,7 @@
 #include "cli/history.h"
 #include "cli/restore_common.h"
 #include "replicator/restore.h"
+#include "s3/log.h"
 
 namespace bottomless::cli {
 namespace {
@@ -47,10 +54,210 @@ std::string dir_name(const std::string& path) {
     return slash == 0 ? "/" : path.substr(0, slash);
 }
 
+// ---- several databases at once: restore ID ID ... / restore --all ----
+//
+// One Context, so one S3 client and one connection pool for all of them;
+// up to --concurrent databases restore at once, each with --parallel /
+// --concurrent GETs in flight, so the total stays at --parallel whatever
+// the number of databases. Each database is decided and reported on its
+// own (the same local checks and flags as a single restore); one failing
+// does not stop the others.
+
+struct Outcome {
+    enum Kind { Restored, Skipped, Nothing, Failed };
+    std::string id, output;
+    Kind kind = Failed;
+    std::string reason;  // Skipped, Nothing, Failed: why
+    int code = kExitOk;
+    replicator::RestoreResult result;
+};
+
+struct ManyFlags {
+    bool if_db_missing = false, if_replica = false, force = false, all = false, json = false;
+};
+
+// The local checks, the choice and the restore of one database of several.
+// Errors are printed (under print_mu) as they happen, prefixed by the id.
+Outcome restore_one(Context& ctx, const std::string& id, const std::string& output, const RestoreRequest& req,
+                    const ManyFlags& flags, std::mutex& print_mu) {
+    Outcome o;
+    o.id = id;
+    o.output = output;
+    auto fail = [&](const Error& e) {
+        std::lock_guard lock(print_mu);
+        o.code = ctx.fail(e, id);
+        o.kind = o.code == kExitNothing ? Outcome::Nothing : Outcome::Failed;
+        o.reason = e.message;
+        return o;
+    };
+    uint64_t size = 0, wal_size = 0;
+    const bool exists = nonempty_file(output, &size);
+    const bool wal_exists = nonempty_file(output + "-wal", &wal_size);
+    if (exists || wal_exists) {
+        if (flags.if_db_missing) {
+            o.kind = Outcome::Skipped;
+            o.reason = "database exists (--if-db-not-exists)";
+            return o;
+        }
+        if (!flags.force && !(req.incremental && exists))
+            return fail(make_error(ErrorKind::Precondition,
+                                   output + (exists ? " exists (" + format_bytes(size) + ")"
+                                                    : "-wal exists (" + format_bytes(wal_size) + ")") +
+                                       ": refusing to overwrite a database; pass --force to replace it, "
+                                       "--if-db-not-exists to keep it",
+                                   "Exists"));
+    }
+    std::vector<GenerationView> history;
+    auto chosen = plan_restore(ctx, id, req, &history);
+    if (!chosen) {
+        const Error& e = chosen.error();
+        // --all: a prefix of the bucket without a complete generation is not
+        // a database this tool can restore, not a failure.
+        if ((flags.if_replica || flags.all) && (e.code == "NoSuchBucket" || e.code == "NoReplica")) {
+            o.kind = Outcome::Skipped;
+            o.reason = e.message + (flags.all ? "" : " (--if-replica-exists)");
+            return o;
+        }
+        return fail(e);
+    }
+    auto r = run_restore_into(ctx, id, *chosen, req, output, "restoring " + id, &history);
+    if (!r) return fail(r.error());
+    o.kind = Outcome::Restored;
+    o.result = std::move(r).value();
+    return o;
+}
+
+int run_restore_many(Context& ctx, const Args& args, RestoreRequest req, const ManyFlags& flags) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::string> ids;
+    std::set<std::string> seen;
+    for (const auto& d : args.positional()) {
+        if (auto st = replicator::validate_db_id(d); !st) throw UsageError{st.error().message};
+        if (seen.insert(d).second) ids.push_back(d);
+    }
+    std::string dir = args.get("output", ".");
+    if (!is_directory(dir))
+        return ctx.fail("directory " + dir + " does not exist",
+                        "with several databases -o names a directory (one file per database id in it): create it");
+    if (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    if (!ctx.connect()) return kExitFailure;
+
+    std::vector<Outcome> outcomes;
+    if (flags.all) {
+        auto dbs = replicator::list_databases(ctx.client(), ctx.bucket());
+        if (!dbs) return ctx.fail(dbs.error());
+        for (const auto& d : *dbs) {
+            // Names from the bucket become file names: only a valid id
+            // (letters, digits, '.', '_', '-'; never '.' or '..') may.
+            if (auto st = replicator::validate_db_id(d); !st) {
+                Outcome o;
+                o.kind = Outcome::Skipped;
+                o.id = log::printable(d, 200);  // a name from the server
+                o.reason = "not a valid database id, so not a file name to restore to: " + st.error().message;
+                ctx.warn("skipped '" + o.id + "': " + o.reason);
+                outcomes.push_back(std::move(o));
+                continue;
+            }
+            ids.push_back(d);
+        }
+        if (ids.empty() && outcomes.empty()) {
+            ctx.note("bottomless-cli restore: bucket '" + ctx.bucket() + "' holds no database; nothing restored");
+        }
+    }
+
+    const int total = req.parallel;
+    const int at_once = static_cast<int>(std::clamp<int64_t>(
+        args.has("concurrent") ? parse_int_option(args, "concurrent", 1, 16, 4) : std::min(4, total), 1,
+        std::max<size_t>(1, ids.size())));
+    req.parallel = std::max(1, total / at_once);
+    req.progress = false;
+
+    std::mutex print_mu;  // stdout/stderr lines and `outcomes`
+    std::atomic<size_t> next{0};
+    const size_t first = outcomes.size();
+    outcomes.resize(first + ids.size());
+    auto worker = [&] {
+        for (size_t i; (i = next.fetch_add(1)) < ids.size();) {
+            const std::string& id = ids[i];
+            Outcome o = restore_one(ctx, id, dir + "/" + id, req, flags, print_mu);
+            std::lock_guard lock(print_mu);
+            if (!flags.json && !ctx.quiet()) {
+                if (o.kind == Outcome::Restored) {
+                    const auto& r = o.result;
+                    std::printf("restored %s to %s: generation %s, segment %llu, %s, %s downloaded in %.2f s%s\n",
+                                id.c_str(), o.output.c_str(), r.generation.c_str(),
+                                static_cast<unsigned long long>(r.seq),
+                                format_bytes(static_cast<uint64_t>(r.db_pages) * r.page_size).c_str(),
+                                format_bytes(r.bytes_downloaded).c_str(), r.seconds,
+                                r.incremental.empty() ? "" : (" (incremental: " + r.incremental + ")").c_str());
+                } else if (o.kind == Outcome::Skipped) {
+                    std::printf("skipped %s: %s\n", id.c_str(), o.reason.c_str());
+                }
+                std::fflush(stdout);
+            }
+            outcomes[first + i] = std::move(o);
+        }
+    };
+    std::vector<std::thread> threads;
+    for (int t = 0; t < at_once; ++t) threads.emplace_back(worker);
+    for (auto& t : threads) t.join();
+
+    size_t restored = 0, skipped = 0, nothing = 0, failed = 0;
+    for (const auto& o : outcomes) {
+        restored += o.kind == Outcome::Restored;
+        skipped += o.kind == Outcome::Skipped;
+        nothing += o.kind == Outcome::Nothing;
+        failed += o.kind == Outcome::Failed;
+    }
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (flags.json) {
+        json list = json::array();
+        for (const auto& o : outcomes) {
+            json j = {{"database", o.id},
+                      {"output", o.output},
+                      {"restored", o.kind == Outcome::Restored},
+                      {"outcome", o.kind == Outcome::Restored  ? "restored"
+                                  : o.kind == Outcome::Skipped ? "skipped"
+                                  : o.kind == Outcome::Nothing ? "nothing"
+                                                               : "failed"}};
+            if (o.kind == Outcome::Restored) {
+                const auto& r = o.result;
+                j["generation"] = r.generation;
+                j["segment"] = r.seq;
+                j["pages"] = r.db_pages;
+                j["page_size"] = r.page_size;
+                j["downloaded_bytes"] = r.bytes_downloaded;
+                j["seconds"] = r.seconds;
+                if (!r.incremental.empty()) j["incremental"] = r.incremental;
+            } else {
+                j[o.kind == Outcome::Skipped ? "reason" : "error"] = o.reason;
+            }
+            list.push_back(std::move(j));
+        }
+        std::printf("%s\n", json{{"databases", list},
+                                 {"restored", restored},
+                                 {"skipped", skipped},
+                                 {"nothing", nothing},
+                                 {"failed", failed},
+                                 {"concurrent", at_once},
+                                 {"parallel_each", req.parallel},
+                                 {"seconds", secs}}
+                                .dump(2)
+                                .c_str());
+    } else if (!ctx.quiet()) {
+        std::printf("restored %zu of %zu database(s) into %s in %.2f s", restored, outcomes.size(), dir.c_str(), secs);
+        if (failed) std::printf(", %zu failed", failed);
+        if (nothing) std::printf(", %zu with nothing to restore", nothing);
+        if (skipped) std::printf(", %zu skipped", skipped);
+        std::printf(" (%d at once, %d GETs each)\n", at_once, req.parallel);
+    }
+    if (failed) return kExitFailure;
+    if (nothing) return kExitNothing;
+    return kExitOk;
+}
+
 int run_restore(Context& ctx, const Args& args) {
     ctx.set_quiet(args.has("quiet") || args.has("json"));
-    if (!args.positional().empty())
-        throw UsageError{"unexpected argument '" + args.positional()[0] + "' (the output file is -o PATH)"};
     RestoreRequest req = restore_request_from(args);
     if (!args.has("integrity-check")) req.integrity_check = replicator::kDefaultIntegrityCheck;
     const bool if_db_missing = args.has("if-db-not-exists");
@@ -66,10 +273,34 @@ int run_restore(Context& ctx, const Args& args) {
     if (req.incremental && if_db_missing)
         throw UsageError{"--incremental updates an existing copy, --if-db-not-exists keeps it: choose one"};
 
+    // Several databases: ids as arguments, or --all.
+    if (args.has("all") || !args.positional().empty()) {
+        if (args.has("all") && !args.positional().empty())
+            throw UsageError{"--all restores every database in the bucket: give database ids or --all, not both"};
+        if (args.has("database"))
+            throw UsageError{"-d names one database: with database ids as arguments or --all, leave it out"};
+        if (args.positional().size() > 1 || args.has("all")) {
+            ManyFlags flags;
+            flags.if_db_missing = if_db_missing;
+            flags.if_replica = if_replica;
+            flags.force = force;
+            flags.all = args.has("all");
+            flags.json = args.has("json");
+            return run_restore_many(ctx, args, req, flags);
+        }
+    } else if (args.has("concurrent")) {
+        throw UsageError{"--concurrent is for several databases (ids as arguments, or --all)"};
+    }
+
     // The output and, from its name, the database id (as the extension derives it).
     std::string output = args.get("output");
     if (!ctx.connect()) return kExitFailure;
-    auto db = ctx.database_id(output.empty() || is_directory(output) ? std::string() : base_name(output));
+    // One id as an argument is -d ID.
+    auto db = args.positional().size() == 1
+                  ? std::optional<std::string>(args.positional()[0])
+                  : ctx.database_id(output.empty() || is_directory(output) ? std::string() : base_name(output));
+    if (db && args.positional().size() == 1)
+        if (auto st = replicator::validate_db_id(*db); !st) throw UsageError{st.error().message};
     if (!db) return kExitUsage;
     if (output.empty()) output = *db;
     else if (is_directory(output)) output = (output.back() == '/' ? output : output + "/") + *db;
@@ -197,7 +428,8 @@ const Command& restore_command() {
         "restore",
         "restore a database: the latest state, a generation, or a point in time",
         "restore [-o PATH] [-g GEN | --utc-time T] [--if-db-not-exists] [--if-replica-exists] [--force] "
-        "[--incremental] [--integrity-check MODE]",
+        "[--incremental] [--integrity-check MODE]\n"
+        "       bottomless-cli [GLOBAL OPTIONS] restore [-o DIR] (ID ID ... | --all) [--concurrent N] [OPTIONS]",
         "Rebuilds the database from its snapshot and segments: every object's checksum\n"
         "and the chain between them are checked, whole transactions only are applied,\n"
         "the result goes to PATH.restore-tmp, is fsynced and renamed to PATH. On any\n"
@@ -224,7 +456,14 @@ const Command& restore_command() {
         "full. Across a newer generation it restores in full (and says why).\n"
         "\n"
         "Without -d the database id is the output file's name (as the extension derives\n"
-        "it from the database file's name).",
+        "it from the database file's name).\n"
+        "\n"
+        "Several databases: give their ids as arguments, or --all (every database id\n"
+        "the bucket holds); each is restored to DIR/ID (-o DIR, default the current\n"
+        "directory) with the same options and checks as one. They share one S3\n"
+        "connection pool: --concurrent of them at once (default 4), --parallel GETs in\n"
+        "all. Each one's outcome is printed; one failing does not stop the others, and\n"
+        "the exit status is 1 if any failed (3 if some had nothing to restore).",
         {
             {'o', "output", "PATH", "where to write the database (default: ./<database id>; a directory: DIR/<id>)"},
             {'g', "generation", "GEN", "restore this generation (default: the newest that serves)"},
@@ -234,7 +473,9 @@ const Command& restore_command() {
             {'f', "force", nullptr, "replace an existing database at PATH (with --incremental: if refused)"},
             {0, "incremental", nullptr, "update the older restored copy at PATH: download only what changed"},
             {0, "incremental-via", "HOW", "wal (default: a WAL journal when the copy is in WAL mode) or copy (a duplicate file)"},
-            {'j', "parallel", "N", "GETs in flight: snapshot parts and segments (default 4, 1..64)"},
+            {'j', "parallel", "N", "GETs in flight: snapshot parts and segments (default 4, 1..64); in all, with several databases"},
+            {0, "all", nullptr, "restore every database in the bucket, each to DIR/ID"},
+            {0, "concurrent", "N", "with several databases: how many restore at once (default min(4, --parallel), 1..16)"},
             {0, "integrity-check", "MODE", "none (default), quick or full: the SQLite check before the rename"},
             {'q', "quiet", nullptr, "no progress bar and no report"},
             {0, "json", nullptr, "print the report as JSON"},

@@ -418,7 +418,8 @@ void ProgressBar::finish() {
 
 namespace {
 
-constexpr int kCleanupSlots = 4;
+// Restores of several databases run up to 16 at once (cmd_restore.cpp).
+constexpr int kCleanupSlots = 16;
 // Written by the main thread, read by the handler: fixed buffers, no allocation.
 char g_cleanup[kCleanupSlots][4096];
 std::atomic<bool> g_cleanup_used[kCleanupSlots];

@@ -188,7 +188,7 @@ private:
 bool stdout_is_terminal();
 
 // Files removed if the process is interrupted (SIGINT/SIGTERM/SIGHUP):
-// restore's temp file, verify's scratch directory. At most a few at a time.
+// restore's temp file, verify's scratch directory. At most 16 at a time.
 void cleanup_on_signal(const std::string& path);
 void forget_cleanup(const std::string& path);
 void install_signal_cleanup();

@@ -5,9 +5,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <thread>
 
 namespace bottomless::cli {
+
+namespace {
+// Guards the Context's cipher cache and the interrupt cleanup's slots,
+// which several restores of one `restore ID ID ...` reach at once.
+std::mutex g_shared_mu;
+}  // namespace
 
 RestoreRequest restore_request_from(const Args& args) {
     RestoreRequest r;
@@ -53,15 +60,21 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
     opt.integrity_check = req.integrity_check;
     opt.full_if_refused = req.full_if_refused;
     opt.incremental_copy = req.incremental_copy;
-    auto cipher = ctx.cipher(db_id);
-    if (!cipher) return std::move(cipher).error();
-    opt.cipher = std::move(cipher).value();
+    {
+        std::lock_guard lock(g_shared_mu);
+        auto cipher = ctx.cipher(db_id);
+        if (!cipher) return std::move(cipher).error();
+        opt.cipher = std::move(cipher).value();
+    }
     // restore_target writes OUTPUT.restore-tmp and removes it on failure;
     // an interrupt must not leave it behind either.
     const std::string tmp = output + ".restore-tmp";
-    cleanup_on_signal(tmp);
+    {
+        std::lock_guard lock(g_shared_mu);
+        cleanup_on_signal(tmp);
+    }
 
-    ProgressBar bar(label, !ctx.quiet());
+    ProgressBar bar(label, req.progress && !ctx.quiet());
     std::atomic<uint64_t> reported{0}, total{choice.total_bytes()};
     std::atomic<bool> stop{false};
     std::thread ticker;
@@ -97,7 +110,10 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
     stop.store(true);
     if (ticker.joinable()) ticker.join();
     if (r && bar.enabled()) bar.update(r->bytes_downloaded, r->bytes_downloaded);
-    forget_cleanup(tmp);
+    {
+        std::lock_guard lock(g_shared_mu);
+        forget_cleanup(tmp);
+    }
     bar.finish();
     return r;
 }

@@ -23,6 +23,8 @@ struct RestoreRequest {
     bool incremental = false;      // --incremental (replicator::restore_incremental)
     bool full_if_refused = false;  // with it, --force
     bool incremental_copy = false; // --incremental-via copy
+    // A progress bar (unless quiet); off when several databases restore at once.
+    bool progress = true;
 };
 
 // Throws UsageError for a bad --utc-time, --parallel or --integrity-check.
@@ -44,7 +46,9 @@ std::string older_than_damaged(const std::vector<GenerationView>& history, const
 // Restores the chosen state into `output` (temp file, checks, rename), with
 // a progress bar labelled `label` unless quiet. req.incremental needs the
 // `history` the choice was made from. Nothing is listed or read
-// again: the snapshot and segment GETs only.
+// again: the snapshot and segment GETs only. Several may run at once on
+// one Context (restore of several databases): what they share of it (the
+// client, the ciphers, the interrupt cleanup) is taken under a lock.
 Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::string& db_id, const RestoreTarget& choice,
                                                    const RestoreRequest& req, const std::string& output,
                                                    const std::string& label,

@@ -1620,3 +1620,112 @@ TEST_CASE("cli: --integrity-check full finds an index that disagrees with its ta
     r = cli({"-b", bucket.name(), "-d", "idx.db", "verify", "-q"});
     CHECK(r.code == 1);
 }
+
+TEST_CASE("cli: restore of several databases at once (ids or --all) and one failing does not stop the others",
+          "[cli][integration][many]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-many");
+    TempDir dir;
+    // Four databases in one bucket, each with its own rows: NAME holds 1..rows.
+    const std::map<std::string, int> dbs = {{"a.db", 3}, {"b.db", 5}, {"c.db", 7}, {"d.db", 2}};
+    for (const auto& [name, rows] : dbs) {
+        Writer w(dir / ("src-" + name), bucket.name(), "&database_id=" + name);
+        setup_table(w);
+        for (int i = 1; i <= rows; ++i) insert(w, i);
+        w.flush();
+        w.close();
+    }
+    // A prefix that is no valid database id: --all must not make it a file name.
+    REQUIRE(client->put_object(bucket.name(), "..bad id!/x", "not a database").ok());
+
+    SECTION("ids as arguments, into a directory, in parallel within a bound") {
+        const std::string out = dir / "ids";
+        fs::create_directories(out);
+        Run r = cli({"-b", bucket.name(), "restore", "-o", out, "a.db", "c.db", "d.db", "a.db", "-j", "4",
+                     "--concurrent", "2", "--json"});
+        REQUIRE(r.code == 0);
+        json j = json::parse(r.out);
+        CHECK(j["restored"] == 3);  // a.db once
+        CHECK(j["failed"] == 0);
+        CHECK(j["concurrent"] == 2);
+        CHECK(j["parallel_each"] == 2);  // 4 GETs in all
+        REQUIRE(j["databases"].size() == 3);
+        for (const auto& d : j["databases"]) {
+            CHECK(d["outcome"] == "restored");
+            CHECK(d["output"] == out + "/" + d["database"].get<std::string>());
+        }
+        for (const char* name : {"a.db", "c.db", "d.db"}) CHECK(ids_in(out + "/" + name) == range_ids(1, dbs.at(name)));
+        CHECK_FALSE(exists(out + "/b.db"));
+        // The note of each names its own database: the extension continues each from it.
+        CHECK(read_file(out + "/c.db-bottomless").find("c.db") != std::string::npos);
+    }
+    SECTION("--all: every database of the bucket, one file each, outcomes printed") {
+        const std::string out = dir / "all";
+        fs::create_directories(out);
+        Run r = cli({"-b", bucket.name(), "restore", "--all", "-o", out});
+        REQUIRE(r.code == 0);
+        std::set<std::string> files;  // (before reading them, which adds -wal and -shm files)
+        for (const auto& e : fs::directory_iterator(out)) files.insert(e.path().filename().string());
+        CHECK(files == std::set<std::string>{"a.db", "a.db-bottomless", "b.db", "b.db-bottomless", "c.db",
+                                             "c.db-bottomless", "d.db", "d.db-bottomless"});
+        for (const auto& [name, rows] : dbs) {
+            CHECK(ids_in(out + "/" + name) == range_ids(1, rows));
+            CHECK(r.out.find("restored " + name + " to " + out + "/" + name) != std::string::npos);
+        }
+        CHECK(r.out.find("restored 4 of 5 database(s)") != std::string::npos);
+        CHECK(r.out.find("1 skipped") != std::string::npos);
+        CHECK(r.err.find("..bad id!") != std::string::npos);  // the skipped prefix, with why
+    }
+    SECTION("one refused and one damaged: the others still restored, exit 1, each failure named") {
+        const std::string out = dir / "fail";
+        fs::create_directories(out);
+        {
+            sqlite3* raw = nullptr;
+            REQUIRE(sqlite3_open((out + "/b.db").c_str(), &raw) == SQLITE_OK);
+            Db db(raw);
+            exec(db.get(), "CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT); INSERT INTO t VALUES(42, 'local')");
+        }
+        // c.db loses its snapshot: a generation with segments and no
+        // snapshot is damaged, not in progress.
+        for (const auto& o : objects(*client, bucket.name(), "c.db/"))
+            if (o.key.find("snapshot") != std::string::npos) REQUIRE(client->delete_object(bucket.name(), o.key).ok());
+        Run r = cli({"-b", bucket.name(), "restore", "--all", "-o", out, "-j", "2"});
+        CHECK(r.code == 1);
+        CHECK(ids_in(out + "/a.db") == range_ids(1, 3));
+        CHECK(ids_in(out + "/d.db") == range_ids(1, 2));
+        CHECK(ids_in(out + "/b.db") == std::vector<int64_t>{42});  // untouched
+        CHECK_FALSE(exists(out + "/c.db"));
+        CHECK_FALSE(exists(out + "/c.db.restore-tmp"));
+        CHECK(r.err.find("b.db") != std::string::npos);
+        CHECK(r.err.find("refusing to overwrite") != std::string::npos);
+        CHECK(r.err.find("c.db") != std::string::npos);
+        CHECK(r.out.find("2 failed") != std::string::npos);
+        // --if-db-not-exists keeps b.db as a skip, not a failure.
+        Run again = cli({"-b", bucket.name(), "restore", "-o", out, "a.db", "b.db", "--if-db-not-exists", "--json"});
+        CHECK(again.code == 0);
+        json j = json::parse(again.out);
+        CHECK(j["skipped"] == 2);
+    }
+    SECTION("an id with nothing to restore: exit 3, the others restored") {
+        const std::string out = dir / "nothing";
+        fs::create_directories(out);
+        Run r = cli({"-b", bucket.name(), "restore", "-o", out, "a.db", "nosuch.db"});
+        CHECK(r.code == 3);
+        CHECK(ids_in(out + "/a.db") == range_ids(1, 3));
+        CHECK(r.err.find("nosuch.db") != std::string::npos);
+    }
+    SECTION("usage") {
+        CHECK(cli({"-b", bucket.name(), "restore", "--all", "a.db", "b.db"}).code == 2);
+        CHECK(cli({"-b", bucket.name(), "-d", "a.db", "restore", "a.db", "b.db"}).code == 2);
+        CHECK(cli({"-b", bucket.name(), "restore", "a.db", "../b.db", "-o", dir / "x"}).code == 2);
+        CHECK(cli({"-b", bucket.name(), "restore", "-o", dir / "x", "--concurrent", "2"}).code == 2);
+        // Several databases need a directory.
+        Run r = cli({"-b", bucket.name(), "restore", "a.db", "b.db", "-o", dir / "no-such-dir"});
+        CHECK(r.code == 1);
+        CHECK(r.err.find("directory") != std::string::npos);
+        // One id as an argument is -d ID.
+        Run one = cli({"-b", bucket.name(), "restore", "b.db", "-o", dir / "one.db", "-q"});
+        CHECK(one.code == 0);
+        CHECK(ids_in(dir / "one.db") == range_ids(1, 5));
+    }
+}
