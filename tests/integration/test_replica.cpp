@@ -31,6 +31,7 @@
 #include <nlohmann/json.hpp>
 
 #include "replicator/util.h"
+#include "support/fault_proxy.h"
 #include "support/s3_env.h"
 #include "support/skip.h"
 #include "support/sqlite_util.h"
@@ -49,12 +50,12 @@ struct Fixture {
     TempDir dir;
     std::string writer_path = dir.file("w/app.db"), replica_path = dir.file("r/app.db");
     Db writer;
-    Fixture() {
+    explicit Fixture(const std::string& writer_extra = "") {
         fs::create_directories(dir.file("w"));
         fs::create_directories(dir.file("r"));
         register_bottomless();
         writer = open_db("file:" + writer_path + "?vfs=bottomless&bucket=" + bucket.name() +
-                         "&database_id=app.db&batch_interval_ms=50");
+                         "&database_id=app.db&batch_interval_ms=50" + writer_extra);
         exec(writer.get(), "PRAGMA journal_mode=wal");
         exec(writer.get(), "CREATE TABLE c(n INTEGER); INSERT INTO c VALUES(0); CREATE TABLE log(i INTEGER PRIMARY KEY, pad BLOB)");
         flush();
@@ -368,7 +369,9 @@ TEST_CASE("replica: a follower killed in the middle of an apply leaves no torn s
         const int rc = wait_exit(pid, 30s);
         INFO(slurp_file(f.dir.file(name + ".log")));
         REQUIRE(rc == 3);
-        REQUIRE(fs::exists(journal));  // hot: the follower died before its commit point
+        // Hot: the follower died before its commit point (in round 3 the
+        // reader here may already have taken over and rolled it back).
+        if (round < 3) REQUIRE(fs::exists(journal));
 
         const std::string before = std::to_string(round - 1) + ":1:" + std::to_string(round - 1) + ":400";
         const std::string after = std::to_string(round) + ":1:" + std::to_string(round) + ":400";
@@ -461,4 +464,82 @@ TEST_CASE("replica: a follower in another process while this one reads, and a ta
     }
     CHECK(query_int(r.get(), "SELECT count(*) FROM log") == 15);
     CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+}
+
+TEST_CASE("replica: an encrypted database is followed with the writer's key and refused without it",
+          "[vfs][integration][replica]") {
+    const std::string key = "6b8f1c2d3e4f50617283940a1b2c3d4e5f60718293a4b5c6d7e8f90112233445";
+    const std::string other = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    Fixture f("&encryption_key=" + key);
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    Db r = open_db(f.replica_uri(f.replica_path, "&encryption_key=" + key));
+    wait_for_value(r.get(), "SELECT n FROM c", 3);
+    for (int i = 4; i <= 8; ++i) {
+        f.commit(i);
+        wait_for_value(r.get(), "SELECT n FROM c", i);
+    }
+    CHECK(query_int(r.get(), "SELECT sum(i) FROM log") == 36);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["segments_applied"].get<uint64_t>() >= 1);
+    CHECK(st["last_error"].is_null());
+    // Without the key, or with another one, the open fails and says why.
+    for (const std::string& extra : {std::string(), "&encryption_key=" + other}) {
+        Db bad;
+        std::string err;
+        CHECK(try_open_db(f.replica_uri(f.dir.file("r/other.db"), extra), bad, err) != SQLITE_OK);
+        CHECK_FALSE(fs::exists(f.dir.file("r/other.db")));
+    }
+}
+
+TEST_CASE("replica: S3 faults while following never show a wrong state and it catches up after them",
+          "[vfs][integration][replica]") {
+    Fixture f;
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    FaultProxy proxy("127.0.0.1", server_port());
+    proxy.set_stall_ms(400);
+    Db r = open_db(f.replica_uri(f.replica_path, "&endpoint=" + proxy.url()));
+    wait_for_value(r.get(), "SELECT n FROM c", 3);
+    int i = 3;
+    long long seen = 3;
+    // Every read: a committed prefix (the counter equals the rows), never
+    // going back, integrity ok.
+    auto check_state = [&] {
+        const long long n = query_int(r.get(), "SELECT n FROM c");
+        CHECK(query_int(r.get(), "SELECT count(*) FROM log") == n);
+        CHECK(n >= seen);
+        seen = n;
+        CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    };
+    for (Fault fault : {Fault::Status503SlowDown, Fault::ResetBeforeRequest, Fault::TruncateBody, Fault::Status500,
+                        Fault::Stall, Fault::DropResponse}) {
+        INFO("fault " << static_cast<int>(fault));
+        const int faults_before = proxy.faults_injected();
+        proxy.inject_always(fault);
+        for (int k = 0; k < 3; ++k) {
+            f.commit(++i);
+            f.flush();
+            check_state();
+            std::this_thread::sleep_for(100ms);
+        }
+        std::this_thread::sleep_for(300ms);
+        check_state();
+        CHECK(proxy.faults_injected() > faults_before);  // the replica did meet the fault
+        proxy.clear();
+        wait_for_value(r.get(), "SELECT n FROM c", i, 20s);  // caught up once S3 answers again
+        check_state();
+    }
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["chain_broken"] == false);
+    CHECK(st["hydrations"] == 1);  // the first one only: faults never made it distrust its file
+    CHECK(st["requests"]["retries"].get<uint64_t>() >= 1);
+    // The last error clears once a poll succeeds again.
+    const auto t0 = std::chrono::steady_clock::now();
+    while (!status(r.get())["last_error"].is_null() && std::chrono::steady_clock::now() - t0 < 5s)
+        std::this_thread::sleep_for(20ms);
+    CHECK(status(r.get())["last_error"].is_null());
 }
