@@ -172,8 +172,10 @@ public:
     // epoch that are not durable yet (restart_allowed() let it end with
     // them in memory), they are first copied, at their offsets, to
     // `<db>-bottomless-frames`, so that after a crash the next start still
-    // recovers them (startup.cpp) instead of starting a new generation. At
-    // most once per epoch; otherwise one atomic load. Never fails the write.
+    // recovers them (startup.cpp) instead of starting a new generation. The
+    // uploader normally copies them as soon as the epoch ends; otherwise the
+    // writer does, at most once per epoch. One atomic load when nothing is
+    // owed. Never fails the write.
     void before_wal_overwrite(uint64_t end) noexcept {
         if (end == 0 || end > preserve_from_.load(std::memory_order_relaxed)) preserve_ended_frames();
     }
@@ -315,7 +317,8 @@ private:
     static uint64_t segment_limit(const ReplicatorConfig& c);
     static uint64_t held_limit(const ReplicatorConfig& c);
     uint64_t memory_bytes() const { return tee_.bytes() + pending_bytes_.load() + segment_bytes_.load(); }
-    void note_memory() noexcept;  // raises memory_peak_ to memory_bytes()
+    void note_memory() noexcept;  // raises memory_peak_ (and trim_peak_) to memory_bytes()
+    void maybe_release_memory() noexcept;  // release_free_memory() once trim_peak_ is a segment above what is held
 
     const std::string path_, wal_path_, state_path_;
     const ReplicatorConfig config_;
@@ -357,6 +360,9 @@ private:
     // then its encoded size until uploaded or dropped (changed under net_mu_).
     std::atomic<uint64_t> segment_bytes_{0};
     std::atomic<uint64_t> memory_peak_{0};         // highest memory_bytes() seen (status: memory_peak_bytes)
+    // Highest memory_bytes() seen since the freed memory was last handed
+    // back to the kernel (release_free_memory(), after uploads).
+    std::atomic<uint64_t> trim_peak_{0};
     std::atomic<uint64_t> wal_frames_read_{0};     // frames read back from the WAL file (the tee lacked them)
     // WAL offset of the first frame of the ended epoch not yet durable, while
     // the new epoch has not overwritten it (before_wal_overwrite); max: none.

@@ -55,6 +55,20 @@ void Replicator::note_memory() noexcept {
     uint64_t peak = memory_peak_.load(std::memory_order_relaxed);
     while (now > peak && !memory_peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
     }
+    uint64_t tpeak = trim_peak_.load(std::memory_order_relaxed);
+    while (now > tpeak && !trim_peak_.compare_exchange_weak(tpeak, now, std::memory_order_relaxed)) {
+    }
+}
+
+void Replicator::maybe_release_memory() noexcept {
+    // Once what this database holds has fallen by a segment's worth from its
+    // high-water mark (a backlog shipped, a burst uploaded), the freed pages
+    // go back to the kernel: resident memory then follows the cap.
+    constexpr uint64_t kStep = 16ull << 20;
+    const uint64_t held = memory_bytes();
+    if (trim_peak_.load(std::memory_order_relaxed) < held + kStep) return;
+    trim_peak_.store(held, std::memory_order_relaxed);
+    release_free_memory();
 }
 
 void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
@@ -305,6 +319,12 @@ Status Replicator::step(Lock& lock, bool force) {
             wake();  // go on in a next step, after the databases due before it
             return st;
         }
+        // The segment just shipped freed its frames: hand them back before
+        // the next capture fills another arena (not under upload_mu_, as
+        // during a request).
+        lock.unlock();
+        maybe_release_memory();
+        lock.lock();
         const WalPosition before = captured_;
         (void)capture();
         if (captured_ == before && pending_.empty()) return st;  // no progress: leave it to the next step
@@ -349,7 +369,12 @@ Clock::time_point Replicator::pool_step() noexcept {
         const int64_t batch_us = std::chrono::duration_cast<std::chrono::microseconds>(config_.batch_interval).count();
         if (!force && Clock::now() >= retry_after_ && oldest > 0 && now_us() - oldest >= batch_us) force = true;
         guarded_step(lock, force);
-        return next_due();
+        const auto due = next_due();
+        lock.unlock();
+        net.unlock();
+        // Not under the locks: walking the allocator's arenas takes a while.
+        maybe_release_memory();
+        return due;
     } catch (...) {
         // next_due() or a lock failed (nothing in a step escapes guarded_step).
         return Clock::now() + std::chrono::seconds(1);

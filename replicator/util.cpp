@@ -1,8 +1,10 @@
 // Small shared utilities (util.h).
 #include "replicator/util.h"
 
+#include <malloc.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -38,6 +40,18 @@ bool pread_full(int fd, void* buf, size_t n, uint64_t off) {
 bool pwrite_full(int fd, const void* buf, size_t n, uint64_t off) {
     const auto* p = static_cast<const char*>(buf);
     return whole([&](size_t done) { return ::pwrite(fd, p + done, n - done, static_cast<off_t>(off + done)); }, n);
+}
+
+void release_free_memory() noexcept {
+#if defined(__GLIBC__)
+    static std::atomic<int64_t> last_ms{0};
+    const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                               std::chrono::steady_clock::now().time_since_epoch())
+                               .count();
+    int64_t prev = last_ms.load();
+    if (now_ms - prev < 500 || !last_ms.compare_exchange_strong(prev, now_ms)) return;
+    ::malloc_trim(0);
+#endif
 }
 
 int64_t now_us() {

@@ -30,6 +30,15 @@ bool pwrite_full(int fd, const void* buf, size_t n, uint64_t off);
 
 // Microseconds since the Unix epoch (wall clock), as commit times are kept.
 int64_t now_us();
+
+// Hands memory the C library holds but no longer uses back to the kernel.
+// glibc keeps each thread arena's high-water mark resident after frees:
+// frames the writer's thread allocated (the tee) and frames the uploader
+// read back from the WAL live in two arenas, so a backlog shipped after an
+// outage left the process ~2x the memory cap resident although the live
+// bytes stayed within it. At most twice a second process-wide (it walks
+// every arena); a no-op without glibc.
+void release_free_memory() noexcept;
 // "2026-12-01T04:51:40.330301Z" (UTC, microseconds), or "unknown" for <= 0.
 std::string fmt_time_us(int64_t us);
 // "2026-12-01 04:51:40.330301" (UTC, for tables; parse_time_us reads it
