@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <map>
 #include <random>
 
@@ -73,13 +74,22 @@ std::string cache_dir() {
     return base + "/bottomless";
 }
 
-// The in-process registry: one Replica per replica file.
+// The in-process registry: one Replica per replica file. Its mutex guards
+// the map only and is held just to look up or change an entry, never across
+// S3 requests, file I/O or a join (issue 10): opening replica A never waits
+// for replica B's hydration. The first opener of a file starts it outside
+// the lock; the others wait on that entry's future, for that file only.
+using Acquired = Result<std::shared_ptr<Replica>>;
+struct RegistryEntry {
+    std::weak_ptr<Replica> replica;          // the running replica, once started
+    std::shared_future<Acquired> starting;   // valid while its first opener starts it
+};
 std::mutex& registry_mu() {
     static std::mutex mu;
     return mu;
 }
-std::map<std::string, std::weak_ptr<Replica>>& registry() {
-    static std::map<std::string, std::weak_ptr<Replica>> r;
+std::map<std::string, RegistryEntry>& registry() {  // guarded by registry_mu()
+    static std::map<std::string, RegistryEntry> r;
     return r;
 }
 
@@ -222,6 +232,14 @@ Replica::~Replica() {
     cv_.notify_all();
     if (thread_.joinable()) thread_.join();
     file_.reset();
+    if (!time_travel_) {
+        // Forget the file (unless a new Replica of it started meanwhile): the
+        // registry holds only files that are open.
+        std::lock_guard reg(registry_mu());
+        if (auto it = registry().find(path_);
+            it != registry().end() && it->second.replica.expired() && !it->second.starting.valid())
+            registry().erase(it);
+    }
     if (file_name_) sqlite3_free_filename(file_name_);
     // A time-travel copy is ours alone: nothing to manage for the user.
     if (time_travel_) ::unlink(path_.c_str());
@@ -229,23 +247,56 @@ Replica::~Replica() {
 
 Result<std::shared_ptr<Replica>> Replica::acquire(const std::string& path, const ReplicatorConfig& cfg,
                                                   sqlite3_vfs* lower) {
-    std::unique_lock reg(registry_mu(), std::defer_lock);
-    if (!cfg.replica_at_us) {
-        reg.lock();
-        if (auto it = registry().find(path); it != registry().end())
-            if (auto r = it->second.lock()) return r;
+    // Creates and starts a new Replica (S3 requests, a hydration): called
+    // with no lock held. Exceptions become errors so the waiters of this
+    // file always get an answer.
+    auto create = [&]() -> Acquired {
+        try {
+            std::shared_ptr<Replica> r(new Replica(path, cfg, lower));
+            s3::ClientConfig c = cfg.s3;
+            // A poll that cannot reach S3 gives up soon and tries again at the next one.
+            c.retry.max_elapsed = std::min<std::chrono::milliseconds>(
+                c.retry.max_elapsed, std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg.replica_poll * 5));
+            if (!c.connection_pool) c.connection_pool = shared_connection_pool(c.endpoint, c.ca_bundle, c.verify_tls);
+            r->client_ = std::make_unique<s3::Client>(std::move(c));
+            Status st = cfg.replica_at_us ? r->init_time_travel() : r->start();
+            if (!st) return std::move(st).error();
+            return r;
+        } catch (const std::bad_alloc&) {
+            return make_error(ErrorKind::Io, "out of memory opening the replica " + path, "OutOfMemory");
+        } catch (const std::exception& e) {
+            return make_error(ErrorKind::Io, "cannot open the replica " + path + ": " + e.what(), "OpenFailed");
+        }
+    };
+    // Time travel: a private copy per open, never shared.
+    if (cfg.replica_at_us) return create();
+
+    std::promise<Acquired> promise;
+    std::shared_future<Acquired> other;
+    {
+        std::lock_guard reg(registry_mu());
+        RegistryEntry& e = registry()[path];
+        if (auto r = e.replica.lock()) return r;
+        if (e.starting.valid()) other = e.starting;
+        else e.starting = promise.get_future().share();
     }
-    std::shared_ptr<Replica> r(new Replica(path, cfg, lower));
-    s3::ClientConfig c = cfg.s3;
-    // A poll that cannot reach S3 gives up soon and tries again at the next one.
-    c.retry.max_elapsed = std::min<std::chrono::milliseconds>(
-        c.retry.max_elapsed, std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg.replica_poll * 5));
-    if (!c.connection_pool) c.connection_pool = shared_connection_pool(c.endpoint, c.ca_bundle, c.verify_tls);
-    r->client_ = std::make_unique<s3::Client>(std::move(c));
-    Status st = cfg.replica_at_us ? r->init_time_travel() : r->start();
-    if (!st) return std::move(st).error();
-    if (!cfg.replica_at_us) registry()[path] = r;
-    return r;
+    // Another connection is starting this file: wait for it (this file
+    // only) and share its replica, or its error.
+    if (other.valid()) return other.get();
+
+    Acquired res = create();
+    {
+        std::lock_guard reg(registry_mu());
+        auto it = registry().find(path);
+        if (it != registry().end()) {
+            it->second.starting = {};
+            if (res) it->second.replica = *res;
+            else if (it->second.replica.expired()) registry().erase(it);
+        }
+    }
+    promise.set_value(res);
+    // On failure the Replica is destroyed here, outside the registry lock.
+    return res;
 }
 
 Status Replica::init_time_travel() {

@@ -23,8 +23,11 @@
 // sqlite3_vfs (never a raw descriptor): closing a raw descriptor of the file
 // would drop every POSIX lock this process's SQLite connections hold on it.
 //
-// Lock order: registry mutex (acquire) > Replica::mu_. No lock is held
-// across S3 requests or while waiting for the file's locks.
+// Locks: the process-wide registry mutex guards only the map of replica
+// files (a lookup or a change, never I/O, a start or a join: a second
+// opener of a file that is starting waits on that file's future), and is
+// never taken with Replica::mu_ held. No lock is held across S3 requests
+// or while waiting for the file's locks.
 #pragma once
 
 #include <atomic>
@@ -77,6 +80,8 @@ public:
     // through (the default VFS below the shim). With cfg.replica_at_us: a
     // private read-only copy of that point in time under the cache directory
     // (removed when the last connection closes), not registered, not followed.
+    // Two files start concurrently; a second opener of a file that is
+    // starting waits for that start and shares its outcome. Never throws.
     // Errors: the open fails (the message says what to do).
     static Result<std::shared_ptr<Replica>> acquire(const std::string& path, const ReplicatorConfig& cfg,
                                                     sqlite3_vfs* lower);

@@ -543,3 +543,65 @@ TEST_CASE("replica: S3 faults while following never show a wrong state and it ca
         std::this_thread::sleep_for(20ms);
     CHECK(status(r.get())["last_error"].is_null());
 }
+
+TEST_CASE("replica: a slow hydration of one file does not hold up the open of another", "[vfs][integration][replica]") {
+    Fixture f;
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    // A second database in the same bucket, written by a second writer.
+    Db w2 = open_db("file:" + f.dir.file("w/b.db") + "?vfs=bottomless&bucket=" + f.bucket.name() +
+                    "&database_id=b.db&batch_interval_ms=50");
+    exec(w2.get(), "PRAGMA journal_mode=wal");
+    exec(w2.get(), "CREATE TABLE c(n INTEGER); INSERT INTO c VALUES(42)");
+    (void)query_text(w2.get(), "SELECT bottomless_flush(30000)");
+
+    // Replica A reaches S3 through the proxy, whose first GET of a snapshot
+    // stalls for 4 s: A's open (its hydration) takes at least that long.
+    FaultProxy proxy("127.0.0.1", server_port());
+    proxy.set_stall_ms(4000);
+    proxy.set_filter("GET", "snapshot");
+    proxy.inject(Fault::Stall, 1);
+    const std::string uri_a = f.replica_uri(f.replica_path, "&endpoint=" + proxy.url());
+    auto open_a = [&](Db& db, std::chrono::milliseconds& took) {
+        const auto t0 = std::chrono::steady_clock::now();
+        std::string err;
+        if (try_open_db(uri_a, db, err) == SQLITE_OK) (void)query_int(db.get(), "SELECT n FROM c");
+        took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+    };
+    Db a1, a2;
+    std::chrono::milliseconds took_a1{0}, took_a2{0};
+    std::thread t1([&] { open_a(a1, took_a1); });
+    // A is inside its stalled hydration once the proxy has stalled a request.
+    const auto t0 = std::chrono::steady_clock::now();
+    while (proxy.faults_injected() < 1 && std::chrono::steady_clock::now() - t0 < 20s) std::this_thread::sleep_for(5ms);
+    REQUIRE(proxy.faults_injected() == 1);
+    // A second connection to A waits for A's start (A's file only) ...
+    std::thread t2([&] { open_a(a2, took_a2); });
+    // ... while replica B, another file, opens at local speed meanwhile.
+    const auto tb = std::chrono::steady_clock::now();
+    Db b = open_db("file:" + f.dir.file("r/b.db") + "?vfs=bottomless&bucket=" + f.bucket.name() +
+                   "&database_id=b.db&replica=1&replica_poll_ms=50");
+    CHECK(query_int(b.get(), "SELECT n FROM c") == 42);
+    const auto took_b = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - tb);
+    t1.join();
+    t2.join();
+    INFO("open of B " << took_b.count() << " ms, of A " << took_a1.count() << " ms and " << took_a2.count() << " ms");
+    CHECK(took_b < 2s);
+    CHECK(took_a1 >= 3500ms);  // the stall did hold A up
+    REQUIRE(a1 != nullptr);
+    REQUIRE(a2 != nullptr);
+    CHECK(query_int(a1.get(), "SELECT n FROM c") == 3);
+    CHECK(query_int(a2.get(), "SELECT n FROM c") == 3);
+    // One Replica for both connections of A: one hydration, both the follower.
+    json s1 = status(a1.get()), s2 = status(a2.get());
+    INFO(s1.dump() << "\n" << s2.dump());
+    CHECK(s1["role"] == "follower");
+    CHECK(s2["role"] == "follower");
+    CHECK(s1["hydrations"] == 1);
+    CHECK(s2["hydrations"] == 1);
+    // Both follow on.
+    f.commit(4);
+    wait_for_value(a2.get(), "SELECT n FROM c", 4);
+    exec(w2.get(), "UPDATE c SET n=43");
+    wait_for_value(b.get(), "SELECT n FROM c", 43);
+}
