@@ -291,12 +291,14 @@ int main(int argc, char** argv) {
 
     // One round: every variant once, in an order that rotates from round to
     // round, so the page cache, write-back and server hiccups favour none.
-    enum Variant { kFull, kQuick, kNone, kCli, kGet, kEnc, kCurl, kCurlFiles, kVariants };
+    enum Variant { kFull, kQuick, kNone, kCli, kGet, kEnc, kCurl, kCurlFiles, kNoneBuffered, kVariants };
     const char* names[kVariants] = {"restore, integrity_check", "restore, quick_check", "restore, no check (default)",
                                     "bottomless-cli restore", "plain parallel GET + fsync",
                                     "restore, encrypted, no check", "curl, 1 connection, /dev/null",
-                                    "curl, 1 connection, files + sync"};
-    std::vector<int> variants = {kFull, kQuick, kNone, kGet};
+                                    "curl, 1 connection, files + sync", "restore, no check, page cache"};
+    // kNoneBuffered: the default restore with its pages written through the
+    // page cache instead of O_DIRECT (RestoreOptions::direct_writes), the A/B.
+    std::vector<int> variants = {kFull, kQuick, kNone, kNoneBuffered, kGet};
     if (!cli.empty()) variants.push_back(kCli);
     if (!plain_only) variants.push_back(kEnc);
     if (!std::getenv("BENCH_NO_CURL")) {
@@ -312,9 +314,10 @@ int main(int argc, char** argv) {
             const int v = variants[(k + static_cast<size_t>(r)) % variants.size()];
             settle();
             double t = 0;
-            if (v == kFull || v == kQuick || v == kNone || v == kEnc) {
+            if (v == kFull || v == kQuick || v == kNone || v == kNoneBuffered || v == kEnc) {
                 replicator::RestoreOptions o = v == kEnc ? enc : replicator::RestoreOptions{};
                 o.parallel = parallel;
+                o.direct_writes = v != kNoneBuffered;
                 o.integrity_check = v == kFull    ? replicator::IntegrityCheck::Full
                                     : v == kQuick ? replicator::IntegrityCheck::Quick
                                                   : replicator::IntegrityCheck::None;
@@ -370,7 +373,7 @@ int main(int argc, char** argv) {
         if (v == kCli) std::printf("  peak RSS %.0f MiB", median(cli_rss));
         std::printf("\n");
     }
-    for (int v : {kFull, kQuick, kNone, kEnc})
+    for (int v : {kFull, kQuick, kNone, kNoneBuffered, kEnc})
         if (!splits[v].empty()) print_split(names[v], median_timings(splits[v]));
     if (!plain_only) {
         const double db_mb = rows * 4096.0 / (1 << 20);

@@ -60,6 +60,7 @@ Result<replicator::RestoreResult> run_restore_into(Context& ctx, const std::stri
     opt.integrity_check = req.integrity_check;
     opt.full_if_refused = req.full_if_refused;
     opt.incremental_copy = req.incremental_copy;
+    opt.newest = req.generation.empty() && !req.until_us;
     {
         std::lock_guard lock(g_shared_mu);
         auto cipher = ctx.cipher(db_id);

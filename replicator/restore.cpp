@@ -109,9 +109,10 @@ Result<RestoreResult> restore_database(s3::Client& client, const std::string& bu
     if (!history) return std::move(history).error();
     auto target = choose_restore_target(client, bucket, db_id, *history, options.generation, options.until_us);
     if (!target) return std::move(target).error();
-    auto res = options.incremental
-                   ? restore_incremental(client, bucket, db_id, *history, *target, output_path, options)
-                   : restore_target(client, bucket, db_id, *target, output_path, options);
+    RestoreOptions o = options;
+    o.newest = options.newest || (options.generation.empty() && !options.until_us);
+    auto res = options.incremental ? restore_incremental(client, bucket, db_id, *history, *target, output_path, o)
+                                   : restore_target(client, bucket, db_id, *target, output_path, o);
     if (res) res->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return res;
 }
@@ -124,6 +125,7 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
     const std::optional<int64_t> until_us = chosen.until_us;
 
     res.generation = chosen.generation;
+    res.newest = options.newest;
 
     // ---- the snapshot ----
     // The key is checked on the snapshot's header before anything is
@@ -181,7 +183,23 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
     // Two parts beyond one per worker: a worker that finishes while the
     // decoder is busy starts the next GET instead of idling.
     OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2);
-    PageWriter writer(tmp.fd);
+    // The pages also go through an O_DIRECT descriptor of the same file
+    // (PageWriter): when no check reads the file back right after, nothing
+    // needs them in the page cache. Pages smaller than the alignment would
+    // mix direct and buffered writes within one 4 KiB block (correct, the
+    // kernel keeps them coherent, but slow): the page cache only, then, as
+    // without O_DIRECT (tmpfs).
+    int direct_fd = -1;
+    if (options.integrity_check == IntegrityCheck::None && options.direct_writes &&
+        chosen.snapshot.page_size % restore_detail::kDirectAlign == 0)
+        direct_fd = ::open(tmp.path.c_str(), O_WRONLY | O_DIRECT | O_NOFOLLOW | O_CLOEXEC);
+    struct DirectFd {
+        int fd;
+        ~DirectFd() {
+            if (fd >= 0) ::close(fd);
+        }
+    } direct_guard{direct_fd};
+    PageWriter writer(tmp.fd, direct_fd);
     // Stops the downloads and the writer before the temp file goes, on every path.
     auto stop_all = [&] {
         fetcher.stop();

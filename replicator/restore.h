@@ -7,7 +7,8 @@
 // several GETs in flight, while one decoder thread checks every object's
 // trailer checksum and the chain between them (each segment names the
 // SHA-256 of its predecessor and continues its WAL position) and a writer
-// thread writes the pages to PATH.restore-tmp; it applies whole transactions
+// thread writes the pages to PATH.restore-tmp (with O_DIRECT when no check
+// reads the file back: docs/BENCHMARKS.md); it applies whole transactions
 // only, fsyncs, runs the chosen check (none by default), and renames
 // into place. Memory is bounded: (parallel + 3) parts of 8 MiB, whatever the
 // database's size (segments: as many whole objects). Any missing,
@@ -66,6 +67,14 @@ struct RestoreOptions {
     // With `incremental`: apply onto a duplicate of the file (a clone or a
     // copy) even when the copy is in WAL mode and a WAL journal would do.
     bool incremental_copy = false;
+    // The target is the bucket's newest state (no generation or time was
+    // asked for): the note says so (LocalState::newest), and an open of the
+    // untouched copy brings it up to date instead of rolling the bucket back
+    // to it. restore_database() sets it itself when neither is given.
+    bool newest = false;
+    // Write the pages with O_DIRECT where the file system takes it (no
+    // --integrity-check only: a check reads the file right back).
+    bool direct_writes = true;
 };
 
 struct RestoreResult {
@@ -82,6 +91,7 @@ struct RestoreResult {
     IntegrityCheck checked = IntegrityCheck::None;  // the check that ran and passed
     // A point in time inside segment seq+1: that many of its transactions are applied too.
     uint64_t next_txns = 0;
+    bool newest = false;           // options.newest, recorded in the note
     // restore_incremental() only. "segments": the segments after the copy's
     // position applied onto a local copy of it; "up-to-date": the copy
     // already is the target (nothing downloaded, nothing written); "full": a

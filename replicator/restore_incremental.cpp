@@ -374,6 +374,7 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
 
     RestoreResult res;
     res.incremental = note.next_txns == 0 && target.last_seq == note.seq ? "up-to-date" : "segments";
+    res.newest = options.newest;
     res.generation = note.generation;
     res.seq = note.seq;
     res.next_txns = note.next_txns;

@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "replicator/state_file.h"
 #include "replicator/util.h"
@@ -132,6 +134,37 @@ void OrderedFetcher::run() {
 
 // ---- PageWriter ----
 
+BatchBuffer& BatchBuffer::operator=(BatchBuffer&& o) noexcept {
+    if (this != &o) {
+        std::free(p_);
+        p_ = o.p_;
+        size_ = o.size_;
+        cap_ = o.cap_;
+        o.p_ = nullptr;
+        o.size_ = o.cap_ = 0;
+    }
+    return *this;
+}
+
+BatchBuffer::~BatchBuffer() { std::free(p_); }
+
+void BatchBuffer::reserve(size_t cap) {
+    if (cap <= cap_) return;
+    cap = (cap + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    void* p = nullptr;
+    if (::posix_memalign(&p, kDirectAlign, cap) != 0) throw std::bad_alloc();
+    if (size_) std::memcpy(p, p_, size_);
+    std::free(p_);
+    p_ = static_cast<char*>(p);
+    cap_ = cap;
+}
+
+void BatchBuffer::append(std::string_view d) {
+    if (size_ + d.size() > cap_) reserve(std::max(size_ + d.size(), cap_ * 2));
+    std::memcpy(p_ + size_, d.data(), d.size());
+    size_ += d.size();
+}
+
 Status PageWriter::write(uint64_t off, std::string_view data) {
     if (!cur_.runs.empty() && cur_.runs.back().first + cur_.runs.back().second == off)
         cur_.runs.back().second += data.size();
@@ -193,7 +226,23 @@ void PageWriter::run() {
         std::optional<Error> err;
         size_t pos = 0;
         for (const auto& [off, len] : b.runs) {
-            if (!pwrite_full(fd_, b.data.data() + pos, len, off)) {
+            const char* p = b.data.data() + pos;
+            if (direct_fd_ >= 0 && (off | len | reinterpret_cast<uintptr_t>(p)) % kDirectAlign == 0) {
+                if (pwrite_full(direct_fd_, p, len, off)) {
+                    pos += len;
+                    continue;
+                }
+                // EINVAL: this file system or device takes no O_DIRECT
+                // write of this shape; the buffered descriptor writes
+                // this run and all that follow.
+                if (errno != EINVAL) {
+                    err = make_error(ErrorKind::Io, "cannot write the restored database: " + errno_text(errno),
+                                     "WriteFailed");
+                    break;
+                }
+                direct_fd_ = -1;
+            }
+            if (!pwrite_full(fd_, p, len, off)) {
                 err = make_error(ErrorKind::Io, "cannot write the restored database: " + errno_text(errno),
                                  "WriteFailed");
                 break;
@@ -377,6 +426,7 @@ void write_restored_note(const std::string& output_path, const std::string& buck
         note.db_pages = res.db_pages;
         note.last_commit_us = res.last_commit_us;
         note.next_txns = res.next_txns;
+        note.newest = res.newest;
         // Without the note the file still opens; it only cannot be vouched
         // for (initial_replication decides), so a failure is a warning.
         if (Status w = write_state_file(output_path + "-bottomless", note); !w) log::warn(w.error().message);

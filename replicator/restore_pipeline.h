@@ -123,9 +123,40 @@ private:
 // (Starting the write-back early with sync_file_range was measured: no
 // faster at 1 GiB, and it made the decoder wait on the writer; without it
 // the final fsync overlaps the integrity check instead.)
+//
+// direct_fd (optional): the same file opened with O_DIRECT. Runs that are
+// aligned (offset, length and address to kDirectAlign: whole pages of a
+// database's page size >= 4096 at their offsets) are written through it,
+// from the batch's own buffer: no copy into the page cache, whose pages a
+// VM with free page reporting hands back to the host when idle, so that
+// each first touch costs a host fault (docs/BENCHMARKS.md "Restore vs a
+// plain GET"). Anything else, or a file system refusing O_DIRECT, goes
+// through fd.
+class BatchBuffer {
+public:
+    BatchBuffer() = default;
+    BatchBuffer(BatchBuffer&& o) noexcept : p_(o.p_), size_(o.size_), cap_(o.cap_) { o.p_ = nullptr, o.size_ = o.cap_ = 0; }
+    BatchBuffer& operator=(BatchBuffer&& o) noexcept;
+    BatchBuffer(const BatchBuffer&) = delete;
+    BatchBuffer& operator=(const BatchBuffer&) = delete;
+    ~BatchBuffer();
+    void reserve(size_t cap);
+    void append(std::string_view d);
+    void clear() { size_ = 0; }
+    const char* data() const { return p_; }
+    size_t size() const { return size_; }
+    size_t capacity() const { return cap_; }
+
+private:
+    char* p_ = nullptr;  // aligned to kDirectAlign (posix_memalign), or null
+    size_t size_ = 0, cap_ = 0;
+};
+
+constexpr size_t kDirectAlign = 4096;
+
 class PageWriter {
 public:
-    explicit PageWriter(int fd) : fd_(fd), thread_([this] { run(); }) {}
+    explicit PageWriter(int fd, int direct_fd = -1) : fd_(fd), direct_fd_(direct_fd), thread_([this] { run(); }) {}
     ~PageWriter() { (void)finish(); }
     PageWriter(const PageWriter&) = delete;
     PageWriter& operator=(const PageWriter&) = delete;
@@ -145,7 +176,7 @@ private:
     static constexpr size_t kDepth = 4;
 
     struct Batch {
-        std::string data;
+        BatchBuffer data;
         std::vector<std::pair<uint64_t, size_t>> runs;  // (file offset, length), laid end to end in data
     };
 
@@ -153,12 +184,13 @@ private:
     void run();
 
     int fd_;
+    int direct_fd_;               // -1: none, or refused (writer thread only after the start)
     Batch cur_;                   // being filled (decoder thread only)
     double wait_s_ = 0;           // decoder thread only
     std::mutex mu_;               // guards everything below but thread_
     std::condition_variable cv_;  // the queue changed, or closed_
     std::deque<Batch> queue_;
-    std::vector<std::string> spare_;  // written batches' buffers, for reuse
+    std::vector<BatchBuffer> spare_;  // written batches' buffers, for reuse
     bool closed_ = false;
     std::optional<Error> error_;
     double busy_s_ = 0;

@@ -73,6 +73,7 @@ std::optional<LocalState> parse_state_file(std::string_view text, const std::str
         if (j.contains("db_pages")) s.db_pages = static_cast<uint32_t>(u(j["db_pages"], UINT32_MAX));
         if (j.contains("last_commit_us")) s.last_commit_us = i(j, "last_commit_us");
         if (j.contains("next_txns")) s.next_txns = u(j["next_txns"], UINT64_MAX);
+        s.newest = s.restored && j.value("newest", false);
         return s;
     } catch (const std::exception& e) {
         log::warn("ignoring unreadable replication state " + path + ": " + e.what());
@@ -135,6 +136,7 @@ Status write_state_file(const std::string& path, const LocalState& s) {
         j["db_pages"] = s.db_pages;
         j["last_commit_us"] = s.last_commit_us;
         if (s.next_txns) j["next_txns"] = s.next_txns;
+        if (s.newest) j["newest"] = true;
     }
     const std::string text = j.dump() + "\n";
 

@@ -34,6 +34,12 @@ struct LocalState {
     // Transactions of segment seq+1 also in the file (a point in time inside
     // it): position and prev_sha256 stay those of segment seq's end.
     uint64_t next_txns = 0;
+    // Written by restore only: the restore took the bucket's newest state
+    // (no generation or time was asked for), so an open of the untouched
+    // copy may bring it up to date with what the bucket gained since
+    // (restore_incremental) before it starts a new generation from it. A
+    // copy restored to a chosen point is kept as it is (a rollback).
+    bool newest = false;
     // What the generation is encrypted with, so a start can prove it holds
     // the right key without asking the bucket: the key id (empty: plaintext),
     // and for a passphrase the KDF object's text (salt and cost; no secret).
