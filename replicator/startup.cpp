@@ -600,6 +600,36 @@ Status Replicator::startup() {
         request_snapshot(plan.reason);
         break;
     }
+    case StartupAction::CatchUp: {
+        // A copy restored as the bucket's newest state, which has moved on:
+        // only what the copy lacks is fetched (the segments after its
+        // position), not the whole database again. The copy proves itself
+        // by its note, as for bottomless-cli restore --incremental.
+        RestoreOptions ro;
+        ro.cipher = cipher_;
+        ro.incremental = true;
+        ro.newest = true;
+        auto rr = restore_database(*client_, bucket, db_id, path_, ro);
+        if (!rr) {
+            // The copy stays as it was (or, past the journal's commit point,
+            // SQLite recovers the new state from it): open it, as any
+            // restored copy, rather than fail an open S3 is not needed for.
+            log::warn(path_ + ": cannot bring the restored copy up to date with s3://" + bucket + "/" + db_id + " (" +
+                      rr.error().message + "); a new generation starts from it as it is");
+            parent_generation_ = plan.parent_generation;
+            parent_seq_ = plan.parent_seq;
+            request_snapshot(plan.reason);
+            break;
+        }
+        log::info("brought " + path_ + " up to date: generation " + rr->generation + " segment " +
+                  std::to_string(rr->seq) + " (" + rr->incremental +
+                  (rr->incremental_reason.empty() ? "" : ": " + rr->incremental_reason) + "), " +
+                  std::to_string(rr->bytes_downloaded) + " bytes downloaded");
+        parent_generation_ = rr->generation;
+        parent_seq_ = rr->seq;
+        request_snapshot(plan.reason + ", brought up to date with the bucket");
+        break;
+    }
     case StartupAction::Continue:
         continue_from(*state, proof);
         log::info("continuing generation " + generation_ + " at segment " + std::to_string(seq_));

@@ -70,8 +70,18 @@ StartupPlan decide_startup(const StartupFacts& f) {
     // parent is the restored state (even if the bucket moved on: restoring an
     // older point in time and starting from it is a rollback).
     if (s && s->restored && l.db_exists && (!l.wal_exists || l.wal_size == 0) && s->db_size == l.db_size &&
-        s->db_mtime_ns == l.db_mtime_ns && s->db_ino == l.db_ino)
+        s->db_mtime_ns == l.db_mtime_ns && s->db_ino == l.db_ino) {
+        // Restored as the newest state (not a chosen point) and the bucket
+        // went on since: the copy is an older state of the same history,
+        // brought up to date rather than rolling the bucket back to it.
+        if (s->newest && f.auto_restore && !key_switch && has_latest &&
+            (*f.latest != s->generation || f.latest_seq > s->seq)) {
+            new_generation("the database was restored from generation " + s->generation, s->generation, s->seq);
+            plan.action = StartupAction::CatchUp;
+            return plan;
+        }
         return new_generation("the database was restored from generation " + s->generation, s->generation, s->seq);
+    }
     if (key_switch)
         return new_generation(f.key_id.empty() ? "encryption turned off" : "encryption changed: key id " + f.key_id,
                               *f.latest, f.latest_seq);

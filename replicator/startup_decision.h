@@ -69,6 +69,12 @@ struct StartupFacts {
 
 enum class StartupAction {
     Restore,              // restore `latest` before SQLite reads the file; then a new generation from it
+    // A copy restored as the bucket's newest state, untouched, that the
+    // bucket has moved past: bring it up to date (restore_incremental: only
+    // the segments it lacks) before SQLite reads it; then a new generation
+    // from it. If the copy cannot be brought up (refused, or the bucket
+    // fails), NewGeneration from the copy as it is (parent_generation).
+    CatchUp,
     Continue,             // continue the state file's generation
     ContinueAtBucketEnd,  // continue where `latest` ends if the local WAL holds it; else a new generation
     NewGeneration,        // a snapshot at the first chance

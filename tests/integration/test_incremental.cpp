@@ -233,7 +233,10 @@ TEST_CASE("cli: restore --incremental refuses a copy it cannot prove, --force re
     {
         Writer w(f.writer_path, f.bucket.name());
         write_history(w, 1);
-        REQUIRE(cli("-b " + f.bucket.name() + " -d app.db restore -q -o " + older).code == 0);
+        // To a chosen generation (-g): opened, it is a rollback, not brought
+        // up to date as a copy of the newest state would be.
+        const std::string gen = cli_json(f.b() + "ls")["generations"][0]["id"];
+        REQUIRE(cli("-b " + f.bucket.name() + " -d app.db restore -q -g " + gen + " -o " + older).code == 0);
         w.add(3);
         w.flush();
         REQUIRE(cli(f.b() + "restore -q -o " + f.copy).code == 0);
@@ -371,4 +374,67 @@ TEST_CASE("cli: an incremental restore killed midway leaves the old copy intact"
     CHECK(inc["incremental"] == "segments");
     f.full_restore();
     CHECK(slurp(f.copy) == slurp(f.full));
+}
+
+namespace {
+
+// bottomless_s3_received_bytes_total of the database at `path` (canonical),
+// from bottomless_metrics(): response bytes its replicator's client received.
+long long received_bytes(sqlite3* db, const std::string& path) {
+    std::istringstream in(query_text(db, "SELECT bottomless_metrics()"));
+    const std::string want = "bottomless_s3_received_bytes_total{database=\"" + fs::canonical(path).string() + "\"";
+    for (std::string line; std::getline(in, line);)
+        if (line.rfind(want, 0) == 0) return std::stoll(line.substr(line.rfind(' ') + 1));
+    FAIL("no received-bytes sample for " << path);
+    return -1;
+}
+
+}  // namespace
+
+TEST_CASE("open: a copy restored as the newest state is brought up to date with only the segments it lacks",
+          "[integration][incremental][open]") {
+    Fixture f;
+    std::string copied_at;
+    {
+        Writer w(f.writer_path, f.bucket.name());
+        write_history(w, 2);
+        json first = cli_json(f.b() + "restore -q -o " + f.copy);  // the newest state: the note says so
+        REQUIRE(first["segment"] == 2);
+        copied_at = first["generation"];
+        REQUIRE(cli(f.b() + "restore -q -g " + copied_at + " -o " + f.dir.file("copy/pinned.db")).code == 0);
+        for (int i = 0; i < 4; ++i) {  // the bucket moves on: 4 more segments
+            w.add(5);
+            w.flush();
+        }
+    }
+    json full = f.full_restore();
+    REQUIRE(full["segment"] == 6);
+    const long long full_rows = [&] {
+        Db d = open_db("file:" + f.full + "?mode=ro");
+        return query_int(d.get(), "SELECT count(*) FROM t");
+    }();
+    const std::string opts = "?vfs=bottomless&bucket=" + f.bucket.name() + "&database_id=app.db&batch_interval_ms=3600000";
+
+    SECTION("the newest state: the 4 segments only, then the same as a full restore") {
+        register_bottomless();
+        Db db = open_db("file:" + f.copy + opts);
+        CHECK(query_int(db.get(), "SELECT count(*) FROM t") == full_rows);
+        const long long got = received_bytes(db.get(), f.copy);
+        const long long all = full["downloaded_bytes"];
+        INFO("received at open " << got << " bytes, a full restore downloads " << all);
+        CHECK(got > 0);
+        CHECK(got * 20 < all);  // < 5 % of a full restore (without the catch-up it would hold 4 segments less)
+        // A new generation starts from the caught-up state, the old one its parent.
+        (void)query_text(db.get(), "SELECT bottomless_flush(30000)");
+        db.reset();
+        json ls = cli_json(f.b() + "ls");
+        REQUIRE(ls["generations"].size() == 3);  // write_history's two and the new one
+        CHECK(ls["generations"][1]["id"] == copied_at);
+        CHECK(content_hash_of_file(f.copy) == content_hash_of_file(f.full));
+    }
+    SECTION("a copy restored to a chosen generation stays as it is (a rollback)") {
+        register_bottomless();
+        Db db = open_db("file:" + f.dir.file("copy/pinned.db") + opts);
+        CHECK(query_int(db.get(), "SELECT count(*) FROM t") == full_rows - 4 * 5);
+    }
 }

@@ -138,6 +138,29 @@ TEST_CASE("start-up: a file untouched since a restore starts a new generation fr
         CHECK(p.parent_seq == 3);
         CHECK(p.reason == "the database was restored from generation R");
     }
+    SECTION("restored as the newest state and the bucket moved on: brought up to date first") {
+        s.newest = true;
+        SECTION("a newer generation") {}
+        SECTION("more segments of the same") {
+            s.generation = "G";
+            s.seq = 3;
+        }
+        auto p = decide_startup(f);
+        CHECK(p.action == StartupAction::CatchUp);
+        CHECK(p.parent_generation == s.generation);  // if it cannot be: a new generation from the copy
+        CHECK(p.parent_seq == 3);
+    }
+    SECTION("restored as the newest state, but nothing to catch up or not allowed to: as any restored copy") {
+        s.newest = true;
+        SECTION("the bucket has not moved") {
+            s.generation = "G";
+            s.seq = 7;
+        }
+        SECTION("auto-restore off") { f.auto_restore = false; }
+        auto p = decide_startup(f);
+        CHECK(p.action == StartupAction::NewGeneration);
+        CHECK(p.parent_generation == s.generation);
+    }
     SECTION("touched since (mtime, size, inode, or a WAL): the note proves nothing, so they disagree") {
         SECTION("mtime") { f.files.db_mtime_ns += 1; }
         SECTION("size") { f.files.db_size += 4096; }
