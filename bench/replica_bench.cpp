@@ -7,8 +7,8 @@
 //      commit's lag is the time from its COMMIT returning to the first sample
 //      that sees it. p50/p99/max per cell, and the requests the replica made
 //      (GET/HEAD/LIST per minute) while following.
-//   2. Idle: a replica of a database nobody writes, --idle-seconds, default
-//      poll: its requests per minute.
+//   2. Idle: a replica of a database nobody writes, --idle-seconds, at each
+//      of --polls: its requests per minute.
 //   3. Hydration: a database of --mib MiB (one snapshot), opened as a fresh
 //      replica (the open hydrates) against restore_database() of the same
 //      state, alternated --rounds times; medians and MiB/s.
@@ -149,19 +149,22 @@ int main(int argc, char** argv) {
         }
     }
 
-    // ---- 2. an idle replica ----
-    if (idle_seconds > 0) {
-        const std::string id = "idle.db";
+    // ---- 2. an idle replica, at each poll interval ----
+    for (size_t k = 0; idle_seconds > 0 && k < polls.size(); ++k) {
+        const std::string id = "idle" + std::to_string(k) + ".db";
         bench::Db w = bench::open_db(writer_uri(id));
         exec(w.get(), "PRAGMA journal_mode=wal; CREATE TABLE t(x); INSERT INTO t VALUES(1)");
         query(w.get(), "SELECT bottomless_flush(30000)");
-        bench::Db r = bench::open_db(replica_uri(id, "1000"), SQLITE_OPEN_READONLY);
+        bench::Db r = bench::open_db(replica_uri(id, polls[k]), SQLITE_OPEN_READONLY);
         const Requests r0 = requests_of(r.get());
         std::this_thread::sleep_for(std::chrono::seconds(idle_seconds));
         const Requests r1 = requests_of(r.get());
-        std::printf("idle replica (poll 1000 ms, %d s): GET %.0f/min, HEAD %.0f/min, LIST %.0f/min, all %.0f/min\n",
-                    idle_seconds, per_min(r1.get - r0.get, idle_seconds), per_min(r1.head - r0.head, idle_seconds),
-                    per_min(r1.list - r0.list, idle_seconds), per_min(r1.total - r0.total, idle_seconds));
+        const auto listings = bench::status(r.get())["listings"].get<uint64_t>();
+        std::printf("idle replica (poll %s ms, %d s): GET %.0f/min, HEAD %.0f/min, LIST %.0f/min, all %.0f/min "
+                    "(%llu generation listings)\n",
+                    polls[k].c_str(), idle_seconds, per_min(r1.get - r0.get, idle_seconds),
+                    per_min(r1.head - r0.head, idle_seconds), per_min(r1.list - r0.list, idle_seconds),
+                    per_min(r1.total - r0.total, idle_seconds), static_cast<unsigned long long>(listings));
         std::fflush(stdout);
     }
 

@@ -35,11 +35,22 @@ constexpr size_t kHeader = 100;  // SQLite's database header, at the start of pa
 // a long read transaction delays the apply, never the other readers.
 constexpr auto kPendingHold = std::chrono::milliseconds(10);
 constexpr auto kPendingBackoff = std::chrono::milliseconds(20);
-// After this many polls that found nothing, and every kListEvery after, the
-// follower lists the generations: a new one (a snapshot on the writer) is
-// found within a few polls, and an idle replica costs one GET per poll.
-constexpr uint64_t kListAfterMisses = 3;
-constexpr uint64_t kListEvery = 30;
+// Listing the generations (how a new one is found: a snapshot on the
+// writer, its restart, a restore elsewhere) costs LISTs; the next segment's
+// GET costs one request whether or not it is there. So the follower lists
+// only once it has found nothing new for a *time* (not a count of polls: at
+// a short poll every gap between the writer's batches is many misses),
+// kListAfter(poll) = max(3 polls, 5 s), then again after twice that gap,
+// and so on up to kListAtMost(poll) = max(30 polls, 30 s); a new segment
+// starts the schedule over. A new generation is thus found within
+// kListAfter of the writer's last segment in the old one, and within
+// kListAtMost (plus a poll and the listing) in any case.
+std::chrono::milliseconds list_after(std::chrono::milliseconds poll) {
+    return std::max<std::chrono::milliseconds>(poll * 3, std::chrono::seconds(5));
+}
+std::chrono::milliseconds list_at_most(std::chrono::milliseconds poll) {
+    return std::max<std::chrono::milliseconds>(poll * 30, std::chrono::seconds(30));
+}
 
 void put_be32(unsigned char* p, uint32_t v) {
     p[0] = static_cast<unsigned char>(v >> 24);
@@ -143,6 +154,18 @@ std::optional<ReplicaState> parse_replica_state(std::string_view text) {
     }
 }
 
+namespace {
+// The state file next to the replica file, if it is there and understood.
+std::optional<ReplicaState> load_replica_state(const std::string& db_path) {
+    std::string text;
+    Fd fd(::open((db_path + "-bottomless-replica").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    if (fd.fd < 0) return std::nullopt;
+    char buf[4096];
+    for (ssize_t n; (n = ::read(fd.fd, buf, sizeof buf)) > 0 && text.size() < 65536;) text.append(buf, static_cast<size_t>(n));
+    return parse_replica_state(text);
+}
+}  // namespace
+
 void make_legacy_header(unsigned char* h, uint32_t counter, uint32_t db_pages) {
     h[18] = 1;  // file format write version: legacy (rollback journal)
     h[19] = 1;  // read version
@@ -232,7 +255,7 @@ Replica::~Replica() {
     cv_.notify_all();
     if (thread_.joinable()) thread_.join();
     file_.reset();
-    if (!time_travel_) {
+    if (!cfg_.replica_at_us) {
         // Forget the file (unless a new Replica of it started meanwhile): the
         // registry holds only files that are open.
         std::lock_guard reg(registry_mu());
@@ -242,7 +265,9 @@ Replica::~Replica() {
     }
     if (file_name_) sqlite3_free_filename(file_name_);
     // A time-travel copy is ours alone: nothing to manage for the user.
-    if (time_travel_) ::unlink(path_.c_str());
+    // (Only once path_ names the private copy: before that it is the
+    // application's own file name.)
+    if (owns_copy_) ::unlink(path_.c_str());
 }
 
 Result<std::shared_ptr<Replica>> Replica::acquire(const std::string& path, const ReplicatorConfig& cfg,
@@ -300,7 +325,6 @@ Result<std::shared_ptr<Replica>> Replica::acquire(const std::string& path, const
 }
 
 Status Replica::init_time_travel() {
-    time_travel_ = true;
     auto cipher = open_cipher(*client_, cfg_.bucket, cfg_.db_id, cfg_.encryption, /*create=*/false);
     if (!cipher) return std::move(cipher).error();
     cipher_ = *cipher;
@@ -315,6 +339,7 @@ Status Replica::init_time_travel() {
     // The id, the time and a random tail: two opens never share a file.
     path_ = dir + "/" + cfg_.db_id + "@" + std::to_string(*cfg_.replica_at_us) + "-" +
                                       std::to_string(::getpid()) + "-" + rnd + ".db";
+    owns_copy_ = true;  // from here the destructor removes the copy (also a partial one)
     RestoreOptions o;
     o.until_us = cfg_.replica_at_us;
     o.cipher = cipher_;
@@ -325,7 +350,7 @@ Status Replica::init_time_travel() {
         e.message = "time travel to " + fmt_time_us(*cfg_.replica_at_us) + " failed: " + e.message;
         return e;
     }
-    time_travel_ = true;  // from here the destructor removes the copy
+    time_travel_ = true;
     // No connection has the copy yet: a plain descriptor is safe here.
     int fd = ::open(path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0) return make_error(ErrorKind::Io, "cannot open " + path_ + ": " + errno_text(errno), "OpenFailed");
@@ -368,16 +393,7 @@ Status Replica::start() {
     file_ = std::make_unique<File>(lower_);
     if (lock_->leader()) {
         leader_ = true;
-        if (!cipher && !cfg_.encryption.empty()) return std::move(cipher).error();
-        auto saved = [&]() -> std::optional<ReplicaState> {
-            std::string text;
-            int fd = ::open((path_ + "-bottomless-replica").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-            if (fd < 0) return std::nullopt;
-            char buf[4096];
-            for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0 && text.size() < 65536;) text.append(buf, static_cast<size_t>(n));
-            ::close(fd);
-            return parse_replica_state(text);
-        }();
+        auto saved = load_replica_state(path_);
         struct stat st{};
         const bool exists = ::stat(path_.c_str(), &st) == 0;
         if (exists) {
@@ -398,6 +414,9 @@ Status Replica::start() {
                                     : !saved ? "no readable replica state next to the file"
                                     : saved->applying ? "an apply was interrupted (crash?)"
                                                       : "the file is not the one its replica state describes";
+            // Hydrating needs the key (a proven file does not: step() gets
+            // it once S3 answers).
+            if (!cipher && !cfg_.encryption.empty()) return std::move(cipher).error();
             if (auto s = hydrate(why); !s) return s;
         }
         lock_->startup_done();
@@ -654,6 +673,12 @@ Status Replica::hydrate(const std::string& why, const std::string& generation) {
         e.message = "cannot hydrate the replica " + path_ + " from s3://" + cfg_.bucket + "/" + cfg_.db_id + ": " + e.message;
         return e;
     }
+    // The image (as large as the database) never outlives this call, on
+    // any path (renamed into place, or copied in and removed).
+    struct RemoveTmp {
+        const std::string& p;
+        ~RemoveTmp() { ::unlink(p.c_str()); }
+    } remove_tmp{tmp};
     ReplicaState s;
     s.bucket = cfg_.bucket;
     s.db_id = cfg_.db_id;
@@ -706,6 +731,9 @@ Status Replica::hydrate(const std::string& why, const std::string& generation) {
         // all of them.
         const uint32_t ps = s.page_size;
         const int64_t cur_size = file_->size();
+        // An unknown size would journal "0 pages" as the original: a crash
+        // would then roll the file back to empty.
+        if (w && cur_size < 0) w = file_->check(SQLITE_IOERR_FSTAT, "size");
         unsigned char cur_h[kHeader] = {};
         uint32_t cur_ps = 0;
         if (w && cur_size >= static_cast<int64_t>(kHeader) && file_->read(cur_h, sizeof cur_h, 0)) {
@@ -773,7 +801,9 @@ Status Replica::hydrated(const ReplicaState& s, const std::string& why) {
     std::lock_guard lock(mu_);
     ++hydrations_;
     broken_ = false;
-    misses_ = 0;
+    stalled_ = false;
+    follow_error_.clear();
+    miss_since_ = {};
     last_event_ = "hydrated generation " + s.generation + " at segment " + std::to_string(s.seq) + ": " + why;
     caught_up_us_ = now_us();
     return {};
@@ -786,10 +816,13 @@ void Replica::run() {
     while (!stop_) {
         lock.unlock();
         bool progressed = false;
+        // Nothing may escape the thread (std::terminate would end the host).
         try {
             progressed = step();
         } catch (const std::exception& e) {
             set_error(std::string("follower step failed: ") + e.what());
+        } catch (...) {
+            set_error("follower step failed: unknown exception");
         }
         lock.lock();
         if (!progressed) cv_.wait_for(lock, cfg_.replica_poll, [&] { return stop_; });
@@ -805,14 +838,7 @@ bool Replica::try_lead() {
         std::lock_guard lock(mu_);
         leader_ = true;
     }
-    std::string text;
-    int fd = ::open((path_ + "-bottomless-replica").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd >= 0) {
-        char buf[4096];
-        for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0 && text.size() < 65536;) text.append(buf, static_cast<size_t>(n));
-        ::close(fd);
-    }
-    auto saved = parse_replica_state(text);
+    auto saved = load_replica_state(path_);
     if (!file_->is_open())
         if (auto o = file_->open(path_); !o) {
             set_error(o.error().message);
@@ -867,7 +893,9 @@ bool Replica::step() {
             }
             std::lock_guard lock(mu_);
             last_error_.clear();
-            misses_ = 0;
+            follow_error_.clear();
+            stalled_ = false;
+            miss_since_ = {};
             return true;
         }
         if (body.error().kind != ErrorKind::NotFound) {
@@ -875,17 +903,41 @@ bool Replica::step() {
             return false;
         }
     }
-    uint64_t misses;
+    bool list = false;
     {
         std::lock_guard lock(mu_);
-        misses = ++misses_;
-        if (!broken) {
+        const auto now = Clock::now();
+        if (miss_since_ == Clock::time_point{}) {  // the streak starts (right after the last segment)
+            miss_since_ = now;
+            list_gap_ = list_after(cfg_.replica_poll);
+            next_list_ = now + list_gap_;
+        }
+        if (now >= next_list_) {
+            list = true;
+            list_gap_ = std::min(list_gap_ * 2, list_at_most(cfg_.replica_poll));
+            next_list_ = now + list_gap_;
+            ++listings_;
+        }
+        // Nothing newer in the generation: caught up as of now, unless the
+        // last listing found that this generation cannot go on (then the
+        // lag grows and the verdict stays in last_error).
+        if (!broken && !stalled_) {
             caught_up_us_ = now_us();
             last_error_.clear();
         }
     }
-    if (misses == kListAfterMisses || misses % kListEvery == 0)
-        if (auto c = check_generations(); !c) set_error(c.error().message);
+    if (list) {
+        Status c = check_generations();
+        std::lock_guard lock(mu_);
+        if (c) {
+            follow_error_.clear();
+            stalled_ = false;
+        } else {
+            if (c.error().message != follow_error_) log::warn("replica " + path_ + ": " + c.error().message);
+            follow_error_ = c.error().message;
+            stalled_ = stalled_code(c.error().code);
+        }
+    }
     return false;
 }
 
@@ -924,7 +976,12 @@ Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::s
         }
         return std::move(sha).error();
     }
-    if (h.txns.empty()) return make_error(ErrorKind::Corrupt, key + " holds no transaction", "CorruptObject");
+    if (h.txns.empty()) {
+        std::lock_guard lock(mu_);
+        broken_ = true;  // the same object would be fetched again at every poll
+        return make_error(ErrorKind::Corrupt, key + " holds no transaction; not applied, waiting for a new generation",
+                          "CorruptObject");
+    }
     const uint32_t db_pages = h.txns.back().db_pages;
 
     if (auto l = lock_exclusive(*file_); !l) return l;
@@ -944,6 +1001,7 @@ Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::s
     // The original of every page this apply overwrites or cuts off, durable
     // before the first write.
     const int64_t cur_size = file_->size();
+    if (w && cur_size < 0) w = file_->check(SQLITE_IOERR_FSTAT, "size");  // never journal "0 pages" as the original
     const uint32_t orig_pages = cur_size > 0 ? static_cast<uint32_t>(cur_size / s.page_size) : 0;
     for (uint32_t p = db_pages + 1; p <= orig_pages; ++p) pgnos.push_back(p);
     std::sort(pgnos.begin(), pgnos.end());
@@ -1011,23 +1069,82 @@ Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::s
 // A listing of the generations (after a streak of misses): a newer one than
 // the replica's is followed by re-hydrating in place (format-1 snapshots
 // carry no page hashes, so what changed cannot be known without it);
-// whether it descends from the replica's position is reported.
+// whether it descends from the replica's position is reported. Its cost
+// does not grow with the generation's length: one LIST of the generation
+// ids, one LIST of at most one key after the next segment's, and a
+// description (a LIST of its objects) only of generations newer than the
+// replica's. Errors whose code is in stalled_codes() are verdicts (the
+// replica cannot go on from where it is), the others transient.
+bool Replica::stalled_code(const std::string& code) {
+    return code == "ReplicaAhead" || code == "GenerationRemoved" || code == "SegmentMissing";
+}
+
 Status Replica::check_generations() {
     auto gens = list_generations(*client_, cfg_.bucket, cfg_.db_id);
     if (!gens) return std::move(gens).error();
-    const GenerationInfo* latest = nullptr;
-    if (auto st = find_latest(*client_, cfg_.bucket, cfg_.db_id, *gens, latest); !st) return st;
     ReplicaState s;
     {
         std::lock_guard lock(mu_);
         s = state_;
     }
-    if (!latest || latest->id == s.generation) return {};
-    if (generation_time_ms(latest->id) >= 0 && generation_time_ms(s.generation) > generation_time_ms(latest->id))
+    const int64_t own_ms = generation_time_ms(s.generation);
+    bool own_listed = false;
+    const GenerationInfo* latest = nullptr;
+    // Newest first: describe the generations newer than the replica's until
+    // one has a snapshot (the one a restore would choose).
+    for (auto& g : *gens) {
+        if (g.id == s.generation) {
+            own_listed = true;
+            break;
+        }
+        if (own_ms >= 0 && g.created_ms < own_ms) break;  // older than the replica's
+        if (auto st = describe_generation(*client_, cfg_.bucket, cfg_.db_id, g); !st) return st;
+        if (g.has_snapshot) {
+            latest = &g;
+            break;
+        }
+    }
+    const std::string where = "s3://" + cfg_.bucket + "/" + cfg_.db_id;
+    const std::string serving = "; the replica keeps its last applied state (generation " + s.generation + ", segment " +
+                                std::to_string(s.seq) + ") until the writer starts a new generation";
+    if (!latest && !own_listed) {
+        std::string older;
+        for (const auto& g : *gens)
+            if (own_ms < 0 || g.created_ms < own_ms) {
+                older = g.id;
+                break;
+            }
         return make_error(ErrorKind::Precondition,
-                          "the bucket's newest generation " + latest->id + " is older than the replica's " +
-                              s.generation + " (generations removed?); not followed",
-                          "ReplicaAhead");
+                          "the replica's generation " + s.generation + " is no longer in " + where +
+                              " (removed, e.g. with bottomless-cli rm)" +
+                              (older.empty() ? std::string() : "; older generations (" + older + ") are not followed") +
+                              serving,
+                          "GenerationRemoved");
+    }
+    if (!latest) {
+        // The replica's generation is the newest: is it stuck on a segment
+        // that will never come (removed, lost) while later ones exist?
+        s3::ListRequest req;
+        req.prefix = generation_prefix(cfg_.db_id, s.generation) + "seg-";
+        req.start_after = segment_key(cfg_.db_id, s.generation, s.seq + 1);
+        req.max_keys = 1;
+        auto page = client_->list_objects_page(cfg_.bucket, req);
+        if (!page) return std::move(page).error();
+        uint64_t later = 0;
+        for (const auto& o : page->objects)
+            if (parse_segment_key(o.key, later) && later > s.seq + 1) {
+                // Not a race with an upload in flight: the streak lasted seconds.
+                auto again = client_->head_object(cfg_.bucket, segment_key(cfg_.db_id, s.generation, s.seq + 1));
+                if (again) return {};  // it arrived meanwhile: the next poll takes it
+                return make_error(ErrorKind::Precondition,
+                                  "segment " + std::to_string(s.seq + 1) + " of generation " + s.generation +
+                                      " is missing from " + where + " while segment " + std::to_string(later) +
+                                      " exists (removed, e.g. with bottomless-cli rm, or lost): the chain cannot go on" +
+                                      serving,
+                                  "SegmentMissing");
+            }
+        return {};
+    }
     std::string lineage = "a new generation " + latest->id;
     auto snap = read_snapshot_header(*client_, cfg_.bucket, snapshot_key(cfg_.db_id, latest->id), latest->snapshot_bytes);
     if (snap) {
@@ -1045,19 +1162,17 @@ std::string Replica::status_json() const {
     ReplicaState s;
     json j;
     const auto stats = client_->stats();
+    bool reader;
+    {
+        std::lock_guard lock(mu_);
+        reader = !time_travel_ && !leader_;
+    }
+    // Another process follows: where the file stands is in its state file
+    // (read without the lock: the follower thread takes it).
+    std::optional<ReplicaState> theirs = reader ? load_replica_state(path_) : std::nullopt;
     std::lock_guard lock(mu_);
     s = state_;
-    if (!time_travel_ && !leader_) {
-        // Another process follows: where the file stands is in its state file.
-        std::string text;
-        int fd = ::open((path_ + "-bottomless-replica").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-        if (fd >= 0) {
-            char buf[4096];
-            for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0 && text.size() < 65536;) text.append(buf, static_cast<size_t>(n));
-            ::close(fd);
-        }
-        if (auto p = parse_replica_state(text)) s = *p;
-    }
+    if (theirs && !leader_) s = *theirs;
     const int64_t now = now_us();
     j["mode"] = "replica";
     j["role"] = time_travel_ ? "time-travel" : leader_ ? "follower" : "reader";
@@ -1083,15 +1198,22 @@ std::string Replica::status_json() const {
         j["segments_applied"] = segments_applied_;
         j["hydrations"] = hydrations_;
         j["polls"] = polls_;
+        j["listings"] = listings_;  // generation listings (after a streak without a new segment)
         j["lock_waits"] = lock_waits_;
         j["chain_broken"] = broken_;
+        // The last listing found that the replica cannot go on from where it
+        // is (its generation removed, a segment missing); last_error says why.
+        j["stalled"] = stalled_;
         j["last_event"] = last_event_;
     }
     j["requests"] = {{"total", stats.requests}, {"get", stats.gets},   {"head", stats.heads},
                      {"list", stats.lists},     {"put", stats.puts},   {"retries", stats.retries},
                      {"bytes_received", stats.bytes_received}};
-    j["last_error"] = last_error_.empty() ? json() : json(last_error_);
-    return j.dump();
+    const std::string& err = !last_error_.empty() ? last_error_ : follow_error_;
+    j["last_error"] = err.empty() ? json() : json(err);
+    // Messages carry paths and server text: never let a byte that is not
+    // UTF-8 turn a status into an exception.
+    return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 }  // namespace bottomless::replicator

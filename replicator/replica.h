@@ -7,14 +7,15 @@
 // under SQLite's own rollback locking protocol. One process per replica file
 // follows (LeaderLock on the file): its follower thread polls for the next
 // segment of the generation (a GET of the predictable key; a listing only
-// after a streak of misses), checks the chain, and applies the segment as a
-// rollback-mode writer would: SHARED, RESERVED, PENDING, EXCLUSIVE on the
-// file through the lower VFS (readers holding SHARED make it wait), the
-// original pages journaled (a real rollback journal, fsynced), the pages
-// written, the size set, the change counter bumped (how readers learn to
-// drop their cache), fsync, the journal deleted, unlock. A new generation is re-hydrated in
-// place (the same inode: open readers keep working). "applying" in the
-// state file "<db>-bottomless-replica" brackets every write, and the
+// after seconds without a new segment, then backing off), checks the chain,
+// and applies the segment as a rollback-mode writer would: SHARED,
+// RESERVED, PENDING, EXCLUSIVE on the file through the lower VFS (readers
+// holding SHARED make it wait), the original pages journaled (a real
+// rollback journal, fsynced), the pages written, the size set, the change
+// counter bumped (how readers learn to drop their cache), fsync, the
+// journal deleted, unlock. A new generation is re-hydrated in place (the
+// same inode: open readers keep working). "applying" in the state file
+// "<db>-bottomless-replica" brackets every write, and the
 // journal makes a torn file unreadable: a crash in the middle is rolled back
 // (by SQLite in any reader, or by the next follower) and then re-hydrated,
 // never served.
@@ -110,6 +111,7 @@ private:
     Status hydrated(const ReplicaState& s, const std::string& why);
     Status apply_segment(uint64_t seq, const std::string& key, const std::string& body);
     Status check_generations();
+    static bool stalled_code(const std::string& code);
     // The rollback journal "<db>-journal", in SQLite's own format
     // (fileformat.html, "The Rollback Journal"): the original content of
     // every page an apply or an in-place hydration overwrites, fsynced before
@@ -134,7 +136,8 @@ private:
     std::string path_;                // the cache copy's path for time travel (set before any thread)
     const ReplicatorConfig cfg_;
     sqlite3_vfs* const lower_;
-    bool time_travel_ = false;
+    bool time_travel_ = false;    // at=: a private copy, opened (set once it is ready)
+    bool owns_copy_ = false;      // path_ names the private copy: the destructor removes it
     char* file_name_ = nullptr;   // sqlite3_create_filename(); freed in the destructor
     std::unique_ptr<s3::Client> client_;
     std::shared_ptr<const Cipher> cipher_;
@@ -148,9 +151,15 @@ private:
     long leader_pid_ = 0;
     ReplicaState state_;              // the follower's position (leader); read from the file otherwise
     bool broken_ = false;             // the next segment does not continue the chain: not applied
-    std::string last_error_;
+    std::string last_error_;          // the last poll's or apply's error (cleared by a poll that works)
+    std::string follow_error_;        // the last listing's error (kept until the next listing or progress)
+    bool stalled_ = false;            // follow_error_ is a verdict: this generation cannot go on
     std::string last_event_;          // the last generation change or re-hydration, and why
-    uint64_t segments_applied_ = 0, hydrations_ = 0, misses_ = 0, polls_ = 0;
+    uint64_t segments_applied_ = 0, hydrations_ = 0, polls_ = 0, listings_ = 0;
+    // The streak of polls without a new segment, and when it next lists
+    // the generations (list_after()/list_at_most() in replica.cpp).
+    std::chrono::steady_clock::time_point miss_since_{}, next_list_{};  // zero: no streak
+    std::chrono::milliseconds list_gap_{0};
     uint64_t lock_waits_ = 0;         // applies that had to wait for readers (counted when the wait starts)
     int64_t last_apply_us_ = 0;       // wall clock of the last apply
     int64_t applied_lag_us_ = 0;      // at the last apply: its time minus the writer's commit time

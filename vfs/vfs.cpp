@@ -597,9 +597,11 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
             if (cfg->replica) {
                 auto rp = replicator::Replica::acquire(canon, *cfg, g_lower);
                 if (!rp) {
+                    // As for a writer: another process still starting up (hydrating) is "busy, try again".
+                    const int code = rp.error().code == "StartupBusy" ? SQLITE_BUSY : SQLITE_CANTOPEN;
                     log::error("cannot open the replica " + canon + ": " + rp.error().describe());
-                    sqlite3_log(SQLITE_CANTOPEN, "bottomless: %s", rp.error().describe().c_str());
-                    return SQLITE_CANTOPEN;
+                    sqlite3_log(code, "bottomless: %s", rp.error().describe().c_str());
+                    return code;
                 }
                 replica = std::move(rp).value();
                 return SQLITE_OK;

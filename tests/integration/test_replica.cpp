@@ -421,7 +421,7 @@ TEST_CASE("replica: a follower killed in the middle of an apply leaves no torn s
     }
 }
 
-TEST_CASE("replica: a follower in another process while this one reads, and a takeover when it exits",
+TEST_CASE("replica: a follower in another process while this one reads and a takeover when it exits",
           "[vfs][integration][replica]") {
     if (skip_process_tests()) BOTTOMLESS_SKIP(kProcessSkipReason);
     Fixture f;
@@ -604,4 +604,195 @@ TEST_CASE("replica: a slow hydration of one file does not hold up the open of an
     wait_for_value(a2.get(), "SELECT n FROM c", 4);
     exec(w2.get(), "UPDATE c SET n=43");
     wait_for_value(b.get(), "SELECT n FROM c", 43);
+}
+
+TEST_CASE("replica: short gaps between the writer's batches do not make a short-poll replica list the bucket",
+          "[vfs][integration][replica]") {
+    Fixture f;
+    f.commit(1);
+    f.flush();
+    // Poll 50 ms, a commit every 300 ms: each gap is ~6 polls without a new
+    // segment. Listing is for generation changes, after seconds without one.
+    Db r = open_db(f.replica_uri(f.replica_path));
+    wait_for_value(r.get(), "SELECT n FROM c", 1);
+    const uint64_t lists_before = status(r.get())["requests"]["list"].get<uint64_t>();
+    for (int i = 2; i <= 12; ++i) {
+        f.commit(i);
+        std::this_thread::sleep_for(300ms);
+    }
+    wait_for_value(r.get(), "SELECT n FROM c", 12);
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["requests"]["list"].get<uint64_t>() == lists_before);
+    CHECK(st["listings"] == 0);
+    CHECK(st["segments_applied"].get<uint64_t>() >= 5);
+    // Idle: the first listing after 5 s without a new segment.
+    const auto t0 = std::chrono::steady_clock::now();
+    while (status(r.get())["listings"] == 0 && std::chrono::steady_clock::now() - t0 < 10s)
+        std::this_thread::sleep_for(50ms);
+    const auto took = std::chrono::steady_clock::now() - t0;
+    CHECK(status(r.get())["listings"] == 1);
+    CHECK(took > 4s);
+    CHECK(took < 7s);
+}
+
+TEST_CASE("replica: a checkpoint TRUNCATE and a VACUUM that shrinks the file on the writer are followed",
+          "[vfs][integration][replica]") {
+    Fixture f;
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    Db r = open_db(f.replica_uri(f.replica_path));
+    wait_for_value(r.get(), "SELECT n FROM c", 3);
+    // The WAL restarts (new salts) at the next write after a TRUNCATE checkpoint.
+    CHECK(query_int(f.writer.get(), "PRAGMA wal_checkpoint(TRUNCATE)") == 0);  // not busy
+    for (int i = 4; i <= 6; ++i) f.commit(i);
+    f.flush();
+    wait_for_value(r.get(), "SELECT n FROM c", 6, 20s);
+    CHECK(query_int(r.get(), "SELECT count(*) FROM log") == 6);
+
+    // Grow the database, then shrink it with VACUUM.
+    exec(f.writer.get(), "WITH RECURSIVE s(k) AS (SELECT 100 UNION ALL SELECT k+1 FROM s WHERE k<1099) "
+                         "INSERT INTO log SELECT k, randomblob(2000) FROM s");
+    f.commit(7);
+    f.flush();
+    wait_for_value(r.get(), "SELECT n FROM c", 7, 20s);
+    const long long big = query_int(r.get(), "PRAGMA page_count");
+    CHECK(big > 500);
+    exec(f.writer.get(), "DELETE FROM log WHERE i >= 100");
+    exec(f.writer.get(), "VACUUM");
+    f.commit(8);
+    f.flush();
+    wait_for_value(r.get(), "SELECT n FROM c", 8, 20s);
+    const long long small = query_int(r.get(), "PRAGMA page_count");
+    INFO("pages before " << big << ", after VACUUM " << small);
+    CHECK(small == query_int(f.writer.get(), "PRAGMA page_count"));
+    CHECK(small * 4 < big);
+    CHECK(static_cast<long long>(fs::file_size(f.replica_path)) == small * query_int(r.get(), "PRAGMA page_size"));
+    CHECK(query_int(r.get(), "SELECT count(*) FROM log") == 8);
+    CHECK(query_int(r.get(), "SELECT sum(i) FROM log") == 36);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["chain_broken"] == false);
+    CHECK(st["stalled"] == false);
+    CHECK(st["last_error"].is_null());
+}
+
+TEST_CASE("replica: a page size change on the writer is followed", "[vfs][integration][replica]") {
+    Fixture f;
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    Db r = open_db(f.replica_uri(f.replica_path));
+    wait_for_value(r.get(), "SELECT n FROM c", 3);
+    REQUIRE(query_int(r.get(), "PRAGMA page_size") == 4096);
+    // WAL mode cannot change the page size: out of it, VACUUM, back.
+    exec(f.writer.get(), "PRAGMA journal_mode=delete");
+    exec(f.writer.get(), "PRAGMA page_size=8192");
+    exec(f.writer.get(), "VACUUM");
+    exec(f.writer.get(), "PRAGMA journal_mode=wal");
+    REQUIRE(query_int(f.writer.get(), "PRAGMA page_size") == 8192);
+    f.commit(4);
+    f.flush();
+    wait_for_value(r.get(), "SELECT n FROM c", 4, 30s);
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(query_int(r.get(), "PRAGMA page_size") == 8192);
+    CHECK(st["page_size"] == 8192);
+    CHECK(fs::file_size(f.replica_path) % 8192 == 0);
+    CHECK(query_int(r.get(), "SELECT count(*) FROM log") == 4);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    // A second connection opened afterwards agrees.
+    Db r2 = open_db(f.replica_uri(f.replica_path));
+    CHECK(query_int(r2.get(), "SELECT n FROM c") == 4);
+    f.commit(5);
+    wait_for_value(r.get(), "SELECT n FROM c", 5);
+}
+
+TEST_CASE("replica: the writer's generation removed with bottomless-cli rm is reported and a new one followed",
+          "[vfs][integration][replica]") {
+    Fixture f;
+    for (int i = 1; i <= 2; ++i) f.commit(i);
+    f.flush();
+    Db r = open_db(f.replica_uri(f.replica_path));
+    wait_for_value(r.get(), "SELECT n FROM c", 2);
+    r.reset();  // the replica stops at this segment
+    for (int i = 3; i <= 4; ++i) {
+        f.commit(i);
+        f.flush();
+    }
+    const std::string gen = json::parse(query_text(f.writer.get(), "SELECT bottomless_status()"))["generation"];
+    std::string out;
+    REQUIRE(run_command(shell_quote(BOTTOMLESS_CLI_PATH) + " -b " + f.bucket.name() + " -d app.db rm -g " + gen +
+                            " --force 2>&1",
+                        &out) == 0);
+    INFO(out);
+    // The writer goes on in its generation: segments after a hole.
+    f.commit(5);
+    f.flush();
+    // The replica opens from its proven file and says it cannot follow;
+    // its file stays at its last committed state.
+    r = open_db(f.replica_uri(f.replica_path));
+    CHECK(query_int(r.get(), "SELECT n FROM c") == 2);
+    const auto t0 = std::chrono::steady_clock::now();
+    while (status(r.get())["stalled"] != true && std::chrono::steady_clock::now() - t0 < 15s)
+        std::this_thread::sleep_for(50ms);
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["stalled"] == true);
+    REQUIRE(st["last_error"].is_string());
+    CHECK(st["last_error"].get<std::string>().find("bottomless-cli rm") != std::string::npos);
+    CHECK(query_int(r.get(), "SELECT n FROM c") == 2);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    std::this_thread::sleep_for(200ms);  // several polls: the verdict stays
+    CHECK(status(r.get())["stalled"] == true);
+    // A new generation on the writer is followed from there.
+    (void)query_text(f.writer.get(), "SELECT bottomless_snapshot()");
+    f.commit(6);
+    f.flush();
+    wait_for_value(r.get(), "SELECT n FROM c", 6, 30s);
+    st = status(r.get());
+    CHECK(st["stalled"] == false);
+    CHECK(st["last_error"].is_null());
+    CHECK(query_int(r.get(), "SELECT count(*) FROM log") == 6);
+}
+
+TEST_CASE("replica: a failed at= open never removes the file its name points at", "[vfs][integration][replica]") {
+    Fixture f;
+    TempDir cache;
+    const char* old_cache = std::getenv("XDG_CACHE_HOME");
+    const std::string saved = old_cache ? old_cache : "";
+    ::setenv("XDG_CACHE_HOME", cache.path().c_str(), 1);
+    const std::string mine = f.dir.file("r/mine.db");
+    std::ofstream(mine) << "precious";
+    Db bad;
+    std::string err;
+    // A passphrase for a bucket that has none: the key cannot be derived.
+    CHECK(try_open_db(f.replica_uri(mine, "&encryption_passphrase=x&at=" + replicator::fmt_time_us(replicator::now_us())),
+                      bad, err) != SQLITE_OK);
+    CHECK(slurp_file(mine) == "precious");
+    if (old_cache) ::setenv("XDG_CACHE_HOME", saved.c_str(), 1);
+    else ::unsetenv("XDG_CACHE_HOME");
+}
+
+TEST_CASE("replica: a proven encrypted replica opens while S3 is down and follows once it is back",
+          "[vfs][integration][replica]") {
+    Fixture f("&encryption_passphrase=correct-horse");
+    for (int i = 1; i <= 3; ++i) f.commit(i);
+    f.flush();
+    FaultProxy proxy("127.0.0.1", server_port());
+    const std::string uri = f.replica_uri(f.replica_path, "&encryption_passphrase=correct-horse&endpoint=" + proxy.url());
+    Db r = open_db(uri);
+    wait_for_value(r.get(), "SELECT n FROM c", 3);
+    r.reset();
+    proxy.inject_always(Fault::Status503SlowDown);
+    r = open_db(uri);  // no S3 needed: the file proves its position
+    CHECK(query_int(r.get(), "SELECT n FROM c") == 3);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    f.commit(4);
+    f.flush();
+    proxy.clear();
+    wait_for_value(r.get(), "SELECT n FROM c", 4, 20s);
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["hydrations"] == 0);
 }
