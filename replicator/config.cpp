@@ -227,6 +227,9 @@ Result<ReplicatorConfig> load_config(const std::string& db_path, const std::map<
         env_secrets += s.secret;
         if (!s.apply(cfg, *v)) return invalid(name, *v, s);
     }
+    // The environment is the process's: its request cap is the process's
+    // total (a URI value below is this database's own cap only).
+    cfg.process_max_requests_per_second = cfg.s3.max_requests_per_second;
     int uri_secrets = 0;
     for (const auto& [k, v] : uri_params) uri_secrets += k == "encryption_key" || k == "encryption_passphrase";
     if (env_secrets > 1 || uri_secrets > 1)

@@ -42,6 +42,12 @@ struct ReplicatorConfig {
     // every database; 0: max(2, cores). The first database opened sets it;
     // a later one can only raise it.
     unsigned uploader_threads = 0;
+    // Process-wide: the cap on the S3 requests of all databases (and read
+    // replicas) of the process together, shared by them (s3/request_budget.h);
+    // 0: none. LIBSQL_BOTTOMLESS_MAX_REQUESTS_PER_SECOND from the environment
+    // only; a URI max_requests_per_second caps that database alone
+    // (s3.max_requests_per_second, which the environment's value also sets).
+    double process_max_requests_per_second = 0;
     // Read replica (replica.h): the file follows the bucket, read-only.
     bool replica = false;
     std::chrono::milliseconds replica_poll{1000};   // how often a replica asks for the next segment

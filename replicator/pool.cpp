@@ -11,8 +11,10 @@
 #include <thread>
 #include <tuple>
 
+#include "s3/config.h"
 #include "s3/http.h"
 #include "s3/log.h"
+#include "s3/request_budget.h"
 
 namespace bottomless::replicator {
 
@@ -223,6 +225,18 @@ std::shared_ptr<s3::http::ConnectionPool> shared_connection_pool(const std::stri
         slot = p;
     }
     return p;
+}
+
+std::shared_ptr<s3::RequestBudget> process_request_budget() {
+    // Never destroyed: clients in detached workers may still draw from it at exit.
+    static auto* budget = new std::shared_ptr<s3::RequestBudget>(std::make_shared<s3::RequestBudget>());
+    return *budget;
+}
+
+void use_process_request_budget(s3::ClientConfig& c, double process_rate) {
+    auto budget = process_request_budget();
+    budget->set_rate(process_rate);
+    c.request_budget = std::move(budget);
 }
 
 }  // namespace bottomless::replicator

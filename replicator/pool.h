@@ -36,9 +36,13 @@
 #include <memory>
 #include <string>
 
-namespace bottomless::s3::http {
+namespace bottomless::s3 {
+struct ClientConfig;
+class RequestBudget;
+namespace http {
 class ConnectionPool;
 }
+}  // namespace bottomless::s3
 
 namespace bottomless::replicator {
 
@@ -125,5 +129,16 @@ private:
 // request counters and request-rate cap).
 std::shared_ptr<s3::http::ConnectionPool> shared_connection_pool(const std::string& endpoint, const std::string& ca_bundle,
                                                              bool verify_tls);
+
+// The process's request budget (s3/request_budget.h): the S3 clients of
+// every database and read replica of the process draw from it, so
+// max_requests_per_second from the environment caps their requests together.
+// Pacing in the order asked: the pool's workers, each running one database's
+// step, take turns, so databases share it fairly.
+std::shared_ptr<s3::RequestBudget> process_request_budget();
+// `c` draws from the process's budget, whose rate becomes `process_rate`
+// (ReplicatorConfig::process_max_requests_per_second: every open applies its
+// environment's value, so the latest open's is in force; 0: no cap).
+void use_process_request_budget(s3::ClientConfig& c, double process_rate);
 
 }  // namespace bottomless::replicator

@@ -283,6 +283,7 @@ Result<std::shared_ptr<Replica>> Replica::acquire(const std::string& path, const
             c.retry.max_elapsed = std::min<std::chrono::milliseconds>(
                 c.retry.max_elapsed, std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg.replica_poll * 5));
             if (!c.connection_pool) c.connection_pool = shared_connection_pool(c.endpoint, c.ca_bundle, c.verify_tls);
+            use_process_request_budget(c, cfg.process_max_requests_per_second);  // the process's request cap (pool.h)
             r->client_ = std::make_unique<s3::Client>(std::move(c));
             Status st = cfg.replica_at_us ? r->init_time_travel() : r->start();
             if (!st) return std::move(st).error();

@@ -19,6 +19,7 @@
 
 #include "replicator/metrics.h"
 #include "s3/log.h"
+#include "s3/request_budget.h"
 
 namespace bottomless::replicator {
 
@@ -67,6 +68,8 @@ Replicator::Replicator(std::string path, ReplicatorConfig config)
     // Sockets are shared by every database of the process that uses this
     // endpoint (pool.h); the client (retry budget, counters, rate cap) is ours.
     if (!c.connection_pool) c.connection_pool = shared_connection_pool(c.endpoint, c.ca_bundle, c.verify_tls);
+    // The process's request cap, shared with every other database (pool.h).
+    use_process_request_budget(c, config_.process_max_requests_per_second);
     client_ = std::make_unique<s3::Client>(std::move(c));
     last_snapshot_time_ = Clock::now();
 }
@@ -79,6 +82,9 @@ std::shared_ptr<Replicator> Replicator::find(const std::string& path) {
 
 Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path, const ReplicatorConfig& config,
                                                        long* leader_elsewhere) {
+    // Every open applies its environment's process-wide request cap, also
+    // one that finds the database running.
+    process_request_budget()->set_rate(config.process_max_requests_per_second);
     {
         std::unique_lock lock(registry_mu());
         for (;;) {
@@ -268,6 +274,10 @@ std::string Replicator::status_json() const {
     j["requests"] = cs.requests;
     j["put_requests"] = cs.puts;
     j["retries"] = cs.retries;
+    // Requests that waited for a request-rate cap (this database's own or
+    // the process's budget), and how long in all.
+    j["requests_throttled"] = cs.throttled;
+    j["throttle_wait_ms"] = cs.throttle_wait_us / 1000;
     j["last_error"] = last_error_.empty() ? nlohmann::json(nullptr) : nlohmann::json(last_error_);
     if (!last_error_.empty()) j["last_error_at"] = fmt_time_us(last_error_us_);
     return j.dump();
@@ -318,6 +328,10 @@ std::string Replicator::process_status_json() {
         if (samples.empty() || now - samples.back().first >= std::chrono::seconds(1)) samples.emplace_back(now, requests);
     }
     PoolStats p = UploaderPool::instance().stats();
+    const s3::RequestBudget::Stats b = process_request_budget()->stats();
+    auto ms = [](s3::RequestBudget::Clock::duration d) {
+        return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
+    };
     nlohmann::json j;
     j["databases_open"] = open;
     j["databases_replicating"] = replicating;
@@ -332,6 +346,17 @@ std::string Replicator::process_status_json() {
     j["put_requests"] = puts;
     j["retries"] = retries;
     j["requests_per_minute"] = rpm;
+    // The process-wide cap (max_requests_per_second from the environment)
+    // and every request of the process's databases and replicas counted by
+    // it, open or since closed: those of the last 60 s, and the waits for a
+    // turn.
+    j["request_budget"] = {{"max_requests_per_second", b.rate > 0 ? nlohmann::json(b.rate) : nlohmann::json(nullptr)},
+                           {"requests", b.requests},
+                           {"requests_last_minute", b.requests_last_minute},
+                           {"waited", b.waited},
+                           {"wait_ms_total", ms(b.wait_total)},
+                           {"wait_ms_max", ms(b.wait_max)},
+                           {"wait_ms_last_minute", ms(b.wait_last_minute)}};
     j["errors"] = errors_total;
     j["databases_with_errors"] = failing.size();
     j["failing"] = std::move(failing);

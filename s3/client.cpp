@@ -16,6 +16,7 @@
 #include "s3/credentials.h"
 #include "s3/crypto.h"
 #include "s3/log.h"
+#include "s3/request_budget.h"
 #include "s3/xml.h"
 
 namespace bottomless::s3 {
@@ -247,6 +248,8 @@ ClientStats Client::stats() const {
     s.bytes_received = stats_.bytes_received.load();
     s.conditional_writes_verified = conditional_mode_.load() == 2;
     s.conditional_conflicts = stats_.conditional_conflicts.load();
+    s.throttled = stats_.throttled.load();
+    s.throttle_wait_us = stats_.throttle_wait_us.load();
     return s;
 }
 
@@ -283,17 +286,29 @@ std::string Client::path_for(const std::string& bucket, const std::string& key) 
 }
 
 void Client::throttle() {
-    if (config_.max_requests_per_second <= 0) return;
-    auto interval = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-        std::chrono::duration<double>(1.0 / config_.max_requests_per_second));
-    std::chrono::steady_clock::time_point slot;
-    {
-        std::lock_guard lock(rate_mu_);
+    std::chrono::steady_clock::duration waited{};
+    if (config_.max_requests_per_second > 0) {
+        auto interval = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::duration<double>(1.0 / config_.max_requests_per_second));
+        std::chrono::steady_clock::time_point slot;
         auto now = std::chrono::steady_clock::now();
-        slot = std::max(now, next_slot_);
-        next_slot_ = slot + interval;
+        {
+            std::lock_guard lock(rate_mu_);
+            slot = std::max(now, next_slot_);
+            next_slot_ = slot + interval;
+        }
+        waited += slot - now;
+        std::this_thread::sleep_until(slot);
     }
-    std::this_thread::sleep_until(slot);
+    // The shared budget after our own cap: a client over its own cap waits
+    // on its own, without holding a turn the others could use.
+    if (config_.request_budget) waited += config_.request_budget->take();
+    if (waited > std::chrono::steady_clock::duration::zero()) {
+        stats_.throttled.fetch_add(1, std::memory_order_relaxed);
+        stats_.throttle_wait_us.fetch_add(
+            static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(waited).count()),
+            std::memory_order_relaxed);
+    }
 }
 
 Error Client::error_from_response(const Call& call, const http::Response& resp) const {

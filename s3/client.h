@@ -64,6 +64,10 @@ struct ClientStats {
     // `If-None-Match: *` (see ClientConfig::conditional_writes).
     bool conditional_writes_verified = false;
     uint64_t conditional_conflicts = 0;  // create-only PUTs refused: the key held another object
+    // Requests (attempts) that waited for a request-rate cap (this client's
+    // max_requests_per_second or the shared budget), and how long in all.
+    uint64_t throttled = 0;
+    uint64_t throttle_wait_us = 0;
 };
 
 class ObjectWriter;
@@ -230,7 +234,7 @@ private:
 
     struct AtomicStats {
         std::atomic<uint64_t> requests{0}, retries{0}, puts{0}, gets{0}, lists{0}, deletes{0}, heads{0},
-            bytes_sent{0}, bytes_received{0}, conditional_conflicts{0};
+            bytes_sent{0}, bytes_received{0}, conditional_conflicts{0}, throttled{0}, throttle_wait_us{0};
     } stats_;
     // 0: not known yet, 1: honoured, 2: ignored (verify with HEADs). Set once
     // under probe_mu_, which serialises the probe.

@@ -30,6 +30,7 @@ class ConnectionPool;
 }
 
 class CredentialsProvider;  // s3/credentials.h
+class RequestBudget;        // s3/request_budget.h
 
 // Environment lookup, injectable so tests do not touch the real environment.
 using EnvLookup = std::function<std::optional<std::string>(std::string_view name)>;
@@ -67,7 +68,11 @@ struct ClientConfig {
     uint64_t multipart_threshold = 16ull << 20; // objects above this go multipart
     uint64_t part_size = 8ull << 20;            // S3 minimum is 5 MiB (but the last part)
     int part_concurrency = 2;                   // parts in flight per upload
-    double max_requests_per_second = 0;         // 0: unlimited
+    double max_requests_per_second = 0;         // 0: unlimited (this client's own cap)
+    // A budget shared with other clients (the replicator's process-wide
+    // cap); null: none. A request waits for this client's own cap first,
+    // then for its turn in the shared budget.
+    std::shared_ptr<RequestBudget> request_budget;
     uint64_t max_get_bytes = 1ull << 30;        // cap of a whole-object GET into memory when the caller gives none
     // A request's deadline is the retry budget (retry.max_elapsed, from the
     // call's start) plus the transfer's declared size at this rate: large

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -21,6 +22,8 @@
 #include "replicator/leader_lock.h"
 #include "replicator/pool.h"
 #include "replicator/restore.h"
+#include "s3/request_budget.h"
+#include "support/fault_proxy.h"
 #include "support/s3_env.h"
 #include "support/sqlite_util.h"
 
@@ -249,6 +252,196 @@ TEST_CASE("open databases hold no descriptor beyond SQLite's own and an idle clo
     Db again = open_db(uri(1));
     CHECK(query_int(again.get(), "SELECT count(*) FROM t") == 1);
     CHECK(nlohmann::json::parse(query_text(again.get(), "SELECT bottomless_status()"))["requests"] == 0);
+}
+
+// Issue 10: max_requests_per_second from the environment caps the requests of
+// every database of the process together (s3/request_budget.h), counted at
+// the fault proxy all of them go through; databases that want far more than
+// the cap share it, and one whose bucket is deleted mid-run shows the error
+// in its status while the others go on replicating.
+TEST_CASE("the process-wide request cap holds for many databases writing at once and a deleted bucket stops only its database", "[vfs][integration][many]") {
+    using Clock = std::chrono::steady_clock;
+    register_bottomless();
+    auto client = server_client();
+    TestBucket bucket(*client, "cap");
+    const std::string doomed = unique_name("capdoomed");
+    REQUIRE(client->create_bucket(doomed).ok());
+    struct Cleanup {
+        s3::Client& c;
+        const std::string& b;
+        ~Cleanup() {
+            (void)c.delete_bucket_and_objects(b);
+            ::unsetenv("LIBSQL_BOTTOMLESS_MAX_REQUESTS_PER_SECOND");
+            replicator::process_request_budget()->set_rate(0);  // as the next open without the variable would
+        }
+    } cleanup{*client, doomed};
+    FaultProxy proxy("127.0.0.1", server_port());  // counts every request of the process's databases
+    TempDir dir;
+    constexpr int kDbs = 24, kWriters = 4;
+    constexpr double kCap = 20;
+    auto uri = [&](int i) {
+        return "file:" + dir.file("db" + std::to_string(i)) + "?vfs=bottomless&batch_interval_ms=100&endpoint=" +
+               proxy.url() + "&bucket=" + (i == 0 ? doomed + "&shutdown_timeout_ms=500" : bucket.name());
+    };
+    std::vector<Db> dbs(kDbs);
+    // Created without a cap (a fresh open asks the bucket) and closed; the
+    // reopens under the cap prove continuity from their state files.
+    for (int i = 0; i < kDbs; ++i) {
+        dbs[i] = open_db(uri(i));
+        exec(dbs[i].get(), "PRAGMA journal_mode=wal; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);");
+        query_text(dbs[i].get(), "SELECT bottomless_flush(60000)");
+    }
+    for (auto& db : dbs) db.reset();
+    ::setenv("LIBSQL_BOTTOMLESS_MAX_REQUESTS_PER_SECOND", "20", 1);  // no database open: no thread reads the environment
+    for (int i = 0; i < kDbs; ++i) dbs[i] = open_db(uri(i));
+    Db plain = open_db(":memory:");
+    {
+        auto st = process_status(plain.get());
+        INFO(st.dump());
+        CHECK(st["request_budget"]["max_requests_per_second"].get<double>() == kCap);
+    }
+
+    // Every database commits as fast as its writer goes (hundreds a second)
+    // with a 100 ms batch: without the cap, about 10 segments a second each.
+    std::atomic<bool> stop{false}, doomed_paused{false};
+    std::atomic<long> commits{0};
+    std::mutex err_mu;
+    std::vector<std::string> errors;  // guarded by err_mu
+    std::vector<std::thread> writers;
+    for (int w = 0; w < kWriters; ++w)
+        writers.emplace_back([&, w] {
+            while (!stop.load()) {
+                for (int i = w; i < kDbs; i += kWriters) {
+                    if (i == 0 && doomed_paused.load()) continue;
+                    std::string e;
+                    if (try_exec(dbs[i].get(), "INSERT INTO t(v) VALUES(randomblob(300))", e) != 0) {
+                        std::lock_guard lock(err_mu);
+                        errors.push_back("db" + std::to_string(i) + ": " + e);
+                    } else {
+                        ++commits;
+                    }
+                }
+                std::this_thread::sleep_for(std::chrono::milliseconds(2));
+            }
+        });
+    // The proxy's count, sampled.
+    std::vector<std::pair<Clock::time_point, int>> samples;
+    auto run_for = [&](std::chrono::milliseconds d) {
+        const auto until = Clock::now() + d;
+        while (Clock::now() < until) {
+            samples.emplace_back(Clock::now(), proxy.requests_seen());
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+    };
+    run_for(std::chrono::seconds(3));
+
+    // Mid-run, database 0's bucket goes (its writes paused while its
+    // objects are deleted, so no PUT lands between the listing and the
+    // bucket's deletion); the others write on throughout.
+    doomed_paused = true;
+    query_text(dbs[0].get(), "SELECT bottomless_flush(60000)");
+    bool deleted = false;
+    for (int attempt = 0; attempt < 5 && !deleted; ++attempt) deleted = client->delete_bucket_and_objects(doomed).ok();
+    REQUIRE(deleted);
+    doomed_paused = false;
+    std::vector<uint64_t> segments_at_delete(kDbs);
+    for (int i = 1; i < kDbs; ++i)
+        segments_at_delete[i] = nlohmann::json::parse(query_text(dbs[i].get(), "SELECT bottomless_status()"))["segments_uploaded"];
+    run_for(std::chrono::seconds(6));
+    stop = true;
+    for (auto& t : writers) t.join();
+    samples.emplace_back(Clock::now(), proxy.requests_seen());
+    {
+        std::lock_guard lock(err_mu);
+        INFO((errors.empty() ? std::string() : errors.front()));
+        CHECK(errors.empty());  // async: writes never wait for S3 or for the budget
+    }
+
+    // The cap holds over every window of 2 s or more (pacing: at most
+    // cap x W + 1, plus a little for requests in transit at the edges) and
+    // over the whole run; and it was what bounded them (demand was far above).
+    double worst_excess = -1e9;
+    for (size_t a = 0; a < samples.size(); ++a)
+        for (size_t b = a + 1; b < samples.size(); ++b) {
+            const double w = std::chrono::duration<double>(samples[b].first - samples[a].first).count();
+            if (w < 2) continue;
+            worst_excess = std::max(worst_excess, (samples[b].second - samples[a].second) - kCap * w);
+        }
+    const double total_s = std::chrono::duration<double>(samples.back().first - samples.front().first).count();
+    const int total = samples.back().second - samples.front().second;
+    auto st = process_status(plain.get());
+    INFO(st.dump());
+    INFO(commits.load() << " commits; " << total << " requests in " << total_s << " s (cap " << kCap
+                        << "/s); worst window exceeds cap x W by " << worst_excess);
+    CHECK(worst_excess <= 4);
+    CHECK(total <= kCap * total_s + 2);
+    CHECK(total >= 0.5 * kCap * total_s);
+    CHECK(st["request_budget"]["waited"].get<uint64_t>() > 0);
+    CHECK(st["request_budget"]["wait_ms_total"].get<uint64_t>() > 0);
+    CHECK(st["request_budget"]["requests_last_minute"].get<uint64_t>() >= static_cast<uint64_t>(total) * 9 / 10);
+
+    // Database 0 shows its error; every other one kept replicating after the
+    // deletion, and restores to what it holds.
+    REQUIRE(st["failing"].size() == 1);
+    CHECK(st["failing"][0]["database"].get<std::string>() == dir.file("db0"));
+    CHECK(st["failing"][0]["last_error"].get<std::string>().find("NoSuchBucket") != std::string::npos);
+    auto doomed_status = nlohmann::json::parse(query_text(dbs[0].get(), "SELECT bottomless_status()"));
+    CHECK(doomed_status["last_error"].get<std::string>().find("NoSuchBucket") != std::string::npos);
+    int went_on = 0;
+    uint64_t throttled = 0;
+    for (int i = 1; i < kDbs; ++i) {
+        auto s = nlohmann::json::parse(query_text(dbs[i].get(), "SELECT bottomless_status()"));
+        went_on += s["segments_uploaded"].get<uint64_t>() > segments_at_delete[i];
+        throttled += s["requests_throttled"].get<uint64_t>();
+        CHECK(s["last_error"].is_null());
+    }
+    CHECK(went_on == kDbs - 1);
+    CHECK(throttled > 0);
+    for (int i = 1; i < kDbs; ++i) query_text(dbs[i].get(), "SELECT bottomless_flush(60000)");
+    std::vector<std::string> hashes(kDbs);
+    for (int i = 1; i < kDbs; ++i) hashes[i] = content_hash(dbs[i].get());
+    dbs.clear();
+    int mismatched = 0;
+    for (int i = 1; i < kDbs; ++i) {
+        const std::string out = dir.file("restored" + std::to_string(i));
+        auto r = replicator::restore_database(*client, bucket.name(), "db" + std::to_string(i), out);
+        if (!r) FAIL("restore of db" << i << " failed: " << r.error().describe());
+        if (content_hash_of_file(out) != hashes[i]) ++mismatched;
+    }
+    CHECK(mismatched == 0);
+}
+
+TEST_CASE("a request budget paces its takers in turn and counts the last minute", "[many][pool]") {
+    using Clock = std::chrono::steady_clock;
+    s3::RequestBudget budget;
+    // Unlimited: no wait, still counted.
+    for (int i = 0; i < 5; ++i) CHECK(budget.take() == Clock::duration::zero());
+    budget.set_rate(50);
+    // 4 threads taking 10 each: 40 requests at 50/s take about 0.8 s in all,
+    // whoever asks.
+    const auto t0 = Clock::now();
+    std::vector<std::thread> takers;
+    std::atomic<int> taken{0};
+    for (int t = 0; t < 4; ++t)
+        takers.emplace_back([&] {
+            for (int i = 0; i < 10; ++i) {
+                budget.take();
+                ++taken;
+            }
+        });
+    for (auto& t : takers) t.join();
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    CHECK(taken.load() == 40);
+    CHECK(s >= 39 / 50.0 - 0.02);
+    auto st = budget.stats();
+    CHECK(st.rate == 50);
+    CHECK(st.requests == 45);
+    CHECK(st.requests_last_minute == 45);
+    CHECK(st.waited >= 30);
+    CHECK(st.wait_max > Clock::duration::zero());
+    CHECK(st.wait_total >= st.wait_max);
+    budget.set_rate(0);
+    CHECK(budget.take() == Clock::duration::zero());
 }
 
 TEST_CASE("leader locks share one descriptor per directory and still exclude each other in one process", "[many][processes]") {

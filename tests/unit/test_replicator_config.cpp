@@ -146,3 +146,19 @@ TEST_CASE("a URI endpoint other than http or https and a bad bucket name are ref
     REQUIRE_FALSE(env.ok());
     CHECK(env.error().code == "BadEndpoint");
 }
+
+TEST_CASE("max_requests_per_second: the environment's caps the process and a URI value one database", "[config]") {
+    auto both = load_config("/d/a.db", {{"max_requests_per_second", "5"}},
+                            env_of({{"LIBSQL_BOTTOMLESS_MAX_REQUESTS_PER_SECOND", "20"}}));
+    REQUIRE(both.ok());
+    CHECK(both->process_max_requests_per_second == 20);
+    CHECK(both->s3.max_requests_per_second == 5);
+    auto env_only = load_config("/d/a.db", {}, env_of({{"LIBSQL_BOTTOMLESS_MAX_REQUESTS_PER_SECOND", "2.5"}}));
+    REQUIRE(env_only.ok());
+    CHECK(env_only->process_max_requests_per_second == 2.5);
+    CHECK(env_only->s3.max_requests_per_second == 2.5);
+    auto uri_only = load_config("/d/a.db", {{"max_requests_per_second", "5"}}, env_of({}));
+    REQUIRE(uri_only.ok());
+    CHECK(uri_only->process_max_requests_per_second == 0);
+    CHECK(uri_only->s3.max_requests_per_second == 5);
+}
