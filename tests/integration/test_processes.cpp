@@ -24,17 +24,6 @@ using namespace bottomless::testing;
 
 namespace {
 
-// The shells here hold the database open with .system (a fork of the
-// shell), which ThreadSanitizer does not support in a multithreaded process
-// (the child crashes); these tests are about processes, not threads.
-#if defined(__SANITIZE_THREAD__)
-constexpr bool skip_process_tests() { return true; }
-#else
-constexpr bool skip_process_tests() { return sanitizer_build(); }
-#endif
-constexpr const char* kProcessSkipReason =
-    "needs the sqlite3 shell with the extension and .system (not under ThreadSanitizer)";
-
 struct Setup {
     std::unique_ptr<s3::Client> client = server_client();
     TestBucket bucket{*client, "proc"};

@@ -96,17 +96,6 @@ std::string slurp_file(const std::string& path) {
 
 json status(sqlite3* db) { return json::parse(query_text(db, "SELECT bottomless_status()")); }
 
-// The shells that follow in another process hold the file open with
-// .system (a fork of a multithreaded process), which ThreadSanitizer does
-// not support; sanitizer builds without a wrapper cannot load the extension.
-#if defined(__SANITIZE_THREAD__)
-constexpr bool skip_process_tests() { return true; }
-#else
-constexpr bool skip_process_tests() { return sanitizer_build(); }
-#endif
-constexpr const char* kProcessSkipReason =
-    "needs the sqlite3 shell with the extension and .system (not under ThreadSanitizer)";
-
 // A sqlite3 shell with the extension that opens `uri` (a replica: it
 // follows when it is the first), touches `ready`, then lives until `stop`
 // exists (or 120 s). `env` prefixes the command (VAR=value ...).

@@ -30,6 +30,20 @@ constexpr bool sanitizer_build() {
 #endif
 }
 
+// Tests whose sqlite3 shells hold a database open with .system (a fork of
+// the multithreaded shell) skip themselves under ThreadSanitizer, which does
+// not support that (the child crashes), and where the shell cannot load the
+// extension at all; they are about processes, not threads.
+constexpr bool skip_process_tests() {
+#if defined(__SANITIZE_THREAD__)
+    return true;
+#else
+    return sanitizer_build();
+#endif
+}
+constexpr const char* kProcessSkipReason =
+    "needs the sqlite3 shell with the extension and .system (not under ThreadSanitizer)";
+
 // The sqlite3 shell to exec by path (the wrapper in sanitizer builds).
 inline std::string sqlite3_shell() {
 #ifdef BOTTOMLESS_SHELL_DIR
