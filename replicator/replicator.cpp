@@ -72,6 +72,7 @@ Replicator::Replicator(std::string path, ReplicatorConfig config)
     use_process_request_budget(c, config_.process_max_requests_per_second);
     client_ = std::make_unique<s3::Client>(std::move(c));
     last_snapshot_time_ = Clock::now();
+    snapshot_seen_ = last_snapshot_time_;
 }
 
 std::shared_ptr<Replicator> Replicator::find(const std::string& path) {

@@ -63,6 +63,9 @@ void testing_inject_uploader_exceptions(int n);
 // is durable in S3, before the commit frame is written locally; with
 // `before_state`, also before the state file records the upload.
 void testing_exit_after_sync_uploads(int n, bool before_state = false);
+// Test hook: how often a replicator that uploads segments checks that its
+// generation's snapshot is still in the bucket (default 10 minutes).
+void testing_snapshot_check_interval(std::chrono::milliseconds every);
 
 struct ReplicatorMetrics;  // replicator/metrics.h
 struct LocalState;
@@ -423,6 +426,9 @@ private:
     std::vector<std::string> lineage_;
     uint64_t wal_bytes_since_snapshot_ = 0;
     std::chrono::steady_clock::time_point last_snapshot_time_;
+    // When the generation's snapshot was last seen in the bucket (written,
+    // or found by a HEAD before a segment upload: snapshot_still_there()).
+    std::chrono::steady_clock::time_point snapshot_seen_;
     std::chrono::steady_clock::time_point first_pending_time_;
     std::chrono::steady_clock::time_point retry_after_;
     int consecutive_failures_ = 0;

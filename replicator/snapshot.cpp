@@ -290,6 +290,7 @@ Status Replicator::take_snapshot(Lock& lock) {
     parent_seq_ = 0;
     wal_bytes_since_snapshot_ = 0;
     last_snapshot_time_ = Clock::now();
+    snapshot_seen_ = last_snapshot_time_;
     unshipped_bytes_.store(0);
     {
         std::lock_guard slock(status_mu_);

@@ -104,17 +104,46 @@ void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
     durable_cv_.notify_all();
 }
 
+namespace {
+std::atomic<int64_t> g_snapshot_check_ms{10 * 60 * 1000};
+}
+
+void testing_snapshot_check_interval(std::chrono::milliseconds every) { g_snapshot_check_ms.store(every.count()); }
+
 Status Replicator::upload_inflight(Lock& lock) {
     InFlight& f = *inflight_;
     s3::PutOptions o;
     o.if_none_match = true;  // a segment is written once; a second writer must not overwrite it
     o.content_type = "application/vnd.bottomless.segment";
     std::string key = segment_key(config_.db_id, generation_, f.header.seq);
+    // Segments of a generation whose snapshot is gone restore nothing: a
+    // `bottomless-cli rm` of the generation being written (--force) would
+    // otherwise leave every later commit unrestorable without a word. Looked
+    // at once per interval (one HEAD per 10 minutes of uploads).
+    const auto every = std::chrono::milliseconds(g_snapshot_check_ms.load());
+    const bool check = Clock::now() - snapshot_seen_ >= every;
+    const std::string snap = check ? snapshot_key(config_.db_id, generation_) : std::string();
     // inflight_ changes only under net_mu_ (held by our caller), so it stays
     // put while upload_mu_ is released for the request.
     lock.unlock();
-    auto r = client_->put_object(config_.bucket, key, f.bytes, o);
+    Result<s3::ObjectInfo> seen = s3::ObjectInfo{};
+    if (check) seen = client_->head_object(config_.bucket, snap);
+    auto r = seen || seen.error().kind != ErrorKind::NotFound ? client_->put_object(config_.bucket, key, f.bytes, o)
+                                                               : Result<s3::PutResult>(seen.error());
     lock.lock();
+    if (check && seen) snapshot_seen_ = Clock::now();
+    if (check && !seen && seen.error().kind == ErrorKind::NotFound) {
+        record_error(make_error(ErrorKind::NotFound,
+                                snap + " is gone (the generation was removed, e.g. with bottomless-cli rm); its "
+                                       "segments could not be restored: starting a new generation",
+                                "GenerationRemoved"));
+        inflight_.reset();
+        segment_bytes_ = 0;
+        pending_.clear();
+        pending_bytes_ = 0;
+        request_snapshot("the generation's snapshot was removed from the bucket");
+        return seen.error();
+    }
     if (!r) {
         if (r.error().kind == ErrorKind::Precondition) {
             // Someone else's segment sits at our key: this history forked.

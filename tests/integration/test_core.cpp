@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "replicator/format.h"
+#include "replicator/replicator.h"
 #include "replicator/restore.h"
 #include "support/fault_proxy.h"
 #include "support/s3_env.h"
@@ -741,4 +742,38 @@ TEST_CASE("a crash after a RESTART checkpoint with unshipped frames loses nothin
     const std::string local = content_hash(db.get());
     db.reset();
     CHECK(s.restored_hash("rc.db") == local);
+}
+
+// A `bottomless-cli rm` of the generation being written (--force) removes
+// its snapshot: segments uploaded into it afterwards could never be
+// restored. The writer looks for its snapshot before a segment upload (once
+// per interval; every time here) and starts a new generation instead.
+TEST_CASE("a writer whose generation's snapshot was removed starts a new generation", "[core]") {
+    register_bottomless();
+    Setup s;
+    replicator::testing_snapshot_check_interval(std::chrono::milliseconds(0));
+    struct Restore {
+        ~Restore() { replicator::testing_snapshot_check_interval(std::chrono::minutes(10)); }
+    } restore_interval;
+    Db db = open_db(s.uri("gone.db", "&batch_interval_ms=50"));
+    exec(db.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v)");
+    for (int i = 0; i < 20; ++i) exec(db.get(), "INSERT INTO t(v) VALUES (" + std::to_string(i) + ")");
+    query_text(db.get(), "SELECT bottomless_flush(30000)");
+    const std::string gen = status(db.get())["generation"];
+    REQUIRE(s.client->delete_object(s.bucket.name(), replicator::snapshot_key("gone.db", gen)).ok());
+
+    for (int i = 0; i < 20; ++i) exec(db.get(), "INSERT INTO t(v) VALUES ('after " + std::to_string(i) + "')");
+    query_text(db.get(), "SELECT bottomless_flush(30000)");
+    // The flush may end with the segment refused; the new generation follows.
+    const auto until = Clock::now() + std::chrono::seconds(30);
+    while (status(db.get())["generation"] == gen && Clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        query_text(db.get(), "SELECT bottomless_flush(30000)");
+    }
+    auto st = status(db.get());
+    CHECK(st["generation"] != gen);
+    CHECK(st["pending_transactions"] == 0);
+    const std::string local = content_hash(db.get());
+    db.reset();
+    CHECK(s.restored_hash("gone.db") == local);
 }
