@@ -321,7 +321,11 @@ private:
     static uint64_t held_limit(const ReplicatorConfig& c);
     uint64_t memory_bytes() const { return tee_.bytes() + pending_bytes_.load() + segment_bytes_.load(); }
     void note_memory() noexcept;  // raises memory_peak_ (and trim_peak_) to memory_bytes()
-    void maybe_release_memory() noexcept;  // release_free_memory() once trim_peak_ is a segment above what is held
+    void maybe_release_memory() noexcept;
+    // The generation cannot go on (forked, or removed from the bucket):
+    // records `why`, drops what was to ship into it, asks for a snapshot.
+    // Under upload_mu_.
+    void abandon_generation(const Error& why, const char* snapshot_reason);  // release_free_memory() once trim_peak_ is a segment above what is held
 
     const std::string path_, wal_path_, state_path_;
     const ReplicatorConfig config_;

@@ -110,6 +110,18 @@ std::atomic<int64_t> g_snapshot_check_ms{10 * 60 * 1000};
 
 void testing_snapshot_check_interval(std::chrono::milliseconds every) { g_snapshot_check_ms.store(every.count()); }
 
+void Replicator::abandon_generation(const Error& why, const char* snapshot_reason) {
+    // Nothing more goes into this generation: the segment under way and the
+    // pending transactions are dropped, their frames are in the next
+    // snapshot (the database file and its WAL hold every commit).
+    record_error(why);
+    inflight_.reset();
+    segment_bytes_ = 0;
+    pending_.clear();
+    pending_bytes_ = 0;
+    request_snapshot(snapshot_reason);
+}
+
 Status Replicator::upload_inflight(Lock& lock) {
     InFlight& f = *inflight_;
     s3::PutOptions o;
@@ -133,29 +145,21 @@ Status Replicator::upload_inflight(Lock& lock) {
     lock.lock();
     if (check && seen) snapshot_seen_ = Clock::now();
     if (check && !seen && seen.error().kind == ErrorKind::NotFound) {
-        record_error(make_error(ErrorKind::NotFound,
-                                snap + " is gone (the generation was removed, e.g. with bottomless-cli rm); its "
-                                       "segments could not be restored: starting a new generation",
-                                "GenerationRemoved"));
-        inflight_.reset();
-        segment_bytes_ = 0;
-        pending_.clear();
-        pending_bytes_ = 0;
-        request_snapshot("the generation's snapshot was removed from the bucket");
+        abandon_generation(make_error(ErrorKind::NotFound,
+                                      snap + " is gone (the generation was removed, e.g. with bottomless-cli rm); "
+                                             "its segments could not be restored: starting a new generation",
+                                      "GenerationRemoved"),
+                           "the generation's snapshot was removed from the bucket");
         return seen.error();
     }
     if (!r) {
         if (r.error().kind == ErrorKind::Precondition) {
             // Someone else's segment sits at our key: this history forked.
-            record_error(make_error(ErrorKind::Precondition,
-                                    key + " already exists with other content (another writer on this generation?); "
-                                          "starting a new generation",
-                                    "Fork"));
-            inflight_.reset();
-            segment_bytes_ = 0;
-            pending_.clear();
-            pending_bytes_ = 0;
-            request_snapshot("segment key taken by another writer");
+            abandon_generation(make_error(ErrorKind::Precondition,
+                                          key + " already exists with other content (another writer on this "
+                                                "generation?); starting a new generation",
+                                          "Fork"),
+                               "segment key taken by another writer");
             return r.error();
         }
         note_failure(r.error());
