@@ -79,10 +79,39 @@ bool fsync_dir_of(const std::string& path) {
 }
 
 std::string cache_dir() {
+    // XDG: a relative XDG_CACHE_HOME is invalid and ignored.
     const char* xdg = std::getenv("XDG_CACHE_HOME");
     const char* home = std::getenv("HOME");
-    std::string base = xdg && *xdg ? xdg : home && *home ? std::string(home) + "/.cache" : "/tmp";
+    std::string base = xdg && *xdg == '/' ? xdg : home && *home ? std::string(home) + "/.cache" : "/tmp";
     return base + "/bottomless";
+}
+
+// The database id names S3 keys and the time-travel copy's file: it must be
+// one path component (validate_db_id's alphabet: no '/', no NUL, not "." or
+// ".."). Checked again here, before any request or file, whoever built the
+// configuration (load_config() checks it too).
+Status check_replica_db_id(const std::string& db_id) {
+    if (auto st = validate_db_id(db_id); !st)
+        return make_error(ErrorKind::InvalidArgument,
+                          "a replica cannot use this database id: " + st.error().message +
+                              "; set database_id= (or LIBSQL_BOTTOMLESS_DATABASE_ID) to the id the writer uses",
+                          "BadDatabaseId");
+    return {};
+}
+
+// The file name of a time-travel copy under cache_dir(): the id (checked by
+// check_replica_db_id()), the time and a random tail, so two opens never
+// share a file.
+Result<std::string> time_travel_file_name(const std::string& db_id, int64_t at_us) {
+    if (auto st = check_replica_db_id(db_id); !st) return std::move(st).error();
+    std::random_device rd;
+    char rnd[9];
+    std::snprintf(rnd, sizeof rnd, "%08x", static_cast<unsigned>(rd()));
+    std::string name = db_id + "@" + std::to_string(at_us) + "-" + std::to_string(::getpid()) + "-" + rnd + ".db";
+    // Belt and braces: one component, nothing the directory could be left by.
+    if (name.find('/') != std::string::npos || name.find('\0') != std::string::npos)
+        return make_error(ErrorKind::InvalidArgument, "the time-travel copy's name is not a plain file name", "BadDatabaseId");
+    return name;
 }
 
 // The in-process registry: one Replica per replica file. Its mutex guards
@@ -275,6 +304,7 @@ Result<std::shared_ptr<Replica>> Replica::acquire(const std::string& path, const
     // Creates and starts a new Replica (S3 requests, a hydration): called
     // with no lock held. Exceptions become errors so the waiters of this
     // file always get an answer.
+    if (auto st = check_replica_db_id(cfg.db_id); !st) return std::move(st).error();
     auto create = [&]() -> Acquired {
         try {
             std::shared_ptr<Replica> r(new Replica(path, cfg, lower));
@@ -326,6 +356,9 @@ Result<std::shared_ptr<Replica>> Replica::acquire(const std::string& path, const
 }
 
 Status Replica::init_time_travel() {
+    // Before any request or file: the id names the copy (and S3 keys).
+    auto name = time_travel_file_name(cfg_.db_id, *cfg_.replica_at_us);
+    if (!name) return std::move(name).error();
     auto cipher = open_cipher(*client_, cfg_.bucket, cfg_.db_id, cfg_.encryption, /*create=*/false);
     if (!cipher) return std::move(cipher).error();
     cipher_ = *cipher;
@@ -334,12 +367,7 @@ Status Replica::init_time_travel() {
     std::filesystem::create_directories(dir, ec);  // the pages may be secrets: private
     if (ec) return make_error(ErrorKind::Io, "cannot create the cache directory " + dir + ": " + ec.message(), "OpenFailed");
     (void)::chmod(dir.c_str(), 0700);
-    std::random_device rd;
-    char rnd[9];
-    std::snprintf(rnd, sizeof rnd, "%08x", static_cast<unsigned>(rd()));
-    // The id, the time and a random tail: two opens never share a file.
-    path_ = dir + "/" + cfg_.db_id + "@" + std::to_string(*cfg_.replica_at_us) + "-" +
-                                      std::to_string(::getpid()) + "-" + rnd + ".db";
+    path_ = dir + "/" + *name;
     owns_copy_ = true;  // from here the destructor removes the copy (also a partial one)
     RestoreOptions o;
     o.until_us = cfg_.replica_at_us;

@@ -15,6 +15,8 @@
 //     or roll back, never read a torn state; the next follower recovers
 //   - a follower in another process (the sqlite3 shell with the extension)
 //     while this process reads; a reader here takes over when it exits
+//   - a database id that is no single path component is refused (at= names
+//     its cache copy after it)
 #include <catch2/catch.hpp>
 
 #include <signal.h>
@@ -30,6 +32,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "replicator/config.h"
+#include "replicator/replica.h"
 #include "replicator/util.h"
 #include "support/fault_proxy.h"
 #include "support/s3_env.h"
@@ -784,4 +788,43 @@ TEST_CASE("replica: a proven encrypted replica opens while S3 is down and follow
     json st = status(r.get());
     INFO(st.dump());
     CHECK(st["hydrations"] == 0);
+}
+
+TEST_CASE("replica: a database id that is not one path component is refused before any request or file",
+          "[vfs][integration][replica]") {
+    // load_config() refuses such ids from a URI or the environment; the
+    // replica checks again whoever built its configuration: at= names its
+    // cache copy after the id, which must never leave the cache directory.
+    Fixture f;
+    TempDir top;
+    const std::string cache = top.file("c/d");
+    fs::create_directories(cache);
+    const char* old_cache = std::getenv("XDG_CACHE_HOME");
+    const std::string saved = old_cache ? old_cache : "";
+    ::setenv("XDG_CACHE_HOME", cache.c_str(), 1);
+    FaultProxy proxy("127.0.0.1", server_port());
+    replicator::ReplicatorConfig cfg;
+    cfg.s3 = server_config();
+    cfg.s3.endpoint = proxy.url();
+    cfg.bucket = f.bucket.name();
+    cfg.replica = true;
+    for (const std::string& id : {std::string("../../escape"), std::string("a/b"), std::string("x\0y", 3),
+                                  std::string(".."), std::string("/abs"), std::string()}) {
+        for (bool at : {true, false}) {
+            INFO("id '" << id << "' at=" << at);
+            cfg.db_id = id;
+            cfg.replica_at_us = at ? std::optional<int64_t>(replicator::now_us()) : std::nullopt;
+            auto r = replicator::Replica::acquire(f.dir.file("r/bad.db"), cfg, sqlite3_vfs_find(nullptr));
+            REQUIRE_FALSE(r);
+            CHECK(r.error().code == "BadDatabaseId");
+            CHECK(r.error().message.find("database_id=") != std::string::npos);  // says what to do
+        }
+    }
+    CHECK(proxy.requests_seen() == 0);
+    size_t files = 0;
+    for (const auto& e : fs::recursive_directory_iterator(top.path())) files += e.is_regular_file();
+    CHECK(files == 0);
+    CHECK_FALSE(fs::exists(f.dir.file("r/bad.db")));
+    if (old_cache) ::setenv("XDG_CACHE_HOME", saved.c_str(), 1);
+    else ::unsetenv("XDG_CACHE_HOME");
 }
