@@ -277,6 +277,11 @@ Replica::Replica(std::string path, ReplicatorConfig cfg, sqlite3_vfs* lower)
     : path_(std::move(path)), cfg_(std::move(cfg)), lower_(lower) {}
 
 Replica::~Replica() {
+    // The follower may be in a hydration: cancel it (downloads stop at their
+    // next bytes; the image is removed, the file left as its state proves
+    // it), so the join below waits at most for one request's deadline, a
+    // local in-place write under way, or one apply.
+    closing_.store(true);
     {
         std::lock_guard lock(mu_);
         stop_ = true;
@@ -497,7 +502,7 @@ Status Replica::save_state(const ReplicaState& s0, bool durable) {
 
 void Replica::set_error(const std::string& e) {
     std::lock_guard lock(mu_);
-    if (e != last_error_) log::warn("replica " + path_ + ": " + e);
+    if (e != last_error_ && !closing_.load()) log::warn("replica " + path_ + ": " + e);  // a cancel at close is no news
     last_error_ = e;
 }
 
@@ -693,6 +698,7 @@ Status Replica::hydrate(const std::string& why, const std::string& generation) {
     RestoreOptions o;
     o.cipher = cipher_;
     o.generation = generation;
+    o.cancel = &closing_;  // the last connection closing stops the download
     const std::string tmp = path_ + ".replica-new";
     auto res = restore_database(*client_, cfg_.bucket, cfg_.db_id, tmp, o);
     ::unlink((tmp + "-bottomless").c_str());
@@ -962,7 +968,8 @@ bool Replica::step() {
             follow_error_.clear();
             stalled_ = false;
         } else {
-            if (c.error().message != follow_error_) log::warn("replica " + path_ + ": " + c.error().message);
+            if (c.error().message != follow_error_ && !closing_.load())
+                log::warn("replica " + path_ + ": " + c.error().message);
             follow_error_ = c.error().message;
             stalled_ = stalled_code(c.error().code);
         }

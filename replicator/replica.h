@@ -143,6 +143,10 @@ private:
     std::shared_ptr<const Cipher> cipher_;
     std::optional<LeaderLock> lock_;  // follower thread only after start()
     std::unique_ptr<File> file_;      // follower thread only after start()
+    // Set first thing by the destructor (the last connection closing): a
+    // hydration under way stops its downloads at their next bytes
+    // (RestoreOptions::cancel) instead of holding the close until it ends.
+    std::atomic<bool> closing_{false};
 
     mutable std::mutex mu_;           // guards everything below
     std::condition_variable cv_;      // stop_

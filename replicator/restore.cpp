@@ -182,7 +182,7 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
     const int workers = std::max(1, options.parallel);
     // Two parts beyond one per worker: a worker that finishes while the
     // decoder is busy starts the next GET instead of idling.
-    OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2);
+    OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2, options.cancel);
     // The pages also go through an O_DIRECT descriptor of the same file
     // (PageWriter): when no check reads the file back right after, nothing
     // needs them in the page cache. Pages smaller than the alignment would

@@ -17,6 +17,7 @@
 // older restored copy up to date with the segments after its position.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -75,6 +76,12 @@ struct RestoreOptions {
     // Write the pages with O_DIRECT where the file system takes it (no
     // --integrity-check only: a check reads the file right back).
     bool direct_writes = true;
+    // Set (by another thread) to abandon the restore: a read replica closing
+    // while it hydrates. Downloads stop at their next bytes, the restore
+    // fails with Cancelled "RestoreCancelled" and leaves nothing at the
+    // destination. Requests outside the downloads (the listing, header
+    // reads) end by their own deadline. Null: never. Outlives the call.
+    const std::atomic<bool>* cancel = nullptr;
 };
 
 struct RestoreResult {

@@ -448,7 +448,8 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             jobs.push_back({std::move(key), std::nullopt, max_segment_object_size()});
         }
         const int workers = std::max(1, options.parallel);
-        OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2);
+        OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2,
+                               options.cancel);
         PageWriter writer(tmp.fd);
         std::optional<WalJournal> wal;
         SegmentPlan plan;

@@ -53,9 +53,10 @@ namespace {
 // is abandoned.
 class BufferSink final : public s3::http::BodySink {
 public:
-    BufferSink(std::string& out, const std::atomic<bool>& stop) : out_(out), stop_(stop) {}
+    BufferSink(std::string& out, const std::atomic<bool>& stop, const std::atomic<bool>* cancel)
+        : out_(out), stop_(stop), cancel_(cancel) {}
     bool write(const char* data, size_t n) override {
-        if (stop_.load(std::memory_order_relaxed)) return false;
+        if (stop_.load(std::memory_order_relaxed) || (cancel_ && cancel_->load(std::memory_order_relaxed))) return false;
         out_.append(data, n);
         return true;
     }
@@ -67,12 +68,15 @@ public:
 private:
     std::string& out_;
     const std::atomic<bool>& stop_;
+    const std::atomic<bool>* cancel_;
 };
 
 }  // namespace
 
-OrderedFetcher::OrderedFetcher(s3::Client& client, std::string bucket, std::vector<FetchJob> jobs, int workers, size_t window)
-    : client_(client), bucket_(std::move(bucket)), jobs_(std::move(jobs)), window_(std::max<size_t>(1, window)) {
+OrderedFetcher::OrderedFetcher(s3::Client& client, std::string bucket, std::vector<FetchJob> jobs, int workers, size_t window,
+                               const std::atomic<bool>* cancel)
+    : client_(client), bucket_(std::move(bucket)), jobs_(std::move(jobs)), window_(std::max<size_t>(1, window)),
+      cancel_(cancel) {
     const size_t n = std::min<size_t>(static_cast<size_t>(std::max(1, workers)), jobs_.size());
     for (size_t i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
 }
@@ -80,7 +84,18 @@ OrderedFetcher::OrderedFetcher(s3::Client& client, std::string bucket, std::vect
 Result<std::string> OrderedFetcher::take(size_t i) {
     const auto t0 = Clock::now();
     std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return done_.count(i) > 0; });
+    if (!cancel_) {
+        cv_.wait(lock, [&] { return done_.count(i) > 0; });
+    } else {
+        // Nobody notifies a cancel: look at it every few milliseconds.
+        while (!cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return done_.count(i) > 0 || cancel_->load(); })) {
+        }
+        // A transfer the cancel stopped failed as a local write: say why.
+        if (cancel_->load()) {
+            wait_s_ += seconds_since(t0);
+            return make_error(ErrorKind::Cancelled, "the restore was cancelled", "RestoreCancelled");
+        }
+    }
     Result<std::string> r = std::move(done_.at(i));
     done_.erase(i);
     taken_ = i + 1;
@@ -110,7 +125,7 @@ void OrderedFetcher::run() {
         {
             std::unique_lock lock(mu_);
             cv_.wait(lock, [&] { return stop_.load() || next_ >= jobs_.size() || next_ < taken_ + window_; });
-            if (stop_.load() || next_ >= jobs_.size()) return;
+            if (stop_.load() || next_ >= jobs_.size() || (cancel_ && cancel_->load())) return;
             i = next_++;
             if (!spare_.empty()) {
                 body = std::move(spare_.back());
@@ -119,7 +134,7 @@ void OrderedFetcher::run() {
         }
         const FetchJob& job = jobs_[i];
         if (job.range && job.range->length) body.reserve(*job.range->length);
-        BufferSink sink(body, stop_);
+        BufferSink sink(body, stop_, cancel_);
         const auto t0 = Clock::now();
         auto got = client_.get_object_to_sink(bucket_, job.key, sink, job.range, job.max_bytes);
         Result<std::string> r = got ? Result<std::string>(std::move(body)) : Result<std::string>(std::move(got).error());

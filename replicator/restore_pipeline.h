@@ -75,7 +75,10 @@ struct FetchJob {
 
 class OrderedFetcher {
 public:
-    OrderedFetcher(s3::Client& client, std::string bucket, std::vector<FetchJob> jobs, int workers, size_t window);
+    // `cancel` (optional, RestoreOptions::cancel): once set, transfers stop
+    // at their next bytes and take() answers Cancelled.
+    OrderedFetcher(s3::Client& client, std::string bucket, std::vector<FetchJob> jobs, int workers, size_t window,
+                   const std::atomic<bool>* cancel = nullptr);
     ~OrderedFetcher() { stop(); }
     OrderedFetcher(const OrderedFetcher&) = delete;
     OrderedFetcher& operator=(const OrderedFetcher&) = delete;
@@ -103,6 +106,7 @@ private:
     const std::vector<FetchJob> jobs_;
     const size_t window_;
     std::atomic<bool> stop_{false};
+    const std::atomic<bool>* const cancel_;  // the caller's, may be null
     std::mutex mu_;               // guards everything below but threads_
     std::condition_variable cv_;  // a job finished or was taken, or stop
     size_t next_ = 0;             // the next job to start

@@ -17,6 +17,8 @@
 //     while this process reads; a reader here takes over when it exits
 //   - a database id that is no single path component is refused (at= names
 //     its cache copy after it)
+//   - closing the last connection while the follower hydrates cancels the
+//     download promptly and leaves the file as its state proves it
 #include <catch2/catch.hpp>
 
 #include <signal.h>
@@ -827,4 +829,55 @@ TEST_CASE("replica: a database id that is not one path component is refused befo
     CHECK_FALSE(fs::exists(f.dir.file("r/bad.db")));
     if (old_cache) ::setenv("XDG_CACHE_HOME", saved.c_str(), 1);
     else ::unsetenv("XDG_CACHE_HOME");
+}
+
+TEST_CASE("replica: closing the last connection while the follower hydrates cancels it promptly and cleanly",
+          "[vfs][integration][replica]") {
+    Fixture f;
+    // ~400 KB of pages: at 2 KB per 20 ms through the proxy the new
+    // generation's snapshot takes seconds to arrive (about 4 s).
+    exec(f.writer.get(), "WITH RECURSIVE s(k) AS (SELECT 100 UNION ALL SELECT k+1 FROM s WHERE k<299) "
+                         "INSERT INTO log SELECT k, randomblob(2000) FROM s");
+    f.commit(1);
+    f.flush();
+    FaultProxy proxy("127.0.0.1", server_port());
+    Db r = open_db(f.replica_uri(f.replica_path, "&endpoint=" + proxy.url()));
+    wait_for_value(r.get(), "SELECT n FROM c", 1);
+    // A new generation: the follower finds it at a listing (after 5 s
+    // without a new segment) and hydrates it, its snapshot trickling in.
+    proxy.set_trickle(2048, 20);
+    proxy.set_filter("GET", "snapshot");
+    proxy.inject_always(Fault::Trickle);
+    (void)query_text(f.writer.get(), "SELECT bottomless_snapshot()");
+    f.commit(2);
+    f.flush();
+    const auto t0 = std::chrono::steady_clock::now();
+    while (proxy.bytes_sent_by_faults() < 64 * 1024 && std::chrono::steady_clock::now() - t0 < 30s)
+        std::this_thread::sleep_for(20ms);
+    REQUIRE(proxy.bytes_sent_by_faults() >= 64 * 1024);  // the whole snapshot's GET is under way
+    const long long sent = proxy.bytes_sent_by_faults();
+    const auto tc = std::chrono::steady_clock::now();
+    r.reset();  // the last connection: the follower stops
+    const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - tc);
+    INFO("close took " << took.count() << " ms with " << sent << " snapshot bytes trickled");
+    // Without the cancel the close waited for the GET's deadline (5 s here)
+    // or the whole download.
+    CHECK(took < 1500ms);
+    std::this_thread::sleep_for(100ms);
+    CHECK(proxy.bytes_sent_by_faults() < 400 * 1024);  // the transfer stopped, it did not run on
+    // Nothing half-written is left as if it were valid: no image, no
+    // journal, and the file is still the state its state file proves.
+    for (const auto& e : fs::directory_iterator(f.dir.file("r")))
+        CHECK(e.path().filename().string().find("replica-new") == std::string::npos);
+    CHECK_FALSE(fs::exists(f.replica_path + "-journal"));
+    proxy.clear();
+    r = open_db(f.replica_uri(f.replica_path));
+    json st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["hydrations"] == 0);  // proven: opened from its file
+    CHECK(query_int(r.get(), "SELECT n FROM c") == 1);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+    // And it follows on to the new generation.
+    wait_for_value(r.get(), "SELECT n FROM c", 2, 30s);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
 }
