@@ -51,6 +51,20 @@ std::chrono::milliseconds list_after(std::chrono::milliseconds poll) {
 std::chrono::milliseconds list_at_most(std::chrono::milliseconds poll) {
     return std::max<std::chrono::milliseconds>(poll * 30, std::chrono::seconds(30));
 }
+// A step that failed (S3 refused or unreachable, an apply or a hydration
+// that failed) is tried again after a back-off, not at the next poll: the
+// n-th failure in a row waits kRetryFirst x 2^(n-1), at least a poll, at
+// most max(kRetryMost, poll); a step that works resets it. So a refusal the
+// client does not retry (403) costs ~10 requests a minute, not one a poll,
+// and a hydration that keeps failing is not a download per poll.
+constexpr std::chrono::milliseconds kRetryFirst{100};
+constexpr std::chrono::milliseconds kRetryMost{5000};
+std::chrono::milliseconds retry_backoff(uint64_t failures, std::chrono::milliseconds poll) {
+    const auto most = std::max(kRetryMost, poll);
+    auto wait = kRetryFirst;
+    for (uint64_t i = 1; i < failures && wait < most; ++i) wait *= 2;
+    return std::clamp(wait, std::min(poll, most), most);
+}
 
 void put_be32(unsigned char* p, uint32_t v) {
     p[0] = static_cast<unsigned char>(v >> 24);
@@ -850,17 +864,25 @@ void Replica::run() {
     std::unique_lock lock(mu_);
     while (!stop_) {
         lock.unlock();
-        bool progressed = false;
+        Step r = Step::Failed;
         // Nothing may escape the thread (std::terminate would end the host).
         try {
-            progressed = step();
+            r = step();
         } catch (const std::exception& e) {
             set_error(std::string("follower step failed: ") + e.what());
         } catch (...) {
             set_error("follower step failed: unknown exception");
         }
         lock.lock();
-        if (!progressed) cv_.wait_for(lock, cfg_.replica_poll, [&] { return stop_; });
+        if (r == Step::Failed) {
+            ++consecutive_failures_;
+            retry_backoff_ = retry_backoff(consecutive_failures_, cfg_.replica_poll);
+        } else {
+            consecutive_failures_ = 0;
+            retry_backoff_ = std::chrono::milliseconds(0);
+        }
+        if (r != Step::Progress)
+            cv_.wait_for(lock, r == Step::Failed ? retry_backoff_ : cfg_.replica_poll, [&] { return stop_; });
     }
 }
 
@@ -893,7 +915,7 @@ bool Replica::try_lead() {
     return true;
 }
 
-bool Replica::step() {
+Replica::Step Replica::step() {
     bool leader, broken;
     ReplicaState s;
     {
@@ -903,18 +925,21 @@ bool Replica::step() {
         broken = broken_;
         s = state_;
     }
-    if (!leader) return try_lead();
+    if (!leader) return try_lead() ? Step::Progress : Step::Idle;
     if (!cipher_ && !cfg_.encryption.empty()) {  // S3 was unreachable at the open
         auto c = open_cipher(*client_, cfg_.bucket, cfg_.db_id, cfg_.encryption, /*create=*/false);
         if (!c) {
             set_error(c.error().message);
-            return false;
+            return Step::Failed;
         }
         cipher_ = *c;
     }
     if (s.applying) {  // an earlier apply failed half-way: the file is not trusted
-        if (auto h = hydrate("an apply failed half-way"); !h) set_error(h.error().message);
-        return false;
+        if (auto h = hydrate("an apply failed half-way"); !h) {
+            set_error(h.error().message);
+            return Step::Failed;
+        }
+        return Step::Progress;
     }
     if (!broken) {
         const uint64_t seq = s.seq + 1;
@@ -924,18 +949,18 @@ bool Replica::step() {
         if (body) {
             if (auto a = apply_segment(seq, key, *body); !a) {
                 set_error(a.error().message);
-                return false;
+                return Step::Failed;
             }
             std::lock_guard lock(mu_);
             last_error_.clear();
             follow_error_.clear();
             stalled_ = false;
             miss_since_ = {};
-            return true;
+            return Step::Progress;
         }
         if (body.error().kind != ErrorKind::NotFound) {
             set_error("polling " + key + ": " + body.error().message);
-            return false;
+            return Step::Failed;
         }
     }
     bool list = false;
@@ -974,7 +999,7 @@ bool Replica::step() {
             stalled_ = stalled_code(c.error().code);
         }
     }
-    return false;
+    return Step::Idle;  // a failed listing keeps its own schedule (list_gap_)
 }
 
 Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::string& body) {
@@ -1237,6 +1262,9 @@ std::string Replica::status_json() const {
         j["listings"] = listings_;  // generation listings (after a streak without a new segment)
         j["lock_waits"] = lock_waits_;
         j["chain_broken"] = broken_;
+        // Failed steps in a row and the wait before the next try (0: healthy).
+        j["consecutive_failures"] = consecutive_failures_;
+        j["retry_backoff_ms"] = retry_backoff_.count();
         // The last listing found that the replica cannot go on from where it
         // is (its generation removed, a segment missing); last_error says why.
         j["stalled"] = stalled_;

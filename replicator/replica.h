@@ -105,7 +105,10 @@ private:
     Status start();             // the first open: prove or hydrate, then follow
     Status init_time_travel();  // at=: restore the point in time into the cache
     void run();                 // the follower thread
-    bool step();                // one poll; true if it made progress (poll again at once)
+    // One poll: Progress (poll again at once), Idle (nothing new: wait a
+    // poll), Failed (an error, in last_error: wait the back-off).
+    enum class Step { Progress, Idle, Failed };
+    Step step();
     bool try_lead();
     Status hydrate(const std::string& why, const std::string& generation = "");
     Status hydrated(const ReplicaState& s, const std::string& why);
@@ -168,6 +171,10 @@ private:
     int64_t last_apply_us_ = 0;       // wall clock of the last apply
     int64_t applied_lag_us_ = 0;      // at the last apply: its time minus the writer's commit time
     int64_t caught_up_us_ = 0;        // wall clock of the last poll that found nothing newer
+    // Failed steps in a row, and the wait after the last one (0: none);
+    // retry_backoff() in replica.cpp.
+    uint64_t consecutive_failures_ = 0;
+    std::chrono::milliseconds retry_backoff_{0};
     std::thread thread_;              // last: started once the members above exist
 };
 

@@ -19,6 +19,8 @@
 //     its cache copy after it)
 //   - closing the last connection while the follower hydrates cancels the
 //     download promptly and leaves the file as its state proves it
+//   - failing polls (403 through the fault proxy) back off 100 ms doubling
+//     to 5 s, shown in status, reset once S3 answers
 #include <catch2/catch.hpp>
 
 #include <signal.h>
@@ -879,5 +881,45 @@ TEST_CASE("replica: closing the last connection while the follower hydrates canc
     CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
     // And it follows on to the new generation.
     wait_for_value(r.get(), "SELECT n FROM c", 2, 30s);
+    CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
+}
+
+TEST_CASE("replica: failing polls back off exponentially and the back-off resets once S3 answers",
+          "[vfs][integration][replica]") {
+    Fixture f;
+    f.commit(1);
+    f.flush();
+    FaultProxy proxy("127.0.0.1", server_port());
+    Db r = open_db(f.replica_uri(f.replica_path, "&endpoint=" + proxy.url()));
+    wait_for_value(r.get(), "SELECT n FROM c", 1);
+    // Every GET of a segment refused at once (the client does not retry a
+    // 403): each failed poll costs one request, so only the follower's
+    // back-off keeps a 50 ms replica from asking 20 times a second.
+    proxy.set_filter("GET", "seg-");
+    proxy.inject_always(Fault::Status403AccessDenied);
+    const int before = proxy.faults_injected();
+    std::this_thread::sleep_for(3100ms);
+    const int refused = proxy.faults_injected() - before;
+    json st = status(r.get());
+    INFO(st.dump() << "\n" << refused << " refused GETs in 3.1 s");
+    // 100, 200, 400, 800, 1600 ms apart: about 6 in 3.1 s (~60 without).
+    CHECK(refused >= 3);
+    CHECK(refused <= 9);
+    CHECK(st["consecutive_failures"].get<uint64_t>() >= 4);
+    CHECK(st["retry_backoff_ms"].get<int64_t>() >= 800);
+    CHECK(st["retry_backoff_ms"].get<int64_t>() <= 5000);
+    REQUIRE(st["last_error"].is_string());
+    CHECK(st["last_error"].get<std::string>().find("denied") != std::string::npos);
+    // Bounded: 5 s at most between tries however long it lasts (checked by
+    // the status; the wait itself is the next poll).
+    proxy.clear();
+    f.commit(2);
+    f.flush();
+    wait_for_value(r.get(), "SELECT n FROM c", 2, 10s);
+    st = status(r.get());
+    INFO(st.dump());
+    CHECK(st["consecutive_failures"] == 0);
+    CHECK(st["retry_backoff_ms"] == 0);
+    CHECK(st["last_error"].is_null());
     CHECK(query_text(r.get(), "PRAGMA integrity_check") == "ok");
 }

@@ -467,12 +467,15 @@ private:
 };
 
 std::string error_response(Fault fault, std::string_view method) {
-    const bool slow = fault == Fault::Status503SlowDown;
+    const bool slow = fault == Fault::Status503SlowDown, denied = fault == Fault::Status403AccessDenied;
     const std::string body = std::string(R"(<?xml version="1.0" encoding="UTF-8"?>)") + "<Error><Code>" +
-                             (slow ? "SlowDown" : "InternalError") + "</Code><Message>" +
-                             (slow ? "Please reduce your request rate." : "We encountered an internal error. Please try again.") +
+                             (slow ? "SlowDown" : denied ? "AccessDenied" : "InternalError") + "</Code><Message>" +
+                             (slow     ? "Please reduce your request rate."
+                              : denied ? "Access Denied"
+                                       : "We encountered an internal error. Please try again.") +
                              "</Message><RequestId>fault-proxy</RequestId></Error>";
-    std::string out = std::string("HTTP/1.1 ") + (slow ? "503 Slow Down" : "500 Internal Server Error") +
+    std::string out = std::string("HTTP/1.1 ") +
+                      (slow ? "503 Slow Down" : denied ? "403 Forbidden" : "500 Internal Server Error") +
                       "\r\nContent-Type: application/xml\r\nContent-Length: " + std::to_string(body.size()) +
                       "\r\nx-amz-request-id: fault-proxy\r\nConnection: keep-alive\r\n\r\n";
     // A HEAD response states the length but carries no body; sending one
@@ -683,6 +686,7 @@ struct FaultProxy::Impl {
             }
             case Fault::Status503SlowDown:
             case Fault::Status500:
+            case Fault::Status403AccessDenied:
                 if (!write_all(client.get(), error_response(d.fault, req->method), stopping_)) return;
                 break;
             case Fault::Stall: {

@@ -25,6 +25,8 @@ enum class Fault {
     ResetBeforeRequest,  // read the request, then close the client with RST; nothing forwarded
     Status503SlowDown,   // answer 503 SlowDown (S3 XML), keep the connection; nothing forwarded
     Status500,           // answer 500 InternalError (S3 XML), keep the connection; nothing forwarded
+    Status403AccessDenied,  // answer 403 AccessDenied (S3 XML), keep the connection; nothing forwarded:
+                            // a refusal the client does not retry (revoked credentials, a bucket policy)
     Stall,               // read the request, send nothing for stall_ms, then close; nothing forwarded
     TruncateBody,        // forward; send the headers and half the response body, then close
     DropResponse,        // forward and read the whole response (the server acted), then close silently
