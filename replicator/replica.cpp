@@ -198,6 +198,22 @@ std::optional<ReplicaState> parse_replica_state(std::string_view text) {
 }
 
 namespace {
+// Where a file restored by restore_database() stands. The caller sets the
+// change counter; save_state() records the file's size, mtime and inode.
+ReplicaState restored_state(const std::string& bucket, const std::string& db_id, const RestoreResult& r) {
+    ReplicaState s;
+    s.bucket = bucket;
+    s.db_id = db_id;
+    s.generation = r.generation;
+    s.seq = r.seq;
+    s.position = r.position;
+    s.last_sha256 = r.last_sha256;
+    s.page_size = r.page_size;
+    s.db_pages = r.db_pages;
+    s.last_commit_us = r.last_commit_us;
+    return s;
+}
+
 // The state file next to the replica file, if it is there and understood.
 std::optional<ReplicaState> load_replica_state(const std::string& db_path) {
     std::string text;
@@ -411,13 +427,7 @@ Status Replica::init_time_travel() {
     ::close(fd);
     if (!ok) return make_error(ErrorKind::Io, "cannot prepare " + path_ + ": " + errno_text(errno), "WriteFailed");
     std::lock_guard lock(mu_);
-    state_.bucket = cfg_.bucket;
-    state_.db_id = cfg_.db_id;
-    state_.generation = res->generation;
-    state_.seq = res->seq;
-    state_.page_size = res->page_size;
-    state_.db_pages = res->db_pages;
-    state_.last_commit_us = res->last_commit_us;
+    state_ = restored_state(cfg_.bucket, cfg_.db_id, *res);
     file_name_ = const_cast<char*>(
         sqlite3_create_filename(path_.c_str(), (path_ + "-journal").c_str(), (path_ + "-wal").c_str(), 0, nullptr));
     if (!file_name_) return make_error(ErrorKind::Io, "out of memory", "OpenFailed");
@@ -728,16 +738,7 @@ Status Replica::hydrate(const std::string& why, const std::string& generation) {
         const std::string& p;
         ~RemoveTmp() { ::unlink(p.c_str()); }
     } remove_tmp{tmp};
-    ReplicaState s;
-    s.bucket = cfg_.bucket;
-    s.db_id = cfg_.db_id;
-    s.generation = res->generation;
-    s.seq = res->seq;
-    s.position = res->position;
-    s.last_sha256 = res->last_sha256;
-    s.page_size = res->page_size;
-    s.db_pages = res->db_pages;
-    s.last_commit_us = res->last_commit_us;
+    ReplicaState s = restored_state(cfg_.bucket, cfg_.db_id, *res);
     {
         std::lock_guard lock(mu_);
         s.counter = state_.counter + 1;
