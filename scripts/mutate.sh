@@ -102,12 +102,12 @@ mut sync-refusal "4 sync: refused unless durable" replicator/capture.cpp \
     'if (!st || durable_index_.load() < idx) {' 'if (false) {' \
     'vfs_tests:sync mode: COMMIT is durable when it returns, refused when S3 cannot take it'
 # 5 self-validating objects: the SHA-256 trailer.
-mut trailer-segment "5 trailer (segments)" replicator/format.cpp \
+mut trailer-segment "5 trailer (segments)" replicator/format_segment.cpp \
     'if (std::memcmp(digest.data(), trailer.data(), kTrailerSize) != 0)' \
     'if (std::memcmp(digest.data(), trailer.data(), kTrailerSize) != 0 && false)' \
     'unit_tests:[format]'
-mut trailer-snapshot "5 trailer (snapshots)" replicator/format.cpp \
-    'if (r.tail.size() != kTrailerSize || digest != r.tail)' 'if (r.tail.size() != kTrailerSize || (digest != r.tail && false))' \
+mut trailer-snapshot "5 trailer (snapshots)" replicator/format_snapshot.cpp \
+    '(r.verify_trailer && r.hasher.finish() != r.tail)' '(r.verify_trailer && r.hasher.finish() != r.tail && false)' \
     'unit_tests:[format]'
 # 5 encryption: the wrong key, at open and at decode; the AEAD tag.
 mut key-at-open "5 wrong key refused at open" replicator/startup.cpp \
@@ -116,10 +116,10 @@ mut key-at-open "5 wrong key refused at open" replicator/startup.cpp \
 # (Not listed: removing restore.cpp's early check_cipher on the snapshot header
 # is equivalent: the snapshot reader's own check, key-at-decode-snapshot, gives
 # the same WrongEncryptionKey before any page is written.)
-mut key-at-decode-segment "5 wrong key refused at decode (segments)" replicator/format.cpp \
+mut key-at-decode-segment "5 wrong key refused at decode (segments)" replicator/format_segment.cpp \
     'if (Status st = check_cipher(header.encryption, cipher, name); !st) return std::move(st).error();' '' \
     'unit_tests:[encryption]'
-mut key-at-decode-snapshot "5 wrong key refused at decode (snapshots)" replicator/format.cpp \
+mut key-at-decode-snapshot "5 wrong key refused at decode (snapshots)" replicator/format_snapshot.cpp \
     'if (Status st = check_cipher(h->encryption, cipher, name); !st) return st;' '' \
     'unit_tests:[encryption]'
 mut aead-tag "5 encrypted chunks authenticated" replicator/encryption.cpp \
@@ -142,7 +142,7 @@ mut large-multipart "CI reaches the multipart snapshot upload" s3/config.h \
     'uint64_t part_size = 8ull << 20;' 'uint64_t part_size = 256ull << 20;' \
     'cli_tests:[large]'
 # Listings follow continuation tokens (DESIGN: known traps).
-mut list-continuation "listing pages" s3/client.cpp \
+mut list-continuation "listing pages" s3/client_listing.cpp \
     'if (!page->is_truncated) return {};' 'return {};' \
     'integration_tests:2500 keys listed across pages, with prefix and delimiter'
 
