@@ -59,6 +59,8 @@ bool Replicator::restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     // second restart would overwrite them with no record, and cost a new
     // generation.
     if (durable_salts_.load() != salts) return false;
+    // Other processes write too: their frames are not in the tee.
+    if (area_ && area_->followers()) return false;
     return !tee_.has_hole() && unshipped_bytes_.load() <= config_.max_pending_bytes;
 }
 
@@ -70,7 +72,44 @@ void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     // A restart we did not see, or a WAL that shrank: frames may have been
     // lost to a writer outside bottomless. Frames it appended in the same
     // epoch are fine: the next observation ships them.
-    if (!same_epoch || mx_frame < last_noted_frame_) foreign_writer_.store(true);
+    if ((!same_epoch && !cooperating_restart()) || (same_epoch && mx_frame < last_noted_frame_))
+        foreign_writer_.store(true);
+}
+
+bool Replicator::cooperating_restart() const {
+    const uint64_t last = (static_cast<uint64_t>(last_noted_salt1_) << 32) | last_noted_salt2_;
+    if (own_restart_salts_ == last) return true;  // this process restarted it
+    if (!area_) return false;
+    uint64_t salts = 0, frame = 0;
+    area_->ended(salts, frame);
+    // The follower ended the epoch we last saw, at a frame we had made
+    // durable (it restarts only then), or empty: nothing of it can be missing.
+    if (salts != last) return false;
+    if (frame == 0) return last_noted_frame_ == 0;
+    return durable_salts_.load() == last && durable_frame_.load() == frame;
+}
+
+void Replicator::note_wal_index(const WalIndexHeader& h) {
+    if (!enabled_) return;
+    {
+        std::lock_guard olock(obs_mu_);
+        const bool observed = last_noted_salt1_ != 0 || last_noted_salt2_ != 0;
+        const bool same_epoch = h.salt1 == last_noted_salt1_ && h.salt2 == last_noted_salt2_;
+        if (observed && ((!same_epoch && !cooperating_restart()) || (same_epoch && h.mx_frame < last_noted_frame_)))
+            foreign_writer_.store(true);
+    }
+    note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
+}
+
+void Replicator::poll_followers() {
+    if (!area_) return;
+    const uint64_t c = area_->commits();
+    if (c == area_commits_seen_.load()) return;
+    auto h = wal_index_now();
+    if (!h) return;  // not mapped yet (no connection of ours has read): next time
+    // The counter was read first: a commit after that moves it again.
+    area_commits_seen_.store(c);
+    note_wal_index(*h);
 }
 
 namespace {
@@ -98,7 +137,12 @@ bool Replicator::begin_restart() {
 }
 
 bool Replicator::begin_restart(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
-    return register_then_ask(restarts_active_, [&] { return restart_allowed(salt1, salt2, mx_frame); });
+    if (!register_then_ask(restarts_active_, [&] { return restart_allowed(salt1, salt2, mx_frame); })) return false;
+    // Ours: a look at the wal-index before this connection reports the new
+    // epoch (a poll, a flush) must not take it for a writer outside bottomless.
+    std::lock_guard olock(obs_mu_);
+    own_restart_salts_ = (static_cast<uint64_t>(salt1) << 32) | salt2;
+    return true;
 }
 
 void Replicator::note_shm(const volatile unsigned char* region0) {

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <map>
+#include <set>
 
 #include "replicator/metrics.h"
 #include "s3/log.h"
@@ -53,7 +54,80 @@ std::map<std::string, RegistryEntry>& registry() {
     return *m;
 }
 
+// How often the leader looks for other processes' commits (the shared
+// area's counter; shared_area.h): the lag they add before their batch.
+constexpr std::chrono::milliseconds kFollowerPoll{50};
+
+// The leaders of this process that share an area (Replicator::watch_step).
+// Its lock is a leaf apart from wake() (cv_mu_, the pool's), taken under it.
+struct Watch {
+    std::mutex mu;
+    std::set<Replicator*> leaders;
+    std::unique_ptr<PoolMember> member;
+    uint64_t steps = 0;
+};
+constexpr uint64_t kFollowerScanEvery = 20;  // steps: 1 s
+Watch& watch() {
+    static auto* w = new Watch();
+    return *w;
+}
+
 }  // namespace
+
+Clock::time_point Replicator::watch_step() noexcept {
+    Watch& w = watch();
+    std::lock_guard wlock(w.mu);
+    if (w.leaders.empty()) return Clock::time_point::max();
+    // Databases no other process has opened are looked at once a second
+    // only (a process may lead thousands): one load of their flag.
+    const bool all = ++w.steps % kFollowerScanEvery == 0;
+    for (Replicator* r : w.leaders) {
+        if (!r->has_followers_) {
+            if (!all || !r->area_->followers()) continue;
+            r->has_followers_ = true;
+        }
+        if (r->area_->commits() != r->area_commits_seen_.load(std::memory_order_relaxed)) r->wake();
+    }
+    return Clock::now() + kFollowerPoll;
+}
+
+void Replicator::open_shared_area() {
+    auto a = SharedArea::open(path_);
+    if (!a) {
+        // Other processes then open the database read-only (follower.h).
+        log::warn(path_ + ": " + a.error().message + "; other processes cannot write this database meanwhile");
+        return;
+    }
+    area_ = std::move(a).value();
+}
+
+void Replicator::publish_shared_area() {
+    if (!area_) return;
+    area_->publish_durable(durable_.salt1, durable_.salt2, durable_.frame);
+    area_->publish_mode(config_.sync);
+    area_->publish_leader(static_cast<long>(::getpid()));
+    Watch& w = watch();
+    std::lock_guard wlock(w.mu);
+    // A start that left the committed frames to the wal-index (continue_from)
+    // polls at once; otherwise the followers' next commit does.
+    area_commits_seen_.store(area_->commits() + (poll_at_start_ ? 1 : 0));
+    has_followers_ = area_->followers() != 0;
+    w.leaders.insert(this);
+    if (!w.member) w.member = UploaderPool::instance().join(config_.uploader_threads, [] { return watch_step(); });
+    w.member->schedule(Clock::now() + kFollowerPoll);
+}
+
+void Replicator::watch_leave() noexcept {
+    if (!area_ || !pool_member_) return;  // published only with the uploader
+    std::unique_ptr<PoolMember> gone;
+    {
+        Watch& w = watch();
+        std::lock_guard wlock(w.mu);
+        w.leaders.erase(this);
+        if (w.leaders.empty()) gone = std::move(w.member);
+    }
+    gone.reset();  // leave(): waits for a watch step running now (it takes w.mu: released above)
+}
 
 Replicator::Replicator(std::string path, ReplicatorConfig config)
     : path_(std::move(path)), wal_path_(path_ + "-wal"), state_path_(path_ + "-bottomless"),
@@ -82,7 +156,7 @@ std::shared_ptr<Replicator> Replicator::find(const std::string& path) {
 }
 
 Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path, const ReplicatorConfig& config,
-                                                       long* leader_elsewhere) {
+                                                       long* leader_elsewhere, bool takeover) {
     // Every open applies its environment's process-wide request cap, also
     // one that finds the database running.
     process_request_budget()->set_rate(config.process_max_requests_per_second);
@@ -136,7 +210,7 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
     // process replicating this database? Two replicating processes would
     // each ship to a generation of their own and the newest would lack the
     // other's commits (a fork, and a lost commit at restore).
-    auto election = LeaderLock::acquire(path, kStartupWait);
+    auto election = LeaderLock::acquire(path, takeover ? std::chrono::milliseconds(0) : kStartupWait);
     if (!election) return std::move(election).error();
     if (!election->leader()) {
         if (leader_elsewhere) *leader_elsewhere = election->leader_pid() > 0 ? election->leader_pid() : -1;
@@ -144,6 +218,8 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
     }
     std::shared_ptr<Replicator> r(new Replicator(path, config));
     r->leader_lock_.emplace(std::move(election).value());
+    r->takeover_ = takeover;
+    r->open_shared_area();  // read by the start-up (other processes may be writing); published once started
     if (auto st = r->startup(); !st) return std::move(st).error();
     r->leader_lock_->startup_done();
     r->registered_ = true;
@@ -152,6 +228,7 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
 }
 
 Replicator::~Replicator() {
+    watch_leave();  // no more wakes for followers' commits
     // The final flush runs without the registry's lock; an open of this
     // path meanwhile waits for the entry to go (below).
     if (pool_member_) {
@@ -162,6 +239,9 @@ Replicator::~Replicator() {
         ship_before_close();
     }
     if (enabled_) write_state_file(/*clean_close=*/true);
+    watch_leave();
+    // Followers take over once the pid is gone and the lock is free.
+    if (area_) area_->publish_leader(0);
     // Before the entry goes: the next replicator of this path (perhaps in
     // this process) must find the leadership free.
     leader_lock_.reset();
@@ -177,6 +257,9 @@ Replicator::~Replicator() {
 
 Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
     if (!enabled_) return make_error(ErrorKind::InvalidArgument, "replication is off for this database (skip)", "Disabled");
+    // Everything committed so far, by any process.
+    if (area_ && area_->followers())
+        if (auto h = wal_index_now()) note_wal_index(*h);
     const uint64_t target = noted_index_.load();
     {
         std::lock_guard cvlock(cv_mu_);

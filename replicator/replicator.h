@@ -22,6 +22,8 @@
 //     copy or a container operation, never with each other
 //   preserve_mu_ — held for the copy aside of an ended epoch's unshipped
 //     frames (file I/O), with no other lock
+//   the followers watch's lock (replicator.cpp) — taken alone, or with
+//     cv_mu_ and the pool's mutex under it (wake())
 //   the uploader pool's mutex (pool.h) — below every other: taken by
 //     schedule() (wake(), note_commit()) and by the pool's workers, never
 //     held while a step runs
@@ -47,6 +49,7 @@
 #include "replicator/format.h"
 #include "replicator/leader_lock.h"
 #include "replicator/pool.h"
+#include "replicator/shared_area.h"
 #include "replicator/tee.h"
 #include "replicator/wal.h"
 #include "s3/client.h"
@@ -81,8 +84,11 @@ public:
     // When another process leads, the result is null and *leader_elsewhere
     // is set to its pid (-1 when unknown): this process must not write the
     // database (the VFS opens it read-only), or the history would fork.
+    // `takeover`: a process whose connections already have the file open
+    // (a follower, follower.h) becomes the leader: it never waits for
+    // another process's start-up, and never restores over the open file.
     static Result<std::shared_ptr<Replicator>> acquire(const std::string& path, const ReplicatorConfig& config,
-                                                       long* leader_elsewhere = nullptr);
+                                                       long* leader_elsewhere = nullptr, bool takeover = false);
     // The running replicator of `path`, if any (for the WAL and journals).
     static std::shared_ptr<Replicator> find(const std::string& path);
     // The VFS the shim forwards to (SQLite's default): a snapshot opens the
@@ -153,6 +159,16 @@ public:
     // writes). The mapping is the same for every connection of the process.
     void note_shm(const volatile unsigned char* region0);
     bool uses_shm() const { return shm_users_.load() > 0; }
+
+    // Cooperating processes (shared_area.h): the wal-index now names
+    // commits of other processes (a follower's poll, or the close-time
+    // checkpoint of a connection of this process that follows): note them,
+    // as note_commit(), after checking that a new WAL epoch was started by a
+    // follower where our durable position ends (else: a writer outside
+    // bottomless, a new generation).
+    void note_wal_index(const WalIndexHeader& h);
+    // The area shared with the other processes (null: none could be opened).
+    const SharedArea* shared_area() const { return area_.get(); }
 
     // ---- calls from the VFS that may block (never under shm locks) ----
 
@@ -309,6 +325,19 @@ private:
     void record_error(const Error& e);
     void note_failure(const Error& e);  // record_error + back-off before the next attempt
     void wake();
+    // The other processes' commits since the last look (area_'s counter
+    // moved): note_wal_index() of the wal-index header now.
+    void poll_followers();
+    // A follower's restart ended the epoch we last observed exactly where
+    // our durable position is (obs_mu_ held).
+    bool cooperating_restart() const;
+    void open_shared_area();     // maps it (acquire(), before the start-up)
+    void publish_shared_area();  // the leader's position and pid, once started (start_uploader())
+    // The process's leaders with a shared area are watched by one pool
+    // member (replicator.cpp): every kFollowerPoll it wakes those whose
+    // followers committed since their last look.
+    static std::chrono::steady_clock::time_point watch_step() noexcept;
+    void watch_leave() noexcept;
 
     // Memory held for this database's unshipped frames (docs/CONFIG.md,
     // max_pending_bytes): the tee, pending transactions and the segment
@@ -341,6 +370,7 @@ private:
     std::deque<Commit> commits_;          // guarded by obs_mu_
     uint32_t last_noted_salt1_ = 0, last_noted_salt2_ = 0;  // guarded by obs_mu_
     uint64_t last_noted_frame_ = 0;       // guarded by obs_mu_
+    uint64_t own_restart_salts_ = 0;      // guarded by obs_mu_: the epoch a restart of this process last ended
     WalPosition last_commit_seen_;        // guarded by obs_mu_: the newest commit observed (frame > 0)
     std::atomic<uint64_t> noted_index_{0};    // commits observed so far
     std::atomic<uint64_t> durable_index_{0};  // commits durable in S3
@@ -355,6 +385,13 @@ private:
     const volatile unsigned char* shm0_ = nullptr;
     std::atomic<int> wal_open_{0};
     std::atomic<int> shm_users_{0};
+    // Shared with the other processes of this file (set before the first
+    // follower can exist: by acquire(), before startup_done()).
+    std::unique_ptr<SharedArea> area_;
+    std::atomic<uint64_t> area_commits_seen_{0};  // area_->commits() at the last poll
+    bool has_followers_ = false;  // the watch's (under its lock): area_->followers() was seen set
+    bool poll_at_start_ = false;  // start-up: the wal-index, not a WAL scan, says what is committed
+    bool takeover_ = false;  // acquire(takeover): the file is open in this process already
     std::atomic<bool> broken_outside_wal_{false};
     std::atomic<bool> foreign_writer_{false};
     std::atomic<uint64_t> durable_salts_{0};   // salt1 << 32 | salt2 of durable_, for the shm hooks

@@ -123,6 +123,20 @@ Status Replicator::take_snapshot(Lock& lock) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
     if (checkpoints_active_.load() > 0 || restarts_active_.load() > 0)
         return make_error(ErrorKind::Cancelled, "a checkpoint or WAL restart did not finish; snapshot postponed", "Busy");
+    // Other processes' checkpoints and restarts hold the shared area's
+    // snapshot byte shared: the exclusive hold waits for those under way
+    // and refuses the next ones until the image is read (shared_area.h).
+    SharedArea::Hold others;
+    if (area_) {
+        // Briefly: a follower's checkpoint may itself wait for what this
+        // process ships (its restart needs it durable); the snapshot is
+        // tried again at the next step instead.
+        for (int i = 0; !(others = area_->try_hold_exclusive()).held() && i < 1000; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        if (!others.held())
+            return make_error(ErrorKind::Cancelled,
+                              "another process's checkpoint or WAL restart did not finish; snapshot postponed", "Busy");
+    }
     // Writes of the checkpoints just waited for are not tears; any later is.
     snapshot_torn_.store(false);
 
@@ -144,6 +158,11 @@ Status Replicator::take_snapshot(Lock& lock) {
     // memory (exclusive locking mode) the WAL is scanned by SQLite's own
     // recovery rules instead.
     std::optional<WalIndexHeader> index = uses_shm() ? wal_index_now() : std::nullopt;
+    // With other processes writing, only the wal-index says what is
+    // committed (a scan would take a killed writer's unpublished commit for
+    // one): wait until a connection of ours has mapped it.
+    if (!index && area_ && area_->followers())
+        return make_error(ErrorKind::Cancelled, "the wal-index is not mapped yet; snapshot postponed", "Busy");
     uint64_t last_frame = 0;
     uint32_t psz = 0, db_pages = 0;
     WalPosition pos;

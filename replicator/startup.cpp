@@ -218,8 +218,16 @@ void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
                   " of the previous WAL epoch)");
     }
     // Frames committed locally but never shipped (a crash): ship them now.
-    if (proof.last_commit_frame > proof.unshipped_from)
-        note_commit(proof.salt1, proof.salt2, proof.last_commit_frame, proof.page_size);
+    // While other processes may have the file open, "committed" is what the
+    // wal-index says, not the scan: a process killed after writing a commit
+    // frame but before publishing it in the wal-index rolled back (the next
+    // writer overwrites those frames), and shipping it would put a
+    // transaction that never happened into the bucket. The first look at
+    // the wal-index (the uploader's, as soon as it is mapped) notes them.
+    if (proof.last_commit_frame > proof.unshipped_from) {
+        if (area_ && area_->followers()) poll_at_start_ = true;
+        else note_commit(proof.salt1, proof.salt2, proof.last_commit_frame, proof.page_size);
+    }
 }
 
 std::optional<Replicator::BucketEnd> Replicator::read_bucket_end(const GenerationInfo& g) {
@@ -575,8 +583,18 @@ Status Replicator::startup() {
         return proof.proven;
     };
 
-    const StartupPlan plan = decide_startup(f);
+    StartupPlan plan = decide_startup(f);
     if (!plan.warning.empty()) log::warn(plan.warning);
+    if (takeover_ && (plan.action == StartupAction::Restore || plan.action == StartupAction::CatchUp)) {
+        // The file is open in this process (and others): never replaced
+        // under them. It is what they wrote: a new generation from it.
+        plan.action = StartupAction::NewGeneration;
+        plan.reason = "taking over from another process, the local file does not continue the bucket";
+        if (latest) {
+            plan.parent_generation = latest->id;
+            plan.parent_seq = latest->last_seq;
+        }
+    }
     switch (plan.action) {
     case StartupAction::Refuse:
         return *plan.error;
@@ -650,6 +668,9 @@ Status Replicator::startup() {
 }
 
 void Replicator::start_uploader() {
+    // Published before another process may open as a follower (the
+    // start-up byte is still ours), and before a step can use it.
+    publish_shared_area();
     // No thread of its own: the process's uploader pool runs its steps. A
     // database with nothing owed (a proven offline start, no unshipped
     // frames) is not scheduled at all: no step, no request until it commits.

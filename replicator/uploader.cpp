@@ -79,6 +79,7 @@ void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
     });
     durable_salts_.store((static_cast<uint64_t>(pos.salt1) << 32) | pos.salt2);
     durable_frame_.store(pos.frame);
+    if (area_) area_->publish_durable(pos.salt1, pos.salt2, pos.frame);  // other processes may now restart over it
     if (commit_index > durable_index_.load()) durable_index_.store(commit_index);
     if (durable_index_.load() >= noted_index_.load()) {
         oldest_unshipped_us_.store(0);
@@ -385,6 +386,7 @@ Clock::time_point Replicator::pool_step() noexcept {
         // epoch's unshipped frames, copied aside before the new epoch
         // overwrites them (so the writer does not have to).
         if (preserve_from_.load(std::memory_order_relaxed) != UINT64_MAX) preserve_ended_frames();
+        poll_followers();  // other processes' commits: noted like ours
         std::unique_lock net(net_mu_, std::try_to_lock);
         if (!net.owns_lock()) return Clock::now() + kNetBusyRetry;
         bool force;

@@ -26,6 +26,7 @@ const sqlite3_api_routines* sqlite3_api = nullptr;
 #include <nlohmann/json.hpp>
 
 #include "bottomless.h"
+#include "replicator/follower.h"
 #include "replicator/metrics.h"
 #include "replicator/replicator.h"
 #include "vfs/vfs.h"
@@ -57,6 +58,10 @@ Replicator* connection_replicator(sqlite3_context* ctx) {
         sqlite3_result_error(ctx, "bottomless: this connection is a read replica (replica=1): it follows the bucket and does not replicate", -1);
         return nullptr;
     }
+    if (auto* fo = bottomless::vfs::follower_of(file); fo && fo->promoted()) {
+        // This process took over: the connection's replicator is the new one.
+        return fo->promoted().get();
+    }
     if (long leader = bottomless::vfs::leader_elsewhere(file)) {
         std::string m = follower_message(leader);
         sqlite3_result_error(ctx, m.c_str(), -1);
@@ -86,6 +91,11 @@ void fn_status(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
                 sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
                 return;
             }
+            if (auto* fo = bottomless::vfs::follower_of(file)) {
+                std::string s = fo->status_json();
+                sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+                return;
+            }
             if (long leader = bottomless::vfs::leader_elsewhere(file)) {
                 std::string s = nlohmann::json{{"role", "follower"},
                                                {"leader_pid", leader > 0 ? nlohmann::json(leader) : nlohmann::json()},
@@ -107,6 +117,22 @@ void fn_status(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
 
 void fn_flush(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
     try {
+        // A follower: until the leader has every commit visible now (in any
+        // process), or this process took over and shipped it.
+        sqlite3_file* file = main_file(ctx);
+        auto* fo = file ? bottomless::vfs::follower_of(file) : nullptr;
+        if (fo && !fo->promoted() && !fo->read_only()) {
+            int64_t ms = argc > 0 ? sqlite3_value_int64(argv[0]) : 60'000;
+            auto pos = fo->flush(std::chrono::milliseconds(ms > 0 ? ms : 60'000));
+            if (!pos) {
+                std::string m = "bottomless_flush: " + pos.error().message;
+                sqlite3_result_error(ctx, m.c_str(), -1);
+                return;
+            }
+            std::string s = nlohmann::json{{"leader_pid", fo->leader_pid()}, {"frame", pos->frame}}.dump();
+            sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+            return;
+        }
         Replicator* r = connection_replicator(ctx);
         if (!r) return;
         int64_t ms = argc > 0 ? sqlite3_value_int64(argv[0]) : 60'000;

@@ -43,6 +43,7 @@
 #include <new>
 #include <string>
 
+#include "replicator/follower.h"
 #include "replicator/replica.h"
 #include "replicator/replicator.h"
 #include "replicator/sqlite_api.h"
@@ -72,6 +73,13 @@ struct ShimFile {
     // a checkpoint here could empty a WAL whose frames the leader has not
     // shipped yet.
     long leader_elsewhere = 0;
+    // Main db: the process's follower of the file while another process
+    // leads (follower.h): the connection writes, and asks it (not a
+    // replicator) before SQLite overwrites WAL frames.
+    std::shared_ptr<replicator::Follower> follower;
+    bool read_only = false;  // a follower that may not write (sync mode), or a replica
+    replicator::SharedArea::Hold restart_hold;  // a follower's WAL restart under way
+    replicator::SharedArea::Hold ckpt_hold;     // a follower's checkpoint under way
     // Main db opened with replica=1: the file follows the bucket (replica.h)
     // and is read-only; SQLite reads it in rollback mode.
     std::shared_ptr<replicator::Replica> replica;
@@ -193,6 +201,7 @@ int x_close(sqlite3_file* f) {
             if (s->kind == Kind::Wal) s->repl->note_wal_open(false);
             if (s->kind == Kind::MainDb && s->shm0) s->repl->note_shm(nullptr);
         }
+        if (s->follower && s->shm0) s->follower->note_shm(nullptr);
         // Releasing the last reference runs the replicator's final flush.
         s->~ShimFile();
         return rc;
@@ -203,7 +212,7 @@ int x_close(sqlite3_file* f) {
 
 int main_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
     ShimFile* s = shim(f);
-    if (s->leader_elsewhere || s->replica) return SQLITE_READONLY;  // the pager itself is read-only
+    if (s->read_only) return SQLITE_READONLY;  // the pager itself is read-only
     if (s->repl) {
         // In WAL mode only checkpoints write the database file; without a WAL
         // open, a write is a rollback-journal transaction the WAL never saw.
@@ -216,7 +225,7 @@ int main_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
 
 int main_truncate(sqlite3_file* f, sqlite3_int64 size) {
     ShimFile* s = shim(f);
-    if (s->leader_elsewhere || s->replica) return SQLITE_READONLY;
+    if (s->read_only) return SQLITE_READONLY;
     if (s->repl) {
         if (s->repl->wal_is_open()) s->repl->note_db_write();
         else s->repl->note_write_outside_wal();
@@ -232,6 +241,7 @@ int main_shm_map(sqlite3_file* f, int region, int size, int extend, void volatil
     if (rc == SQLITE_OK && region == 0 && *pp && !s->shm0) {
         s->shm0 = *pp;
         if (s->repl) s->repl->note_shm(static_cast<const volatile unsigned char*>(*pp));
+        if (s->follower) s->follower->note_shm(static_cast<const volatile unsigned char*>(*pp));
     }
     return rc;
 }
@@ -239,6 +249,7 @@ int main_shm_map(sqlite3_file* f, int region, int size, int extend, void volatil
 int main_shm_unmap(sqlite3_file* f, int delete_flag) {
     ShimFile* s = shim(f);
     if (s->shm0 && s->repl) s->repl->note_shm(nullptr);
+    if (s->shm0 && s->follower) s->follower->note_shm(nullptr);
     s->shm0 = nullptr;
     sqlite3_file* l = s->lower();
     return l->pMethods->xShmUnmap(l, delete_flag);
@@ -250,6 +261,11 @@ using replicator::WalIndexHeader;
 // it stable).
 bool read_wal_index(const ShimFile* s, WalIndexHeader& out) {
     return s->shm0 && replicator::read_wal_index(static_cast<const volatile unsigned char*>(s->shm0), out, false);
+}
+
+// The header when no WAL lock keeps it still: both copies must agree.
+bool read_wal_index_stable(const ShimFile* s, WalIndexHeader& out) {
+    return s->shm0 && replicator::read_wal_index(static_cast<const volatile unsigned char*>(s->shm0), out, true);
 }
 
 // Reports the commit the wal-index header describes. Called while this
@@ -291,6 +307,10 @@ int shm_lock_veto(ShimFile* s, Replicator* r, int ofst, int n) {
         s->holds_restart = true;
     }
     if (ofst == kShmCkptLock && n == 1) {
+        // Other processes' commits are known before a checkpoint (the last
+        // connection's precedes the WAL's deletion).
+        WalIndexHeader stable;
+        if (r->shared_area() && read_wal_index_stable(s, stable)) r->note_wal_index(stable);
         // A snapshot is reading the database file, or the WAL must keep
         // frames that are not yet durable and not in memory.
         WalIndexHeader h;
@@ -313,8 +333,49 @@ void release_reservation(ShimFile* s, Replicator* r, int ofst, int n) {
     }
 }
 
+// A follower's veto (follower.h): a WAL restart only over frames the
+// leader made durable, and neither a restart nor a checkpoint while its
+// snapshot reads; what goes ahead holds the shared area's byte until the
+// lock is released.
+int follower_veto(ShimFile* s, replicator::Follower* fo, int ofst, int n) {
+    if (ofst == kShmRestartOfst && n == kShmRestartN) {
+        WalIndexHeader h;  // under the write lock: stable
+        if (!read_wal_index(s, h) || !fo->begin_restart(h, s->restart_hold)) return SQLITE_BUSY;
+    }
+    if (ofst == kShmCkptLock && n == 1) {
+        WalIndexHeader h;
+        const bool have = read_wal_index_stable(s, h);
+        if (!fo->begin_checkpoint(have ? &h : nullptr, s->ckpt_hold)) return SQLITE_BUSY;
+    }
+    return SQLITE_OK;
+}
+
+void follower_release(ShimFile* s, int ofst, int n) {
+    if (ofst == kShmRestartOfst && n == kShmRestartN) s->restart_hold.release();
+    if (ofst == kShmCkptLock && n == 1) s->ckpt_hold.release();
+}
+
+int follower_shm_lock(ShimFile* s, replicator::Follower* fo, int ofst, int n, int flags) {
+    sqlite3_file* l = s->lower();
+    const bool lock = (flags & SQLITE_SHM_LOCK) != 0;
+    const bool excl = (flags & SQLITE_SHM_EXCLUSIVE) != 0;
+    if (lock && excl) {
+        int veto = guarded(SQLITE_IOERR_SHMLOCK, [&] { return follower_veto(s, fo, ofst, n); });
+        if (veto != SQLITE_OK) {
+            follower_release(s, ofst, n);
+            return veto;
+        }
+    }
+    int rc = l->pMethods->xShmLock(l, ofst, n, flags);
+    if (excl && (!lock || rc != SQLITE_OK)) follower_release(s, ofst, n);
+    // A write transaction ended: the leader reads its frames from the WAL.
+    if (!lock && excl && ofst <= kShmWriteLock && kShmWriteLock < ofst + n) observe([&] { fo->note_commit(); });
+    return rc;
+}
+
 int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags) {
     ShimFile* s = shim(f);
+    if (s->follower) return follower_shm_lock(s, s->follower.get(), ofst, n, flags);
     sqlite3_file* l = s->lower();
     Replicator* r = s->repl.get();
     const bool lock = (flags & SQLITE_SHM_LOCK) != 0;
@@ -583,6 +644,7 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
 
     std::shared_ptr<Replicator> repl;
     std::shared_ptr<replicator::Replica> replica;
+    std::shared_ptr<replicator::Follower> follower;
     std::string canon;
     long leader_elsewhere = 0;
     int rc = guarded(SQLITE_CANTOPEN, [&]() -> int {
@@ -614,12 +676,20 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
                 return code;
             }
             if (leader_elsewhere) {
+                // Another process replicates: this one writes and leaves the
+                // shipping to it (follower.h), or, in sync mode or without
+                // the shared area, reads only.
                 std::string who = leader_elsewhere > 0 ? "process " + std::to_string(leader_elsewhere) : "another process";
-                std::string m = canon + " is replicated by " + who +
-                                "; this connection is read-only (bottomless replicates a database from one process "
-                                "at a time: write it from that process, or reopen once it has closed)";
-                log::warn(m);
-                sqlite3_log(SQLITE_READONLY, "bottomless: %s", m.c_str());
+                auto fo = replicator::Follower::acquire(canon, *cfg, leader_elsewhere);
+                if (fo) follower = std::move(fo).value();
+                if (!follower || follower->read_only()) {
+                    std::string m = canon + " is replicated by " + who + "; this connection is read-only (" +
+                                    (follower ? "in sync mode only the replicating process writes"
+                                              : fo.error().message) +
+                                    ": write it from that process, or reopen once it has closed)";
+                    log::warn(m);
+                    sqlite3_log(SQLITE_READONLY, "bottomless: %s", m.c_str());
+                }
             } else if (*r && (*r)->enabled()) {
                 repl = std::move(r).value();
             }
@@ -638,14 +708,16 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
     s->kind = main_db ? Kind::MainDb : Kind::Wal;
     s->repl = std::move(repl);
     s->leader_elsewhere = leader_elsewhere;
+    s->follower = std::move(follower);
+    s->read_only = (leader_elsewhere && (!s->follower || s->follower->read_only())) || replica;
     s->replica = std::move(replica);
     sqlite3_file* l = s->lower();
     if (s->replica) {
         // Read-only for the application: only the follower writes, through
         // a file of its own. Time travel opens its private copy instead.
-        flags = (flags & ~(SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)) | SQLITE_OPEN_READONLY;
         name = s->replica->file_name();
     }
+    if (s->read_only) flags = (flags & ~(SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)) | SQLITE_OPEN_READONLY;
     rc = g_lower->xOpen(g_lower, name, l, flags, out_flags);
     if (rc != SQLITE_OK) {
         s->~ShimFile();
@@ -653,7 +725,7 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
     }
     // A follower's pager is read-only: writes fail with SQLITE_READONLY
     // ("attempt to write a readonly database") instead of forking the history.
-    if ((leader_elsewhere || s->replica) && out_flags) *out_flags = (*out_flags & ~SQLITE_OPEN_READWRITE) | SQLITE_OPEN_READONLY;
+    if (s->read_only && out_flags) *out_flags = (*out_flags & ~SQLITE_OPEN_READWRITE) | SQLITE_OPEN_READONLY;
     int v = l->pMethods ? l->pMethods->iVersion : 1;
     v = v < 1 ? 1 : (v > 3 ? 3 : v);
     s->base.pMethods = main_db ? &g_main_methods[v] : &g_wal_methods[v];
@@ -687,6 +759,15 @@ int x_delete(sqlite3_vfs* vfs, const char* name, int sync_dir) {
                 }
                 // Frames kept only in memory lose their slots now: aside first.
                 r->before_wal_overwrite(0);
+            } else if (auto fo = replicator::Follower::find(canonical_path(n.substr(0, n.size() - 4).c_str()))) {
+                // The last connection of all, in a process that follows: the
+                // leader is gone and nobody has taken over yet. The WAL stays
+                // unless the leader had shipped all of it; the next leader
+                // ships it.
+                if (!fo->wal_delete_allowed()) {
+                    log::warn("keeping " + n + ": its last frames are not in S3 yet (the replicating process left)");
+                    return SQLITE_IOERR_DELETE;
+                }
             }
         }
         return SQLITE_OK;
@@ -729,6 +810,11 @@ Replicator* replicator_of(sqlite3_file* f) {
 long leader_elsewhere(sqlite3_file* f) {
     if (!is_bottomless_file(f)) return 0;
     return shim(f)->leader_elsewhere;
+}
+
+replicator::Follower* follower_of(sqlite3_file* f) {
+    if (!is_bottomless_file(f)) return nullptr;
+    return shim(f)->follower.get();
 }
 
 std::string replica_status(sqlite3_file* f) {

@@ -8,6 +8,7 @@
 
 namespace bottomless::replicator {
 class Replicator;
+class Follower;
 }
 
 namespace bottomless::vfs {
@@ -21,9 +22,11 @@ int register_vfs(bool make_default);
 // nullptr (another VFS, or replication skipped).
 replicator::Replicator* replicator_of(sqlite3_file* file);
 bool is_bottomless_file(sqlite3_file* file);
-// Non-zero when another process replicates the database behind `file`: its
-// pid (-1 when unknown). Such a connection is read-only.
+// Non-zero when another process replicated the database behind `file` when
+// it was opened: its pid (-1 when unknown). Such a connection writes
+// through the process's follower (follower_of), or is read-only without one.
 long leader_elsewhere(sqlite3_file* file);
+replicator::Follower* follower_of(sqlite3_file* file);
 // bottomless_status() of a read replica (replica=1), or empty when `file`
 // is not one.
 std::string replica_status(sqlite3_file* file);

@@ -1,0 +1,307 @@
+// A process writing a database another process replicates (follower.h).
+#include "replicator/follower.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cerrno>
+#include <map>
+#include <thread>
+
+#include "replicator/replicator.h"
+#include "replicator/util.h"
+#include "s3/log.h"
+
+namespace bottomless::replicator {
+
+namespace {
+
+// The followers of this process by path. The takeover thread runs while
+// there are any; its lock is held only to look up or change an entry.
+struct Registry {
+    std::mutex mu;
+    std::map<std::string, std::weak_ptr<Follower>> followers;
+    bool thread_running = false;
+};
+Registry& registry() {
+    static auto* r = new Registry();  // never destroyed: the detached thread may outlive main()
+    return *r;
+}
+
+bool process_gone(long pid) { return pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH; }
+
+// The leader's own ways to find the header, without a WAL lock: both copies agree.
+std::optional<WalIndexHeader> header_of(const volatile unsigned char* shm0) {
+    if (!shm0) return std::nullopt;
+    WalIndexHeader h;
+    for (int i = 0; i < 1000; ++i) {
+        if (read_wal_index(shm0, h, true)) return h;
+        std::this_thread::yield();
+    }
+    return std::nullopt;
+}
+
+}  // namespace
+
+Follower::Follower(std::string path, ReplicatorConfig config, long leader_pid)
+    : path_(std::move(path)), config_(std::move(config)), leader_at_open_(leader_pid) {}
+
+Result<std::shared_ptr<Follower>> Follower::acquire(const std::string& path, const ReplicatorConfig& config,
+                                                   long leader_pid) {
+    Registry& reg = registry();
+    {
+        std::lock_guard lock(reg.mu);
+        if (auto f = reg.followers[path].lock()) return f;
+    }
+    auto area = SharedArea::open(path);
+    if (!area) return std::move(area).error();
+    std::shared_ptr<Follower> f(new Follower(path, config, leader_pid));
+    f->area_ = std::move(area).value();
+    f->area_->note_follower(static_cast<long>(::getpid()));
+    bool start = false;
+    {
+        std::lock_guard lock(reg.mu);
+        auto& slot = reg.followers[path];
+        if (auto other = slot.lock()) return other;  // another thread of ours got there first
+        slot = f;
+        if (!reg.thread_running) start = reg.thread_running = true;
+    }
+    if (start) std::thread(takeover_loop).detach();
+    return f;
+}
+
+std::shared_ptr<Follower> Follower::find(const std::string& path) {
+    Registry& reg = registry();
+    std::lock_guard lock(reg.mu);
+    auto it = reg.followers.find(path);
+    return it == reg.followers.end() ? nullptr : it->second.lock();
+}
+
+Follower::~Follower() {
+    std::shared_ptr<Replicator> r;
+    bool gave = false;
+    {
+        std::lock_guard lock(mu_);
+        r = std::move(promoted_);
+        gave = gave_shm_;
+        gave_shm_ = false;
+    }
+    if (r && gave) r->note_shm(nullptr);
+    {
+        Registry& reg = registry();
+        std::lock_guard lock(reg.mu);
+        auto it = reg.followers.find(path_);
+        if (it != reg.followers.end() && it->second.expired()) reg.followers.erase(it);
+    }
+    // Dropping the replicator runs its closing flush (unless connections
+    // opened after the takeover still use it).
+    r.reset();
+}
+
+bool Follower::read_only() const { return config_.sync || area_->leader_sync(); }
+
+long Follower::leader_pid() const {
+    if (promoted()) return static_cast<long>(::getpid());
+    const long pid = area_->leader_pid();
+    return pid ? pid : leader_at_open_;
+}
+
+void Follower::note_shm(const volatile unsigned char* region0) {
+    std::shared_ptr<Replicator> give;
+    bool take_back = false;
+    {
+        std::lock_guard lock(mu_);
+        if (region0) {
+            ++shm_users_;
+            shm0_ = region0;
+            if (promoted_ && !gave_shm_) {
+                give = promoted_;
+                gave_shm_ = true;
+            }
+        } else if (shm_users_ > 0 && --shm_users_ == 0) {
+            shm0_ = nullptr;
+            if (promoted_ && gave_shm_) {
+                give = promoted_;
+                gave_shm_ = false;
+                take_back = true;
+            }
+        }
+    }
+    if (give) give->note_shm(take_back ? nullptr : region0);
+}
+
+std::optional<WalIndexHeader> Follower::wal_index_now() const {
+    std::lock_guard lock(mu_);
+    return header_of(shm0_);
+}
+
+bool Follower::begin_restart(const WalIndexHeader& h, SharedArea::Hold& hold) {
+    // Every frame the restart would overwrite is durable (the leader said
+    // so), and no snapshot reads them (the byte, shared).
+    if (!area_->covers(h)) return false;
+    hold = area_->try_hold_shared();
+    if (!hold.held()) return false;
+    if (!area_->covers(h)) {  // a new leader published an older position meanwhile
+        hold.release();
+        return false;
+    }
+    area_->note_epoch_end(h.salt1, h.salt2, h.mx_frame);
+    if (auto r = promoted()) r->note_wal_index(h);
+    return true;
+}
+
+bool Follower::begin_checkpoint(const WalIndexHeader* h, SharedArea::Hold& hold) {
+    // As in the leader's process: a checkpoint only when the WAL could
+    // restart after it (every frame durable), so that SQLite's
+    // auto-checkpoint fails in one lock call, and a RESTART/TRUNCATE
+    // checkpoint is refused here rather than holding the write lock while
+    // its restart is refused.
+    if (!h || !area_->covers(*h)) return false;
+    hold = area_->try_hold_shared();
+    if (!hold.held()) return false;
+    {
+        std::shared_ptr<Replicator> r;
+        {
+            std::lock_guard lock(mu_);
+            last_checkpoint_ = *h;
+            r = promoted_;
+        }
+        // A last connection's checkpoint precedes the WAL's deletion: the
+        // replicator this process runs must know every commit by then.
+        if (r) r->note_wal_index(*h);
+    }
+    return true;
+}
+
+void Follower::note_commit() { area_->note_follower_commit(); }
+
+bool Follower::wal_delete_allowed() const {
+    WalIndexHeader h;
+    {
+        std::lock_guard lock(mu_);
+        h = last_checkpoint_;
+    }
+    return area_->covers(h);
+}
+
+std::shared_ptr<Replicator> Follower::promoted() const {
+    std::lock_guard lock(mu_);
+    return promoted_;
+}
+
+Result<WalPosition> Follower::flush(std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    auto target = wal_index_now();
+    if (!target) return make_error(ErrorKind::Io, "the wal-index is not mapped yet (no transaction ran)", "NoWalIndex");
+    for (;;) {
+        if (auto r = promoted()) {
+            // Taken over: our own replicator ships it.
+            auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+            return r->flush(std::max(left, std::chrono::milliseconds(1)));
+        }
+        if (area_->covers(*target)) {
+            uint64_t salts = 0, frame = 0;
+            area_->durable(salts, frame);
+            return WalPosition{static_cast<uint32_t>(salts >> 32), static_cast<uint32_t>(salts), frame, 0, 0};
+        }
+        // The leader polls our commit counter; make sure it moved.
+        area_->note_follower_commit();
+        if (std::chrono::steady_clock::now() >= deadline) {
+            uint64_t salts = 0, frame = 0;
+            area_->durable(salts, frame);
+            return make_error(ErrorKind::Cancelled,
+                              "not durable within " + std::to_string(timeout.count()) + " ms: process " +
+                                  std::to_string(leader_pid()) + " replicates this database and has shipped up to frame " +
+                                  std::to_string(frame) + " (this process committed up to frame " +
+                                  std::to_string(target->mx_frame) +
+                                  "); see bottomless_status() in that process for why (S3 down or slow)",
+                              "FlushTimeout");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+}
+
+std::string Follower::status_json() const {
+    if (auto r = promoted()) return r->status_json();
+    uint64_t salts = 0, frame = 0;
+    area_->durable(salts, frame);
+    nlohmann::json j{{"role", "follower"},
+                     {"leader_pid", leader_pid()},
+                     {"read_only", read_only()},
+                     {"durable", {{"salt1", salts >> 32}, {"salt2", salts & 0xffffffffu}, {"frame", frame}}}};
+    if (int64_t t = area_->durable_time_us()) j["durable_published_ms_ago"] = (now_us() - t) / 1000;
+    if (auto h = wal_index_now()) {
+        j["wal_frame"] = h->mx_frame;
+        const bool same = (static_cast<uint64_t>(h->salt1) << 32 | h->salt2) == salts;
+        j["lag_frames"] = h->mx_frame == 0 ? 0 : (same && frame <= h->mx_frame ? h->mx_frame - frame : h->mx_frame);
+    }
+    if (read_only())
+        j["message"] = "the database is replicated in sync mode by process " + std::to_string(leader_pid()) +
+                       "; other processes are read-only in sync mode";
+    return j.dump();
+}
+
+void Follower::try_take_over() noexcept {
+    try {
+        if (promoted()) return;
+        const auto now = std::chrono::steady_clock::now();
+        const long pid = area_->leader_pid();
+        // Cheap first: the published pid is gone or cleared. The lock itself
+        // about once a second (a reused pid, an area not published).
+        if (!(pid == 0 || process_gone(pid)) && now < next_full_try_) return;
+        next_full_try_ = now + std::chrono::seconds(1);
+        long elsewhere = 0;
+        auto r = Replicator::acquire(path_, config_, &elsewhere, /*takeover=*/true);
+        if (!r) {
+            if (r.error().code != "StartupBusy")
+                log::warn(path_ + ": cannot take over replication: " + r.error().describe() + " (trying again)");
+            return;
+        }
+        if (!*r) return;  // another process leads (or took over first)
+        std::shared_ptr<Replicator> rep = std::move(r).value();
+        const volatile unsigned char* shm = nullptr;
+        {
+            std::lock_guard lock(mu_);
+            promoted_ = rep;
+            if (shm0_) {
+                shm = shm0_;
+                gave_shm_ = true;
+            }
+        }
+        if (shm) rep->note_shm(shm);
+        log::info("process " + std::to_string(::getpid()) + " takes over the replication of " + path_ +
+                  (pid ? " from process " + std::to_string(pid) : std::string()));
+    } catch (const std::exception& e) {
+        log::warn(path_ + ": cannot take over replication: " + e.what());
+    } catch (...) {
+    }
+}
+
+void Follower::takeover_loop() {
+    Registry& reg = registry();
+    for (;;) {
+        std::vector<std::shared_ptr<Follower>> live;
+        {
+            std::lock_guard lock(reg.mu);
+            for (auto it = reg.followers.begin(); it != reg.followers.end();) {
+                if (auto f = it->second.lock()) {
+                    live.push_back(std::move(f));
+                    ++it;
+                } else {
+                    it = reg.followers.erase(it);
+                }
+            }
+            if (live.empty()) {
+                reg.thread_running = false;
+                return;
+            }
+        }
+        for (auto& f : live) f->try_take_over();
+        live.clear();  // a follower's last reference may go here: its destructor runs on this thread
+        std::this_thread::sleep_for(kTakeoverPoll);
+    }
+}
+
+}  // namespace bottomless::replicator

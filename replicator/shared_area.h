@@ -1,0 +1,110 @@
+// What the processes that write one database share (issue 14, cooperating
+// processes; docs/SEMANTICS.md "Several processes"): a small memory-mapped
+// side file, "<db>-bottomless-shm", that the leader publishes into and every
+// other process (a follower) reads before it lets SQLite overwrite WAL frames.
+//
+//   leader_pid       the replicating process (0: none right now)
+//   durable          the leader's durable position (epoch salts, frame):
+//                    a follower's WAL restart is allowed only once every
+//                    frame of the WAL is covered by it
+//   ended            the epoch a follower last ended by restarting the WAL,
+//                    and its last frame: the leader continues the history in
+//                    the new epoch only when its durable position is exactly
+//                    there (anything else is a writer outside bottomless)
+//   commits          bumped by a follower after each of its commits: the
+//                    leader polls it (every 50 ms, one load) and reads the
+//                    new frames from the WAL at the wal-index's mxFrame
+//   sync             the leader runs in sync mode: followers stay read-only
+//   followers        a follower process has opened the database (the pid of
+//                    one; never cleared): the leader's own WAL restarts then
+//                    wait for durability, and a starting leader takes what
+//                    is committed from the wal-index, not from a WAL scan
+//
+// The mapping outlives its descriptor (closed at once): a process holds no
+// descriptor of this file between calls. Fields are lock-free 64-bit
+// atomics; the file is never shrunk, and a stale one (all processes gone) is
+// overwritten by the next leader's publication before any follower exists.
+//
+// Snapshots and followers' checkpoints: a leader's snapshot reads the
+// database file and the WAL's frames and needs both to stay still. In its own
+// process the replicator's registration does that (replicator.h); across
+// processes, an open-file-description lock on one byte of this file: a
+// follower holds it shared while a checkpoint or a WAL restart of its runs
+// (a fresh description per hold: never converted by another holder of the
+// process), and the leader holds it exclusively while a snapshot reads. The
+// kernel drops a dead holder's lock.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "replicator/wal.h"
+#include "s3/result.h"
+
+namespace bottomless::replicator {
+
+class SharedArea {
+public:
+    // Maps (creating if needed) `<db_path>-bottomless-shm`.
+    static Result<std::unique_ptr<SharedArea>> open(const std::string& db_path);
+    ~SharedArea();
+    SharedArea(const SharedArea&) = delete;
+    SharedArea& operator=(const SharedArea&) = delete;
+
+    const std::string& path() const { return path_; }
+
+    // ---- the leader ----
+    void publish_leader(long pid);
+    void publish_durable(uint32_t salt1, uint32_t salt2, uint64_t frame);
+    // Sync mode: other processes stay read-only (their commits could not
+    // wait for S3 the way the leader's do).
+    void publish_mode(bool sync);
+    uint64_t commits() const;
+    long followers() const;
+    // The last epoch a follower ended, and its last frame (0, 0: none).
+    void ended(uint64_t& salts, uint64_t& frame) const;
+
+    // ---- a follower ----
+    long leader_pid() const;
+    bool leader_sync() const;
+    void durable(uint64_t& salts, uint64_t& frame) const;
+    int64_t durable_time_us() const;  // when the leader last published
+    // Every frame of the WAL that `h` describes is durable (or there is none).
+    bool covers(const WalIndexHeader& h) const;
+    void note_follower(long pid);
+    void note_follower_commit();
+    void note_epoch_end(uint32_t salt1, uint32_t salt2, uint64_t frame);
+
+    // The snapshot byte (see above). A hold is an open description of the
+    // file with the lock on it; the destructor (or release) drops it.
+    class Hold {
+    public:
+        Hold() = default;
+        explicit Hold(int fd) : fd_(fd) {}
+        Hold(Hold&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
+        Hold& operator=(Hold&& o) noexcept;
+        ~Hold() { release(); }
+        bool held() const { return fd_ >= 0; }
+        void release() noexcept;
+
+    private:
+        int fd_ = -1;
+    };
+    // A follower's checkpoint or restart: shared, never waits. Not held
+    // (held() false) while a snapshot reads (or the file cannot be opened).
+    Hold try_hold_shared() const;
+    // The leader's snapshot: exclusive, never waits (a follower's checkpoint
+    // holds it for milliseconds: retry).
+    Hold try_hold_exclusive() const;
+
+    struct Layout;
+
+private:
+    SharedArea() = default;
+    std::string path_;
+    Layout* map_ = nullptr;
+};
+
+}  // namespace bottomless::replicator
