@@ -21,6 +21,10 @@ namespace bottomless::replicator {
 void Replicator::note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size) {
     if (!enabled_) return;
     std::lock_guard olock(obs_mu_);
+    note_commit_locked(salt1, salt2, frame, page_size);
+}
+
+void Replicator::note_commit_locked(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size) {
     if (salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_ && frame == last_noted_frame_) return;
     uint64_t frames = (salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_ && frame > last_noted_frame_)
                           ? frame - last_noted_frame_
@@ -89,27 +93,36 @@ bool Replicator::cooperating_restart() const {
     return durable_salts_.load() == last && durable_frame_.load() == frame;
 }
 
-void Replicator::note_wal_index(const WalIndexHeader& h) {
-    if (!enabled_) return;
+bool Replicator::note_wal_index() {
+    if (!enabled_) return false;
+    // The header is read and noted under obs_mu_: every commit this process
+    // reports is noted under it too (after its own read, under the write
+    // lock), so what is read here is never older than what was noted — a
+    // stale read would look like a WAL that shrank or went back an epoch.
+    std::lock_guard olock(obs_mu_);
+    WalIndexHeader h;
     {
-        std::lock_guard olock(obs_mu_);
-        const bool observed = last_noted_salt1_ != 0 || last_noted_salt2_ != 0;
-        const bool same_epoch = h.salt1 == last_noted_salt1_ && h.salt2 == last_noted_salt2_;
-        if (observed && ((!same_epoch && !cooperating_restart()) || (same_epoch && h.mx_frame < last_noted_frame_)))
-            foreign_writer_.store(true);
+        std::lock_guard shlock(shm_mu_);
+        if (!shm0_) return false;
+        bool got = false;
+        for (int i = 0; i < 1000 && !(got = read_wal_index(shm0_, h, true)); ++i) std::this_thread::yield();
+        if (!got) return false;
     }
-    note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
+    const bool observed = last_noted_salt1_ != 0 || last_noted_salt2_ != 0;
+    const bool same_epoch = h.salt1 == last_noted_salt1_ && h.salt2 == last_noted_salt2_;
+    if (observed && ((!same_epoch && !cooperating_restart()) || (same_epoch && h.mx_frame < last_noted_frame_)))
+        foreign_writer_.store(true);
+    note_commit_locked(h.salt1, h.salt2, h.mx_frame, h.page_size);
+    return true;
 }
 
 void Replicator::poll_followers() {
     if (!area_) return;
     const uint64_t c = area_->commits();
     if (c == area_commits_seen_.load()) return;
-    auto h = wal_index_now();
-    if (!h) return;  // not mapped yet (no connection of ours has read): next time
-    // The counter was read first: a commit after that moves it again.
-    area_commits_seen_.store(c);
-    note_wal_index(*h);
+    // The counter was read first: a commit after that moves it again. Not
+    // mapped yet (no connection of ours has read): next time.
+    if (note_wal_index()) area_commits_seen_.store(c);
 }
 
 namespace {

@@ -148,7 +148,7 @@ bool Follower::begin_restart(const WalIndexHeader& h, SharedArea::Hold& hold) {
         return false;
     }
     area_->note_epoch_end(h.salt1, h.salt2, h.mx_frame);
-    if (auto r = promoted()) r->note_wal_index(h);
+    if (auto r = promoted()) r->note_wal_index();
     return true;
 }
 
@@ -170,7 +170,7 @@ bool Follower::begin_checkpoint(const WalIndexHeader* h, SharedArea::Hold& hold)
         }
         // A last connection's checkpoint precedes the WAL's deletion: the
         // replicator this process runs must know every commit by then.
-        if (r) r->note_wal_index(*h);
+        if (r) r->note_wal_index();
     }
     return true;
 }

@@ -258,8 +258,7 @@ Replicator::~Replicator() {
 Result<WalPosition> Replicator::flush(std::chrono::milliseconds timeout) {
     if (!enabled_) return make_error(ErrorKind::InvalidArgument, "replication is off for this database (skip)", "Disabled");
     // Everything committed so far, by any process.
-    if (area_ && area_->followers())
-        if (auto h = wal_index_now()) note_wal_index(*h);
+    if (area_ && area_->followers()) note_wal_index();
     const uint64_t target = noted_index_.load();
     {
         std::lock_guard cvlock(cv_mu_);

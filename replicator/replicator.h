@@ -160,13 +160,13 @@ public:
     void note_shm(const volatile unsigned char* region0);
     bool uses_shm() const { return shm_users_.load() > 0; }
 
-    // Cooperating processes (shared_area.h): the wal-index now names
-    // commits of other processes (a follower's poll, or the close-time
-    // checkpoint of a connection of this process that follows): note them,
-    // as note_commit(), after checking that a new WAL epoch was started by a
-    // follower where our durable position ends (else: a writer outside
-    // bottomless, a new generation).
-    void note_wal_index(const WalIndexHeader& h);
+    // Cooperating processes (shared_area.h): the wal-index may name commits
+    // of other processes (a poll, a flush, a checkpoint, a follower's
+    // restart): reads its header now (no WAL lock needed) and notes it, as
+    // note_commit(), after checking that a new WAL epoch was started by a
+    // follower where our durable position ends, or by this process (else: a
+    // writer outside bottomless, a new generation). False when not mapped.
+    bool note_wal_index();
     // The area shared with the other processes (null: none could be opened).
     const SharedArea* shared_area() const { return area_.get(); }
 
@@ -325,6 +325,7 @@ private:
     void record_error(const Error& e);
     void note_failure(const Error& e);  // record_error + back-off before the next attempt
     void wake();
+    void note_commit_locked(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size);  // obs_mu_ held
     // The other processes' commits since the last look (area_'s counter
     // moved): note_wal_index() of the wal-index header now.
     void poll_followers();

@@ -309,8 +309,7 @@ int shm_lock_veto(ShimFile* s, Replicator* r, int ofst, int n) {
     if (ofst == kShmCkptLock && n == 1) {
         // Other processes' commits are known before a checkpoint (the last
         // connection's precedes the WAL's deletion).
-        WalIndexHeader stable;
-        if (r->shared_area() && read_wal_index_stable(s, stable)) r->note_wal_index(stable);
+        if (r->shared_area() && r->shared_area()->followers()) r->note_wal_index();
         // A snapshot is reading the database file, or the WAL must keep
         // frames that are not yet durable and not in memory.
         WalIndexHeader h;
