@@ -25,6 +25,8 @@ using Clock = std::chrono::steady_clock;
 extern std::atomic<int> g_exit_after_sync_uploads;
 extern std::atomic<bool> g_exit_before_state;
 
+struct LocalState;  // state_file.h
+
 struct RecoveredTxn {
     std::vector<SegmentFrame> frames;
     uint32_t db_pages = 0;
@@ -44,6 +46,13 @@ struct LocalProof {
     std::string why;  // when not proven: what did not match (for the log)
     bool recovered_from_wal = false;  // `recovered` read from the WAL's old slots (not the copy aside)
 };
+
+// Whether the local files are exactly where `state`'s history ends
+// (startup_proof.cpp): the WAL still in the recorded epoch at a commit with
+// the recorded checksums; or one restart later, the recorded epoch's
+// unshipped frames recovered from their old slots or the copy aside; or,
+// after a clean close, no WAL and a database file untouched since.
+LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path);
 
 // Copies bytes [from, to) of the WAL to the same offsets of `out_path`
 // (created or emptied first): the copy aside of an ended epoch's unshipped

@@ -117,37 +117,32 @@ void fn_status(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
 
 void fn_flush(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
     try {
+        int64_t ms = argc > 0 ? sqlite3_value_int64(argv[0]) : 60'000;
+        const std::chrono::milliseconds timeout(ms > 0 ? ms : 60'000);
         // A follower: until the leader has every commit visible now (in any
         // process), or this process took over and shipped it.
         sqlite3_file* file = main_file(ctx);
         auto* fo = file ? bottomless::vfs::follower_of(file) : nullptr;
-        if (fo && !fo->promoted() && !fo->read_only()) {
-            int64_t ms = argc > 0 ? sqlite3_value_int64(argv[0]) : 60'000;
-            auto pos = fo->flush(std::chrono::milliseconds(ms > 0 ? ms : 60'000));
-            if (!pos) {
-                std::string m = "bottomless_flush: " + pos.error().message;
-                sqlite3_result_error(ctx, m.c_str(), -1);
-                return;
-            }
-            std::string s = nlohmann::json{{"leader_pid", fo->leader_pid()}, {"frame", pos->frame}}.dump();
-            sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
-            return;
-        }
-        Replicator* r = connection_replicator(ctx);
-        if (!r) return;
-        int64_t ms = argc > 0 ? sqlite3_value_int64(argv[0]) : 60'000;
-        auto pos = r->flush(std::chrono::milliseconds(ms > 0 ? ms : 60'000));
+        const bool follows = fo && !fo->promoted() && !fo->read_only();
+        Replicator* r = follows ? nullptr : connection_replicator(ctx);
+        if (!follows && !r) return;
+        auto pos = follows ? fo->flush(timeout) : r->flush(timeout);
         if (!pos) {
             std::string m = "bottomless_flush: " + pos.error().message;
             sqlite3_result_error(ctx, m.c_str(), -1);
             return;
         }
-        nlohmann::json j = nlohmann::json::parse(r->status_json());
-        std::string s = nlohmann::json{{"generation", j["generation"]},
-                                       {"segment", j["segment"]},
-                                       {"frame", pos->frame},
-                                       {"last_durable_commit", j["last_durable_commit"]}}
-                            .dump();
+        nlohmann::json out;
+        if (follows) {
+            out = {{"leader_pid", fo->leader_pid()}, {"frame", pos->frame}};
+        } else {
+            nlohmann::json j = nlohmann::json::parse(r->status_json());
+            out = {{"generation", j["generation"]},
+                   {"segment", j["segment"]},
+                   {"frame", pos->frame},
+                   {"last_durable_commit", j["last_durable_commit"]}};
+        }
+        std::string s = out.dump();
         sqlite3_result_text(ctx, s.c_str(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
     } catch (const std::exception& e) {
         sqlite3_result_error(ctx, e.what(), -1);
