@@ -54,29 +54,9 @@ sanitizer_run() {  # build dir, cmake option, ctest args...
     else
         cmake --build "$dir" -j"$JOBS"
     fi
-    local log="$dir/ctest-output.log" status=0
     BOTTOMLESS_CRASH_ITERATIONS="${SAN_CRASH_ITERATIONS:-6}" \
         UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}" \
-        ctest --test-dir "$dir" --output-on-failure --no-tests=error --timeout 900 -j"$JOBS" "$@" 2>&1 |
-        tee "$log" || status=$?
-    [ "$status" = 0 ] && return 0
-    # LeakSanitizer's own stop-the-world tracer sometimes crashes at exit
-    # ("Tracer caught signal 11 ... LeakSanitizer has encountered a fatal
-    # error", after the test's assertions all passed): a known rare flake of
-    # the sanitizer (google/sanitizers#1353), not a leak and not our code.
-    # Only when every failure is that crash are the failed tests run again,
-    # once; anything else fails the run as it is.
-    local failed crashed
-    failed=$(grep -cE '\*\*\*(Failed|Exception)' "$log" || true)
-    crashed=$(grep -c 'LeakSanitizer has encountered a fatal error' "$log" || true)
-    if [ "$failed" -gt 0 ] && [ "$crashed" -ge "$failed" ]; then
-        echo "test.sh: LeakSanitizer's tracer crashed at exit in $failed test(s) (a sanitizer flake); running them again once"
-        BOTTOMLESS_CRASH_ITERATIONS="${SAN_CRASH_ITERATIONS:-6}" \
-            UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}" \
-            ctest --test-dir "$dir" --output-on-failure --rerun-failed --timeout 900 -j"$JOBS"
-        return
-    fi
-    return "$status"
+        ctest --test-dir "$dir" --output-on-failure --no-tests=error --timeout 900 -j"$JOBS" "$@"
 }
 # On by default: CI runs them (a clean-clone run of everything here: 14 min).
 if [[ "${SANITIZERS:-1}" == 1 ]]; then
