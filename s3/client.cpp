@@ -14,6 +14,7 @@
 
 #include "s3/client_internal.h"
 #include "s3/credentials.h"
+#include "s3/thread_local.h"
 #include "s3/crypto.h"
 #include "s3/log.h"
 #include "s3/request_budget.h"
@@ -26,7 +27,7 @@ namespace {
 
 constexpr const char* kEmptySha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-thread_local std::chrono::steady_clock::time_point t_deadline = std::chrono::steady_clock::time_point::max();
+BOTTOMLESS_THREAD_LOCAL std::chrono::steady_clock::time_point t_deadline = std::chrono::steady_clock::time_point::max();
 
 }  // namespace
 
@@ -190,7 +191,7 @@ Result<http::Response> Client::execute(Call& call) {
     std::string qs = Signer::canonical_query(call.query);
     if (!qs.empty()) url += "?" + qs;
 
-    thread_local std::minstd_rand rng{std::random_device{}()};
+    BOTTOMLESS_THREAD_LOCAL std::minstd_rand rng{std::random_device{}()};
     const auto start = std::chrono::steady_clock::now();
     // Every attempt ends by the retry budget's end (stretched by the
     // transfer's size, see http::Request) and never after the caller's

@@ -16,6 +16,7 @@
 
 #include "s3/credentials_internal.h"
 #include "s3/http.h"
+#include "s3/thread_local.h"
 #include "s3/log.h"
 
 namespace bottomless::s3 {
@@ -65,7 +66,7 @@ std::optional<std::string> credentials_detail::read_small_file(const std::string
 }
 
 void credentials_detail::backoff(int attempt) {
-    thread_local std::minstd_rand rng{std::random_device{}()};
+    BOTTOMLESS_THREAD_LOCAL std::minstd_rand rng{std::random_device{}()};
     int cap = std::min(100 * (1 << std::min(attempt, 5)), 2000);
     std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(cap / 2, cap)(rng)));
 }
