@@ -28,7 +28,10 @@
 **   (auto-checkpoint then fails in one lock call). Both kinds of lock are
 **   registered with the replicator before it is asked (shm_lock_veto).
 ** - No network or file I/O in xShmLock: it reads the 48-byte wal-index
-**   header, touches atomics, and records a commit under a short mutex.
+**   header, touches atomics, and records a commit under a short mutex. One
+**   exception, in a process that follows another's leader (follower.h): a
+**   checkpoint or WAL restart it lets through opens the shared area and
+**   takes its snapshot byte (a few syscalls, about once per WAL cycle).
 ** - Exceptions never cross this C ABI: every method catches and maps to an
 **   SQLITE_IOERR_* code (bad_alloc to SQLITE_IOERR_NOMEM).
 */
