@@ -104,10 +104,7 @@ bool Replicator::note_wal_index() {
     WalIndexHeader h;
     {
         std::lock_guard shlock(shm_mu_);
-        if (!shm0_) return false;
-        bool got = false;
-        for (int i = 0; i < 1000 && !(got = read_wal_index(shm0_, h, true)); ++i) std::this_thread::yield();
-        if (!got) return false;
+        if (!shm0_ || !read_wal_index_settled(shm0_, h)) return false;
     }
     const bool observed = last_noted_salt1_ != 0 || last_noted_salt2_ != 0;
     const bool same_epoch = h.salt1 == last_noted_salt1_ && h.salt2 == last_noted_salt2_;
@@ -171,13 +168,8 @@ void Replicator::note_shm(const volatile unsigned char* region0) {
 
 std::optional<WalIndexHeader> Replicator::wal_index_now() const {
     std::lock_guard shlock(shm_mu_);
-    if (!shm0_) return std::nullopt;
     WalIndexHeader h;
-    // A writer updates the two copies one after the other: read until they agree.
-    for (int i = 0; i < 1000; ++i) {
-        if (read_wal_index(shm0_, h, true)) return h;
-        std::this_thread::yield();
-    }
+    if (shm0_ && read_wal_index_settled(shm0_, h)) return h;
     return std::nullopt;
 }
 

@@ -32,16 +32,6 @@ Registry& registry() {
 
 bool process_gone(long pid) { return pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH; }
 
-// The leader's own ways to find the header, without a WAL lock: both copies agree.
-std::optional<WalIndexHeader> header_of(const volatile unsigned char* shm0) {
-    if (!shm0) return std::nullopt;
-    WalIndexHeader h;
-    for (int i = 0; i < 1000; ++i) {
-        if (read_wal_index(shm0, h, true)) return h;
-        std::this_thread::yield();
-    }
-    return std::nullopt;
-}
 
 }  // namespace
 
@@ -134,7 +124,9 @@ void Follower::note_shm(const volatile unsigned char* region0) {
 
 std::optional<WalIndexHeader> Follower::wal_index_now() const {
     std::lock_guard lock(mu_);
-    return header_of(shm0_);
+    WalIndexHeader h;
+    if (shm0_ && read_wal_index_settled(shm0_, h)) return h;
+    return std::nullopt;
 }
 
 bool Follower::begin_restart(const WalIndexHeader& h, SharedArea::Hold& hold) {

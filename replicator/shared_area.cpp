@@ -46,6 +46,17 @@ SharedArea::Hold hold(const std::string& path, short type) {
     return SharedArea::Hold();
 }
 
+// A (salts, frame) pair one writer updates as publish_durable() does: stable
+// when the salts read before and after the frame agree.
+void read_pair(const std::atomic<uint64_t>& salts_in, const std::atomic<uint64_t>& frame_in, uint64_t& salts,
+               uint64_t& frame) {
+    for (;;) {
+        salts = salts_in.load();
+        frame = frame_in.load();
+        if (salts_in.load() == salts) return;
+    }
+}
+
 }  // namespace
 
 struct SharedArea::Layout {
@@ -110,23 +121,12 @@ bool SharedArea::leader_sync() const { return map_->sync.load() != 0; }
 uint64_t SharedArea::commits() const { return map_->commits.load(); }
 long SharedArea::followers() const { return static_cast<long>(map_->followers.load()); }
 
-void SharedArea::ended(uint64_t& salts, uint64_t& frame) const {
-    for (;;) {
-        salts = map_->ended_salts.load();
-        frame = map_->ended_frame.load();
-        if (map_->ended_salts.load() == salts) return;
-    }
-}
+void SharedArea::ended(uint64_t& salts, uint64_t& frame) const { read_pair(map_->ended_salts, map_->ended_frame, salts, frame); }
 
 long SharedArea::leader_pid() const { return static_cast<long>(map_->leader_pid.load()); }
 
 void SharedArea::durable(uint64_t& salts, uint64_t& frame) const {
-    // Stable when the salts read before and after the frame agree.
-    for (;;) {
-        salts = map_->durable_salts.load();
-        frame = map_->durable_frame.load();
-        if (map_->durable_salts.load() == salts) return;
-    }
+    read_pair(map_->durable_salts, map_->durable_frame, salts, frame);
 }
 
 int64_t SharedArea::durable_time_us() const { return static_cast<int64_t>(map_->durable_us.load()); }

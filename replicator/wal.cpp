@@ -15,6 +15,7 @@
 #include <cassert>
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 namespace bottomless::replicator {
 
@@ -136,6 +137,14 @@ bool read_wal_index(const volatile unsigned char* shm, WalIndexHeader& out, bool
     out.salt1 = read_be32(h + 32);
     out.salt2 = read_be32(h + 36);
     return true;
+}
+
+bool read_wal_index_settled(const volatile unsigned char* shm, WalIndexHeader& out) {
+    for (int i = 0; i < 1000; ++i) {
+        if (read_wal_index(shm, out, true)) return true;
+        std::this_thread::yield();
+    }
+    return false;
 }
 
 bool verify_frame(const WalHeader& hdr, const unsigned char* frame_header, const unsigned char* page, uint32_t& s1,

@@ -79,6 +79,10 @@ struct WalIndexHeader {
 // or, with `both_copies` (a reader that holds no WAL lock), while the two
 // copies differ (a writer is updating it: read again).
 bool read_wal_index(const volatile unsigned char* shm, WalIndexHeader& out, bool both_copies);
+// Without a WAL lock: reads until the two copies agree (a writer updates
+// them one after the other), yielding between tries; false if they never
+// did in 1000 tries.
+bool read_wal_index_settled(const volatile unsigned char* shm, WalIndexHeader& out);
 
 // Byte offset of frame i (1-based) in a WAL with this page size.
 inline uint64_t wal_frame_offset(uint32_t page_size, uint64_t i) {
