@@ -8,11 +8,13 @@
 // duration, then flushes (bottomless) and closes. Rounds alternate the order
 // of the modes; per mode it reports the median txn/s and the median of the
 // per-round ratios to plain WAL with the same number of processes, plus PUT
-// requests per minute (summed over the processes that led) and generations.
+// requests per minute (summed over the processes that led), the largest the
+// WAL file grew (median over rounds) and generations.
 //
 // Usage (server from scripts/s3-server.sh, env from its `env` command):
 //   build/bench/process_bench [--seconds S] [--rounds R] [--writers N] [--sync NORMAL|FULL]
 #include <sqlite3.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -75,8 +77,13 @@ Outcome write_loop(const std::string& uri, const Options& o, Clock::time_point u
     return out;
 }
 
-// Runs one mode; returns total txn/s and PUT/min.
-std::pair<double, double> run(const std::string& mode, const Options& o, int round) {
+struct RunResult {
+    double tps = 0, puts_per_min = 0;
+    double max_wal_mib = 0;  // the largest the WAL file grew, sampled every 10 ms
+};
+
+// Runs one mode.
+RunResult run(const std::string& mode, const Options& o, int round) {
     const bool bottomless = mode.rfind("async", 0) == 0;
     const bool threads = mode.find("threads") != std::string::npos;
     const std::string name = mode + "-" + std::to_string(round) + ".db";
@@ -121,20 +128,39 @@ std::pair<double, double> run(const std::string& mode, const Options& o, int rou
         pids.push_back(pid);
     }
     ::close(fds[1]);
+    // The WAL's size while the writers run: a WAL that cannot restart grows.
+    std::atomic<bool> done{false};
+    std::atomic<uint64_t> max_wal{0};
+    std::thread sampler([&] {
+        const std::string wal = path + "-wal";
+        while (!done.load()) {
+            struct stat st{};
+            if (::stat(wal.c_str(), &st) == 0 && static_cast<uint64_t>(st.st_size) > max_wal.load())
+                max_wal.store(static_cast<uint64_t>(st.st_size));
+            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
+    });
     Outcome sum;
     for (size_t i = 0; i < pids.size(); ++i) {
         Outcome one;
-        if (::read(fds[0], &one, sizeof one) != static_cast<ssize_t>(sizeof one)) die(mode + ": a writer failed");
+        if (::read(fds[0], &one, sizeof one) != static_cast<ssize_t>(sizeof one)) {
+            done.store(true);
+            sampler.join();
+            die(mode + ": a writer failed");
+        }
         sum.txns += one.txns;
         sum.puts += one.puts;
     }
     ::close(fds[0]);
+    done.store(true);
+    sampler.join();
     for (pid_t pid : pids) {
         int st = 0;
         ::waitpid(pid, &st, 0);
         if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) die(mode + ": a writer exited abnormally");
     }
-    return {static_cast<double>(sum.txns) / o.seconds, sum.puts / (o.seconds / 60.0)};
+    return {static_cast<double>(sum.txns) / o.seconds, sum.puts / (o.seconds / 60.0),
+            static_cast<double>(max_wal.load()) / (1 << 20)};
 }
 
 }  // namespace
@@ -166,26 +192,30 @@ int main(int argc, char** argv) {
     o.dir = tmpl;
 
     const std::vector<std::string> modes = {"plain-procs", "async-procs", "async-threads"};
-    std::map<std::string, std::vector<double>> tps, ratio, puts;
+    std::map<std::string, std::vector<double>> tps, ratio, puts, wal;
     for (int r = 0; r < o.rounds; ++r) {
         std::vector<std::string> order = modes;
         if (r % 2) std::reverse(order.begin(), order.end());
         std::map<std::string, double> got;
         for (const auto& m : order) {
-            auto [t, p] = run(m, o, r);
-            got[m] = t;
-            tps[m].push_back(t);
-            if (m != "plain-procs") puts[m].push_back(p);
-            std::fprintf(stderr, "round %d %-14s %9.0f txn/s %7.0f PUT/min\n", r, m.c_str(), t, p);
+            const RunResult x = run(m, o, r);
+            got[m] = x.tps;
+            tps[m].push_back(x.tps);
+            wal[m].push_back(x.max_wal_mib);
+            if (m != "plain-procs") puts[m].push_back(x.puts_per_min);
+            std::fprintf(stderr, "round %d %-14s %9.0f txn/s %7.0f PUT/min  WAL max %7.1f MiB\n", r, m.c_str(), x.tps,
+                         x.puts_per_min, x.max_wal_mib);
         }
         for (const auto& m : modes) ratio[m].push_back(got[m] / got["plain-procs"]);
     }
-    std::printf("| %d writers, synchronous=%s, 1-row txns | txn/s (median) | ratio to plain WAL, %d processes | PUT/min |\n",
+    std::printf("| %d writers, synchronous=%s, 1-row txns | txn/s (median) | ratio to plain WAL, %d processes | PUT/min "
+                "| largest WAL, MiB |\n",
                 o.writers, o.sync.c_str(), o.writers);
-    std::printf("| --- | ---: | ---: | ---: |\n");
+    std::printf("| --- | ---: | ---: | ---: | ---: |\n");
     for (const auto& m : modes)
-        std::printf("| %s | %.0f | %.2f | %s |\n", m.c_str(), median(tps[m]), median(ratio[m]),
-                    m == "plain-procs" ? "-" : std::to_string(static_cast<long>(median(puts[m]))).c_str());
+        std::printf("| %s | %.0f | %.2f | %s | %.1f |\n", m.c_str(), median(tps[m]), median(ratio[m]),
+                    m == "plain-procs" ? "-" : std::to_string(static_cast<long>(median(puts[m]))).c_str(),
+                    median(wal[m]));
     // Generations per database: one each expected.
     int extra = 0;
     for (const auto& m : {"async-procs", "async-threads"})

@@ -64,8 +64,10 @@ bool Replicator::restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     // second restart would overwrite them with no record, and cost a new
     // generation.
     if (durable_salts_.load() != salts) return false;
-    // Other processes write too: their frames are not in the tee.
-    if (area_ && area_->followers()) return false;
+    // Other processes write too: their frames are not in the tee. The
+    // restart copies the unshipped frames aside (begin_restart), as a
+    // follower's does.
+    if (area_ && area_->followers()) return unshipped_bytes_.load() <= config_.max_pending_bytes;
     return !tee_.has_hole() && unshipped_bytes_.load() <= config_.max_pending_bytes;
 }
 
@@ -81,17 +83,22 @@ void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
         foreign_writer_.store(true);
 }
 
-bool Replicator::cooperating_restart() const {
+bool Replicator::cooperating_restart() {
     const uint64_t last = (static_cast<uint64_t>(last_noted_salt1_) << 32) | last_noted_salt2_;
     if (own_restart_salts_ == last) return true;  // this process restarted it
     if (!area_) return false;
     uint64_t salts = 0, frame = 0;
     area_->ended(salts, frame);
-    // The follower ended the epoch we last saw, at a frame we had made
-    // durable (it restarts only then), or empty: nothing of it can be missing.
-    if (salts != last) return false;
-    if (frame == 0) return last_noted_frame_ == 0;
-    return durable_salts_.load() == last && durable_frame_.load() == frame;
+    // A follower ended the epoch we last saw, at or after our last look: its
+    // commits up to there are noted first (their frames are in the WAL's
+    // old slots or, once overwritten, in the copy aside; capture_range).
+    if (salts != last || frame < last_noted_frame_) return false;
+    if (frame > last_noted_frame_) {
+        log::debug(path_ + ": another process restarted the WAL after frame " + std::to_string(frame) +
+                   " (last seen: " + std::to_string(last_noted_frame_) + ")");
+        note_commit_locked(last_noted_salt1_, last_noted_salt2_, frame, 0);
+    }
+    return true;
 }
 
 bool Replicator::note_wal_index() {
@@ -147,12 +154,36 @@ bool Replicator::begin_restart() {
     return register_then_ask(restarts_active_, [&] { return restart_allowed(); });
 }
 
-bool Replicator::begin_restart(uint32_t salt1, uint32_t salt2, uint64_t mx_frame) {
-    if (!register_then_ask(restarts_active_, [&] { return restart_allowed(salt1, salt2, mx_frame); })) return false;
+bool Replicator::begin_restart(const WalIndexHeader& h) {
+    if (!register_then_ask(restarts_active_, [&] { return restart_allowed(h.salt1, h.salt2, h.mx_frame); }))
+        return false;
+    const uint64_t salts = (static_cast<uint64_t>(h.salt1) << 32) | h.salt2;
+    if (area_ && area_->followers()) {
+        // Other processes write into the next epoch: the frames not yet
+        // durable go aside now (under the WAL write lock), and the area says
+        // where the epoch ended, for whoever leads after this process.
+        // From the published position: a process taking over starts from
+        // the state file, which may not yet say what this process has made
+        // durable since (it is published after the state file is written).
+        uint64_t area_salts = 0, durable = 0;
+        area_->durable(area_salts, durable);
+        if (area_salts != salts) durable = 0;
+        if (h.mx_frame > durable) {
+            if (Status st = keep_epoch_tail(path_, h, durable); !st) {
+                log::warn(path_ + ": a WAL restart waits (its unshipped frames could not be kept aside: " +
+                          st.error().message + ")");
+                end_restart();
+                return false;
+            }
+            std::lock_guard olock(obs_mu_);
+            kept_aside_ = WalPosition{h.salt1, h.salt2, h.mx_frame, 0, 0};
+        }
+        area_->note_epoch_end(h.salt1, h.salt2, h.mx_frame);
+    }
     // Ours: a look at the wal-index before this connection reports the new
     // epoch (a poll, a flush) must not take it for a writer outside bottomless.
     std::lock_guard olock(obs_mu_);
-    own_restart_salts_ = (static_cast<uint64_t>(salt1) << 32) | salt2;
+    own_restart_salts_ = salts;
     return true;
 }
 
@@ -225,6 +256,12 @@ std::optional<WalHeader> Replicator::epoch_header(uint32_t salt1, uint32_t salt2
     if (epoch_hdr_ && epoch_hdr_->salt1 == salt1 && epoch_hdr_->salt2 == salt2) return epoch_hdr_;
     auto h = tee_.header(salt1, salt2);
     if (!h) h = wal.header();
+    if (area_ && (!h || h->salt1 != salt1 || h->salt2 != salt2)) {
+        // Another process restarted the WAL: the ended epoch's header went
+        // aside with its unshipped frames (keep_epoch_tail).
+        WalFile aside(path_ + "-bottomless-frames");
+        h = aside.header();
+    }
     if (!h || h->salt1 != salt1 || h->salt2 != salt2) return std::nullopt;
     epoch_hdr_ = h;
     return h;
@@ -271,19 +308,30 @@ Status Replicator::capture_range(const WalHeader& hdr, uint64_t from, uint64_t t
         if (!st) log::debug(path_ + ": tee frames " + std::to_string(from) + ".." + std::to_string(to) +
                             " fail the checksum chain; reading them from the WAL");
     }
-    if (!st) {
-        // Frames this process did not write, or did not keep (memory): the
-        // WAL still holds them (a restart waits until they are durable).
+    // Frames this process did not write, or did not keep (memory): the WAL
+    // still holds them (a restart waits until they are durable, or, with
+    // other processes, copies them aside first: keep_epoch_tail).
+    auto read_from = [&](WalFile& file) {
         frames.clear();
         txns.clear();
         pos = captured_;
-        if (!wal.read(hdr.page_size, from, to, frames))
-            return make_error(ErrorKind::Corrupt, "WAL frames " + std::to_string(from) + ".." + std::to_string(to) +
-                                                      " are missing or short", "WalShort");
+        if (!file.read(hdr.page_size, from, to, frames))
+            return Status(make_error(ErrorKind::Corrupt, "WAL frames " + std::to_string(from) + ".." +
+                                                             std::to_string(to) + " are missing or short",
+                                     "WalShort"));
         wal_frames_read_.fetch_add(to - from + 1);
-        st = frames_to_txns(hdr, from, frames, pos, txns, commit_us, commit_index);
-        if (!st) return st;
+        return frames_to_txns(hdr, from, frames, pos, txns, commit_us, commit_index);
+    };
+    if (!st) st = read_from(wal);
+    if (!st && area_) {
+        WalFile aside(path_ + "-bottomless-frames");
+        if (Status again = read_from(aside); again) {
+            log::debug(path_ + ": frames " + std::to_string(from) + ".." + std::to_string(to) +
+                       " of an ended WAL epoch read from the copy aside");
+            st = again;
+        }
     }
+    if (!st) return st;
     uint64_t bytes = 0;
     for (auto& t : txns) {
         bytes += t.bytes;
@@ -313,6 +361,16 @@ bool Replicator::fits_in_memory(const WalHeader& hdr, uint64_t from, uint64_t to
     return true;
 }
 
+bool Replicator::epoch_left_behind() const {
+    // A safety net: the captured epoch's last frames would be skipped. The
+    // restart that ended it is noted (cooperating_restart) before the new
+    // epoch, so this never holds unless an observation was missed.
+    if (!area_) return false;
+    uint64_t salts = 0, frame = 0;
+    area_->ended(salts, frame);
+    return salts == ((static_cast<uint64_t>(captured_.salt1) << 32) | captured_.salt2) && frame > captured_.frame;
+}
+
 Status Replicator::capture() {
     std::deque<Commit> todo;
     {
@@ -326,6 +384,13 @@ Status Replicator::capture() {
     while (!todo.empty()) {
         Commit c = todo.front();
         if (c.salt1 != captured_.salt1 || c.salt2 != captured_.salt2) {
+            if (epoch_left_behind()) {
+                request_snapshot("another process restarted the WAL after frame " +
+                                 std::to_string(captured_.frame) + " of the epoch without this process observing "
+                                 "its last frames");
+                todo.clear();
+                break;
+            }
             auto hdr = epoch_header(c.salt1, c.salt2, wal);
             if (!hdr) {
                 request_snapshot("the WAL was restarted before its frames could be read (a writer outside bottomless?)");

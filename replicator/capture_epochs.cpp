@@ -18,7 +18,7 @@
 
 namespace bottomless::replicator {
 
-Status Replicator::record_epoch_end(const char* why) {
+Status Replicator::record_epoch_end(const char* why, bool copy_aside) {
     // The WAL's epoch goes (restarted, truncated, deleted) while some frames
     // are only in memory. Remember how far it went; whenever the durable
     // position is in an epoch that has ended with frames after it, the state
@@ -39,7 +39,7 @@ Status Replicator::record_epoch_end(const char* why) {
     else ended_epochs_.push_back(WalPosition{lost.salt1, lost.salt2, lost.frame, 0, 0});
     while (ended_epochs_.size() > 16) ended_epochs_.pop_front();
     const WalPosition record = restart_record();
-    if (record.frame && page_size_ && record.salt1 == durable_.salt1 && record.salt2 == durable_.salt2) {
+    if (copy_aside && record.frame && page_size_ && record.salt1 == durable_.salt1 && record.salt2 == durable_.salt2) {
         preserve_to_.store(wal_frame_offset(page_size_, record.frame + 1));
         preserve_salts_.store((static_cast<uint64_t>(record.salt1) << 32) | record.salt2);
         preserve_from_.store(wal_frame_offset(page_size_, durable_.frame + 1));  // the new epoch writes from frame 1
@@ -62,19 +62,45 @@ WalPosition Replicator::restart_record() const {
     return WalPosition{};
 }
 
-Status copy_frames_aside(const std::string& wal_path, const std::string& out_path, uint64_t from, uint64_t to) {
+Status copy_frames_aside(const std::string& wal_path, const std::string& out_path, uint64_t from, uint64_t to,
+                         bool with_header) {
     Fd in(::open(wal_path.c_str(), O_RDONLY | O_CLOEXEC));
     Fd out(::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
     if (in.fd < 0 || out.fd < 0)
         return make_error(ErrorKind::Io, "cannot open " + (in.fd < 0 ? wal_path : out_path) + ": " + std::strerror(errno));
-    std::vector<unsigned char> buf(std::min<uint64_t>(to - from, 1u << 20));
-    for (uint64_t off = from; off < to;) {
+    std::vector<unsigned char> buf(std::max<uint64_t>(kWalHeaderSize, std::min<uint64_t>(to - from, 1u << 20)));
+    auto copy = [&](uint64_t off, size_t n) {
+        return pread_full(in.fd, buf.data(), n, off) && pwrite_full(out.fd, buf.data(), n, off);
+    };
+    uint64_t off = from;
+    // In the kernel where it can (no copy through user space); read and
+    // written here otherwise (another file system, an old kernel).
+    while (off < to) {
+        loff_t in_off = static_cast<loff_t>(off), out_off = static_cast<loff_t>(off);
+        const ssize_t n = ::copy_file_range(in.fd, &in_off, out.fd, &out_off, static_cast<size_t>(to - off), 0);
+        if (n <= 0) break;
+        off += static_cast<uint64_t>(n);
+    }
+    while (off < to) {
         const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), to - off));
-        if (!pread_full(in.fd, buf.data(), n, off) || !pwrite_full(out.fd, buf.data(), n, off))
-            return make_error(ErrorKind::Io, "cannot copy frames to " + out_path + ": " + std::strerror(errno));
+        if (!copy(off, n)) return make_error(ErrorKind::Io, "cannot copy frames to " + out_path + ": " + std::strerror(errno));
         off += n;
     }
+    if (with_header && !copy(0, kWalHeaderSize))
+        return make_error(ErrorKind::Io, "cannot copy the WAL header to " + out_path + ": " + std::strerror(errno));
     return {};
+}
+
+Status keep_epoch_tail(const std::string& db_path, const WalIndexHeader& h, uint64_t durable_frame) {
+    if (h.mx_frame <= durable_frame || h.page_size == 0) return {};
+    const auto t0 = std::chrono::steady_clock::now();
+    Status st = copy_frames_aside(db_path + "-wal", db_path + "-bottomless-frames",
+                             wal_frame_offset(h.page_size, durable_frame + 1),
+                             wal_frame_offset(h.page_size, h.mx_frame + 1), /*with_header=*/true);
+    log::debug(db_path + ": WAL restart: frames " + std::to_string(durable_frame + 1) + ".." + std::to_string(h.mx_frame) +
+               " kept aside in " + std::to_string(std::chrono::duration_cast<std::chrono::microseconds>(
+                                                      std::chrono::steady_clock::now() - t0).count()) + " us");
+    return st;
 }
 
 void Replicator::preserve_ended_frames() noexcept {
@@ -121,6 +147,21 @@ void Replicator::preserve_ended_frames() noexcept {
 
 Status Replicator::flush_before_wal_loss(const char* why, std::chrono::milliseconds timeout) {
     if (!enabled_ || restart_allowed()) return {};
+    if (area_) {
+        // Other processes write: begin_restart copied the epoch's unshipped
+        // frames aside; the uploader ships them from the WAL or from there
+        // (capture_range). Only the record for a crash is left to make.
+        bool kept;
+        {
+            std::lock_guard olock(obs_mu_);
+            kept = kept_aside_.frame && kept_aside_.salt1 == last_commit_seen_.salt1 &&
+                   kept_aside_.salt2 == last_commit_seen_.salt2 && kept_aside_.frame >= last_commit_seen_.frame;
+        }
+        if (kept) {
+            Lock lock(upload_mu_);
+            return record_epoch_end(why, /*copy_aside=*/false);
+        }
+    }
     // SQLite only restarts, truncates or deletes the WAL after a complete
     // checkpoint, so every committed frame is already in the (synced)
     // database file. The frames not yet durable stay in memory: in the tee

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "replicator/replicator.h"
+#include "replicator/replicator_internal.h"
 #include "replicator/util.h"
 #include "s3/log.h"
 
@@ -129,28 +130,51 @@ std::optional<WalIndexHeader> Follower::wal_index_now() const {
     return std::nullopt;
 }
 
+bool Follower::tail_keepable(const WalIndexHeader& h) const {
+    // What a restart would overwrite unshipped must be in the epoch the
+    // leader ships now (one ended epoch at a time, as in the leader's own
+    // process) and small enough to copy aside under the write lock.
+    const uint64_t n = area_->unshipped_frames(h);
+    if (n == 0) return true;
+    if (n == UINT64_MAX || h.page_size == 0) return false;
+    return n * (h.page_size + kWalFrameHeaderSize) <= config_.max_pending_bytes;
+}
+
 bool Follower::begin_restart(const WalIndexHeader& h, SharedArea::Hold& hold) {
     // Every frame the restart would overwrite is durable (the leader said
-    // so), and no snapshot reads them (the byte, shared).
-    if (!area_->covers(h)) return false;
+    // so) or copied aside now; no snapshot reads them (the byte, shared).
+    if (!tail_keepable(h)) return false;
     hold = area_->try_hold_shared();
     if (!hold.held()) return false;
-    if (!area_->covers(h)) {  // a new leader published an older position meanwhile
+    uint64_t salts = 0, frame = 0;
+    area_->durable(salts, frame);
+    if (!tail_keepable(h)) {  // a new leader published an older position meanwhile
         hold.release();
         return false;
     }
+    if (!area_->covers(h)) {
+        // Under the WAL write lock: the epoch's committed frames stay as
+        // they are while they are copied.
+        if (Status st = keep_epoch_tail(path_, h, frame); !st) {
+            log::warn(path_ + ": a WAL restart waits (its unshipped frames could not be kept aside: " +
+                      st.error().message + ")");
+            hold.release();
+            return false;
+        }
+    }
     area_->note_epoch_end(h.salt1, h.salt2, h.mx_frame);
+    area_->note_follower_commit();  // the leader looks at once
     if (auto r = promoted()) r->note_wal_index();
     return true;
 }
 
 bool Follower::begin_checkpoint(const WalIndexHeader* h, SharedArea::Hold& hold) {
     // As in the leader's process: a checkpoint only when the WAL could
-    // restart after it (every frame durable), so that SQLite's
-    // auto-checkpoint fails in one lock call, and a RESTART/TRUNCATE
-    // checkpoint is refused here rather than holding the write lock while
-    // its restart is refused.
-    if (!h || !area_->covers(*h)) return false;
+    // restart after it (its unshipped frames few enough to keep aside), so
+    // that SQLite's auto-checkpoint fails in one lock call, and a
+    // RESTART/TRUNCATE checkpoint is refused here rather than holding the
+    // write lock while its restart is refused.
+    if (!h || !tail_keepable(*h)) return false;
     hold = area_->try_hold_shared();
     if (!hold.held()) return false;
     {

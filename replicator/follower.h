@@ -56,11 +56,12 @@ public:
     void note_shm(const volatile unsigned char* region0);
     // A WAL restart (or RESTART/TRUNCATE checkpoint) is asked for, the
     // wal-index header being `h`: may it go ahead? If so, `hold` keeps the
-    // leader's snapshot out until the lock is released, and the epoch's end
-    // is recorded for the leader.
+    // leader's snapshot out until the lock is released, the frames the
+    // leader has not made durable are copied aside (keep_epoch_tail), and
+    // the epoch's end is recorded for the leader.
     bool begin_restart(const WalIndexHeader& h, SharedArea::Hold& hold);
     // A checkpoint: refused while the leader's snapshot reads, and while
-    // the WAL holds frames the leader has not made durable.
+    // the WAL could not restart after it (tail_keepable).
     bool begin_checkpoint(const WalIndexHeader* h, SharedArea::Hold& hold);
     // A write transaction of ours ended (WAL write lock released).
     void note_commit();
@@ -82,6 +83,9 @@ private:
     Follower(std::string path, ReplicatorConfig config, long leader_pid);
     void try_take_over() noexcept;  // the takeover thread
     std::optional<WalIndexHeader> wal_index_now() const;
+    // The WAL `h` describes could restart now: every frame durable, or the
+    // rest in the epoch the leader ships and within max_pending_bytes.
+    bool tail_keepable(const WalIndexHeader& h) const;
     static void takeover_loop();
 
     const std::string path_;

@@ -143,7 +143,10 @@ public:
     bool begin_checkpoint(uint32_t salt1, uint32_t salt2, uint64_t mx_frame);
     void end_checkpoint() { checkpoints_active_.fetch_sub(1); }
     bool begin_restart();
-    bool begin_restart(uint32_t salt1, uint32_t salt2, uint64_t mx_frame);
+    // Given the wal-index header. With other processes writing, a restart
+    // that goes ahead with frames not yet durable copies them aside first
+    // (keep_epoch_tail) and records the epoch's end in the shared area.
+    bool begin_restart(const WalIndexHeader& h);
     void end_restart() { restarts_active_.fetch_sub(1); }
     bool wal_is_open() const { return wal_open_.load() > 0; }
     // The database file was written while no WAL was open (rollback-journal
@@ -310,16 +313,24 @@ private:
     // held_limit (the tee holds them, or there is room to read them from
     // the WAL, made by shedding newer tee frames if nothing else frees it).
     bool fits_in_memory(const WalHeader& hdr, uint64_t from, uint64_t to);
+    // The shared area says the captured epoch went on past captured_ (its
+    // last frames would be skipped by moving to the next epoch).
+    bool epoch_left_behind() const;
     // The frames of one or more transactions, after `captured_`, checked
     // against the checksum chain, into `out`; `pos` ends at the last commit.
     Status frames_to_txns(const WalHeader& hdr, uint64_t from, std::vector<TeeFrame>& frames, WalPosition& pos,
                           std::vector<PendingTxn>& out, int64_t commit_us, uint64_t commit_index);
     void mark_durable(const WalPosition& pos, uint64_t commit_index);
     void request_snapshot(const std::string& reason);
-    bool write_state_file(bool clean_close);  // false (logged) if it could not be written
+    // False (logged) if it could not be written; then publishes the durable
+    // position to the shared area.
+    bool write_state_file(bool clean_close);
+    bool write_state_record(bool clean_close);
     // The WAL's epoch is about to go with frames only in memory: remember how
     // far it went and write the state file if its record changes.
-    Status record_epoch_end(const char* why);
+    // `copy_aside`: the uploader copies its unshipped frames aside
+    // (preserve_ended_frames); false when begin_restart already did.
+    Status record_epoch_end(const char* why, bool copy_aside = true);
     WalPosition restart_record() const;  // ended_epochs_'s entry for durable_, if it went further
     void preserve_ended_frames() noexcept;
     void record_error(const Error& e);
@@ -329,9 +340,13 @@ private:
     // The other processes' commits since the last look (area_'s counter
     // moved): note_wal_index() of the wal-index header now.
     void poll_followers();
-    // A follower's restart ended the epoch we last observed exactly where
-    // our durable position is (obs_mu_ held).
-    bool cooperating_restart() const;
+    // This process, or a follower, ended the epoch we last observed at or
+    // after our last look (obs_mu_ held); the follower's commits up to that
+    // end are noted.
+    bool cooperating_restart();
+    // The shared area's record of an epoch another process ended after the
+    // state file's position, merged into the state read at start-up.
+    void merge_shared_end(std::optional<LocalState>& state) const;
     void open_shared_area();     // maps it (acquire(), before the start-up)
     void publish_shared_area();  // the leader's position and pid, once started (start_uploader())
     // The process's leaders with a shared area are watched by one pool
@@ -372,6 +387,10 @@ private:
     uint32_t last_noted_salt1_ = 0, last_noted_salt2_ = 0;  // guarded by obs_mu_
     uint64_t last_noted_frame_ = 0;       // guarded by obs_mu_
     uint64_t own_restart_salts_ = 0;      // guarded by obs_mu_: the epoch a restart of this process last ended
+    // The epoch (and its last frame) whose unshipped frames begin_restart
+    // last copied aside with other processes writing: flush_before_wal_loss
+    // then has nothing to keep in memory. Guarded by obs_mu_.
+    WalPosition kept_aside_;
     WalPosition last_commit_seen_;        // guarded by obs_mu_: the newest commit observed (frame > 0)
     std::atomic<uint64_t> noted_index_{0};    // commits observed so far
     std::atomic<uint64_t> durable_index_{0};  // commits durable in S3

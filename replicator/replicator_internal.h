@@ -57,7 +57,17 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
 // Copies bytes [from, to) of the WAL to the same offsets of `out_path`
 // (created or emptied first): the copy aside of an ended epoch's unshipped
 // frames, `<db>-bottomless-frames` (Replicator::before_wal_overwrite).
-Status copy_frames_aside(const std::string& wal_path, const std::string& out_path, uint64_t from, uint64_t to);
+// With `with_header`, the WAL's header too (its salts, byte order and page
+// size let the ended epoch's frames be read back after the WAL restarted).
+Status copy_frames_aside(const std::string& wal_path, const std::string& out_path, uint64_t from, uint64_t to,
+                         bool with_header = false);
+
+// Several processes (issue 14): a WAL restart, by any process, while frames
+// of the epoch that ends are not durable yet. Its header and frames
+// (durable_frame, h.mx_frame] go to `<db>-bottomless-frames` first, under
+// the WAL write lock, so that the leader (or the process taking over from
+// it) ships them from there once the new epoch overwrites their slots.
+Status keep_epoch_tail(const std::string& db_path, const WalIndexHeader& h, uint64_t durable_frame);
 
 // The WAL file, opened when first needed: frames the tee lacks are read
 // from it (the uploader's fallback, counted in status as wal_frames_read).

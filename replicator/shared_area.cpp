@@ -131,11 +131,14 @@ void SharedArea::durable(uint64_t& salts, uint64_t& frame) const {
 
 int64_t SharedArea::durable_time_us() const { return static_cast<int64_t>(map_->durable_us.load()); }
 
-bool SharedArea::covers(const WalIndexHeader& h) const {
-    if (h.mx_frame == 0) return true;
+bool SharedArea::covers(const WalIndexHeader& h) const { return unshipped_frames(h) == 0; }
+
+uint64_t SharedArea::unshipped_frames(const WalIndexHeader& h) const {
+    if (h.mx_frame == 0) return 0;
     uint64_t salts = 0, frame = 0;
     durable(salts, frame);
-    return salts == pack(h.salt1, h.salt2) && frame >= h.mx_frame;
+    if (salts != pack(h.salt1, h.salt2)) return UINT64_MAX;
+    return frame >= h.mx_frame ? 0 : h.mx_frame - frame;
 }
 
 void SharedArea::note_follower(long pid) { map_->followers.store(static_cast<uint64_t>(pid)); }

@@ -4,21 +4,26 @@
 // other process (a follower) reads before it lets SQLite overwrite WAL frames.
 //
 //   leader_pid       the replicating process (0: none right now)
-//   durable          the leader's durable position (epoch salts, frame):
-//                    a follower's WAL restart is allowed only once every
-//                    frame of the WAL is covered by it
-//   ended            the epoch a follower last ended by restarting the WAL,
-//                    and its last frame: the leader continues the history in
-//                    the new epoch only when its durable position is exactly
-//                    there (anything else is a writer outside bottomless)
+//   durable          the leader's durable position (epoch salts, frame),
+//                    published once its state file says so: a WAL restart
+//                    (any process's) goes ahead when it covers the WAL, or
+//                    is in the ending epoch with few enough frames after it
+//                    to copy aside first (keep_epoch_tail)
+//   ended            the epoch a process last ended by restarting the WAL,
+//                    and its last frame: the leader notes that epoch's
+//                    commits up to there before the new epoch's (frames from
+//                    the old slots or the copy aside), and a process taking
+//                    over reads it as the state file's `restarted`; a new
+//                    epoch without it is a writer outside bottomless
 //   commits          bumped by a follower after each of its commits: the
 //                    leader polls it (every 50 ms, one load) and reads the
 //                    new frames from the WAL at the wal-index's mxFrame
 //   sync             the leader runs in sync mode: followers stay read-only
 //   followers        a follower process has opened the database (the pid of
 //                    one; never cleared): the leader's own WAL restarts then
-//                    wait for durability, and a starting leader takes what
-//                    is committed from the wal-index, not from a WAL scan
+//                    copy their unshipped frames aside, and a starting
+//                    leader takes what is committed from the wal-index, not
+//                    from a WAL scan
 //
 // The mapping outlives its descriptor (closed at once): a process holds no
 // descriptor of this file between calls. Fields are lock-free 64-bit
@@ -73,6 +78,10 @@ public:
     int64_t durable_time_us() const;  // when the leader last published
     // Every frame of the WAL that `h` describes is durable (or there is none).
     bool covers(const WalIndexHeader& h) const;
+    // How many of its frames are not: UINT64_MAX when the durable position
+    // is in another epoch (an older one not yet shipped, or this one not
+    // reached yet).
+    uint64_t unshipped_frames(const WalIndexHeader& h) const;
     void note_follower(long pid);
     void note_follower_commit();
     void note_epoch_end(uint32_t salt1, uint32_t salt2, uint64_t frame);

@@ -317,6 +317,16 @@ Status Replicator::take_snapshot(Lock& lock) {
         bytes_uploaded_ += put->size;
         if (h.last_commit_us) last_durable_commit_us_ = h.last_commit_us;
     }
+    if (pos.salt1 || pos.salt2) {
+        // As at a start that continues (continue_from): from here on a new
+        // epoch in the wal-index must be accounted for.
+        std::lock_guard olock(obs_mu_);
+        if (last_noted_salt1_ == 0 && last_noted_salt2_ == 0) {
+            last_noted_salt1_ = pos.salt1;
+            last_noted_salt2_ = pos.salt2;
+            last_noted_frame_ = pos.frame;
+        }
+    }
     mark_durable(pos, idx0);
     write_state_file(false);
     return {};

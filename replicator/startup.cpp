@@ -21,8 +21,28 @@
 namespace bottomless::replicator {
 
 
+void Replicator::merge_shared_end(std::optional<LocalState>& state) const {
+    // Several processes: another process's WAL restart may have ended the
+    // recorded epoch, with frames after the recorded position, once the state
+    // file was written (shared_area.h, `ended`). Recorded as this process's
+    // own restarts record theirs: the frames are then read back from their
+    // old slots or the copy aside (keep_epoch_tail), or the history is not
+    // proven.
+    if (!area_ || !state) return;
+    uint64_t salts = 0, frame = 0;
+    area_->ended(salts, frame);
+    const WalPosition& at = state->position;
+    if (salts != ((static_cast<uint64_t>(at.salt1) << 32) | at.salt2) || frame <= at.frame) return;
+    const WalPosition& r = state->restarted;
+    if (r.salt1 == at.salt1 && r.salt2 == at.salt2 && r.frame >= frame) return;
+    state->restarted = WalPosition{at.salt1, at.salt2, frame, 0, 0};
+    log::debug(path_ + ": another process ended the recorded WAL epoch at frame " + std::to_string(frame) +
+               " (recorded position: frame " + std::to_string(at.frame) + ")");
+}
+
 bool Replicator::start_offline() {
     auto state = read_state_file(state_path_);
+    merge_shared_end(state);
     std::shared_ptr<const Cipher> cipher;
     LocalProof proof;
     OfflineFacts f;
@@ -116,6 +136,19 @@ void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
     // writer overwrites those frames), and shipping it would put a
     // transaction that never happened into the bucket. The first look at
     // the wal-index (the uploader's, as soon as it is mapped) notes them.
+    if (proof.salt1 || proof.salt2) {
+        // What the local files were proven to hold is what has been
+        // observed: a later look at the wal-index that finds another epoch
+        // is then a restart to account for (another process's, whose
+        // unshipped frames it copied aside: cooperating_restart), never a
+        // silent jump over the proven epoch's last frames.
+        std::lock_guard olock(obs_mu_);
+        if (last_noted_salt1_ == 0 && last_noted_salt2_ == 0) {
+            last_noted_salt1_ = proof.salt1;
+            last_noted_salt2_ = proof.salt2;
+            last_noted_frame_ = proof.unshipped_from;
+        }
+    }
     if (proof.last_commit_frame > proof.unshipped_from) {
         if (area_ && area_->followers()) poll_at_start_ = true;
         else note_commit(proof.salt1, proof.salt2, proof.last_commit_frame, proof.page_size);
@@ -461,6 +494,7 @@ Status Replicator::startup() {
     f.files.wal_exists = stat_file(wal_path_, wal_st);
     f.files.wal_size = wal_st.st_size;
     auto state = read_state_file(state_path_);
+    merge_shared_end(state);
     if (state && state->bucket == bucket && state->db_id == db_id) {
         f.state = &*state;
         // Keep only generations that exist: attempts a killed run never

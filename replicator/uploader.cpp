@@ -79,7 +79,6 @@ void Replicator::mark_durable(const WalPosition& pos, uint64_t commit_index) {
     });
     durable_salts_.store((static_cast<uint64_t>(pos.salt1) << 32) | pos.salt2);
     durable_frame_.store(pos.frame);
-    if (area_) area_->publish_durable(pos.salt1, pos.salt2, pos.frame);  // other processes may now restart over it
     if (commit_index > durable_index_.load()) durable_index_.store(commit_index);
     if (durable_index_.load() >= noted_index_.load()) {
         oldest_unshipped_us_.store(0);
@@ -510,6 +509,15 @@ bool same_record(const LocalState& a, const LocalState& b) {
 }  // namespace
 
 bool Replicator::write_state_file(bool clean_close) {
+    const bool ok = write_state_record(clean_close);
+    // Other processes may now restart the WAL over what is durable: only
+    // once the state file says so, so that whoever leads next (reading the
+    // state file) starts from no earlier than what they relied on.
+    if (area_) area_->publish_durable(durable_.salt1, durable_.salt2, durable_.frame);
+    return ok;
+}
+
+bool Replicator::write_state_record(bool clean_close) {
     if (generation_.empty() && lineage_.empty()) return true;
     LocalState st;
     st.bucket = config_.bucket;

@@ -59,7 +59,7 @@ int shm_lock_veto(ShimFile* s, Replicator* r, int ofst, int n) {
         bool have = read_wal_index(s, h);
         // Frames another process committed are captured with ours.
         if (have) r->note_commit(h.salt1, h.salt2, h.mx_frame, h.page_size);
-        if (!(have ? r->begin_restart(h.salt1, h.salt2, h.mx_frame) : r->begin_restart())) return SQLITE_BUSY;
+        if (!(have ? r->begin_restart(h) : r->begin_restart())) return SQLITE_BUSY;
         s->holds_restart = true;
     }
     if (ofst == kShmCkptLock && n == 1) {

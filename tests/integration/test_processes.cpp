@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -105,6 +106,53 @@ TEST_CASE("a second process writes a replicated database: the leader ships its c
     CHECK(s.generations("app.db") == 1);
     leader.reset();
     CHECK(s.restored_hash("app.db") == local);
+}
+
+TEST_CASE("a WAL restart in any process keeps the frames the leader has not shipped aside", "[processes]") {
+    if (skip_process_tests()) BOTTOMLESS_SKIP(kProcessSkipReason);
+    register_bottomless();
+    Setup s;
+    // The leader ships every 3 s: the other process's commits are noted at
+    // once but stay unshipped while it truncates the WAL. Before, its
+    // restart waited for them (its TRUNCATE checkpoint answered busy, and
+    // under a steady load the WAL only grew).
+    Db leader = open_db(s.uri("tail.db") + "&batch_interval_ms=3000");
+    exec(leader.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(x, b); INSERT INTO t VALUES (0, 'x')");
+    query_text(leader.get(), "SELECT bottomless_flush(30000)");
+    const std::string wal = s.dir.file("tail.db-wal"), aside = s.dir.file("tail.db-bottomless-frames");
+
+    std::string out = run_shell(BOTTOMLESS_EXT_PATH,
+                                ".open " + s.uri("tail.db") +
+                                    "\nPRAGMA busy_timeout=10000;\n"
+                                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50) "
+                                    "INSERT INTO t SELECT i, randomblob(3000) FROM n;\n"
+                                    "INSERT INTO t VALUES (51, randomblob(100));\n"
+                                    ".print ckpt\nPRAGMA wal_checkpoint(TRUNCATE);\n"
+                                    ".system stat -c 'wal=%s' " + wal + "\n"
+                                    // The new epoch overwrites the old one's slots.
+                                    "WITH RECURSIVE n(i) AS (SELECT 100 UNION ALL SELECT i + 1 FROM n WHERE i < 130) "
+                                    "INSERT INTO t SELECT i, randomblob(3000) FROM n;\n"
+                                    "SELECT 'flushed ' || bottomless_flush(30000);\n");
+    CHECK_THAT(out, Catch::Contains("ckpt\n0|0|0"));  // not busy, and the WAL emptied
+    CHECK_THAT(out, Catch::Contains("wal=0"));
+    CHECK_THAT(out, Catch::Contains("flushed {"));
+    CHECK_THAT(out, !Catch::Contains("Error"));
+    struct stat st{};
+    CHECK(::stat(aside.c_str(), &st) == 0);  // the ended epoch's unshipped frames went there
+
+    // The leader's own restart with a follower's commits unshipped: the same.
+    out = run_shell(BOTTOMLESS_EXT_PATH, ".open " + s.uri("tail.db") +
+                                             "\nPRAGMA busy_timeout=10000;\nINSERT INTO t VALUES (200, randomblob(3000));\n");
+    CHECK_THAT(out, !Catch::Contains("Error"));
+    exec(leader.get(), "INSERT INTO t VALUES (201, randomblob(3000))");
+    CHECK(query_text(leader.get(), "PRAGMA wal_checkpoint(TRUNCATE)") == "0");
+    exec(leader.get(), "INSERT INTO t VALUES (202, randomblob(3000))");
+    query_text(leader.get(), "SELECT bottomless_flush(30000)");
+    CHECK(query_int(leader.get(), "SELECT count(*) FROM t") == 1 + 51 + 31 + 3);
+    const std::string local = content_hash(leader.get());
+    CHECK(s.generations("tail.db") == 1);
+    leader.reset();
+    CHECK(s.restored_hash("tail.db") == local);
 }
 
 TEST_CASE("in sync mode a second process is read-only and says who leads", "[processes]") {
