@@ -79,8 +79,12 @@ void Replicator::check_wal_index(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     // A restart we did not see, or a WAL that shrank: frames may have been
     // lost to a writer outside bottomless. Frames it appended in the same
     // epoch are fine: the next observation ships them.
-    if ((!same_epoch && !cooperating_restart()) || (same_epoch && mx_frame < last_noted_frame_))
+    if ((!same_epoch && !cooperating_restart()) || (same_epoch && mx_frame < last_noted_frame_)) {
+        log::debug(path_ + ": at the write lock, the wal-index says salt1 " + std::to_string(salt1) + " frame " +
+                   std::to_string(mx_frame) + ", last seen salt1 " + std::to_string(last_noted_salt1_) + " frame " +
+                   std::to_string(last_noted_frame_));
         foreign_writer_.store(true);
+    }
 }
 
 bool Replicator::cooperating_restart() {
@@ -115,8 +119,14 @@ bool Replicator::note_wal_index() {
     }
     const bool observed = last_noted_salt1_ != 0 || last_noted_salt2_ != 0;
     const bool same_epoch = h.salt1 == last_noted_salt1_ && h.salt2 == last_noted_salt2_;
-    if (observed && ((!same_epoch && !cooperating_restart()) || (same_epoch && h.mx_frame < last_noted_frame_)))
+    if (observed && same_epoch && h.mx_frame < last_noted_frame_ && last_noted_frame_ == sync_ahead_frame_)
+        return true;  // a sync commit shipped, not yet in the wal-index (commit_sync)
+    if (observed && ((!same_epoch && !cooperating_restart()) || (same_epoch && h.mx_frame < last_noted_frame_))) {
+        log::debug(path_ + ": the wal-index says salt1 " + std::to_string(h.salt1) + " frame " +
+                   std::to_string(h.mx_frame) + ", last seen salt1 " + std::to_string(last_noted_salt1_) + " frame " +
+                   std::to_string(last_noted_frame_));
         foreign_writer_.store(true);
+    }
     note_commit_locked(h.salt1, h.salt2, h.mx_frame, h.page_size);
     return true;
 }
@@ -478,6 +488,11 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
     if (!hdr || hdr->page_size != page_size)
         return make_error(ErrorKind::Corrupt, "the WAL header does not match the frame being committed", "WalChain");
     if (captured_.salt1 != hdr->salt1 || captured_.salt2 != hdr->salt2) {
+        if (epoch_left_behind()) {
+            request_snapshot("another process restarted the WAL past what was captured");
+            return make_error(ErrorKind::Corrupt, "sync commit refused: the previous WAL epoch's last frames were "
+                                                  "not captured (a new generation starts)", "WalChain");
+        }
         captured_ = WalPosition{hdr->salt1, hdr->salt2, 0, hdr->cksum1, hdr->cksum2};
         page_size_ = page_size;
     }
@@ -499,6 +514,10 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
     std::vector<PendingTxn> txn;
     WalPosition pos = captured_;
     if (Status st = frames_to_txns(*hdr, from, frames, pos, txn, now_us(), 0); !st) {
+        log::warn(path_ + ": sync commit of frames " + std::to_string(from) + ".." + std::to_string(frame) +
+                  " after captured salt1 " + std::to_string(captured_.salt1) + " frame " +
+                  std::to_string(captured_.frame) + " (epoch salt1 " + std::to_string(hdr->salt1) + "): " +
+                  st.error().message);
         request_snapshot("sync commit: WAL checksum chain broken");
         return st;
     }
@@ -532,6 +551,10 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
         last_noted_salt2_ = hdr->salt2;
         last_noted_frame_ = frame;
         last_commit_seen_ = WalPosition{hdr->salt1, hdr->salt2, frame, 0, 0};
+        // Until the committing connection writes the frame and releases the
+        // write lock, the wal-index says less: a look at it meanwhile (a
+        // poll) is not a WAL that shrank.
+        sync_ahead_frame_ = frame;
     }
     if (!st || durable_index_.load() < idx) {
         // The transaction will not commit locally; whether S3 kept it is

@@ -1,12 +1,14 @@
 // A process writing a database another process replicates (follower.h).
 #include "replicator/follower.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
 #include <cerrno>
+#include <cstring>
 #include <map>
 #include <thread>
 
@@ -91,7 +93,39 @@ Follower::~Follower() {
     r.reset();
 }
 
-bool Follower::read_only() const { return config_.sync || area_->leader_sync(); }
+bool Follower::read_only() const { return false; }
+
+bool Follower::sync_commits() const { return config_.sync || area_->leader_sync(); }
+
+Status Follower::commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
+                             uint32_t page_size) {
+    if (auto r = promoted()) return r->commit_sync(frame, frame_header, page, page_size);
+    // The commit frame goes to the leader through a side file (one request
+    // at a time: this process holds the WAL write lock); the frames before
+    // it are in the WAL already, where the leader reads them.
+    const std::string req = path_ + "-bottomless-sync";
+    {
+        Fd fd(::open(req.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
+        if (fd.fd < 0 || !pwrite_full(fd.fd, frame_header, kWalFrameHeaderSize, 0) ||
+            !pwrite_full(fd.fd, page, page_size, kWalFrameHeaderSize))
+            return make_error(ErrorKind::Io, "sync commit refused: cannot write " + req + ": " + std::strerror(errno),
+                              "SyncRequest");
+    }
+    const auto deadline = std::chrono::steady_clock::now() + config_.sync_timeout;
+    const uint32_t seq = area_->post_sync_request(read_be32(frame_header + 8), read_be32(frame_header + 12), frame);
+    area_->note_follower_commit();  // a leader that has not seen followers yet looks within a second
+    auto answer = area_->wait_sync_answer(seq, deadline);
+    if (answer && *answer) return {};
+    return make_error(ErrorKind::Transport,
+                      "sync commit refused: process " + std::to_string(leader_pid()) +
+                          " replicates this database and " +
+                          (answer ? std::string("could not make the transaction durable in S3")
+                                  : "did not answer within " + std::to_string(config_.sync_timeout.count()) +
+                                        " ms or exited while shipping it (the bucket may hold it; a new generation "
+                                        "follows then)") +
+                          "; see bottomless_status() in that process (S3 down or slow?)",
+                      "SyncRefused");
+}
 
 long Follower::leader_pid() const {
     if (promoted()) return static_cast<long>(::getpid());
@@ -253,9 +287,7 @@ std::string Follower::status_json() const {
         const bool same = (static_cast<uint64_t>(h->salt1) << 32 | h->salt2) == salts;
         j["lag_frames"] = h->mx_frame == 0 ? 0 : (same && frame <= h->mx_frame ? h->mx_frame - frame : h->mx_frame);
     }
-    if (read_only())
-        j["message"] = "the database is replicated in sync mode by process " + std::to_string(leader_pid()) +
-                       "; other processes are read-only in sync mode";
+    j["sync"] = sync_commits();
     return j.dump();
 }
 

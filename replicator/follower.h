@@ -18,8 +18,13 @@
 // restarted over them). This process's follower connections keep asking
 // the shared area; connections opened later use the new replicator.
 //
-// Sync mode: while the leader is in sync mode (or this process is), the
-// connections stay read-only: a follower's commit cannot yet wait for S3.
+// Sync mode: while the leader is in sync mode (or this process is), a
+// follower's COMMIT returns only once the leader has made it durable: the
+// VFS holds the commit frame back (as in the leader's process) and
+// commit_sync() hands it to the leader through `<db>-bottomless-sync` and
+// the shared area, and waits for the answer (at most sync_timeout). Refused
+// or unanswered, the commit frame is never written: the transaction rolls
+// back, and cannot come back in WAL recovery.
 #pragma once
 
 #include <chrono>
@@ -48,8 +53,17 @@ public:
     Follower& operator=(const Follower&) = delete;
 
     const SharedArea& area() const { return *area_; }
-    // Connections must stay read-only (sync mode, here or in the leader).
+    // Connections must stay read-only (never, since sync commits are
+    // handed to the leader; kept for the VFS's and status's callers).
     bool read_only() const;
+    // Commits must be durable before they return (sync mode here or in the
+    // leader): the VFS holds commit frames back and calls commit_sync().
+    bool sync_commits() const;
+    // The held commit frame `frame` (header and page) is complete: the
+    // leader ships the transaction (its other frames are in the WAL). OK:
+    // durable, the frame may be written.
+    Status commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
+                       uint32_t page_size);
     long leader_pid() const;
 
     // ---- from the VFS hooks (cheap, no I/O beyond the snapshot byte) ----

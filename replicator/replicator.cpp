@@ -86,9 +86,56 @@ Clock::time_point Replicator::watch_step() noexcept {
             if (!all || !r->area_->followers()) continue;
             r->has_followers_ = true;
         }
+        if (!r->sync_server_.joinable()) {
+            try {
+                r->sync_server_ = std::thread([r] { r->serve_sync_requests(); });
+            } catch (const std::exception& e) {
+                log::warn(r->path_ + ": cannot serve other processes' sync commits: " + e.what());
+            }
+        }
         if (r->area_->commits() != r->area_commits_seen_.load(std::memory_order_relaxed)) r->wake();
     }
     return Clock::now() + kFollowerPoll;
+}
+
+void Replicator::serve_sync_requests() noexcept {
+    while (!sync_server_stop_.load()) {
+        uint32_t seq = 0, salt1 = 0, salt2 = 0;
+        uint64_t frame = 0;
+        if (!area_->wait_sync_request(std::chrono::milliseconds(200), seq, salt1, salt2, frame)) continue;
+        bool ok = false;
+        try {
+            // The commit frame, from the side file the follower wrote; the
+            // transaction's other frames are in the WAL (commit_sync reads
+            // them there, with the checksum chain).
+            const std::string req = path_ + "-bottomless-sync";
+            std::string bytes;
+            Fd fd(::open(req.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+            struct stat st{};
+            if (fd.fd >= 0 && ::fstat(fd.fd, &st) == 0 && st.st_size > static_cast<off_t>(kWalFrameHeaderSize) &&
+                st.st_size <= static_cast<off_t>(kWalFrameHeaderSize + 65536)) {
+                bytes.resize(static_cast<size_t>(st.st_size));
+                if (!pread_full(fd.fd, bytes.data(), bytes.size(), 0)) bytes.clear();
+            }
+            const auto* hdr = reinterpret_cast<const unsigned char*>(bytes.data());
+            const uint32_t psz = static_cast<uint32_t>(bytes.size() - kWalFrameHeaderSize);
+            if (bytes.empty() || read_be32(hdr + 8) != salt1 || read_be32(hdr + 12) != salt2) {
+                log::warn(path_ + ": another process's sync commit (frame " + std::to_string(frame) +
+                          ") could not be read from " + req + "; refused");
+            } else {
+                // A restart the follower made before this transaction (its
+                // ended epoch's record) is noted first.
+                (void)note_wal_index();
+                Status st2 = commit_sync(frame, hdr, hdr + kWalFrameHeaderSize, psz);
+                ok = st2.ok();
+                if (!ok) log::warn(path_ + ": another process's sync commit refused: " + st2.error().describe());
+            }
+        } catch (const std::exception& e) {
+            log::warn(path_ + ": another process's sync commit refused: " + e.what());
+        } catch (...) {
+        }
+        area_->answer_sync(seq, ok);
+    }
 }
 
 void Replicator::open_shared_area() {
@@ -106,6 +153,11 @@ void Replicator::publish_shared_area() {
     area_->publish_durable(durable_.salt1, durable_.salt2, durable_.frame);
     area_->publish_mode(config_.sync);
     area_->publish_leader(static_cast<long>(::getpid()));
+}
+
+void Replicator::watch_join() {
+    // After pool_member_ is set: the watch's step wakes it.
+    if (!area_) return;
     Watch& w = watch();
     std::lock_guard wlock(w.mu);
     // A start that left the committed frames to the wal-index (continue_from)
@@ -228,7 +280,12 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
 }
 
 Replicator::~Replicator() {
-    watch_leave();  // no more wakes for followers' commits
+    watch_leave();  // no more wakes for followers' commits, no new sync server
+    if (sync_server_.joinable()) {
+        sync_server_stop_.store(true);
+        area_->interrupt_sync_wait();
+        sync_server_.join();
+    }
     // The final flush runs without the registry's lock; an open of this
     // path meanwhile waits for the entry to go (below).
     if (pool_member_) {

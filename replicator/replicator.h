@@ -349,6 +349,7 @@ private:
     void merge_shared_end(std::optional<LocalState>& state) const;
     void open_shared_area();     // maps it (acquire(), before the start-up)
     void publish_shared_area();  // the leader's position and pid, once started (start_uploader())
+    void watch_join();           // then, once pool_member_ is set, the watch of followers' commits
     // The process's leaders with a shared area are watched by one pool
     // member (replicator.cpp): every kFollowerPoll it wakes those whose
     // followers committed since their last look.
@@ -387,6 +388,7 @@ private:
     uint32_t last_noted_salt1_ = 0, last_noted_salt2_ = 0;  // guarded by obs_mu_
     uint64_t last_noted_frame_ = 0;       // guarded by obs_mu_
     uint64_t own_restart_salts_ = 0;      // guarded by obs_mu_: the epoch a restart of this process last ended
+    uint64_t sync_ahead_frame_ = 0;       // guarded by obs_mu_: the last frame commit_sync noted ahead of the wal-index
     // The epoch (and its last frame) whose unshipped frames begin_restart
     // last copied aside with other processes writing: flush_before_wal_loss
     // then has nothing to keep in memory. Guarded by obs_mu_.
@@ -410,6 +412,13 @@ private:
     std::unique_ptr<SharedArea> area_;
     std::atomic<uint64_t> area_commits_seen_{0};  // area_->commits() at the last poll
     bool has_followers_ = false;  // the watch's (under its lock): area_->followers() was seen set
+    // Other processes' sync commits (Follower::commit_sync): one thread per
+    // database that has followers, started by the watch once it sees them
+    // (under its lock), waiting on the shared area's futex; stopped and
+    // joined by the destructor.
+    std::thread sync_server_;
+    std::atomic<bool> sync_server_stop_{false};
+    void serve_sync_requests() noexcept;
     bool poll_at_start_ = false;  // start-up: the wal-index, not a WAL scan, says what is committed
     bool takeover_ = false;  // acquire(takeover): the file is open in this process already
     std::atomic<bool> broken_outside_wal_{false};

@@ -2,10 +2,14 @@
 #include "replicator/shared_area.h"
 
 #include <fcntl.h>
+#include <signal.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -57,6 +61,18 @@ void read_pair(const std::atomic<uint64_t>& salts_in, const std::atomic<uint64_t
     }
 }
 
+// Process-shared futexes on the mapped file (no FUTEX_PRIVATE_FLAG).
+void futex_wait(std::atomic<uint32_t>& word, uint32_t seen, std::chrono::milliseconds timeout) {
+    if (timeout.count() <= 0) return;
+    struct timespec ts{};
+    ts.tv_sec = static_cast<time_t>(timeout.count() / 1000);
+    ts.tv_nsec = static_cast<long>(timeout.count() % 1000) * 1000000L;
+    ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT, seen, &ts, nullptr, 0);
+}
+void futex_wake(std::atomic<uint32_t>& word) {
+    ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+}
+
 }  // namespace
 
 struct SharedArea::Layout {
@@ -70,7 +86,20 @@ struct SharedArea::Layout {
     std::atomic<uint64_t> commits;
     std::atomic<uint64_t> followers;
     std::atomic<uint64_t> sync;
+    // A follower's sync commit (one at a time: its process holds the WAL
+    // write lock): the commit frame's position, then the request number;
+    // the leader answers with the number and whether it is durable.
+    std::atomic<uint64_t> sync_salts;
+    std::atomic<uint64_t> sync_frame;
+    std::atomic<uint32_t> sync_req;
+    std::atomic<uint32_t> sync_ack;
+    std::atomic<uint32_t> sync_ok;
+    // seq * 4 + state: 0 posted, 1 claimed by the leader (it ships), 2
+    // cancelled by the follower (it gave up: the leader must not ship it).
+    std::atomic<uint32_t> sync_turn;
+    std::atomic<uint32_t> sync_claimer;  // the pid of the leader that claimed the last request
 };
+static_assert(std::atomic<uint32_t>::is_always_lock_free && sizeof(std::atomic<uint32_t>) == 4);
 static_assert(sizeof(SharedArea::Layout) <= kSnapshotByte);
 
 Result<std::unique_ptr<SharedArea>> SharedArea::open(const std::string& db_path) {
@@ -157,6 +186,65 @@ void SharedArea::note_epoch_end(uint32_t salt1, uint32_t salt2, uint64_t frame) 
     map_->ended_salts.store(pack(salt1, salt2));
     map_->ended_frame.store(frame);
 }
+
+uint32_t SharedArea::post_sync_request(uint32_t salt1, uint32_t salt2, uint64_t frame) {
+    map_->sync_salts.store(pack(salt1, salt2));
+    map_->sync_frame.store(frame);
+    const uint32_t seq = map_->sync_req.load() + 1;
+    map_->sync_turn.store(seq * 4);
+    map_->sync_req.store(seq);
+    futex_wake(map_->sync_req);
+    return seq;
+}
+
+std::optional<bool> SharedArea::wait_sync_answer(uint32_t seq, std::chrono::steady_clock::time_point deadline) {
+    for (;;) {
+        const uint32_t a = map_->sync_ack.load();
+        if (a == seq) return map_->sync_ok.load() != 0;
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) {
+            // Cancelled before the leader claimed it: it will never be shipped.
+            uint32_t posted = seq * 4;
+            if (map_->sync_turn.compare_exchange_strong(posted, seq * 4 + 2)) return std::nullopt;
+            // Claimed: the leader is shipping it (bounded by its own
+            // sync_timeout). Its answer decides, unless it dies first.
+            const long pid = static_cast<long>(map_->sync_claimer.load());
+            if (pid <= 0 || (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)) return std::nullopt;
+        }
+        futex_wait(map_->sync_ack, a, left.count() <= 0 ? std::chrono::milliseconds(100)
+                                                        : std::min(left, std::chrono::milliseconds(100)));
+    }
+}
+
+bool SharedArea::wait_sync_request(std::chrono::milliseconds timeout, uint32_t& seq, uint32_t& salt1, uint32_t& salt2,
+                                   uint64_t& frame) {
+    // A request not yet claimed or cancelled, claimed now; else wait.
+    for (int pass = 0; pass < 2; ++pass) {
+        seq = map_->sync_req.load();
+        uint32_t posted = seq * 4;
+        // The claimer's pid first: a follower that finds the request claimed
+        // waits while that process lives.
+        const uint32_t before = map_->sync_claimer.exchange(static_cast<uint32_t>(::getpid()));
+        if (seq != 0 && map_->sync_turn.compare_exchange_strong(posted, seq * 4 + 1)) {
+            const uint64_t salts = map_->sync_salts.load();
+            salt1 = static_cast<uint32_t>(salts >> 32);
+            salt2 = static_cast<uint32_t>(salts);
+            frame = map_->sync_frame.load();
+            return true;
+        }
+        map_->sync_claimer.store(before);
+        if (pass == 0) futex_wait(map_->sync_req, seq, timeout);
+    }
+    return false;
+}
+
+void SharedArea::answer_sync(uint32_t seq, bool ok) {
+    map_->sync_ok.store(ok ? 1 : 0);
+    map_->sync_ack.store(seq);
+    futex_wake(map_->sync_ack);
+}
+
+void SharedArea::interrupt_sync_wait() { futex_wake(map_->sync_req); }
 
 SharedArea::Hold& SharedArea::Hold::operator=(Hold&& o) noexcept {
     if (this != &o) {

@@ -18,7 +18,10 @@
 //   commits          bumped by a follower after each of its commits: the
 //                    leader polls it (every 50 ms, one load) and reads the
 //                    new frames from the WAL at the wal-index's mxFrame
-//   sync             the leader runs in sync mode: followers stay read-only
+//   sync             the leader runs in sync mode: a follower's COMMIT
+//                    returns once the leader has shipped it (sync_* below)
+//   sync_*           a follower's sync commit: its commit frame's position
+//                    and request number; the leader's answer
 //   followers        a follower process has opened the database (the pid of
 //                    one; never cleared): the leader's own WAL restarts then
 //                    copy their unshipped frames aside, and a starting
@@ -41,8 +44,10 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "replicator/wal.h"
@@ -63,8 +68,7 @@ public:
     // ---- the leader ----
     void publish_leader(long pid);
     void publish_durable(uint32_t salt1, uint32_t salt2, uint64_t frame);
-    // Sync mode: other processes stay read-only (their commits could not
-    // wait for S3 the way the leader's do).
+    // Sync mode: other processes' commits wait for the leader to ship them.
     void publish_mode(bool sync);
     uint64_t commits() const;
     long followers() const;
@@ -85,6 +89,25 @@ public:
     void note_follower(long pid);
     void note_follower_commit();
     void note_epoch_end(uint32_t salt1, uint32_t salt2, uint64_t frame);
+
+    // ---- sync commits of a follower (Follower::commit_sync) ----
+    // The follower (holding the WAL write lock, its commit frame written to
+    // `<db>-bottomless-sync`) posts the frame's position and waits for the
+    // leader's answer: true durable, false refused, nullopt none. At its
+    // deadline it cancels the request unless the leader has claimed it
+    // (then the leader's answer decides, or its death: nullopt). A claimed
+    // request is the only one a leader ships, so a request its follower
+    // gave up on never reaches the bucket. Process-shared futexes: no
+    // polling on either side.
+    uint32_t post_sync_request(uint32_t salt1, uint32_t salt2, uint64_t frame);
+    std::optional<bool> wait_sync_answer(uint32_t seq, std::chrono::steady_clock::time_point deadline);
+    // The leader: claims a posted request, waiting up to `timeout` for one
+    // (false: none), then answers it; interrupt_sync_wait() wakes a waiting
+    // leader (closing).
+    bool wait_sync_request(std::chrono::milliseconds timeout, uint32_t& seq, uint32_t& salt1, uint32_t& salt2,
+                           uint64_t& frame);
+    void answer_sync(uint32_t seq, bool ok);
+    void interrupt_sync_wait();
 
     // The snapshot byte (see above). A hold is an open description of the
     // file with the lock on it; the destructor (or release) drops it.

@@ -32,9 +32,11 @@ void Replicator::merge_shared_end(std::optional<LocalState>& state) const {
     uint64_t salts = 0, frame = 0;
     area_->ended(salts, frame);
     const WalPosition& at = state->position;
-    if (salts != ((static_cast<uint64_t>(at.salt1) << 32) | at.salt2) || frame <= at.frame) return;
+    if (salts != ((static_cast<uint64_t>(at.salt1) << 32) | at.salt2) || frame < at.frame) return;
     const WalPosition& r = state->restarted;
     if (r.salt1 == at.salt1 && r.salt2 == at.salt2 && r.frame >= frame) return;
+    // (Equal: the epoch ended exactly at the recorded position; a WAL the
+    // restart emptied (TRUNCATE) is then proven too: prove_local.)
     state->restarted = WalPosition{at.salt1, at.salt2, frame, 0, 0};
     log::debug(path_ + ": another process ended the recorded WAL epoch at frame " + std::to_string(frame) +
                " (recorded position: frame " + std::to_string(at.frame) + ")");
@@ -66,7 +68,7 @@ bool Replicator::start_offline() {
         return cipher ? cipher->key_id() : std::string();
     };
     f.proven = [&] {
-        proof = prove_local(*state, path_, wal_path_);
+        proof = prove_local(*state, path_, wal_path_, takeover_);
         return proof.proven;
     };
     if (std::string why = why_not_offline(f); !why.empty()) {
@@ -136,12 +138,15 @@ void Replicator::continue_from(const LocalState& state, LocalProof& proof) {
     // writer overwrites those frames), and shipping it would put a
     // transaction that never happened into the bucket. The first look at
     // the wal-index (the uploader's, as soon as it is mapped) notes them.
-    if (proof.salt1 || proof.salt2) {
-        // What the local files were proven to hold is what has been
-        // observed: a later look at the wal-index that finds another epoch
-        // is then a restart to account for (another process's, whose
-        // unshipped frames it copied aside: cooperating_restart), never a
-        // silent jump over the proven epoch's last frames.
+    if ((proof.salt1 || proof.salt2) && proof.salt1 == state.position.salt1 && proof.salt2 == state.position.salt2) {
+        // The WAL was still in the recorded epoch: what the local files were
+        // proven to hold is what has been observed, so a later look at the
+        // wal-index that finds another epoch is a restart to account for
+        // (another process's, whose unshipped frames it copied aside:
+        // cooperating_restart), never a silent jump over the epoch's last
+        // frames. (After a restart the proof recovered the ended epoch
+        // already; the new epoch's salts are then taken from the wal-index,
+        // which may be ahead of the file's header.)
         std::lock_guard olock(obs_mu_);
         if (last_noted_salt1_ == 0 && last_noted_salt2_ == 0) {
             last_noted_salt1_ = proof.salt1;
@@ -193,6 +198,7 @@ std::optional<LocalState> Replicator::bucket_end_held_locally(const GenerationIn
     // there with the same running checksum (compared as the bucket stores
     // it: masked under encryption)?
     auto scan = scan_wal_file(wal_path_);
+    if (scan && takeover_) cap_to_wal_index(*scan, path_);
     if (!scan || !scan->has_header || scan->header.salt1 != end.salt1 || scan->header.salt2 != end.salt2 ||
         end.frame > scan->last_commit_frame) {
         log::info(path_ + ": the local WAL does not hold where generation " + g.id + " ends (segment " +
@@ -244,6 +250,7 @@ bool Replicator::bring_in_last_segment(const GenerationInfo& g) {
     // for it): one restart after the segment's start, which the state file
     // recorded as durable, and no committed frame in the new epoch yet.
     auto scan = scan_wal_file(wal_path_);
+    if (scan && takeover_) cap_to_wal_index(*scan, path_);
     if (!scan || !scan->has_header || scan->header.page_size != h.page_size) return false;
     const WalHeader& wh = scan->header;
     auto masked = [&](const WalPosition& p) { return cipher_ ? cipher_->mask(p, db_id, g.id) : p; };
@@ -314,7 +321,7 @@ bool Replicator::continue_at_bucket_end(const GenerationInfo& g, bool may_write_
     // WAL lacks can be completed locally rather than forking the history.
     if (!end && may_write_wal && bring_in_last_segment(g)) end = bucket_end_held_locally(g);
     if (!end) return false;
-    LocalProof proof = prove_local(*end, path_, wal_path_);
+    LocalProof proof = prove_local(*end, path_, wal_path_, takeover_);
     if (!proof.proven) {
         log::info(path_ + ": cannot continue where generation " + g.id + " ends: " + proof.why);
         return false;
@@ -505,7 +512,7 @@ Status Replicator::startup() {
     }
     LocalProof proof;
     f.proven = [&] {
-        proof = prove_local(*state, path_, wal_path_);
+        proof = prove_local(*state, path_, wal_path_, takeover_);
         return proof.proven;
     };
 
@@ -601,6 +608,7 @@ void Replicator::start_uploader() {
     // database with nothing owed (a proven offline start, no unshipped
     // frames) is not scheduled at all: no step, no request until it commits.
     pool_member_ = UploaderPool::instance().join(config_.uploader_threads, [this] { return pool_step(); });
+    watch_join();
     Lock lock(upload_mu_);
     pool_member_->schedule(next_due());
 }

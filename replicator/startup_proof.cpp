@@ -4,6 +4,7 @@
 #include "replicator/replicator_internal.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -43,14 +44,51 @@ static bool recover_old_epoch(const std::string& wal_path, const WalHeader& curr
     return cur.frames.empty();
 }
 
-LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path) {
+void cap_to_wal_index(WalScan& scan, const std::string& db_path) {
+    if (!scan.has_header || scan.last_commit_frame == 0) return;
+    WalIndexHeader h;
+    {
+        Fd fd(::open((db_path + "-shm").c_str(), O_RDONLY | O_CLOEXEC));
+        if (fd.fd < 0) return;
+        void* p = ::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, fd.fd, 0);
+        if (p == MAP_FAILED) return;
+        const bool ok = read_wal_index_settled(static_cast<const volatile unsigned char*>(p), h);
+        ::munmap(p, 4096);
+        if (!ok) return;
+    }
+    if (h.salt1 != scan.header.salt1 || h.salt2 != scan.header.salt2 || h.mx_frame >= scan.last_commit_frame) return;
+    scan.last_commit_frame = h.mx_frame;
+    scan.db_size = 0;
+    scan.cksum1 = scan.header.cksum1;
+    scan.cksum2 = scan.header.cksum2;
+    if (h.mx_frame == 0) return;
+    Fd fd(::open((db_path + "-wal").c_str(), O_RDONLY | O_CLOEXEC));
+    unsigned char fh[kWalFrameHeaderSize];
+    if (fd.fd < 0 || !pread_full(fd.fd, fh, sizeof fh, wal_frame_offset(scan.header.page_size, h.mx_frame))) {
+        scan.last_commit_frame = 0;  // cannot tell: nothing counts as committed
+        return;
+    }
+    const WalFrameHeader f = parse_frame_header(fh);
+    scan.db_size = f.db_size;
+    scan.cksum1 = f.cksum1;
+    scan.cksum2 = f.cksum2;
+}
+
+LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path,
+                       bool live_wal_index) {
     LocalProof proof;
     auto scan = scan_wal_file(wal_path);
+    if (scan && live_wal_index) cap_to_wal_index(*scan, db_path);
     if (!scan) {
         proof.why = "the WAL could not be read";
         return proof;
     }
     const WalPosition& at = state.position;
+    // The recorded epoch ended (a restart recorded by this process's state
+    // or another process's shared record, merge_shared_end) at or after
+    // the recorded position.
+    const bool recorded_end = at.frame > 0 && state.restarted.salt1 == at.salt1 && state.restarted.salt2 == at.salt2 &&
+                              state.restarted.frame >= at.frame;
     if (scan->has_header && scan->header.salt1 == at.salt1 && scan->header.salt2 == at.salt2 &&
         at.frame <= scan->last_commit_frame) {
         if (at.frame == 0) {
@@ -65,11 +103,14 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
         }
         if (!proof.proven) proof.why = "the WAL's frame " + std::to_string(at.frame) + " is not the recorded commit";
         proof.unshipped_from = at.frame;
-    } else if (scan->has_header && scan->header.salt1 == at.salt1 + 1u) {
+    } else if (scan->has_header && (scan->header.salt1 == at.salt1 + 1u || recorded_end)) {
         // Exactly one restart since the recorded position: SQLite adds one to
-        // salt1 at each restart (a new WAL file gets random salts). A restart
-        // while frames were unshipped records how far that epoch went first
-        // (`restarted`); without a record, everything was durable then.
+        // salt1 at each restart (a new WAL file gets random salts), or the
+        // restart is recorded (another process's record names the epoch
+        // that ended, and would name a later one had there been one). A
+        // restart while frames were unshipped records how far that epoch
+        // went first (`restarted`); without a record, everything was
+        // durable then.
         const WalPosition& r = state.restarted;
         if (r.frame > at.frame && r.salt1 == at.salt1 && r.salt2 == at.salt2) {
             // From their old slots in the WAL, or, once the new epoch had
@@ -88,6 +129,24 @@ LocalProof prove_local(const LocalState& state, const std::string& db_path, cons
         } else {
             proof.proven = true;
         }
+        proof.unshipped_from = 0;
+    } else if (!scan->has_header && !state.clean_close && recorded_end) {
+        // Several processes: another process restarted the recorded epoch
+        // and emptied the WAL (a TRUNCATE checkpoint: everything in the
+        // database file), its frames after the position copied aside with
+        // the epoch's header first (keep_epoch_tail).
+        const WalPosition& r = state.restarted;
+        if (r.frame == at.frame) {
+            proof.proven = true;
+        } else {
+            WalFile aside(db_path + "-bottomless-frames");
+            auto h = aside.header();
+            proof.proven = h && h->salt1 == at.salt1 && h->salt2 == at.salt2 &&
+                           recover_old_epoch(db_path + "-bottomless-frames", *h, at, r.frame, proof.recovered);
+        }
+        if (!proof.proven)
+            proof.why = "the WAL was emptied after a restart, and the ended epoch's unshipped frames " +
+                        std::to_string(at.frame + 1) + ".." + std::to_string(r.frame) + " are not in the copy aside";
         proof.unshipped_from = 0;
     } else if (!scan->has_header && state.clean_close) {
         struct stat db{};

@@ -324,13 +324,17 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
             }
         } else {
             std::string n(name);
-            if (n.size() > 4 && n.compare(n.size() - 4, 4, "-wal") == 0)
-                repl = Replicator::find(canonical_path(n.substr(0, n.size() - 4).c_str()));
+            if (n.size() > 4 && n.compare(n.size() - 4, 4, "-wal") == 0) {
+                const std::string db = canonical_path(n.substr(0, n.size() - 4).c_str());
+                repl = Replicator::find(db);
+                // A follower process's WAL: its sync commits wait for the leader.
+                if (!repl) follower = replicator::Follower::find(db);
+            }
         }
         return SQLITE_OK;
     });
     if (rc != SQLITE_OK) return rc;
-    if (wal && !repl) return g_lower->xOpen(g_lower, name, file, flags, out_flags);
+    if (wal && !repl && !follower) return g_lower->xOpen(g_lower, name, file, flags, out_flags);
 
     ShimFile* s = new (file) ShimFile();  // raw memory from SQLite: construct in place
     s->base.pMethods = nullptr;           // stays null on failure: SQLite will not call xClose

@@ -177,14 +177,16 @@ void learn_page_size(ShimFile* s) {
 // page): ship the transaction, then write the frame. A failure keeps the
 // commit frame off the disk, so the transaction cannot come back in WAL
 // recovery after a crash.
+// In a follower process (`r` null) the leader ships it (Follower::commit_sync).
 int write_held_commit(ShimFile* s, Replicator* r) {
     sqlite3_file* l = s->lower();
     uint64_t frame = static_cast<uint64_t>((s->commit_offset - 32) / (s->page_size + 24)) + 1;
     s->commit_held = false;
     s->commit_pending = false;
     s->commit_wait_cksum = false;
-    auto st = r->commit_sync(frame, s->commit_header, reinterpret_cast<const unsigned char*>(s->commit_page.data()),
-                             s->page_size);
+    const auto* page = reinterpret_cast<const unsigned char*>(s->commit_page.data());
+    auto st = r ? r->commit_sync(frame, s->commit_header, page, s->page_size)
+                : s->follower->commit_sync(frame, s->commit_header, page, s->page_size);
     if (!st) {
         sqlite3_log(SQLITE_IOERR_WRITE, "bottomless: %s", st.error().message.c_str());
         log::error(st.error().message);
@@ -193,7 +195,7 @@ int write_held_commit(ShimFile* s, Replicator* r) {
     int rc = l->pMethods->xWrite(l, s->commit_header, 24, s->commit_offset);
     if (rc == SQLITE_OK)
         rc = l->pMethods->xWrite(l, s->commit_page.data(), static_cast<int>(s->commit_page.size()), s->commit_offset + 24);
-    if (rc == SQLITE_OK) {
+    if (rc == SQLITE_OK && r) {
         r->tee_write(static_cast<uint64_t>(s->commit_offset), s->commit_header, 24, s->page_size);
         r->tee_write(static_cast<uint64_t>(s->commit_offset) + 24, s->commit_page.data(), s->commit_page.size(),
                      s->page_size);
@@ -218,11 +220,51 @@ int wal_read(sqlite3_file* f, void* buf, int n, sqlite3_int64 off) {
     return hi == off + n || rc == SQLITE_OK ? SQLITE_OK : rc;
 }
 
+// A follower process's WAL: in sync mode its commit frame is held back
+// until the leader has shipped the transaction (as in the leader's process,
+// below); every other write goes straight through.
+int follower_wal_write(ShimFile* s, const void* buf, int n, sqlite3_int64 off) {
+    sqlite3_file* l = s->lower();
+    return guarded(SQLITE_IOERR_WRITE, [&]() -> int {
+        const auto* p = static_cast<const unsigned char*>(buf);
+        if (off == 0 && n >= 32) {
+            int rc = l->pMethods->xWrite(l, buf, n, off);
+            if (rc == SQLITE_OK)
+                if (auto h = replicator::parse_wal_header(p)) s->page_size = h->page_size;
+            s->commit_pending = s->commit_held = false;
+            return rc;
+        }
+        learn_page_size(s);
+        if (is_frame_header(s, n, off)) {
+            if (s->commit_held && off == s->commit_offset) {
+                std::memcpy(s->commit_header, p, 24);  // its final header (walRewriteChecksums)
+                if (s->commit_wait_cksum && s->commit_page.size() == s->page_size) return write_held_commit(s, nullptr);
+                return SQLITE_OK;
+            }
+            if (be32(p + 4) != 0 && s->follower->sync_commits()) {
+                s->commit_held = s->commit_pending = true;
+                s->commit_offset = off;
+                std::memcpy(s->commit_header, p, 24);
+                s->commit_wait_cksum = (be32(p + 8) | be32(p + 12)) == 0;
+                s->commit_page.clear();
+                return SQLITE_OK;
+            }
+            return l->pMethods->xWrite(l, buf, n, off);
+        }
+        if (s->commit_held && off == s->commit_offset + 24 + static_cast<sqlite3_int64>(s->commit_page.size())) {
+            s->commit_page.append(reinterpret_cast<const char*>(p), static_cast<size_t>(n));
+            if (s->commit_page.size() < s->page_size || s->commit_wait_cksum) return SQLITE_OK;
+            return write_held_commit(s, nullptr);
+        }
+        return l->pMethods->xWrite(l, buf, n, off);
+    });
+}
+
 int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
     ShimFile* s = shim(f);
     sqlite3_file* l = s->lower();
     Replicator* r = s->repl.get();
-    if (!r) return l->pMethods->xWrite(l, buf, n, off);
+    if (!r) return s->follower ? follower_wal_write(s, buf, n, off) : l->pMethods->xWrite(l, buf, n, off);
     return guarded(SQLITE_IOERR_WRITE, [&]() -> int {
         const auto* p = static_cast<const unsigned char*>(buf);
         if (off == 0 && n >= 32) {

@@ -1,8 +1,9 @@
 // Several processes writing one database through bottomless (issue 14):
 // exactly one of them replicates (the leader) and ships every process's
-// commits; the others write and never upload (read-only in sync mode); a
-// dead leader's place is taken by another writer, which continues the same
-// generation; nothing forks the history and no commit is lost.
+// commits; the others write and never upload (in sync mode their COMMIT
+// waits for the leader to ship it); a dead leader's place is taken by
+// another writer, which continues the same generation; nothing forks the
+// history and no commit is lost.
 #include <catch2/catch.hpp>
 
 #include <signal.h>
@@ -19,6 +20,7 @@
 
 #include "replicator/restore.h"
 #include "replicator/shared_area.h"
+#include "support/fault_proxy.h"
 #include "support/s3_env.h"
 #include "support/skip.h"
 #include "support/sqlite_util.h"
@@ -155,25 +157,48 @@ TEST_CASE("a WAL restart in any process keeps the frames the leader has not ship
     CHECK(s.restored_hash("tail.db") == local);
 }
 
-TEST_CASE("in sync mode a second process is read-only and says who leads", "[processes]") {
+TEST_CASE("in sync mode another process's COMMIT returns once the leader has made it durable", "[processes]") {
     if (skip_process_tests()) BOTTOMLESS_SKIP(kProcessSkipReason);
     register_bottomless();
     Setup s;
-    Db leader = open_db(s.uri("sync.db") + "&sync=1");
-    exec(leader.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1), (2)");
-    // A follower's commit cannot wait for S3 yet: it may read, not write.
+    FaultProxy proxy("127.0.0.1", server_port());
+    const std::string uri = s.uri("sync.db") + "&endpoint=" + proxy.url() + "&sync_timeout_ms=2000";
+    Db leader = open_db(uri + "&sync=1");
+    exec(leader.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(x, b); INSERT INTO t VALUES (1, ''), (2, '')");
+    // The follower's commits (one small, one of several pages) come back
+    // only once the leader has shipped them: a restore taken right after
+    // the shell exits, with no flush anywhere, holds them.
     std::string out = run_shell(BOTTOMLESS_EXT_PATH,
-                                ".open " + s.uri("sync.db") +
-                                    "\nSELECT 'rows=' || count(*) FROM t;\nSELECT bottomless_status();\n"
-                                    "INSERT INTO t VALUES (3);\n",
-                                1);
-    CHECK_THAT(out, Catch::Contains("rows=2"));
+                                ".open " + uri +
+                                    "\nPRAGMA busy_timeout=10000;\nINSERT INTO t VALUES (3, '');\n"
+                                    "INSERT INTO t VALUES (4, randomblob(20000));\nSELECT bottomless_status();\n");
     CHECK_THAT(out, Catch::Contains("\"role\":\"follower\""));
-    CHECK_THAT(out, Catch::Contains("\"read_only\":true"));
-    CHECK_THAT(out, Catch::Contains("readonly"));
-    exec(leader.get(), "INSERT INTO t VALUES (4)");
+    CHECK_THAT(out, Catch::Contains("\"sync\":true"));
+    CHECK_THAT(out, !Catch::Contains("Error"));
+    auto restored_rows = [&](const std::string& name) {
+        const std::string copy = s.dir.file(name);
+        auto r = replicator::restore_database(*s.client, s.bucket.name(), "sync.db", copy);
+        REQUIRE(r.ok());
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open_v2(copy.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+        Db db(raw);
+        return query_int(db.get(), "SELECT count(*) FROM t");
+    };
+    CHECK(restored_rows("early.db") == 4);
+
+    // S3 refuses: the follower's COMMIT fails (after sync_timeout) and the
+    // row is not there, neither locally nor in the bucket.
+    proxy.inject_always(Fault::Status500);
+    out = run_shell(BOTTOMLESS_EXT_PATH,
+                    ".open " + uri + "\nPRAGMA busy_timeout=10000;\nINSERT INTO t VALUES (5, '');\n", 1);
+    CHECK_THAT(out, Catch::Contains("disk I/O error"));
+    CHECK(query_int(leader.get(), "SELECT count(*) FROM t WHERE x = 5") == 0);
+    proxy.clear();
+    out = run_shell(BOTTOMLESS_EXT_PATH, ".open " + uri + "\nPRAGMA busy_timeout=10000;\nINSERT INTO t VALUES (6, '');\n");
+    CHECK_THAT(out, !Catch::Contains("Error"));
+    exec(leader.get(), "INSERT INTO t VALUES (7, '')");
+    CHECK(query_int(leader.get(), "SELECT count(*) FROM t") == 6);
     const std::string local = content_hash(leader.get());
-    CHECK(s.generations("sync.db") == 1);
     leader.reset();
     CHECK(s.restored_hash("sync.db") == local);
 }
