@@ -497,29 +497,37 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
         page_size_ = page_size;
     }
     // This transaction's frames before the commit frame (from the tee, or
-    // the file when the tee lacks them), then the commit frame from memory.
+    // the file when the tee lacks them or what it holds does not continue
+    // the chain: frames of this process's own refused or rolled-back
+    // transaction, in slots another process has since written), then the
+    // commit frame from memory.
     const uint64_t from = captured_.frame + 1;
-    std::vector<TeeFrame> frames;
-    if (frame > from && !tee_.take(hdr->salt1, hdr->salt2, from, frame - 1, frames)) {
-        frames.clear();
-        if (!wal.read(page_size, from, frame - 1, frames))
-            return make_error(ErrorKind::Corrupt, "WAL frames before " + std::to_string(frame) + " are missing",
-                              "WalShort");
-        wal_frames_read_.fetch_add(frame - from);
-    }
-    TeeFrame commit;
-    std::memcpy(commit.header, frame_header, kWalFrameHeaderSize);
-    commit.page.assign(reinterpret_cast<const char*>(page), page_size);
-    frames.push_back(std::move(commit));
     std::vector<PendingTxn> txn;
     WalPosition pos = captured_;
-    if (Status st = frames_to_txns(*hdr, from, frames, pos, txn, now_us(), 0); !st) {
+    auto assemble = [&](bool from_tee) -> Status {
+        std::vector<TeeFrame> frames;
+        txn.clear();
+        pos = captured_;
+        if (frame > from && !(from_tee && tee_.take(hdr->salt1, hdr->salt2, from, frame - 1, frames))) {
+            if (from_tee) return make_error(ErrorKind::Corrupt, "not in the tee", "TeeMiss");
+            if (!wal.read(page_size, from, frame - 1, frames))
+                return make_error(ErrorKind::Corrupt, "WAL frames before " + std::to_string(frame) + " are missing",
+                                  "WalShort");
+            wal_frames_read_.fetch_add(frame - from);
+        }
+        TeeFrame commit;
+        std::memcpy(commit.header, frame_header, kWalFrameHeaderSize);
+        commit.page.assign(reinterpret_cast<const char*>(page), page_size);
+        frames.push_back(std::move(commit));
+        return frames_to_txns(*hdr, from, frames, pos, txn, now_us(), 0);
+    };
+    Status assembled = assemble(true);
+    if (!assembled) assembled = assemble(false);
+    if (!assembled) {
         log::warn(path_ + ": sync commit of frames " + std::to_string(from) + ".." + std::to_string(frame) +
-                  " after captured salt1 " + std::to_string(captured_.salt1) + " frame " +
-                  std::to_string(captured_.frame) + " (epoch salt1 " + std::to_string(hdr->salt1) + "): " +
-                  st.error().message);
+                  " (WAL epoch salt1 " + std::to_string(hdr->salt1) + "): " + assembled.error().message);
         request_snapshot("sync commit: WAL checksum chain broken");
-        return st;
+        return assembled;
     }
     uint64_t idx;
     {

@@ -93,8 +93,6 @@ Follower::~Follower() {
     r.reset();
 }
 
-bool Follower::read_only() const { return false; }
-
 bool Follower::sync_commits() const { return config_.sync || area_->leader_sync(); }
 
 Status Follower::commit_sync(uint64_t frame, const unsigned char* frame_header, const unsigned char* page,
@@ -279,7 +277,7 @@ std::string Follower::status_json() const {
     area_->durable(salts, frame);
     nlohmann::json j{{"role", "follower"},
                      {"leader_pid", leader_pid()},
-                     {"read_only", read_only()},
+                     {"read_only", false},  // a follower writes (read-only: no shared area, vfs.cpp)
                      {"durable", {{"salt1", salts >> 32}, {"salt2", salts & 0xffffffffu}, {"frame", frame}}}};
     if (int64_t t = area_->durable_time_us()) j["durable_published_ms_ago"] = (now_us() - t) / 1000;
     if (auto h = wal_index_now()) {

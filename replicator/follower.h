@@ -53,9 +53,6 @@ public:
     Follower& operator=(const Follower&) = delete;
 
     const SharedArea& area() const { return *area_; }
-    // Connections must stay read-only (never, since sync commits are
-    // handed to the leader; kept for the VFS's and status's callers).
-    bool read_only() const;
     // Commits must be durable before they return (sync mode here or in the
     // leader): the VFS holds commit frames back and calls commit_sync().
     bool sync_commits() const;

@@ -123,7 +123,7 @@ void fn_flush(sqlite3_context* ctx, int argc, sqlite3_value** argv) {
         // process), or this process took over and shipped it.
         sqlite3_file* file = main_file(ctx);
         auto* fo = file ? bottomless::vfs::follower_of(file) : nullptr;
-        const bool follows = fo && !fo->promoted() && !fo->read_only();
+        const bool follows = fo && !fo->promoted();
         Replicator* r = follows ? nullptr : connection_replicator(ctx);
         if (!follows && !r) return;
         auto pos = follows ? fo->flush(timeout) : r->flush(timeout);

@@ -39,7 +39,7 @@ struct ShimFile {
     // leads (follower.h): the connection writes, and asks it (not a
     // replicator) before SQLite overwrites WAL frames.
     std::shared_ptr<replicator::Follower> follower;
-    bool read_only = false;  // a follower that may not write (sync mode), or a replica
+    bool read_only = false;  // another process leads and no shared area could be opened, or a replica
     replicator::SharedArea::Hold restart_hold;  // a follower's WAL restart under way
     replicator::SharedArea::Hold ckpt_hold;     // a follower's checkpoint under way
     // Main db opened with replica=1: the file follows the bucket (replica.h)

@@ -306,15 +306,14 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
             }
             if (leader_elsewhere) {
                 // Another process replicates: this one writes and leaves the
-                // shipping to it (follower.h), or, in sync mode or without
-                // the shared area, reads only.
+                // shipping to it (follower.h), or, without the shared area,
+                // reads only.
                 std::string who = leader_elsewhere > 0 ? "process " + std::to_string(leader_elsewhere) : "another process";
                 auto fo = replicator::Follower::acquire(canon, *cfg, leader_elsewhere);
                 if (fo) follower = std::move(fo).value();
-                if (!follower || follower->read_only()) {
+                if (!follower) {
                     std::string m = canon + " is replicated by " + who + "; this connection is read-only (" +
-                                    (follower ? "in sync mode only the replicating process writes"
-                                              : fo.error().message) +
+                                    fo.error().message +
                                     ": write it from that process, or reopen once it has closed)";
                     log::warn(m);
                     sqlite3_log(SQLITE_READONLY, "bottomless: %s", m.c_str());
@@ -342,7 +341,7 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
     s->repl = std::move(repl);
     s->leader_elsewhere = leader_elsewhere;
     s->follower = std::move(follower);
-    s->read_only = (leader_elsewhere && (!s->follower || s->follower->read_only())) || replica;
+    s->read_only = (leader_elsewhere && !s->follower) || replica;
     s->replica = std::move(replica);
     sqlite3_file* l = s->lower();
     if (s->replica) {
@@ -356,7 +355,7 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
         s->~ShimFile();
         return rc;
     }
-    // A follower's pager is read-only: writes fail with SQLITE_READONLY
+    // A read-only connection's pager: writes fail with SQLITE_READONLY
     // ("attempt to write a readonly database") instead of forking the history.
     if (s->read_only && out_flags) *out_flags = (*out_flags & ~SQLITE_OPEN_READWRITE) | SQLITE_OPEN_READONLY;
     int v = l->pMethods ? l->pMethods->iVersion : 1;

@@ -405,7 +405,8 @@ TEST_CASE("the leader killed again and again while several processes write: one 
     for (auto [pid, p] : running) {
         int status = 0;
         REQUIRE(::waitpid(pid, &status, 0) == pid);
-        INFO("writer " << p << ": " << log_of(s, p));
+        INFO("writer " << p << ": " << log_of(s, p) << " (signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0)
+                                << ")");
         CHECK(WIFEXITED(status));
         CHECK(WEXITSTATUS(status) == 0);
     }
