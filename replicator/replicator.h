@@ -507,6 +507,8 @@ private:
     mutable std::mutex status_mu_;
     std::string last_error_;
     int64_t last_error_us_ = 0;
+    std::string last_error_key_;        // last_error_ without its request id
+    int64_t last_error_logged_us_ = 0;  // the same error is logged at most every 10 s
     int64_t last_durable_commit_us_ = 0;
     uint64_t errors_ = 0;  // record_error() calls, for bottomless_metrics()
     uint64_t segments_uploaded_ = 0;

@@ -18,11 +18,24 @@
 namespace bottomless::replicator {
 
 void Replicator::record_error(const Error& e) {
-    log::warn(path_ + ": replication: " + e.describe());
-    std::lock_guard slock(status_mu_);
-    last_error_ = e.describe();
-    last_error_us_ = now_us();
-    ++errors_;
+    std::string what = e.describe();
+    Error same = e;
+    same.request_id.clear();  // differs at every attempt
+    std::string key = same.describe();
+    bool log_it;
+    {
+        // A flush or a close retries every 50-100 ms: the same error again
+        // within 10 s is counted and kept in the status, not logged again.
+        std::lock_guard slock(status_mu_);
+        const int64_t now = now_us();
+        log_it = key != last_error_key_ || now - last_error_logged_us_ >= 10'000'000;
+        if (log_it) last_error_logged_us_ = now;
+        last_error_key_ = std::move(key);
+        last_error_ = what;
+        last_error_us_ = now;
+        ++errors_;
+    }
+    if (log_it) log::warn(path_ + ": replication: " + what);
 }
 
 void Replicator::note_failure(const Error& e) {
