@@ -6,6 +6,7 @@
 // integrity_check, fsync, rename); this file decides whether to restore at
 // all (--if-db-not-exists, --if-replica-exists, --force), which generation
 // serves (history.h), and reports the result.
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -22,6 +23,7 @@
 #include "cli/common.h"
 #include "cli/history.h"
 #include "cli/restore_common.h"
+#include "replicator/replica.h"
 #include "replicator/restore.h"
 #include "s3/log.h"
 
@@ -256,6 +258,110 @@ int run_restore_many(Context& ctx, const Args& args, RestoreRequest req, const M
     return kExitOk;
 }
 
+// ---- restore --follow: keep the restored file current ----
+//
+// The file is a read replica (replicator/replica.h, docs/SEMANTICS.md "Read
+// replicas"): hydrated from the bucket, then every new segment applied as
+// it appears, as a rollback-mode writer with a real journal, so SQLite
+// readers in other processes (sqlite3 -readonly, an application) always see
+// a committed state. The same code as the VFS's replica=1: a file followed
+// by an application is read here and taken over when the application
+// closes it, and the reverse.
+
+volatile sig_atomic_t g_follow_stop = 0;
+
+void on_follow_signal(int) { g_follow_stop = 1; }
+
+int run_restore_follow(Context& ctx, const Args& args, const std::string& db, const std::string& output) {
+    for (const char* flag : {"generation", "utc-time", "incremental", "incremental-via", "if-db-not-exists",
+                             "integrity-check"})
+        if (args.has(flag))
+            throw UsageError{std::string("--follow keeps the file at the newest state: --") + flag + " does not apply"};
+    const int64_t poll_ms = parse_int_option(args, "poll-ms", 50, 3'600'000, 1000);
+    const bool json_out = args.has("json");
+
+    // A file that is not a replica this tool (or replica=1) keeps is a
+    // database someone may need: replaced only with --force.
+    uint64_t size = 0;
+    const bool exists = nonempty_file(output, &size);
+    struct stat st{};
+    const bool is_replica = ::stat((output + "-bottomless-replica").c_str(), &st) == 0;
+    if (nonempty_file(output + "-wal"))
+        return ctx.fail(output + "-wal exists: " + output + " is a database in WAL mode, not a replica",
+                        "pass -o another path (a replica is kept without a WAL)");
+    if (exists && !is_replica && !args.has("force"))
+        return ctx.fail(output + " exists (" + format_bytes(size) + ") and is not a replica kept by --follow",
+                        "pass --force to replace it, or -o another path");
+
+    replicator::ReplicatorConfig cfg = ctx.config();
+    cfg.bucket = ctx.bucket();
+    cfg.db_id = db;
+    cfg.replica = true;
+    cfg.replica_poll = std::chrono::milliseconds(poll_ms);
+    if (sqlite3_initialize() != SQLITE_OK) return ctx.fail("cannot initialise SQLite");
+    sqlite3_vfs* lower = sqlite3_vfs_find(nullptr);
+    if (!lower) return ctx.fail("SQLite has no default VFS");
+
+    auto replica = replicator::Replica::acquire(output, cfg, lower);
+    if (!replica) return ctx.fail(replica.error());
+
+    struct sigaction sa{}, old_int{}, old_term{}, old_hup{};
+    sa.sa_handler = on_follow_signal;
+    ::sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGINT, &sa, &old_int);
+    ::sigaction(SIGTERM, &sa, &old_term);
+    ::sigaction(SIGHUP, &sa, &old_hup);
+
+    // One line per change of position, role or error (JSON lines with --json).
+    std::string last_key;
+    auto report = [&](bool final) {
+        json j = json::parse((*replica)->status_json());
+        const std::string key = j["role"].dump() + j["generation"].dump() + j["segment"].dump() +
+                                j["last_error"].dump() + j["stalled"].dump();
+        if (key == last_key && !final) return;
+        last_key = key;
+        if (ctx.quiet() && !json_out) return;
+        if (json_out) {
+            json line = {{"event", final ? "stopped" : "position"},
+                         {"output", output},
+                         {"database", db},
+                         {"role", j["role"]},
+                         {"generation", j["generation"]},
+                         {"segment", j["segment"]},
+                         {"last_txn", j["last_applied_commit"]},
+                         {"last_txn_us", j["last_applied_commit_us"]},
+                         {"segments_applied", j["segments_applied"]},
+                         {"hydrations", j["hydrations"]},
+                         {"stalled", j["stalled"]},
+                         {"last_error", j["last_error"]}};
+            std::printf("%s\n", line.dump().c_str());
+        } else if (j["role"] == "reader") {
+            std::printf("%s is followed by process %s: reading; this process takes over when it stops\n",
+                        output.c_str(), j["follower_pid"].dump().c_str());
+        } else {
+            std::printf("%s %s at generation %s, segment %llu, last transaction %s%s%s\n",
+                        final ? "stopped following;" : "following:", output.c_str(),
+                        j["generation"].get<std::string>().c_str(),
+                        static_cast<unsigned long long>(j["segment"].get<uint64_t>()),
+                        j["last_applied_commit"].is_string() ? j["last_applied_commit"].get<std::string>().c_str() : "-",
+                        j["stalled"].get<bool>() ? " (stalled)" : "",
+                        j["last_error"].is_string() ? ("; " + j["last_error"].get<std::string>()).c_str() : "");
+        }
+        std::fflush(stdout);
+    };
+    report(false);
+    while (!g_follow_stop) {
+        ::usleep(100'000);
+        report(false);
+    }
+    report(true);
+    replica->reset();  // stops the follower thread (an apply under way completes or rolls back)
+    ::sigaction(SIGINT, &old_int, nullptr);
+    ::sigaction(SIGTERM, &old_term, nullptr);
+    ::sigaction(SIGHUP, &old_hup, nullptr);
+    return kExitOk;
+}
+
 int run_restore(Context& ctx, const Args& args) {
     ctx.set_quiet(args.has("quiet") || args.has("json"));
     RestoreRequest req = restore_request_from(args);
@@ -273,6 +379,7 @@ int run_restore(Context& ctx, const Args& args) {
     if (req.incremental && if_db_missing)
         throw UsageError{"--incremental updates an existing copy, --if-db-not-exists keeps it: choose one"};
 
+    if (args.has("poll-ms") && !args.has("follow")) throw UsageError{"--poll-ms is for --follow"};
     // Several databases: ids as arguments, or --all.
     if (args.has("all") || !args.positional().empty()) {
         if (args.has("all") && !args.positional().empty())
@@ -280,6 +387,7 @@ int run_restore(Context& ctx, const Args& args) {
         if (args.has("database"))
             throw UsageError{"-d names one database: with database ids as arguments or --all, leave it out"};
         if (args.positional().size() > 1 || args.has("all")) {
+            if (args.has("follow")) throw UsageError{"--follow keeps one database current: give one id"};
             ManyFlags flags;
             flags.if_db_missing = if_db_missing;
             flags.if_replica = if_replica;
@@ -304,6 +412,9 @@ int run_restore(Context& ctx, const Args& args) {
     if (!db) return kExitUsage;
     if (output.empty()) output = *db;
     else if (is_directory(output)) output = (output.back() == '/' ? output : output + "/") + *db;
+    if (!is_directory(dir_name(output)))
+        return ctx.fail("directory " + dir_name(output) + " does not exist", "create it or pass another -o PATH");
+    if (args.has("follow")) return run_restore_follow(ctx, args, *db, output);
 
     // Local checks first: they need no network and must hold whatever the bucket says.
     uint64_t size = 0, wal_size = 0;
@@ -325,8 +436,6 @@ int run_restore(Context& ctx, const Args& args) {
                                 ": refusing to overwrite a database",
                             "pass --force to replace it, --if-db-not-exists to keep it, or -o another path");
     }
-    if (!is_directory(dir_name(output)))
-        return ctx.fail("directory " + dir_name(output) + " does not exist", "create it or pass another -o PATH");
 
     std::vector<GenerationView> history;
     auto suggest_older = [&](const Error& e) {
@@ -429,6 +538,7 @@ const Command& restore_command() {
         "restore a database: the latest state, a generation, or a point in time",
         "restore [-o PATH] [-g GEN | --utc-time T] [--if-db-not-exists] [--if-replica-exists] [--force] "
         "[--incremental] [--integrity-check MODE]\n"
+        "       bottomless-cli [GLOBAL OPTIONS] restore [-o PATH] --follow [--poll-ms N] [--force]\n"
         "       bottomless-cli [GLOBAL OPTIONS] restore [-o DIR] (ID ID ... | --all) [--concurrent N] [OPTIONS]",
         "Rebuilds the database from its snapshot and segments: every object's checksum\n"
         "and the chain between them are checked, whole transactions only are applied,\n"
@@ -463,7 +573,15 @@ const Command& restore_command() {
         "directory) with the same options and checks as one. They share one S3\n"
         "connection pool: --concurrent of them at once (default 4), --parallel GETs in\n"
         "all. Each one's outcome is printed; one failing does not stop the others, and\n"
-        "the exit status is 1 if any failed (3 if some had nothing to restore).",
+        "the exit status is 1 if any failed (3 if some had nothing to restore).\n"
+        "\n"
+        "--follow keeps PATH current until interrupted (SIGINT, SIGTERM or SIGHUP; exit\n"
+        "0): restored first, then every new segment applied as it appears (polled\n"
+        "every --poll-ms, default 1000), a new generation followed. PATH is a read\n"
+        "replica, kept in rollback-journal format (no -wal): any SQLite reader can open\n"
+        "it read-only meanwhile and always sees a committed state. PATH-bottomless-replica\n"
+        "records the position, so --follow again continues without a new download. One\n"
+        "line per change of position (JSON lines with --json).",
         {
             {'o', "output", "PATH", "where to write the database (default: ./<database id>; a directory: DIR/<id>)"},
             {'g', "generation", "GEN", "restore this generation (default: the newest that serves)"},
@@ -477,6 +595,8 @@ const Command& restore_command() {
             {0, "all", nullptr, "restore every database in the bucket, each to DIR/ID"},
             {0, "concurrent", "N", "with several databases: how many restore at once (default min(4, --parallel), 1..16)"},
             {0, "integrity-check", "MODE", "none (default), quick or full: the SQLite check before the rename"},
+            {0, "follow", nullptr, "keep PATH current (a read replica) until interrupted"},
+            {0, "poll-ms", "N", "with --follow: how often to ask for the next segment (default 1000)"},
             {'q', "quiet", nullptr, "no progress bar and no report"},
             {0, "json", nullptr, "print the report as JSON"},
         },

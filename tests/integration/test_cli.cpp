@@ -129,44 +129,72 @@ std::string read_file(const std::string& path) {
     return ss.str();
 }
 
-// Runs a program with extra environment (value nullopt: unset), capturing
-// stdout and stderr through files (no pipe can fill up and block it).
+// A program started with extra environment (value nullopt: unset), its
+// stdout and stderr going to files (no pipe can fill up and block it).
+class Spawned {
+public:
+    Spawned(const std::vector<std::string>& argv, const std::map<std::string, std::optional<std::string>>& env = {},
+            const std::string& stdin_text = {}) {
+        const std::string in = io_ / "in";
+        {
+            std::ofstream f(in);
+            f << stdin_text;
+        }
+        pid_ = ::fork();
+        REQUIRE(pid_ >= 0);
+        if (pid_ == 0) {
+            int fi = ::open(in.c_str(), O_RDONLY);
+            int fo = ::open(out_path().c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            int fe = ::open(err_path().c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            if (fi < 0 || fo < 0 || fe < 0) ::_exit(127);
+            ::dup2(fi, 0);
+            ::dup2(fo, 1);
+            ::dup2(fe, 2);
+            for (const auto& [k, v] : env) {
+                if (v) ::setenv(k.c_str(), v->c_str(), 1);
+                else ::unsetenv(k.c_str());
+            }
+            std::vector<char*> args;
+            for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+            args.push_back(nullptr);
+            ::execv(args[0], args.data());
+            ::_exit(127);
+        }
+    }
+    ~Spawned() {
+        if (pid_ > 0) {
+            ::kill(pid_, SIGKILL);
+            (void)wait();
+        }
+    }
+    Spawned(const Spawned&) = delete;
+    Spawned& operator=(const Spawned&) = delete;
+
+    std::string out_so_far() const { return read_file(out_path()); }
+    // Sends `sig` (0: none) and waits for the exit.
+    Run wait(int sig = 0) {
+        if (sig && pid_ > 0) ::kill(pid_, sig);
+        int status = 0;
+        while (pid_ > 0 && ::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+        }
+        pid_ = -1;
+        Run r;
+        r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        r.out = read_file(out_path());
+        r.err = read_file(err_path());
+        return r;
+    }
+
+private:
+    std::string out_path() const { return io_ / "out"; }
+    std::string err_path() const { return io_ / "err"; }
+    TempDir io_;
+    pid_t pid_ = -1;
+};
+
 Run run_program(const std::vector<std::string>& argv, const std::map<std::string, std::optional<std::string>>& env = {},
                 const std::string& stdin_text = {}) {
-    TempDir io;
-    const std::string out = io / "out", err = io / "err", in = io / "in";
-    {
-        std::ofstream f(in);
-        f << stdin_text;
-    }
-    pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-        int fi = ::open(in.c_str(), O_RDONLY);
-        int fo = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        int fe = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fi < 0 || fo < 0 || fe < 0) ::_exit(127);
-        ::dup2(fi, 0);
-        ::dup2(fo, 1);
-        ::dup2(fe, 2);
-        for (const auto& [k, v] : env) {
-            if (v) ::setenv(k.c_str(), v->c_str(), 1);
-            else ::unsetenv(k.c_str());
-        }
-        std::vector<char*> args;
-        for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-        args.push_back(nullptr);
-        ::execv(args[0], args.data());
-        ::_exit(127);
-    }
-    int status = 0;
-    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-    }
-    Run r;
-    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    r.out = read_file(out);
-    r.err = read_file(err);
-    return r;
+    return Spawned(argv, env, stdin_text).wait();
 }
 
 Run cli(const std::vector<std::string>& args, const std::map<std::string, std::optional<std::string>>& env = {}) {
@@ -1728,4 +1756,116 @@ TEST_CASE("cli: restore of several databases at once (ids or --all) and one fail
         CHECK(one.code == 0);
         CHECK(ids_in(dir / "one.db") == range_ids(1, 5));
     }
+}
+
+namespace {
+
+// Row ids of table t once the file holds `want` (read-only, as any reader
+// of a followed file would; the follower may hold it for an apply), or what
+// it held at the deadline.
+std::vector<int64_t> ids_when(const std::string& path, const std::vector<int64_t>& want,
+                              std::chrono::seconds within = std::chrono::seconds(30)) {
+    const auto deadline = std::chrono::steady_clock::now() + within;
+    std::vector<int64_t> ids;
+    do {
+        ids.clear();
+        sqlite3* raw = nullptr;
+        if (fs::exists(path) && sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK) {
+            Db db(raw);
+            sqlite3_busy_timeout(raw, 2000);
+            sqlite3_stmt* st = nullptr;
+            if (sqlite3_prepare_v2(raw, "SELECT id FROM t ORDER BY id", -1, &st, nullptr) == SQLITE_OK)
+                while (sqlite3_step(st) == SQLITE_ROW) ids.push_back(sqlite3_column_int64(st, 0));
+            sqlite3_finalize(st);
+        } else if (raw) {
+            sqlite3_close(raw);
+        }
+        if (ids == want) return ids;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    } while (std::chrono::steady_clock::now() < deadline);
+    return ids;
+}
+
+std::vector<json> json_lines(const std::string& text) {
+    std::vector<json> v;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);)
+        if (!line.empty()) v.push_back(json::parse(line));
+    return v;
+}
+
+}  // namespace
+
+TEST_CASE("cli: restore --follow keeps a file current across segments and a new generation, and resumes without a download",
+          "[cli][integration][follow]") {
+    auto client = testing::server_client();
+    TestBucket bucket(*client, "cli-follow");
+    TempDir dir;
+    Writer w(dir / "src.db", bucket.name());
+    setup_table(w);
+    for (int i = 1; i <= 50; ++i) insert(w, i);
+    w.flush();
+
+    const std::string out = dir / "follow.db";
+    const std::vector<std::string> follow = {BOTTOMLESS_CLI_PATH, "-b", bucket.name(), "-d", "src.db", "restore", "-o",
+                                             out, "--follow", "--poll-ms", "100", "--json"};
+    const std::map<std::string, std::optional<std::string>> env = {{"LIBSQL_BOTTOMLESS_DATABASE_ID", std::nullopt}};
+    {
+        Spawned f(follow, env);
+        CHECK(ids_when(out, range_ids(1, 50)) == range_ids(1, 50));
+        // New segments appear in the file while it follows.
+        for (int i = 51; i <= 80; ++i) {
+            insert(w, i);
+            if (i % 10 == 0) w.flush();
+        }
+        CHECK(ids_when(out, range_ids(1, 80)) == range_ids(1, 80));
+        // A new generation on the writer's side is followed too.
+        const std::string gen2 = w.snapshot();
+        for (int i = 81; i <= 90; ++i) insert(w, i);
+        w.flush();
+        CHECK(ids_when(out, range_ids(1, 90)) == range_ids(1, 90));
+        CHECK(ids_in(out) == range_ids(1, 90));  // and integrity_check ok
+
+        Run r = f.wait(SIGTERM);
+        REQUIRE(r.code == 0);
+        auto lines = json_lines(r.out);
+        REQUIRE(lines.size() >= 2);
+        CHECK(lines.front()["event"] == "position");
+        CHECK(lines.front()["role"] == "follower");
+        const json& last = lines.back();
+        CHECK(last["event"] == "stopped");
+        CHECK(last["generation"] == gen2);
+        CHECK(last["last_error"].is_null());
+        CHECK(last["segments_applied"].get<uint64_t>() >= 1);
+    }
+    // The file is an ordinary database to any reader, without a WAL.
+    CHECK(!fs::exists(out + "-wal"));
+    CHECK(fs::exists(out + "-bottomless-replica"));
+
+    // Following again continues from the recorded position: no download of
+    // the snapshot, only what is new.
+    for (int i = 91; i <= 95; ++i) insert(w, i);
+    w.flush();
+    {
+        Spawned f(follow, env);
+        CHECK(ids_when(out, range_ids(1, 95)) == range_ids(1, 95));
+        Run r = f.wait(SIGINT);
+        REQUIRE(r.code == 0);
+        auto lines = json_lines(r.out);
+        REQUIRE(!lines.empty());
+        CHECK(lines.back()["hydrations"] == 0);
+        CHECK(lines.back()["event"] == "stopped");
+    }
+
+    // A database that is not a replica is not overwritten without --force.
+    {
+        Writer other(dir / "other.db", bucket.name(), "&database_id=other");
+        other.sql("CREATE TABLE keep(x)");
+    }
+    Run refused = cli({"-b", bucket.name(), "-d", "src.db", "restore", "-o", dir / "other.db", "--follow"});
+    CHECK(refused.code == 1);
+    CHECK(refused.err.find("is not a replica") != std::string::npos);
+    CHECK(cli({"-b", bucket.name(), "-d", "src.db", "restore", "--follow", "-g", "x"}).code == 2);
+    CHECK(cli({"-b", bucket.name(), "restore", "--follow", "a", "b"}).code == 2);
+    CHECK(cli({"-b", bucket.name(), "-d", "src.db", "restore", "--poll-ms", "100"}).code == 2);
 }
