@@ -4,7 +4,7 @@
 //
 //   - the replica sees every commit of a counter table within a bound,
 //     integrity_check ok, refuses writes with SQLITE_READONLY
-//   - a read transaction open while segments arrive sees one stable state,
+//   - a read transaction open while 100 segments arrive sees one stable state,
 //     and another reader is not blocked meanwhile
 //   - a new generation on the writer (bottomless_snapshot()) is followed
 //   - a crash in the middle of an apply (the state file's mark) is re-hydrated at the next open
@@ -235,7 +235,7 @@ TEST_CASE("replica: follows every commit of a writer within a bound and refuses 
     CHECK(out.find("22") != std::string::npos);
 }
 
-TEST_CASE("replica: a read transaction sees one stable state while segments arrive", "[vfs][integration][replica]") {
+TEST_CASE("replica: a read transaction sees one stable state while 100 segments arrive", "[vfs][integration][replica]") {
     Fixture f;
     for (int i = 1; i <= 3; ++i) f.commit(i);
     f.flush();
@@ -245,26 +245,36 @@ TEST_CASE("replica: a read transaction sees one stable state while segments arri
 
     exec(a.get(), "BEGIN");
     REQUIRE(query_int(a.get(), "SELECT count(*) FROM log") == 3);
-    for (int i = 4; i <= 8; ++i) {
-        f.commit(i);
-        f.flush();  // one segment each
-    }
-    std::this_thread::sleep_for(400ms);  // several polls: the segments are there to apply
-    for (int k = 0; k < 5; ++k) {
+    // The issue's figure: a read transaction open across 100 segments.
+    constexpr int kSegments = 100;
+    auto a_and_b_see_3 = [&] {
         CHECK(query_int(a.get(), "SELECT count(*) FROM log") == 3);
         CHECK(query_int(a.get(), "SELECT n FROM c") == 3);
+        CHECK(query_text(a.get(), "SELECT group_concat(i) FROM log") == "1,2,3");
         // Another reader is not held up by the waiting follower for long.
         const auto t0 = std::chrono::steady_clock::now();
         const long long seen = query_int(b.get(), "SELECT n FROM c");
         CHECK(std::chrono::steady_clock::now() - t0 < 1s);
         CHECK(seen == 3);  // nothing is applied while a reads
+    };
+    for (int i = 4; i < 4 + kSegments; ++i) {
+        f.commit(i);
+        f.flush();  // one segment each
+        if (i % 10 == 0) a_and_b_see_3();
+    }
+    std::this_thread::sleep_for(400ms);  // several polls: the segments are there to apply
+    for (int k = 0; k < 5; ++k) {
+        a_and_b_see_3();
         std::this_thread::sleep_for(50ms);
     }
     CHECK(status(b.get())["lock_waits"].get<uint64_t>() >= 1);
+    const int last = 3 + kSegments;
     exec(a.get(), "COMMIT");
-    wait_for_value(a.get(), "SELECT n FROM c", 8);
-    CHECK(query_int(b.get(), "SELECT count(*) FROM log") == 8);
+    wait_for_value(a.get(), "SELECT n FROM c", last, 60s);
+    CHECK(query_int(b.get(), "SELECT count(*) FROM log") == last);
+    CHECK(query_int(b.get(), "SELECT sum(i) FROM log") == last * (last + 1) / 2);
     CHECK(query_text(b.get(), "PRAGMA integrity_check") == "ok");
+    CHECK(status(b.get())["segment"].get<uint64_t>() >= kSegments);
 }
 
 TEST_CASE("replica: a new generation on the writer is followed", "[vfs][integration][replica]") {
