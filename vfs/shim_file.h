@@ -63,6 +63,10 @@ struct ShimFile {
     sqlite3_int64 commit_offset = 0;   // offset of the commit frame's header
     unsigned char commit_header[24];
     std::string commit_page;           // sync mode: page bytes gathered so far
+    // WAL: synced since the last extension (grow_ahead, vfs_wal.cpp), and
+    // the file's size as last seen or made (-1: look again).
+    bool wal_synced = false;
+    sqlite3_int64 wal_size_seen = -1;
     // The lower file follows this struct in memory.
     sqlite3_file* lower() { return reinterpret_cast<sqlite3_file*>(this + 1); }
 };
@@ -96,5 +100,6 @@ int main_shm_lock(sqlite3_file* f, int ofst, int n, int flags);
 int wal_read(sqlite3_file* f, void* buf, int n, sqlite3_int64 off);
 int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off);
 int wal_truncate(sqlite3_file* f, sqlite3_int64 size);
+int wal_sync(sqlite3_file* f, int flags);
 
 }  // namespace bottomless::vfs::detail

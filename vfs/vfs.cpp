@@ -215,6 +215,7 @@ void build_tables() {
     w.xWrite = wal_write;
     w.xRead = wal_read;
     w.xTruncate = wal_truncate;
+    w.xSync = wal_sync;
     for (int v = 1; v <= 3; ++v) {
         // Same version as the lower file; the slots it lacks stay null.
         g_main_methods[v] = m;

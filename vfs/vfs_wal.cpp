@@ -3,6 +3,7 @@
 // and the WAL file's methods (the tee, sync mode's held commit frame, the
 // guards on restart and truncation). vfs.cpp's header comment says why.
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 
@@ -220,6 +221,46 @@ int wal_read(sqlite3_file* f, void* buf, int n, sqlite3_int64 off) {
     return hi == off + n || rc == SQLITE_OK ? SQLITE_OK : rc;
 }
 
+// Growing the WAL past its largest size so far (a snapshot or S3 holding
+// the restart off, a new WAL after a TRUNCATE checkpoint): appending makes
+// every synced commit also commit the file system's metadata (the new size
+// and blocks), which on ext4 halved synchronous=FULL commits (docs/
+// BENCHMARKS.md, "A WAL that grows"). So once the WAL has been synced (FULL
+// syncs it at every commit; NORMAL only at checkpoints) and a frame would go
+// past the end of the file, the file is first extended with written zeros
+// by a quarter of its size (64 KiB to 4 MiB): the following commits
+// overwrite blocks that exist, and one sync in a quarter of the file's
+// growth pays for the metadata. Safe: every WAL write is made under the
+// WAL write lock (no other connection or process writes the WAL
+// meanwhile), and only bytes past the end of the file are written; SQLite
+// knows frames by their salts and checksums, never by the file's size, so
+// zeros past the last frame are never read as frames (as after a restart,
+// when the old frames stay past the new ones). Best effort: a failed
+// extension leaves zeros or nothing, and SQLite's own write then reports
+// the disk's state.
+void grow_ahead(ShimFile* s, sqlite3_int64 end) {
+    if (!s->wal_synced || end <= s->wal_size_seen) return;
+    sqlite3_file* l = s->lower();
+    sqlite3_int64 size = 0;
+    if (l->pMethods->xFileSize(l, &size) != SQLITE_OK) return;
+    s->wal_size_seen = size;
+    if (end <= size) return;
+    constexpr sqlite3_int64 kPiece = 64 << 10;
+    static const std::array<unsigned char, kPiece> zeros{};
+    const sqlite3_int64 target = end + std::clamp<sqlite3_int64>(size / 4, kPiece, 4 << 20);
+    for (sqlite3_int64 at = size; at < target; at += kPiece)
+        if (l->pMethods->xWrite(l, zeros.data(), static_cast<int>(std::min(kPiece, target - at)), at) != SQLITE_OK) return;
+    s->wal_size_seen = target;
+    s->wal_synced = false;
+}
+
+int wal_sync(sqlite3_file* f, int flags) {
+    ShimFile* s = shim(f);
+    s->wal_synced = true;
+    sqlite3_file* l = s->lower();
+    return l->pMethods->xSync(l, flags);
+}
+
 // A follower process's WAL: in sync mode its commit frame is held back
 // until the leader has shipped the transaction (as in the leader's process,
 // below); every other write goes straight through.
@@ -232,10 +273,12 @@ int follower_wal_write(ShimFile* s, const void* buf, int n, sqlite3_int64 off) {
             if (rc == SQLITE_OK)
                 if (auto h = replicator::parse_wal_header(p)) s->page_size = h->page_size;
             s->commit_pending = s->commit_held = false;
+            s->wal_size_seen = -1;  // a new WAL (maybe after a truncation elsewhere)
             return rc;
         }
         learn_page_size(s);
         if (is_frame_header(s, n, off)) {
+            grow_ahead(s, off + 24 + static_cast<sqlite3_int64>(s->page_size));
             if (s->commit_held && off == s->commit_offset) {
                 std::memcpy(s->commit_header, p, 24);  // its final header (walRewriteChecksums)
                 if (s->commit_wait_cksum && s->commit_page.size() == s->page_size) return write_held_commit(s, nullptr);
@@ -287,10 +330,12 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
                 }
                 s->commit_pending = s->commit_held = false;
             }
+            s->wal_size_seen = -1;  // a new WAL (maybe after a truncation elsewhere)
             return rc;
         }
         learn_page_size(s);
         if (is_frame_header(s, n, off)) {
+            grow_ahead(s, off + 24 + static_cast<sqlite3_int64>(s->page_size));
             if (s->commit_held && off == s->commit_offset) {
                 // The held commit frame's final header (walRewriteChecksums).
                 std::memcpy(s->commit_header, p, 24);
@@ -344,6 +389,7 @@ int wal_write(sqlite3_file* f, const void* buf, int n, sqlite3_int64 off) {
 int wal_truncate(sqlite3_file* f, sqlite3_int64 size) {
     ShimFile* s = shim(f);
     sqlite3_file* l = s->lower();
+    s->wal_size_seen = -1;
     if (!s->repl) return l->pMethods->xTruncate(l, size);
     return guarded(SQLITE_IOERR_TRUNCATE, [&]() -> int {
         auto st = s->repl->flush_before_wal_loss("truncate the WAL", s->repl->config().shutdown_timeout);
