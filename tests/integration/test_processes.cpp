@@ -49,6 +49,16 @@ struct Setup {
         CHECK(integrity_of_file(out) == "ok");
         return content_hash_of_file(out);
     }
+    // Restores db_id into `copy` now and counts the rows of `sql`'s query.
+    long long restored_count(const std::string& db_id, const std::string& copy, const std::string& sql) const {
+        const std::string out = dir.file(copy);
+        auto r = replicator::restore_database(*client, bucket.name(), db_id, out);
+        if (!r) FAIL("restore failed: " << r.error().describe());
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open_v2(out.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+        Db db(raw);
+        return query_int(db.get(), sql);
+    }
 };
 
 // Starts `sqlite3` with the extension in the background on a script; returns its pid.
@@ -92,15 +102,7 @@ TEST_CASE("a second process writes a replicated database: the leader ships its c
 
     // What the follower's flush promised is in the bucket already: a
     // restore taken now, while this process still runs, has its row.
-    {
-        const std::string early = s.dir.file("early.db");
-        auto r = replicator::restore_database(*s.client, s.bucket.name(), "app.db", early);
-        REQUIRE(r.ok());
-        sqlite3* raw = nullptr;
-        REQUIRE(sqlite3_open_v2(early.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
-        Db db(raw);
-        CHECK(query_int(db.get(), "SELECT count(*) FROM t WHERE x = 3") == 1);
-    }
+    CHECK(s.restored_count("app.db", "early.db", "SELECT count(*) FROM t WHERE x = 3") == 1);
     exec(leader.get(), "INSERT INTO t VALUES (4)");
     query_text(leader.get(), "SELECT bottomless_flush(30000)");
     CHECK(query_int(leader.get(), "SELECT count(*) FROM t") == 4);
@@ -175,16 +177,7 @@ TEST_CASE("in sync mode another process's COMMIT returns once the leader has mad
     CHECK_THAT(out, Catch::Contains("\"role\":\"follower\""));
     CHECK_THAT(out, Catch::Contains("\"sync\":true"));
     CHECK_THAT(out, !Catch::Contains("Error"));
-    auto restored_rows = [&](const std::string& name) {
-        const std::string copy = s.dir.file(name);
-        auto r = replicator::restore_database(*s.client, s.bucket.name(), "sync.db", copy);
-        REQUIRE(r.ok());
-        sqlite3* raw = nullptr;
-        REQUIRE(sqlite3_open_v2(copy.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
-        Db db(raw);
-        return query_int(db.get(), "SELECT count(*) FROM t");
-    };
-    CHECK(restored_rows("early.db") == 4);
+    CHECK(s.restored_count("sync.db", "early.db", "SELECT count(*) FROM t") == 4);
 
     // S3 refuses: the follower's COMMIT fails (after sync_timeout) and the
     // row is not there, neither locally nor in the bucket.
