@@ -299,7 +299,10 @@ void Follower::try_take_over() noexcept {
         if (!(pid == 0 || process_gone(pid)) && now < next_full_try_) return;
         next_full_try_ = now + std::chrono::seconds(1);
         long elsewhere = 0;
-        auto r = Replicator::acquire(path_, config_, &elsewhere, /*takeover=*/true);
+        // What the start-up counts as committed comes from the wal-index as
+        // this process's connections map it (never a descriptor of -shm of
+        // its own: closing that would drop their locks on it).
+        auto r = Replicator::acquire(path_, config_, &elsewhere, /*takeover=*/true, [this] { return wal_index_now(); });
         if (!r) {
             if (r.error().code != "StartupBusy")
                 log::warn(path_ + ": cannot take over replication: " + r.error().describe() + " (trying again)");

@@ -208,7 +208,8 @@ std::shared_ptr<Replicator> Replicator::find(const std::string& path) {
 }
 
 Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path, const ReplicatorConfig& config,
-                                                       long* leader_elsewhere, bool takeover) {
+                                                       long* leader_elsewhere, bool takeover,
+                                                       std::function<std::optional<WalIndexHeader>()> live_wal_index) {
     // Every open applies its environment's process-wide request cap, also
     // one that finds the database running.
     process_request_budget()->set_rate(config.process_max_requests_per_second);
@@ -271,6 +272,7 @@ Result<std::shared_ptr<Replicator>> Replicator::acquire(const std::string& path,
     std::shared_ptr<Replicator> r(new Replicator(path, config));
     r->leader_lock_.emplace(std::move(election).value());
     r->takeover_ = takeover;
+    r->live_wal_index_ = std::move(live_wal_index);
     r->open_shared_area();  // read by the start-up (other processes may be writing); published once started
     if (auto st = r->startup(); !st) return std::move(st).error();
     r->leader_lock_->startup_done();

@@ -22,6 +22,8 @@
 //     copy or a container operation, never with each other
 //   preserve_mu_ — held for the copy aside of an ended epoch's unshipped
 //     frames (file I/O), with no other lock
+//   handles_mu_ — a leaf: the connections' database handles a snapshot
+//     borrows (never held across a read through one)
 //   the followers watch's lock (replicator.cpp) — taken alone, or with
 //     cv_mu_ and the pool's mutex under it (wake())
 //   the uploader pool's mutex (pool.h) — below every other: taken by
@@ -56,6 +58,7 @@
 #include "s3/result.h"
 
 struct sqlite3_vfs;
+struct sqlite3_file;
 
 namespace bottomless::replicator {
 
@@ -88,15 +91,42 @@ public:
     // (a follower, follower.h) becomes the leader: it never waits for
     // another process's start-up, and never restores over the open file.
     static Result<std::shared_ptr<Replicator>> acquire(const std::string& path, const ReplicatorConfig& config,
-                                                       long* leader_elsewhere = nullptr, bool takeover = false);
+                                                       long* leader_elsewhere = nullptr, bool takeover = false,
+                                                       std::function<std::optional<WalIndexHeader>()> live_wal_index = {});
     // The running replicator of `path`, if any (for the WAL and journals).
     static std::shared_ptr<Replicator> find(const std::string& path);
-    // The VFS the shim forwards to (SQLite's default): a snapshot opens the
-    // database file through it, read-only and for the snapshot only, so a
-    // replicator holds no descriptor of its own between snapshots, and its
-    // close never drops SQLite's POSIX locks (the unix VFS defers it while
-    // the inode is locked). Set once at registration.
+    // The VFS the shim forwards to (SQLite's default): a snapshot that
+    // cannot borrow a connection's handle (below) opens the database file
+    // through it, read-only, so its close never drops SQLite's POSIX locks
+    // (the unix VFS defers that close while the inode is locked: the
+    // descriptor then stays until the last connection closes). Set once at
+    // registration.
     static void set_file_vfs(sqlite3_vfs* vfs);
+
+    // The database file's handles of this process's connections (the
+    // shim's lower files, vfs.cpp). A snapshot reads the file through one of
+    // them rather than opening it again: no descriptor beyond SQLite's own
+    // (issue 10). Only a handle whose memory map is known to be off (its
+    // connection's mmap_size is 0, SQLite's default) is lent: a mapped file
+    // may be remapped by its connection's thread while another reads it.
+    // Reads through the unix VFS are pread()s, safe beside the connection's
+    // own use of the handle. remove_db_handle() (before the connection
+    // closes it) and set_db_handle_lendable(false) (its map limit set above
+    // 0) wait for a read under way through it; the snapshot then borrows
+    // another or opens its own.
+    struct DbHandle {
+        sqlite3_file* file = nullptr;
+        bool lendable = false;  // memory map off
+        int readers = 0;        // reads under way through it
+    };
+    void add_db_handle(sqlite3_file* f);
+    void set_db_handle_lendable(sqlite3_file* f, bool lendable);
+    void remove_db_handle(sqlite3_file* f);
+    // What the snapshot does through a lent handle: the file's size, a read
+    // of n bytes at off (true: done; false: failed). nullopt: no handle can
+    // be lent now.
+    std::optional<bool> db_handle_size(uint64_t& out);
+    std::optional<bool> read_db_handle(void* buf, size_t n, uint64_t off);
 
     ~Replicator();
     Replicator(const Replicator&) = delete;
@@ -397,6 +427,9 @@ private:
     std::atomic<uint64_t> noted_index_{0};    // commits observed so far
     std::atomic<uint64_t> durable_index_{0};  // commits durable in S3
     std::atomic<uint64_t> unshipped_bytes_{0};
+    std::mutex handles_mu_;
+    std::condition_variable handles_cv_;  // a read through a handle ended
+    std::vector<DbHandle> handles_;       // guarded by handles_mu_
     std::atomic<bool> snapshot_active_{false};
     std::atomic<bool> snapshot_torn_{false};
     std::atomic<int> checkpoints_active_{0};  // registered checkpoints (begin_checkpoint)
@@ -421,6 +454,12 @@ private:
     void serve_sync_requests() noexcept;
     bool poll_at_start_ = false;  // start-up: the wal-index, not a WAL scan, says what is committed
     bool takeover_ = false;  // acquire(takeover): the file is open in this process already
+    // acquire(takeover): the wal-index header through a mapping this
+    // process's connections hold (Follower::wal_index_now), or nothing.
+    std::function<std::optional<WalIndexHeader>()> live_wal_index_;
+    std::optional<WalIndexHeader> live_wal_index() const {
+        return live_wal_index_ ? live_wal_index_() : std::nullopt;
+    }
     std::atomic<bool> broken_outside_wal_{false};
     std::atomic<bool> foreign_writer_{false};
     std::atomic<uint64_t> durable_salts_{0};   // salt1 << 32 | salt2 of durable_, for the shm hooks

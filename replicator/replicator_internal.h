@@ -55,14 +55,18 @@ struct LocalProof {
 // `live_wal_index`: other processes hold the database open (a takeover):
 // what is committed is what the wal-index says (cap_to_wal_index).
 LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path,
-                       bool live_wal_index = false);
+                       const std::optional<WalIndexHeader>& live_wal_index = std::nullopt);
 
 // Several processes: a commit frame in the WAL file that the live wal-index
-// (`<db>-shm`, mapped by the processes that have the database open) does not
-// publish was written by a process that died before publishing it; for the
-// others it rolled back (the next writer overwrites it). `scan`'s last
-// commit is lowered to the wal-index's when they are in the same epoch.
-void cap_to_wal_index(WalScan& scan, const std::string& db_path);
+// (`<db>-shm`, mapped by the processes that have the database open; `live`,
+// read through this process's own mapping) does not publish was written by a
+// process that died before publishing it; for the others it rolled back
+// (the next writer overwrites it). `scan`'s last commit is lowered to the
+// wal-index's when they are in the same epoch. Never opens `<db>-shm`
+// itself: closing any descriptor of it would drop every POSIX lock this
+// process's SQLite connections hold on it (their read marks and the DMS
+// lock: another process could then truncate it under them, SIGBUS).
+void cap_to_wal_index(WalScan& scan, const std::string& db_path, const WalIndexHeader& live);
 
 // Copies bytes [from, to) of the WAL to the same offsets of `out_path`
 // (created or emptied first): the copy aside of an ended epoch's unshipped

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <thread>
@@ -21,18 +22,17 @@ namespace {
 
 std::atomic<sqlite3_vfs*> g_file_vfs{nullptr};
 
-// The database file, read-only, for one snapshot: opened through the VFS
-// SQLite uses (the unix VFS tracks inodes: while a connection holds a POSIX
-// lock on the file, closing this handle is deferred instead of dropping that
-// lock, which a close of any descriptor of the inode would do). Not the
-// handle of one of the application's connections: SQLite calls a file's
-// methods from that connection's thread only (its memory map may be
-// remapped meanwhile), and that connection may close mid-snapshot. Without
-// a VFS (no connection ever went through the shim) a plain descriptor,
-// which then cannot hold anyone's lock.
+// The database file, read-only, for one snapshot: read through a handle
+// one of this process's connections holds (Replicator::add_db_handle) while
+// one can be lent, else opened through the VFS SQLite uses (the unix VFS
+// tracks inodes: while a connection holds a POSIX lock on the file, closing
+// this handle is deferred instead of dropping that lock, which a close of
+// any descriptor of the inode would do; the deferred descriptor then stays
+// until the last connection closes). Without a VFS (no connection ever went
+// through the shim) a plain descriptor, which then cannot hold anyone's lock.
 class DbFile {
 public:
-    DbFile() = default;
+    explicit DbFile(Replicator& r) : repl_(r) {}
     DbFile(const DbFile&) = delete;
     DbFile& operator=(const DbFile&) = delete;
     ~DbFile() {
@@ -41,26 +41,15 @@ public:
         if (fd_ >= 0) ::close(fd_);
     }
     bool open(const std::string& path) {
-        if (sqlite3_vfs* vfs = g_file_vfs.load()) {
-            // The name as SQLite itself passes it (a VFS may look for URI
-            // parameters after it).
-            name_ = sqlite3_create_filename(path.c_str(), "", "", 0, nullptr);
-            if (!name_) return false;
-            mem_ = std::make_unique<std::max_align_t[]>(
-                (static_cast<size_t>(vfs->szOsFile) + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
-            file_ = reinterpret_cast<sqlite3_file*>(mem_.get());
-            file_->pMethods = nullptr;
-            int out = 0;
-            if (vfs->xOpen(vfs, name_, file_, SQLITE_OPEN_MAIN_DB | SQLITE_OPEN_READONLY, &out) != SQLITE_OK) {
-                if (!file_->pMethods) file_ = nullptr;
-                return false;
-            }
-            return true;
-        }
-        fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-        return fd_ >= 0;
+        path_ = path;
+        uint64_t size = 0;
+        if (repl_.db_handle_size(size)) return true;  // a connection's handle: nothing to open
+        return open_own();
     }
     bool size(uint64_t& out) {
+        if (!own_)
+            if (auto r = repl_.db_handle_size(out)) return *r;
+        if (!own_ && !open_own()) return false;
         if (file_) {
             sqlite3_int64 n = 0;
             if (file_->pMethods->xFileSize(file_, &n) != SQLITE_OK || n < 0) return false;
@@ -73,12 +62,42 @@ public:
         return true;
     }
     bool read(void* buf, size_t n, uint64_t off) {
+        // The connection whose handle was lent may close meanwhile: the
+        // next read borrows another, or opens the file itself.
+        if (!own_)
+            if (auto r = repl_.read_db_handle(buf, n, off)) return *r;
+        if (!own_ && !open_own()) return false;
         if (file_) return file_->pMethods->xRead(file_, buf, static_cast<int>(n), static_cast<sqlite3_int64>(off)) ==
                           SQLITE_OK;
         return pread_full(fd_, buf, n, off);
     }
 
 private:
+    bool open_own() {
+        own_ = true;
+        if (sqlite3_vfs* vfs = g_file_vfs.load()) {
+            // The name as SQLite itself passes it (a VFS may look for URI
+            // parameters after it).
+            name_ = sqlite3_create_filename(path_.c_str(), "", "", 0, nullptr);
+            if (!name_) return false;
+            mem_ = std::make_unique<std::max_align_t[]>(
+                (static_cast<size_t>(vfs->szOsFile) + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
+            file_ = reinterpret_cast<sqlite3_file*>(mem_.get());
+            file_->pMethods = nullptr;
+            int out = 0;
+            if (vfs->xOpen(vfs, name_, file_, SQLITE_OPEN_MAIN_DB | SQLITE_OPEN_READONLY, &out) != SQLITE_OK) {
+                if (!file_->pMethods) file_ = nullptr;
+                return false;
+            }
+            return true;
+        }
+        fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+        return fd_ >= 0;
+    }
+
+    Replicator& repl_;
+    std::string path_;
+    bool own_ = false;  // reads go through a file of our own (opened, or failed to)
     std::unique_ptr<std::max_align_t[]> mem_;
     sqlite3_file* file_ = nullptr;
     sqlite3_filename name_ = nullptr;
@@ -93,6 +112,81 @@ uint32_t db_header_page_size(const unsigned char* h) {
 }  // namespace
 
 void Replicator::set_file_vfs(sqlite3_vfs* vfs) { g_file_vfs.store(vfs); }
+
+void Replicator::add_db_handle(sqlite3_file* f) {
+    std::lock_guard hlock(handles_mu_);
+    handles_.push_back(DbHandle{f, false, 0});
+}
+
+void Replicator::set_db_handle_lendable(sqlite3_file* f, bool lendable) {
+    std::unique_lock hlock(handles_mu_);
+    for (auto& h : handles_)
+        if (h.file == f) h.lendable = lendable;
+    if (lendable) return;
+    // A read lent before may still be under way: it must end before this
+    // connection maps the file (its next fetch may), or it could read from
+    // a mapping the connection's thread moves.
+    handles_cv_.wait(hlock, [&] {
+        for (const auto& h : handles_)
+            if (h.file == f && h.readers > 0) return false;
+        return true;
+    });
+}
+
+void Replicator::remove_db_handle(sqlite3_file* f) {
+    std::unique_lock hlock(handles_mu_);
+    auto it = std::find_if(handles_.begin(), handles_.end(), [&](const DbHandle& h) { return h.file == f; });
+    if (it == handles_.end()) return;
+    it->lendable = false;  // no new read through it
+    handles_cv_.wait(hlock, [&] {
+        auto i = std::find_if(handles_.begin(), handles_.end(), [&](const DbHandle& h) { return h.file == f; });
+        return i->readers == 0;
+    });
+    handles_.erase(std::find_if(handles_.begin(), handles_.end(), [&](const DbHandle& h) { return h.file == f; }));
+}
+
+namespace {
+// Runs `op` on a lendable handle of `handles` (held for the call, its
+// mutex not); nullopt when there is none.
+template <class Op>
+std::optional<bool> through_handle(std::mutex& mu, std::condition_variable& cv, std::vector<Replicator::DbHandle>& handles,
+                                   Op op) {
+    sqlite3_file* f = nullptr;
+    {
+        std::lock_guard hlock(mu);
+        for (auto& h : handles)
+            if (h.lendable) {
+                ++h.readers;
+                f = h.file;
+                break;
+            }
+    }
+    if (!f) return std::nullopt;
+    const bool ok = op(f);
+    {
+        std::lock_guard hlock(mu);
+        for (auto& h : handles)
+            if (h.file == f) --h.readers;
+    }
+    cv.notify_all();
+    return ok;
+}
+}  // namespace
+
+std::optional<bool> Replicator::db_handle_size(uint64_t& out) {
+    return through_handle(handles_mu_, handles_cv_, handles_, [&](sqlite3_file* f) {
+        sqlite3_int64 n = 0;
+        if (f->pMethods->xFileSize(f, &n) != SQLITE_OK || n < 0) return false;
+        out = static_cast<uint64_t>(n);
+        return true;
+    });
+}
+
+std::optional<bool> Replicator::read_db_handle(void* buf, size_t n, uint64_t off) {
+    return through_handle(handles_mu_, handles_cv_, handles_, [&](sqlite3_file* f) {
+        return f->pMethods->xRead(f, buf, static_cast<int>(n), static_cast<sqlite3_int64>(off)) == SQLITE_OK;
+    });
+}
 
 void Replicator::request_snapshot(const std::string& reason) {
     if (!need_snapshot_) log::info(path_ + ": new generation needed: " + reason);
@@ -141,7 +235,7 @@ Status Replicator::take_snapshot(Lock& lock) {
     snapshot_torn_.store(false);
 
     const uint64_t idx0 = noted_index_.load();
-    DbFile db;
+    DbFile db(*this);
     unsigned char dbh[100] = {0};
     struct stat st{};
     uint64_t db_size = 0;

@@ -68,7 +68,7 @@ bool Replicator::start_offline() {
         return cipher ? cipher->key_id() : std::string();
     };
     f.proven = [&] {
-        proof = prove_local(*state, path_, wal_path_, takeover_);
+        proof = prove_local(*state, path_, wal_path_, takeover_ ? live_wal_index() : std::nullopt);
         return proof.proven;
     };
     if (std::string why = why_not_offline(f); !why.empty()) {
@@ -198,7 +198,8 @@ std::optional<LocalState> Replicator::bucket_end_held_locally(const GenerationIn
     // there with the same running checksum (compared as the bucket stores
     // it: masked under encryption)?
     auto scan = scan_wal_file(wal_path_);
-    if (scan && takeover_) cap_to_wal_index(*scan, path_);
+    if (scan && takeover_)
+        if (auto live = live_wal_index()) cap_to_wal_index(*scan, path_, *live);
     if (!scan || !scan->has_header || scan->header.salt1 != end.salt1 || scan->header.salt2 != end.salt2 ||
         end.frame > scan->last_commit_frame) {
         log::info(path_ + ": the local WAL does not hold where generation " + g.id + " ends (segment " +
@@ -250,7 +251,8 @@ bool Replicator::bring_in_last_segment(const GenerationInfo& g) {
     // for it): one restart after the segment's start, which the state file
     // recorded as durable, and no committed frame in the new epoch yet.
     auto scan = scan_wal_file(wal_path_);
-    if (scan && takeover_) cap_to_wal_index(*scan, path_);
+    if (scan && takeover_)
+        if (auto live = live_wal_index()) cap_to_wal_index(*scan, path_, *live);
     if (!scan || !scan->has_header || scan->header.page_size != h.page_size) return false;
     const WalHeader& wh = scan->header;
     auto masked = [&](const WalPosition& p) { return cipher_ ? cipher_->mask(p, db_id, g.id) : p; };
@@ -321,7 +323,7 @@ bool Replicator::continue_at_bucket_end(const GenerationInfo& g, bool may_write_
     // WAL lacks can be completed locally rather than forking the history.
     if (!end && may_write_wal && bring_in_last_segment(g)) end = bucket_end_held_locally(g);
     if (!end) return false;
-    LocalProof proof = prove_local(*end, path_, wal_path_, takeover_);
+    LocalProof proof = prove_local(*end, path_, wal_path_, takeover_ ? live_wal_index() : std::nullopt);
     if (!proof.proven) {
         log::info(path_ + ": cannot continue where generation " + g.id + " ends: " + proof.why);
         return false;
@@ -512,7 +514,7 @@ Status Replicator::startup() {
     }
     LocalProof proof;
     f.proven = [&] {
-        proof = prove_local(*state, path_, wal_path_, takeover_);
+        proof = prove_local(*state, path_, wal_path_, takeover_ ? live_wal_index() : std::nullopt);
         return proof.proven;
     };
 

@@ -44,18 +44,8 @@ static bool recover_old_epoch(const std::string& wal_path, const WalHeader& curr
     return cur.frames.empty();
 }
 
-void cap_to_wal_index(WalScan& scan, const std::string& db_path) {
+void cap_to_wal_index(WalScan& scan, const std::string& db_path, const WalIndexHeader& h) {
     if (!scan.has_header || scan.last_commit_frame == 0) return;
-    WalIndexHeader h;
-    {
-        Fd fd(::open((db_path + "-shm").c_str(), O_RDONLY | O_CLOEXEC));
-        if (fd.fd < 0) return;
-        void* p = ::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, fd.fd, 0);
-        if (p == MAP_FAILED) return;
-        const bool ok = read_wal_index_settled(static_cast<const volatile unsigned char*>(p), h);
-        ::munmap(p, 4096);
-        if (!ok) return;
-    }
     if (h.salt1 != scan.header.salt1 || h.salt2 != scan.header.salt2 || h.mx_frame >= scan.last_commit_frame) return;
     scan.last_commit_frame = h.mx_frame;
     scan.db_size = 0;
@@ -75,10 +65,10 @@ void cap_to_wal_index(WalScan& scan, const std::string& db_path) {
 }
 
 LocalProof prove_local(const LocalState& state, const std::string& db_path, const std::string& wal_path,
-                       bool live_wal_index) {
+                       const std::optional<WalIndexHeader>& live_wal_index) {
     LocalProof proof;
     auto scan = scan_wal_file(wal_path);
-    if (scan && live_wal_index) cap_to_wal_index(*scan, db_path);
+    if (scan && live_wal_index) cap_to_wal_index(*scan, db_path, *live_wal_index);
     if (!scan) {
         proof.why = "the WAL could not be read";
         return proof;

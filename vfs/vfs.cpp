@@ -101,8 +101,22 @@ int x_check_reserved(sqlite3_file* f, int* out) {
     return l->pMethods->xCheckReservedLock(l, out);
 }
 int x_file_control(sqlite3_file* f, int op, void* arg) {
-    sqlite3_file* l = shim(f)->lower();
-    return l->pMethods->xFileControl(l, op, arg);
+    ShimFile* s = shim(f);
+    sqlite3_file* l = s->lower();
+    int rc = l->pMethods->xFileControl(l, op, arg);
+    if (op == SQLITE_FCNTL_MMAP_SIZE && s->kind == Kind::MainDb && s->repl) {
+        // The pager sets the map limit at open and at PRAGMA mmap_size; the
+        // unix VFS keeps the old one while pages are fetched. Ask what it
+        // is now (-1: no change): a snapshot may read through this handle
+        // only while nothing of it is mapped (Replicator::add_db_handle).
+        sqlite3_int64 now = -1;
+        const bool unmapped = l->pMethods->xFileControl(l, SQLITE_FCNTL_MMAP_SIZE, &now) == SQLITE_OK && now == 0;
+        guarded(SQLITE_OK, [&] {
+            s->repl->set_db_handle_lendable(l, unmapped);
+            return SQLITE_OK;
+        });
+    }
+    return rc;
 }
 int x_sector_size(sqlite3_file* f) {
     sqlite3_file* l = shim(f)->lower();
@@ -128,6 +142,11 @@ int x_unfetch(sqlite3_file* f, sqlite3_int64 off, void* p) {
 int x_close(sqlite3_file* f) {
     ShimFile* s = shim(f);
     sqlite3_file* l = s->lower();
+    if (s->kind == Kind::MainDb && s->repl)
+        guarded(SQLITE_OK, [&] {
+            s->repl->remove_db_handle(l);  // waits for a snapshot's read through it
+            return SQLITE_OK;
+        });
     int rc = l->pMethods ? l->pMethods->xClose(l) : SQLITE_OK;
     return guarded(SQLITE_IOERR_CLOSE, [&] {
         if (s->repl) {
@@ -362,6 +381,11 @@ int x_open(sqlite3_vfs* vfs, const char* name, sqlite3_file* file, int flags, in
     int v = l->pMethods ? l->pMethods->iVersion : 1;
     v = v < 1 ? 1 : (v > 3 ? 3 : v);
     s->base.pMethods = main_db ? &g_main_methods[v] : &g_wal_methods[v];
+    if (s->kind == Kind::MainDb && s->repl && !s->read_only)
+        guarded(SQLITE_OK, [&] {
+            s->repl->add_db_handle(l);  // lent to snapshots once known unmapped; without it they open their own
+            return SQLITE_OK;
+        });
     if (s->kind == Kind::Wal && s->repl) {
         s->repl->note_wal_open(true);
         unsigned char hdr[32];

@@ -698,3 +698,36 @@ TEST_CASE("a WAL growing under synchronous=FULL is extended ahead with zeros tha
         }
     }
 }
+
+// A snapshot reads the database through a connection's handle (no
+// descriptor of its own); that connection closing mid-snapshot waits for the
+// read under way, and the snapshot goes on through another handle or one of
+// its own: the generation restores to the same content.
+TEST_CASE("a connection closing while a snapshot reads through its handle", "[vfs][integration]") {
+    Setup s;
+    std::string hash;
+    {
+        Db db = open_db(s.uri("lend.db"));
+        exec(db.get(), "PRAGMA journal_mode=wal; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);"
+                       "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12000) "
+                       "INSERT INTO t(v) SELECT randomblob(3000) FROM n;");
+        flush(db.get());
+        hash = content_hash(db.get());
+    }
+    for (int delay_ms : {0, 20, 80}) {
+        Db lent = open_db(s.uri("lend.db"));     // the first handle: the one lent
+        Db snapper = open_db(s.uri("lend.db"));  // takes the snapshot
+        CHECK(query_int(lent.get(), "SELECT count(*) FROM t") == 12000);  // the pager has set its map limit
+        std::string gen;
+        std::thread t([&] { gen = query_text(snapper.get(), "SELECT bottomless_snapshot()"); });
+        std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+        lent.reset();
+        t.join();
+        INFO("closed after " << delay_ms << " ms");
+        CHECK(gen.size() == 25);
+        const std::string out = s.dir.file("lend-restored-" + std::to_string(delay_ms) + ".db");
+        auto r = s.restore("lend.db", out);
+        CHECK(r.generation == gen);
+        CHECK(content_hash_of_file(out) == hash);
+    }
+}
