@@ -26,6 +26,7 @@ void Replicator::note_commit(uint32_t salt1, uint32_t salt2, uint64_t frame, uin
 }
 
 void Replicator::note_commit_locked(uint32_t salt1, uint32_t salt2, uint64_t frame, uint32_t page_size) {
+    if (page_size) noted_page_size_.store(page_size);
     if (salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_ && frame == last_noted_frame_) return;
     uint64_t frames = (salt1 == last_noted_salt1_ && salt2 == last_noted_salt2_ && frame > last_noted_frame_)
                           ? frame - last_noted_frame_
@@ -67,7 +68,11 @@ bool Replicator::restart_allowed(uint32_t salt1, uint32_t salt2, uint64_t mx_fra
     // Other processes write too: their frames are not in the tee. The
     // restart copies the unshipped frames aside (begin_restart), as a
     // follower's does.
-    if (area_ && area_->followers()) return unshipped_bytes_.load() <= config_.max_pending_bytes;
+    if (area_ && area_->followers()) {
+        const uint64_t psz = noted_page_size_.load() ? noted_page_size_.load() : 4096;
+        return tail_copy_worth_it(unshipped_bytes_.load(), mx_frame * (psz + kWalFrameHeaderSize),
+                                  config_.max_pending_bytes);
+    }
     return !tee_.has_hole() && unshipped_bytes_.load() <= config_.max_pending_bytes;
 }
 

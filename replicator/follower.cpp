@@ -169,7 +169,8 @@ bool Follower::tail_keepable(const WalIndexHeader& h) const {
     const uint64_t n = area_->unshipped_frames(h);
     if (n == 0) return true;
     if (n == UINT64_MAX || h.page_size == 0) return false;
-    return n * (h.page_size + kWalFrameHeaderSize) <= config_.max_pending_bytes;
+    const uint64_t frame_bytes = h.page_size + kWalFrameHeaderSize;
+    return tail_copy_worth_it(n * frame_bytes, uint64_t{h.mx_frame} * frame_bytes, config_.max_pending_bytes);
 }
 
 bool Follower::begin_restart(const WalIndexHeader& h, SharedArea::Hold& hold) {

@@ -427,6 +427,7 @@ private:
     std::atomic<uint64_t> noted_index_{0};    // commits observed so far
     std::atomic<uint64_t> durable_index_{0};  // commits durable in S3
     std::atomic<uint64_t> unshipped_bytes_{0};
+    std::atomic<uint32_t> noted_page_size_{0};  // the WAL's, as the last commit noted said
     std::mutex handles_mu_;
     std::condition_variable handles_cv_;  // a read through a handle ended
     std::vector<DbHandle> handles_;       // guarded by handles_mu_

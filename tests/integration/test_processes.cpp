@@ -416,3 +416,34 @@ TEST_CASE("the leader killed again and again while several processes write: one 
     CHECK(s.restored_hash("kill.db") == local);
     CHECK(s.generations("kill.db") <= 2);
 }
+
+// The copy aside is made under the WAL write lock: a tail of more than
+// 1 MiB of unshipped frames is not copied while the WAL is short (under
+// 64 MiB); the WAL grows instead (its restart answers busy), and the
+// checkpoint goes through once the leader has shipped (tail_copy_worth_it).
+TEST_CASE("a large unshipped tail in a short WAL waits for the leader instead of a copy under the write lock", "[processes]") {
+    if (skip_process_tests()) BOTTOMLESS_SKIP(kProcessSkipReason);
+    register_bottomless();
+    Setup s;
+    Db leader = open_db(s.uri("big.db") + "&batch_interval_ms=3000");
+    exec(leader.get(), "PRAGMA journal_mode=WAL; CREATE TABLE t(x, b); INSERT INTO t VALUES (0, 'x')");
+    query_text(leader.get(), "SELECT bottomless_flush(30000)");
+    const std::string aside = s.dir.file("big.db-bottomless-frames");
+    std::string out = run_shell(BOTTOMLESS_EXT_PATH,
+                                ".open " + s.uri("big.db") +
+                                    "\nPRAGMA busy_timeout=10000;\n"
+                                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600) "
+                                    "INSERT INTO t SELECT i, randomblob(3000) FROM n;\n"
+                                    ".print ckpt1\nPRAGMA wal_checkpoint(TRUNCATE);\n"
+                                    "SELECT 'flushed ' || bottomless_flush(30000);\n"
+                                    ".print ckpt2\nPRAGMA wal_checkpoint(TRUNCATE);\n");
+    CHECK_THAT(out, Catch::Contains("ckpt1\n1|"));     // busy: ~2.5 MiB unshipped, a WAL far under 64 MiB
+    CHECK_THAT(out, Catch::Contains("ckpt2\n0|0|0"));  // shipped: the WAL empties
+    CHECK_THAT(out, Catch::Contains("flushed {"));
+    struct stat st{};
+    CHECK(::stat(aside.c_str(), &st) != 0);  // nothing was copied aside
+    const std::string local = content_hash(leader.get());
+    CHECK(query_int(leader.get(), "SELECT count(*) FROM t") == 601);
+    leader.reset();
+    CHECK(s.restored_hash("big.db") == local);
+}
