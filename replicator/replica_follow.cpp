@@ -84,14 +84,18 @@ bool Replica::try_lead() {
     auto l = LeaderLock::acquire(path_, std::chrono::milliseconds(0));
     if (!l || !l->leader()) return false;
     lock_.emplace(std::move(l).value());
-    {
+    // Status says "follower" only once the file is recovered: a reader here
+    // that waits for the role must not meet the dead follower's hot journal
+    // (its read would fail: a read-only connection cannot roll it back).
+    auto lead = [&] {
         std::lock_guard lock(mu_);
         leader_ = true;
-    }
+    };
     auto saved = load_replica_state(path_);
     if (!file_->is_open())
         if (auto o = file_->open(path_); !o) {
             set_error(o.error().message);
+            lead();  // the next steps retry as the follower
             return false;
         }
     if (auto r = recover_journal(); !r) {
@@ -104,6 +108,7 @@ bool Replica::try_lead() {
     } else if (auto h = hydrate("took over following from a process that left, its state not proven"); !h) {
         set_error(h.error().message);
     }
+    lead();
     lock_->startup_done();
     return true;
 }
