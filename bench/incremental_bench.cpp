@@ -6,9 +6,14 @@
 // restore_database(incremental) while a full restore_database() of the same
 // state is timed beside it. The two results must be byte-identical.
 // Prints medians of time and bytes downloaded, and the ratios.
+//   --across: each round ends with a new generation (bottomless_snapshot()),
+//             so the copy is one generation behind: the page index path
+//   --pattern scattered (every 100/P-th row, default) | clustered (a run of
+//             adjacent rows, as an application updating a range does)
 //
 // Usage (server from scripts/s3-server.sh, env from its `env` command):
 //   build/bench/incremental_bench [--mib N] [--rounds R] [--percent P] [--parallel J] [--via wal|copy]
+//                                 [--across] [--pattern scattered|clustered]
 #include <sqlite3.h>
 #include <unistd.h>
 
@@ -56,14 +61,24 @@ int main(int argc, char** argv) {
     int mib = 100, rounds = 3, parallel = 4;
     double percent = 1.0;
     bool via_copy = false;  // --via copy: onto a duplicate of the file instead of through a WAL journal
+    bool across = false, clustered = false;
+    const char* usage =
+        "usage: incremental_bench [--mib N] [--rounds R] [--percent P] [--parallel J] [--via wal|copy] [--across] "
+        "[--pattern scattered|clustered]";
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
-        if (i + 1 >= argc) die("usage: incremental_bench [--mib N] [--rounds R] [--percent P] [--parallel J] [--via wal|copy]");
+        if (a == "--across") {
+            across = true;
+            continue;
+        }
+        if (i + 1 >= argc) die(usage);
         if (a == "--mib") mib = std::atoi(argv[++i]);
         else if (a == "--rounds") rounds = std::atoi(argv[++i]);
         else if (a == "--percent") percent = std::atof(argv[++i]);
         else if (a == "--parallel") parallel = std::atoi(argv[++i]);
         else if (a == "--via") via_copy = std::string(argv[++i]) == "copy";
+        else if (a == "--pattern") clustered = std::string(argv[++i]) == "clustered";
+        else die(usage);
     }
     if (!std::getenv("LIBSQL_BOTTOMLESS_ENDPOINT"))
         die("LIBSQL_BOTTOMLESS_ENDPOINT is not set (eval \"$(scripts/s3-server.sh env)\")");
@@ -110,11 +125,20 @@ int main(int argc, char** argv) {
     uint64_t changed_pages = 0;
     for (int round = 1; round <= rounds; ++round) {
         changed_pages = 0;
+        // Clustered: rows [start, start + rows/stride), a different run each round.
+        const int run = std::max(1, rows / stride), start = 1 + (round * 7919) % std::max(1, rows - run);
         for (int k = 0; k < 10; ++k) {
             const int step = stride * 10;
-            const std::string where = "id % " + std::to_string(step) + " = " + std::to_string((k * stride + round) % step);
+            const std::string where =
+                clustered ? "id >= " + std::to_string(start + k * run / 10) + " AND id < " +
+                                std::to_string(start + (k + 1) * run / 10)
+                          : "id % " + std::to_string(step) + " = " + std::to_string((k * stride + round) % step);
             bench::exec(w.get(), "UPDATE t SET b = randomblob(4000) WHERE " + where);
             changed_pages += static_cast<uint64_t>(sqlite3_changes(w.get()));
+            (void)bench::query(w.get(), "SELECT bottomless_flush(600000)");
+        }
+        if (across) {  // a new generation: the copy's is now its parent
+            (void)bench::query(w.get(), "SELECT bottomless_snapshot()");
             (void)bench::query(w.get(), "SELECT bottomless_flush(600000)");
         }
         settle();
@@ -123,7 +147,7 @@ int main(int argc, char** argv) {
         io.incremental_copy = via_copy;
         auto ri = replicator::restore_database(client, bucket, "app.db", copy, io);
         if (!ri) die("incremental restore: " + ri.error().describe());
-        if (ri->incremental != "segments") die("incremental restore did '" + ri->incremental + "': " + ri->incremental_reason);
+        if (ri->incremental != (across ? "pages" : "segments")) die("incremental restore did '" + ri->incremental + "': " + ri->incremental_reason);
         t_inc.push_back(ri->seconds);
         t_copy.push_back(ri->timings.copy);
         b_inc.push_back(static_cast<double>(ri->bytes_downloaded));
@@ -134,19 +158,22 @@ int main(int argc, char** argv) {
         if (!same_bytes(copy, full)) die("round " + std::to_string(round) + ": the incremental result differs from the full restore");
         const auto& tm = ri->timings;
         std::fprintf(stderr,
-                     "round %d: incremental %.3f s (copy %.3f, download %.3f, wait %.3f, decode %.3f, write %.3f, "
-                     "fsync %.3f, finish %.3f) %.0f bytes; full %.3f s %.0f bytes\n",
-                     round, ri->seconds, tm.copy, tm.download, tm.download_wait, tm.decode, tm.write, tm.fsync,
-                     tm.finish, b_inc.back(), rf.seconds, b_full.back());
+                     "round %d: incremental %.3f s (copy %.3f, compare %.3f, download %.3f, wait %.3f, decode %.3f, "
+                     "write %.3f, fsync %.3f, finish %.3f) %.0f bytes, %llu pages changed in %llu frames; full %.3f s "
+                     "%.0f bytes\n",
+                     round, ri->seconds, tm.copy, tm.compare, tm.download, tm.download_wait, tm.decode, tm.write,
+                     tm.fsync, tm.finish, b_inc.back(), static_cast<unsigned long long>(ri->pages_changed),
+                     static_cast<unsigned long long>(ri->frames_fetched), rf.seconds, b_full.back());
         // The full restore becomes the copy for the next round (rename keeps inode and mtime).
         std::filesystem::rename(full, copy);
         std::filesystem::rename(full + "-bottomless", copy + "-bottomless");
     }
     const double tf = bench::median(t_full), ti = bench::median(t_inc), bf = bench::median(b_full),
                  bi = bench::median(b_inc);
-    std::printf("## incremental restore, %d MiB (%d pages of 4 KiB), %.2f %% of pages changed in 10 segments "
-                "(%llu pages), parallel %d, %d rounds (medians)\n",
-                mib, rows, percent, static_cast<unsigned long long>(changed_pages), parallel, rounds);
+    std::printf("## incremental restore, %d MiB (%d pages of 4 KiB), %.2f %% of pages changed (%s) in 10 segments "
+                "(%llu pages)%s, parallel %d, %d rounds (medians)\n",
+                mib, rows, percent, clustered ? "clustered" : "scattered", static_cast<unsigned long long>(changed_pages),
+                across ? ", then a new generation" : "", parallel, rounds);
     std::printf("| restore | time (s) | downloaded (bytes) |\n| --- | --- | --- |\n");
     std::printf("| full | %.3f | %.0f |\n", tf, bf);
     std::printf("| incremental (applied via %s, local copy %.3f s) | %.3f | %.0f |\n", via.c_str(),

@@ -494,6 +494,13 @@ int run_restore(Context& ctx, const Args& args) {
                 j["copied_bytes"] = r.copied_bytes;
                 j["copy_seconds"] = r.timings.copy;
             }
+            if (r.incremental == "pages") {
+                j["from_generation"] = r.from_generation;
+                j["pages_compared"] = r.pages_compared;
+                j["pages_changed"] = r.pages_changed;
+                j["frames_fetched"] = r.frames_fetched;
+                j["compare_seconds"] = r.timings.compare;
+            }
         }
         if (req.until_us) j["until"] = format_time_us(*req.until_us);
         std::printf("%s\n", j.dump(2).c_str());
@@ -518,6 +525,13 @@ int run_restore(Context& ctx, const Args& args) {
         else if (r.incremental == "up-to-date")
             std::printf("  incremental       the copy already was at segment %llu: nothing changed\n",
                         static_cast<unsigned long long>(r.seq));
+        else if (r.incremental == "pages")
+            std::printf("  incremental       from generation %s: %llu of %llu pages differed (%llu frames fetched), "
+                        "then segments 1..%llu, applied %s\n",
+                        r.from_generation.c_str(), static_cast<unsigned long long>(r.pages_changed),
+                        static_cast<unsigned long long>(r.db_pages), static_cast<unsigned long long>(r.frames_fetched),
+                        static_cast<unsigned long long>(r.seq),
+                        r.applied_via == "wal" ? "through a WAL journal" : ("onto a " + r.applied_via).c_str());
         else if (r.incremental == "segments")
             std::printf("  incremental       segments %llu..%llu applied %s\n",
                         static_cast<unsigned long long>(r.from_seq + 1), static_cast<unsigned long long>(r.seq),

@@ -178,6 +178,7 @@ std::string snapshot_header_json(const SnapshotHeader& h) {
               {"parent_seq", h.parent_seq},
               {"compression", to_string(h.compression)}};
     if (h.encryption) j["encryption"] = encryption_json(*h.encryption);
+    if (h.frame_pages) j["frame_pages"] = h.frame_pages;
     return dump_json(j);
 }
 
@@ -200,6 +201,16 @@ std::string segment_header_json(const SegmentHeader& h) {
 
 std::string check_snapshot_header(const SnapshotHeader& h) {
     if (std::string e = check_common(h.db_id, h.generation, h.page_size); !e.empty()) return e;
+    if (h.frame_pages) {
+        if (h.compression != Compression::Zstd || h.encryption)
+            return "frame_pages: a page index is only in plaintext zstd snapshots";
+        if (uint64_t{h.frame_pages} * h.page_size > kMaxSnapshotFrameBytes)
+            return "frame_pages: " + std::to_string(h.frame_pages) + " pages of " + std::to_string(h.page_size) +
+                   " bytes is more than the " + std::to_string(kMaxSnapshotFrameBytes) + " bytes a frame may hold";
+        if (page_index_bytes(h) > kMaxPageIndexBytes)
+            return "db_pages: a page index of " + std::to_string(page_index_bytes(h)) + " bytes, more than the " +
+                   std::to_string(kMaxPageIndexBytes) + " a snapshot may hold";
+    }
     return check_encryption(h.encryption);
 }
 
@@ -226,7 +237,7 @@ std::string check_segment_header(const SegmentHeader& h) {
     return check_encryption(h.encryption);
 }
 
-Result<SnapshotHeader> snapshot_header_from_json(std::string_view text, const std::string& name) {
+Result<SnapshotHeader> snapshot_header_from_json(std::string_view text, const std::string& name, uint32_t version) {
     std::string why;
     json j = parse_untrusted_json(text, kMaxHeaderSize, &why);
     if (j.is_discarded()) return corrupt(name, "snapshot header is not valid JSON (" + why + ")");
@@ -244,8 +255,15 @@ Result<SnapshotHeader> snapshot_header_from_json(std::string_view text, const st
     r.u64("parent_seq", h.parent_seq);
     r.compression("compression", h.compression);
     r.encryption("encryption", h.encryption);
+    if (j.contains("frame_pages")) {
+        r.u32("frame_pages", h.frame_pages);
+        if (r.bad().empty() && h.frame_pages == 0) return corrupt(name, "snapshot header field frame_pages: 0");
+    }
     if (!r.bad().empty()) return corrupt(name, "snapshot header field " + r.bad() + " missing or invalid");
     if (std::string e = check_snapshot_header(h); !e.empty()) return corrupt(name, "snapshot header field " + e);
+    if ((version == kIndexedSnapshotVersion) != (h.frame_pages != 0))
+        return corrupt(name, "a format-" + std::to_string(version) + " snapshot whose header " +
+                                 (h.frame_pages ? "has" : "lacks") + " frame_pages");
     return h;
 }
 
@@ -291,9 +309,9 @@ Result<SegmentHeader> segment_header_from_json(std::string_view text, const std:
 
 // ---- preamble ----
 
-std::string preamble(const char* magic, const std::string& header_json) {
+std::string preamble(const char* magic, const std::string& header_json, uint32_t version) {
     std::string out(magic, kMagicSize);
-    put_be32(out, kFormatVersion);
+    put_be32(out, version);
     put_be32(out, static_cast<uint32_t>(header_json.size()));
     out += header_json;
     return out;
@@ -301,7 +319,7 @@ std::string preamble(const char* magic, const std::string& header_json) {
 
 // Checks magic and version of the first kPreambleSize bytes; yields the header length.
 Status check_preamble(std::string_view p, const char* magic, const char* kind, const std::string& name,
-                      uint32_t& header_len) {
+                      uint32_t& header_len, uint32_t* version_out) {
     if (std::memcmp(p.data(), magic, kMagicSize) != 0) {
         const char* other = std::strcmp(magic, kSnapshotMagic) == 0 ? kSegmentMagic : kSnapshotMagic;
         if (std::memcmp(p.data(), other, kMagicSize) == 0)
@@ -310,11 +328,13 @@ Status check_preamble(std::string_view p, const char* magic, const char* kind, c
         return corrupt(name, std::string("bad magic: not a bottomless ") + kind);
     }
     uint32_t version = get_be32(p.data() + kMagicSize);
-    if (version != kFormatVersion)
+    const bool snapshot = std::strcmp(magic, kSnapshotMagic) == 0;
+    if (version != kFormatVersion && !(snapshot && version == kIndexedSnapshotVersion))
         return corrupt(name,
                        "unsupported format version " + std::to_string(version) + " (this build reads " +
-                           std::to_string(kFormatVersion) + "): upgrade bottomless",
+                           (snapshot ? "1 and 2" : std::to_string(kFormatVersion)) + "): upgrade bottomless",
                        kCodeVersion);
+    if (version_out) *version_out = version;
     header_len = get_be32(p.data() + kMagicSize + 4);
     if (header_len > kMaxHeaderSize)
         return corrupt(name, std::string(kind) + " header field length invalid: " + std::to_string(header_len) +
@@ -325,14 +345,14 @@ Status check_preamble(std::string_view p, const char* magic, const char* kind, c
 // Splits off magic/version/length and returns the header text of a prefix
 // that must hold all of it.
 Result<std::string_view> header_text(std::string_view bytes, const char* magic, const char* kind,
-                                     const std::string& name) {
+                                     const std::string& name, uint32_t* version) {
     if (bytes.size() < kPreambleSize)
         return corrupt(name,
                        "truncated: " + std::to_string(bytes.size()) + " bytes, shorter than the " +
                            std::to_string(kPreambleSize) + "-byte preamble",
                        kCodeTruncated);
     uint32_t header_len = 0;
-    if (Status st = check_preamble(bytes, magic, kind, name, header_len); !st) return std::move(st).error();
+    if (Status st = check_preamble(bytes, magic, kind, name, header_len, version); !st) return std::move(st).error();
     if (bytes.size() - kPreambleSize < header_len)
         return corrupt(name,
                        "truncated: the " + std::string(kind) + " header needs " +
@@ -407,9 +427,10 @@ json parse_untrusted_json(std::string_view text, size_t max_bytes, std::string* 
 // ---- headers only ----
 
 Result<SnapshotHeader> peek_snapshot_header(std::string_view prefix, const std::string& name) {
-    Result<std::string_view> text = header_text(prefix, kSnapshotMagic, "snapshot", name);
+    uint32_t version = 0;
+    Result<std::string_view> text = header_text(prefix, kSnapshotMagic, "snapshot", name, &version);
     if (!text) return std::move(text).error();
-    return snapshot_header_from_json(*text, name);
+    return snapshot_header_from_json(*text, name, version);
 }
 
 Result<SegmentHeader> peek_segment_header(std::string_view prefix, const std::string& name) {

@@ -2,12 +2,16 @@
 // segments. Every object is self-describing and self-validating:
 //
 //   magic (8 bytes: "BTLSSNAP" or "BTLSSEGM")
-//   format version (u32 big-endian, = 1)
+//   format version (u32 big-endian: 1, or 2 for a snapshot with a page index)
 //   header length (u32 big-endian), header (JSON, UTF-8)
 //   body: the payload, zstd-compressed when header.compression == "zstd"
 //   trailer: SHA-256 of every byte before it (32 bytes)
 //
 // Snapshot payload: pages 1..db_pages of the database, page_size bytes each.
+// A format-2 snapshot's body is one zstd frame per frame_pages pages, then
+// its page index and the index's footer as zstd skippable frames (a stream
+// decoder passes over them), so a reader can fetch any page's frame alone
+// and knows each page's digest (docs/FORMAT.md "Page index").
 // Segment payload: for each frame, its page number (u32 big-endian) and its
 // page; the header lists the transactions (frame counts, commit times, db
 // size after each), so a segment holds whole transactions only.
@@ -28,6 +32,8 @@
 namespace bottomless::replicator {
 
 constexpr uint32_t kFormatVersion = 1;
+// Snapshots with a page index (plaintext zstd snapshots from this build on).
+constexpr uint32_t kIndexedSnapshotVersion = 2;
 constexpr char kSnapshotMagic[9] = "BTLSSNAP";
 constexpr char kSegmentMagic[9] = "BTLSSEGM";
 
@@ -75,6 +81,9 @@ struct SnapshotHeader {
     uint64_t parent_seq = 0;        // last segment of the parent included
     Compression compression = Compression::Zstd;
     std::optional<EncryptionInfo> encryption;  // set by the writer when it is given a Cipher
+    // Format 2: pages per zstd frame, set by the writer (0: format 1, no
+    // page index: encrypted or uncompressed snapshots, or an index too large).
+    uint32_t frame_pages = 0;
 };
 
 struct SegmentTxn {
@@ -185,6 +194,56 @@ private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };
+
+// ---- the page index of a format-2 snapshot (docs/FORMAT.md "Page index") ----
+//
+// Written at the end of the body: for each zstd frame its compressed size,
+// for each page the first 16 bytes of its SHA-256; then a fixed footer with
+// the index's object offset and SHA-256. The writer holds the index in
+// memory while the snapshot streams (16 bytes a page: 4 MiB per GiB of 4 KiB
+// pages), so it writes one only up to kMaxPageIndexBytes, format 1 beyond.
+constexpr size_t kPageHashSize = 16;
+constexpr uint32_t kSnapshotFrameBytes = 64u << 10;  // what a writer puts in one frame (docs/FORMAT.md)
+constexpr uint32_t kMaxSnapshotFrameBytes = 16u << 20;  // what a reader accepts
+constexpr uint64_t kMaxPageIndexBytes = 64ull << 20;
+constexpr uint32_t kPageIndexMagic = 0x184D2A5B;   // zstd skippable frame magics (little-endian
+constexpr uint32_t kIndexFooterMagic = 0x184D2A5C;  // on disk): a zstd stream decoder skips them
+
+// The 16-byte digest of a page the index holds.
+std::string page_hash(std::string_view page);
+// Frames of a format-2 snapshot, and the size of its index payload.
+uint32_t snapshot_frames(const SnapshotHeader& h);
+uint64_t page_index_bytes(const SnapshotHeader& h);
+// The bytes at the end of a format-2 snapshot object that hold the index,
+// its footer and the trailer: one ranged GET of this many reads them all.
+uint64_t page_index_tail_size(const SnapshotHeader& h);
+
+struct PageIndex {
+    uint32_t page_size = 0, db_pages = 0, frame_pages = 0;
+    // Object offset of each frame, and one past the last (the index's own offset).
+    std::vector<uint64_t> frame_offset;
+    std::string hashes;       // kPageHashSize bytes per page, page 1 first
+    std::string trailer_hex;  // the object's trailer: unverified until a chain names it
+    uint32_t frames() const { return static_cast<uint32_t>(frame_offset.size() - 1); }
+    uint32_t frame_of(uint32_t pgno) const { return (pgno - 1) / frame_pages; }
+    std::string_view hash(uint32_t pgno) const {
+        return std::string_view(hashes).substr(uint64_t{pgno - 1} * kPageHashSize, kPageHashSize);
+    }
+};
+
+// Parses and checks the tail of a format-2 snapshot object of object_size
+// bytes whose header is h (page_index_tail_size(h) bytes): the index's
+// skippable frame, the footer (offset and SHA-256 of the index), the frame
+// sizes adding up to the body. Corrupt errors name `name`.
+Result<PageIndex> parse_page_index(std::string_view tail, uint64_t object_size, const SnapshotHeader& h,
+                                   const std::string& name);
+
+// Decodes frame `frame` (its compressed bytes, fetched alone) and checks
+// every page against the index before handing it out: the pages are the
+// snapshot's, whatever else the object holds.
+using SnapshotPageFn = std::function<Status(uint32_t pgno, std::string_view page)>;
+Status decode_snapshot_frame(const PageIndex& idx, uint32_t frame, std::string_view bytes, const std::string& name,
+                             const SnapshotPageFn& on_page);
 
 // Reads only the header of a snapshot or segment object from its first bytes
 // (for listings: fetch a range, parse). Errors if the bytes are too short.

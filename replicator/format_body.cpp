@@ -36,13 +36,32 @@ ObjectEncoder::ObjectEncoder(size_t chunk, Emit emit)
     : hasher_(s3::Hasher::Algo::Sha256), buf_(chunk, '\0'), emit_(std::move(emit)) {}
 
 void ObjectEncoder::start_zstd(uint64_t pledged_size) {
-    cctx_.reset(ZSTD_createCCtx());
-    if (!cctx_) throw std::bad_alloc();
-    check_zstd(ZSTD_CCtx_setParameter(cctx_.get(), ZSTD_c_compressionLevel, kZstdLevel), "ZSTD_c_compressionLevel");
-    // Pinned: readers refuse a larger window (kZstdWindowLog in format.h).
-    check_zstd(ZSTD_CCtx_setParameter(cctx_.get(), ZSTD_c_windowLog, kZstdWindowLog), "ZSTD_c_windowLog");
+    if (!cctx_) {
+        cctx_.reset(ZSTD_createCCtx());
+        if (!cctx_) throw std::bad_alloc();
+        check_zstd(ZSTD_CCtx_setParameter(cctx_.get(), ZSTD_c_compressionLevel, kZstdLevel), "ZSTD_c_compressionLevel");
+        // Pinned: readers refuse a larger window (kZstdWindowLog in format.h).
+        check_zstd(ZSTD_CCtx_setParameter(cctx_.get(), ZSTD_c_windowLog, kZstdWindowLog), "ZSTD_c_windowLog");
+        zbuf_.resize(ZSTD_CStreamOutSize());
+    } else {
+        // The next frame of the same object: same parameters, a fresh frame.
+        check_zstd(ZSTD_CCtx_reset(cctx_.get(), ZSTD_reset_session_only), "ZSTD_CCtx_reset");
+    }
     check_zstd(ZSTD_CCtx_setPledgedSrcSize(cctx_.get(), pledged_size), "ZSTD_CCtx_setPledgedSrcSize");
-    zbuf_.resize(ZSTD_CStreamOutSize());
+    in_frame_ = true;
+}
+
+Status ObjectEncoder::end_zstd_frame() {
+    if (!in_frame_) return {};
+    in_frame_ = false;
+    ZSTD_inBuffer in{nullptr, 0, 0};
+    for (;;) {
+        ZSTD_outBuffer out{zbuf_.data(), zbuf_.size(), 0};
+        size_t remaining = ZSTD_compressStream2(cctx_.get(), &out, &in, ZSTD_e_end);
+        check_zstd(remaining, "ZSTD_compressStream2(end)");
+        if (Status st = write_body(std::string_view(zbuf_.data(), out.pos)); !st) return st;
+        if (remaining == 0) return {};
+    }
 }
 
 void ObjectEncoder::start_sealing(const Cipher& cipher, const EncryptionInfo& info, std::string aad) {
@@ -50,7 +69,7 @@ void ObjectEncoder::start_sealing(const Cipher& cipher, const EncryptionInfo& in
 }
 
 Status ObjectEncoder::write(std::string_view data) {
-    if (!cctx_) return write_body(data);
+    if (!in_frame_) return write_body(data);
     ZSTD_inBuffer in{data.data(), data.size(), 0};
     while (in.pos < in.size) {
         ZSTD_outBuffer out{zbuf_.data(), zbuf_.size(), 0};
@@ -65,6 +84,7 @@ Status ObjectEncoder::write_raw(std::string_view data) {
         size_t n = std::min(data.size(), buf_.size() - fill_);
         std::memcpy(buf_.data() + fill_, data.data(), n);
         fill_ += n;
+        offset_ += n;
         data.remove_prefix(n);
         if (fill_ == buf_.size())
             if (Status st = flush(); !st) return st;
@@ -73,17 +93,8 @@ Status ObjectEncoder::write_raw(std::string_view data) {
 }
 
 Result<std::string> ObjectEncoder::end() {
-    if (cctx_) {
-        ZSTD_inBuffer in{nullptr, 0, 0};
-        for (;;) {
-            ZSTD_outBuffer out{zbuf_.data(), zbuf_.size(), 0};
-            size_t remaining = ZSTD_compressStream2(cctx_.get(), &out, &in, ZSTD_e_end);
-            check_zstd(remaining, "ZSTD_compressStream2(end)");
-            if (Status st = write_body(std::string_view(zbuf_.data(), out.pos)); !st) return std::move(st).error();
-            if (remaining == 0) break;
-        }
-        cctx_.reset();
-    }
+    if (Status st = end_zstd_frame(); !st) return std::move(st).error();
+    cctx_.reset();
     if (sealer_) {
         if (Status st = sealer_->finish([this](std::string_view c) { return write_raw(c); }); !st)
             return std::move(st).error();
@@ -109,8 +120,9 @@ Status ObjectEncoder::flush() {
 
 // ---- body decoding ----
 
-RecordDecoder::RecordDecoder(Compression c, size_t record_size, const std::string& name, const char* kind)
-    : record_(record_size, '\0'), name_(name), kind_(kind) {
+RecordDecoder::RecordDecoder(Compression c, size_t record_size, const std::string& name, const char* kind,
+                             bool multi_frame)
+    : record_(record_size, '\0'), multi_frame_(multi_frame), name_(name), kind_(kind) {
     if (c == Compression::Zstd) {
         dctx_.reset(ZSTD_createDCtx());
         if (!dctx_) throw std::bad_alloc();
@@ -132,7 +144,7 @@ Status RecordDecoder::feed(std::string_view data, const OnRecord& on_record) {
         return {};
     }
     ZSTD_inBuffer in{data.data(), data.size(), 0};
-    while (!ended_) {
+    while (!ended_ || multi_frame_) {
         if (in.pos == in.size && !pending_) break;
         ZSTD_outBuffer out{record_.data(), record_.size(), fill_};
         size_t before_in = in.pos;
@@ -148,7 +160,8 @@ Status RecordDecoder::feed(std::string_view data, const OnRecord& on_record) {
         fill_ = out.pos;
         // A full output buffer may leave decoded bytes inside zstd; ask again.
         pending_ = fill_ == record_.size();
-        if (r == 0) ended_ = true;
+        // Several frames: at a frame's end until the next one starts.
+        ended_ = r == 0;
         if (Status st = emit_if_full(on_record); !st) return st;
         if (!progressed && !ended_) break;
     }
@@ -165,8 +178,9 @@ Status RecordDecoder::emit_if_full(const OnRecord& on_record) {
 }
 
 BodyDecoder::BodyDecoder(Compression c, size_t record_size, const std::string& name, const char* kind,
-                         const Cipher* cipher, const std::optional<EncryptionInfo>& info, std::string aad)
-    : records_(c, record_size, name, kind), name_(name) {
+                         const Cipher* cipher, const std::optional<EncryptionInfo>& info, std::string aad,
+                         bool multi_frame)
+    : records_(c, record_size, name, kind, multi_frame), name_(name) {
     // Callers check the key first (check_cipher); this guard keeps a
     // missed check an error instead of a null dereference.
     if (info && cipher) opener_.emplace(*cipher, *info, std::move(aad), name);

@@ -79,21 +79,23 @@ std::string segment_header_json(const SegmentHeader& h);
 std::string check_snapshot_header(const SnapshotHeader& h);
 std::string check_segment_header(const SegmentHeader& h);
 
-Result<SnapshotHeader> snapshot_header_from_json(std::string_view text, const std::string& name);
+// `version`: the preamble's (2: frame_pages required, 1: refused).
+Result<SnapshotHeader> snapshot_header_from_json(std::string_view text, const std::string& name, uint32_t version);
 Result<SegmentHeader> segment_header_from_json(std::string_view text, const std::string& name);
 
 // ---- preamble (format.cpp) ----
 
-std::string preamble(const char* magic, const std::string& header_json);
+std::string preamble(const char* magic, const std::string& header_json, uint32_t version = kFormatVersion);
 
-// Checks magic and version of the first kPreambleSize bytes; yields the header length.
+// Checks magic and version of the first kPreambleSize bytes; yields the
+// header length (and the version: 1, or 2 for a snapshot).
 Status check_preamble(std::string_view p, const char* magic, const char* kind, const std::string& name,
-                      uint32_t& header_len);
+                      uint32_t& header_len, uint32_t* version = nullptr);
 
 // Splits off magic/version/length and returns the header text of a prefix
 // that must hold all of it.
 Result<std::string_view> header_text(std::string_view bytes, const char* magic, const char* kind,
-                                     const std::string& name);
+                                     const std::string& name, uint32_t* version = nullptr);
 
 // ---- body encoding (format_body.cpp) ----
 
@@ -107,8 +109,14 @@ public:
     ObjectEncoder(size_t chunk, Emit emit);
 
     // Starts a zstd frame for the body; pledging the size puts it in the frame
-    // header and lets zstd pick a window no bigger than the content.
+    // header and lets zstd pick a window no bigger than the content. Body
+    // bytes are compressed until end_zstd_frame(); then another frame may
+    // start (a format-2 snapshot: one frame per frame_pages pages).
     void start_zstd(uint64_t pledged_size);
+    Status end_zstd_frame();
+    // Bytes of the object so far (emitted and buffered): the offset of the
+    // next byte written raw. Meaningful only without sealing.
+    uint64_t offset() const { return offset_; }
 
     void start_sealing(const Cipher& cipher, const EncryptionInfo& info, std::string aad);
 
@@ -128,6 +136,8 @@ private:
 
     s3::Hasher hasher_;
     CCtxPtr cctx_;
+    bool in_frame_ = false;             // between start_zstd() and end_zstd_frame()
+    uint64_t offset_ = 0;               // bytes through write_raw()
     std::string zbuf_;                  // zstd output, before sealing
     std::optional<ChunkSealer> sealer_;
     std::string buf_;  // fixed size: the chunk handed to emit
@@ -142,7 +152,10 @@ private:
 class RecordDecoder {
 public:
     using OnRecord = std::function<Status(std::string_view)>;
-    RecordDecoder(Compression c, size_t record_size, const std::string& name, const char* kind);
+    // multi_frame: the body is several zstd frames (and skippable frames,
+    // which zstd passes over), not one followed by nothing.
+    RecordDecoder(Compression c, size_t record_size, const std::string& name, const char* kind,
+                  bool multi_frame = false);
 
     Status feed(std::string_view data, const OnRecord& on_record);
 
@@ -158,7 +171,8 @@ private:
     std::string record_;
     size_t fill_ = 0;
     bool pending_ = false;  // the output filled up: zstd may hold more decoded bytes
-    bool ended_ = false;
+    bool ended_ = false;    // the last frame seen ended (no byte of another since)
+    bool multi_frame_;
     const std::string& name_;
     const char* kind_;
 };
@@ -169,7 +183,7 @@ class BodyDecoder {
 public:
     using OnRecord = RecordDecoder::OnRecord;
     BodyDecoder(Compression c, size_t record_size, const std::string& name, const char* kind, const Cipher* cipher,
-                const std::optional<EncryptionInfo>& info, std::string aad);
+                const std::optional<EncryptionInfo>& info, std::string aad, bool multi_frame = false);
 
     Status feed(std::string_view data, const OnRecord& on_record);
     // The body is complete: the chunk held back is the last one.

@@ -106,6 +106,12 @@ struct RestoreResult {
     std::string incremental;
     std::string incremental_reason;
     uint64_t from_seq = 0;         // "segments": the copy's position (segments from_seq+1..seq applied)
+    // "pages": a newer generation whose snapshot has a page index: its pages
+    // that differ from the copy's (of from_generation) were fetched, then its segments.
+    std::string from_generation;
+    uint64_t pages_compared = 0;   // the copy's pages hashed against the index
+    uint64_t pages_changed = 0;    // the snapshot's pages that differed (written)
+    uint64_t frames_fetched = 0;   // the snapshot's zstd frames downloaded to get them
     // "segments": how they were applied: "wal" (a WAL journal checkpointed
     // by SQLite), "clone" (onto a FICLONE clone), "copy" (onto a local copy).
     std::string applied_via;
@@ -123,6 +129,7 @@ struct RestoreResult {
         double check = 0;          // integrity_check / quick_check
         double finish = 0;         // stale files, rename, directory fsync, state file
         double copy = 0;           // incremental: duplicating the old copy into the temp file
+        double compare = 0;        // incremental "pages": hashing the copy's pages against the index
     } timings;
 };
 
@@ -170,8 +177,13 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
 // full restore is. Killed before the commit point, the old copy and its note
 // are left as they were; after it, SQLite holds the new state (the note is
 // gone: the next incremental restore refuses the copy).
-// A newer generation: format 1 snapshots carry no page hashes, so it is a
-// full restore (incremental "full", with the reason).
+// A newer generation (incremental "pages"): its snapshot's page index (one
+// ranged GET of the object's tail) is compared with the copy's pages hashed
+// locally; only the zstd frames holding pages that differ are fetched (ranged
+// GETs), each page checked against its digest, and written as above, then
+// the generation's segments 1..last_seq. A format-1 snapshot (encrypted,
+// uncompressed, or from an older writer) has no index: a full restore
+// (incremental "full", with the reason).
 // No copy at output_path at all: a full restore (incremental "full").
 // `history` is the listing choose_restore_target() chose `target` from; the
 // generations walked for the parent links get their headers read (once).

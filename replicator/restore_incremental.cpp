@@ -5,13 +5,14 @@
 #include "replicator/restore.h"
 
 #include <fcntl.h>
-#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <thread>
+#include <atomic>
 
 #include "replicator/restore_pipeline.h"
 #include "replicator/sqlite_api.h"
@@ -39,44 +40,14 @@ using restore_detail::write_restored_note;
 
 namespace {
 
-#ifndef FICLONE
-#define FICLONE _IOW(0x94, 9, int)  // linux/fs.h, not included: it clashes with glibc's headers
-#endif
-
-// Duplicates the open file src (size bytes) into the empty dst: a
-// copy-on-write clone where the file system offers one (btrfs, XFS with
-// reflink, bcachefs: no data is copied), else copy_file_range (in the
-// kernel, no trip through user space), else read and write. True if cloned.
+// Duplicates the open file src (size bytes) into the empty dst
+// (util.h duplicate_file()). True if cloned.
 Result<bool> duplicate_file(int src, int dst, uint64_t size, const std::string& dst_path) {
-    if (::ioctl(dst, FICLONE, src) == 0) return true;
-    uint64_t done = 0;
-    bool in_kernel = true;
-    std::string buf;
-    while (done < size) {
-        ssize_t n = -1;
-        if (in_kernel) {
-            loff_t in_off = static_cast<loff_t>(done), out_off = static_cast<loff_t>(done);
-            n = ::copy_file_range(src, &in_off, dst, &out_off, static_cast<size_t>(std::min<uint64_t>(size - done, 1u << 30)), 0);
-            if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP)) {
-                in_kernel = false;
-                continue;
-            }
-        } else {
-            if (buf.empty()) buf.resize(1u << 20);
-            n = ::pread(src, buf.data(), static_cast<size_t>(std::min<uint64_t>(size - done, buf.size())),
-                        static_cast<off_t>(done));
-            if (n > 0 && !pwrite_full(dst, buf.data(), static_cast<size_t>(n), done))
-                return make_error(ErrorKind::Io, "cannot write " + dst_path + ": " + errno_text(errno), "WriteFailed");
-        }
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0)
-            return make_error(ErrorKind::Io, "cannot copy the old database into " + dst_path + ": " + errno_text(errno),
-                              "WriteFailed");
-        if (n == 0)
-            return not_incremental("the copy shrank while it was being duplicated (is something writing it?)");
-        done += static_cast<uint64_t>(n);
-    }
-    return false;
+    const int r = replicator::duplicate_file(src, dst, size);
+    if (r >= 0) return r == 1;
+    if (errno == ENODATA) return not_incremental("the copy shrank while it was being duplicated (is something writing it?)");
+    return make_error(ErrorKind::Io, "cannot copy the old database into " + dst_path + ": " + errno_text(errno),
+                      "WriteFailed");
 }
 
 // Builds a WAL file that SQLite recovers as ONE transaction: the pages
@@ -161,6 +132,90 @@ private:
     uint32_t held_pgno_ = 0;
     std::string held_;          // the newest page, not yet written
 };
+
+// A format-2 snapshot's pages that differ from the copy's (docs/FORMAT.md
+// "Page index"): its index from one ranged GET of the object's tail, the
+// copy's pages hashed from the local file, and the frames to fetch in runs
+// of adjacent frames of at most kRun bytes, one GET each (many small GETs
+// in flight: kDiffWorkers).
+constexpr int kDiffWorkers = 16;
+
+struct PageDiff {
+    PageIndex index;
+    std::vector<uint8_t> differs;                     // by page number (0 unused)
+    std::vector<std::pair<uint32_t, uint32_t>> runs;  // frames [first, second) fetched by one GET
+};
+
+Result<PageDiff> diff_against_index(s3::Client& client, const std::string& bucket, const std::string& key,
+                                    const RestoreTarget& target, int fd, uint32_t copy_pages, RestoreResult& res) {
+    constexpr uint64_t kRun = 1ull << 20;
+    const SnapshotHeader& h = target.snapshot;
+    const uint64_t size = target.snapshot_bytes, tail = page_index_tail_size(h);
+    if (tail + 16 > size)
+        return make_error(ErrorKind::Corrupt,
+                          key + ": " + std::to_string(size) + " bytes, too small for the page index its header declares",
+                          "CorruptObject");
+    auto t = client.get_object(bucket, key, s3::ByteRange{size - tail, tail}, nullptr, tail);
+    if (!t) {
+        Error e = std::move(t).error();
+        if (e.kind == ErrorKind::NotFound)
+            e = make_error(ErrorKind::Corrupt, "snapshot " + key + " disappeared during the restore", "MissingSnapshot");
+        return e;
+    }
+    res.bytes_downloaded += t->size();
+    auto idx = parse_page_index(*t, size, h, key);
+    if (!idx) return std::move(idx).error();
+    PageDiff d;
+    d.index = std::move(*idx);
+    d.differs.assign(uint64_t{h.db_pages} + 1, 0);
+    // SHA-256 runs at ~1.5 GB/s a core: the copy is hashed by several
+    // threads, each over its own stripes of 1 MiB (`differs` has a byte per
+    // page, so no two threads write the same byte).
+    const auto tc = Clock::now();
+    const uint32_t ps = h.page_size, common = std::min(copy_pages, h.db_pages);
+    const uint32_t per = std::max<uint32_t>(1, (1u << 20) / ps);
+    const uint32_t stripes = common == 0 ? 0 : (common - 1) / per + 1;
+    const unsigned threads = std::max(1u, std::min({std::thread::hardware_concurrency(), 4u, stripes}));
+    std::atomic<uint32_t> next{0};
+    std::atomic<int> read_errno{0};
+    auto hash_stripes = [&] {
+        std::string buf(uint64_t{per} * ps, '\0');
+        for (uint32_t st; (st = next.fetch_add(1)) < stripes && read_errno.load() == 0;) {
+            const uint32_t p = st * per + 1, n = std::min(per, common - p + 1);
+            if (!pread_full(fd, buf.data(), uint64_t{n} * ps, uint64_t{p - 1} * ps)) {
+                read_errno = errno ? errno : EIO;
+                return;
+            }
+            for (uint32_t i = 0; i < n; ++i)
+                if (page_hash(std::string_view(buf).substr(uint64_t{i} * ps, ps)) != d.index.hash(p + i))
+                    d.differs[p + i] = 1;
+        }
+    };
+    {
+        std::vector<std::thread> pool;
+        for (unsigned t = 1; t < threads; ++t) pool.emplace_back(hash_stripes);
+        hash_stripes();
+        for (auto& t : pool) t.join();
+    }
+    if (read_errno) return make_error(ErrorKind::Io, "cannot read the copy: " + errno_text(read_errno), "ReadFailed");
+    for (uint64_t p = uint64_t{common} + 1; p <= h.db_pages; ++p) d.differs[p] = 1;
+    res.timings.compare = seconds_since(tc);
+    res.pages_compared = common;
+    for (uint32_t f = 0; f < d.index.frames(); ++f) {
+        const uint32_t first = f * d.index.frame_pages + 1, last = std::min(first + d.index.frame_pages - 1, h.db_pages);
+        bool need = false;
+        for (uint32_t p = first; p <= last && !need; ++p) need = d.differs[p] != 0;
+        if (!need) continue;
+        // One frame not needed between two that are: fetched through rather
+        // than a GET more (a GET's latency against at most one frame's bytes).
+        if (!d.runs.empty() && d.runs.back().second + 1 >= f &&
+            d.index.frame_offset[f + 1] - d.index.frame_offset[d.runs.back().first] <= kRun)
+            d.runs.back().second = f + 1;
+        else
+            d.runs.emplace_back(f, f + 1);
+    }
+    return d;
+}
 
 bool nonempty(const std::string& path) {
     struct stat st{};
@@ -312,6 +367,9 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                                        " is not in the bucket (another history, or removed since)"));
     uint64_t proof_bytes = 0;
 
+    // A newer generation whose snapshot carries a page index (format 2):
+    // only the pages that differ from the copy are fetched, then its segments.
+    bool across = false;
     if (note.generation != target.generation) {
         if (copy_index < target.index)
             return refused(not_incremental("cannot go back: the copy is at generation " + note.generation +
@@ -319,7 +377,7 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
         // Walk the parent links from the target back to the copy's generation.
         const SnapshotHeader* snap = &target.snapshot;
         std::string child = target.generation;
-        for (size_t steps = 0; steps <= history.size(); ++steps) {
+        for (size_t steps = 0; steps <= history.size() && !across; ++steps) {
             const std::string& parent = snap->parent_generation;
             if (parent.empty())
                 return refused(not_incremental("the copy's generation " + note.generation +
@@ -333,10 +391,17 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                         ": the history went another way"));
                 if (auto ps = prove_position(client, bucket, db_id, history[copy_index], note, false, proof_bytes); !ps)
                     return refused(std::move(ps).error());
-                // Format 1 snapshots carry no page hashes (docs/FORMAT.md
-                // "Incremental restore across generations").
-                return full("generation " + note.generation + " of the copy is an ancestor of " + target.generation +
-                            ", but format-1 snapshots carry no page hashes to fetch only the pages that differ");
+                // Format 1 snapshots carry no page index (docs/FORMAT.md "Page index").
+                if (!target.snapshot.frame_pages)
+                    return full("generation " + note.generation + " of the copy is an ancestor of " +
+                                target.generation + ", but its snapshot has no page index (format 1: " +
+                                (target.snapshot.encryption ? "encrypted" : "written before format 2 or uncompressed") +
+                                ") to fetch only the pages that differ");
+                if (note.page_size != target.snapshot.page_size)
+                    return full("the page size changed from " + std::to_string(note.page_size) + " to " +
+                                std::to_string(target.snapshot.page_size));
+                across = true;
+                break;
             }
             size_t p = history.size();
             for (size_t i = 0; i < history.size(); ++i)
@@ -353,38 +418,52 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             snap = &*history[p].snapshot;
             child = parent;
         }
-        return refused(not_incremental("the parent links of " + target.generation + " loop"));
+        if (!across) return refused(not_incremental("the parent links of " + target.generation + " loop"));
     }
 
     // ---- the same generation: the segments after the copy's position ----
-    if (target.until_us && *target.until_us < note.last_commit_us)
-        return refused(not_incremental("cannot go back: the copy holds transactions up to " +
-                                       fmt_time_us(note.last_commit_us) + ", after the requested time " +
-                                       fmt_time_us(*target.until_us)));
-    if (target.last_seq < copy_at)
-        return refused(not_incremental("the copy holds segment " + std::to_string(copy_at) + " of generation " +
-                                       note.generation + ", the bucket only up to " + std::to_string(target.last_seq)));
-    if (auto ps = prove_position(client, bucket, db_id, history[copy_index], note, true, proof_bytes); !ps)
-        return refused(std::move(ps).error());
-    if (note.page_size != target.snapshot.page_size)
-        return refused(not_incremental("the copy's page size " + std::to_string(note.page_size) + " is not the generation's " +
-                                       std::to_string(target.snapshot.page_size)));
+    if (!across) {
+        if (target.until_us && *target.until_us < note.last_commit_us)
+            return refused(not_incremental("cannot go back: the copy holds transactions up to " +
+                                           fmt_time_us(note.last_commit_us) + ", after the requested time " +
+                                           fmt_time_us(*target.until_us)));
+        if (target.last_seq < copy_at)
+            return refused(not_incremental("the copy holds segment " + std::to_string(copy_at) + " of generation " +
+                                           note.generation + ", the bucket only up to " +
+                                           std::to_string(target.last_seq)));
+        if (auto ps = prove_position(client, bucket, db_id, history[copy_index], note, true, proof_bytes); !ps)
+            return refused(std::move(ps).error());
+        if (note.page_size != target.snapshot.page_size)
+            return refused(not_incremental("the copy's page size " + std::to_string(note.page_size) +
+                                           " is not the generation's " + std::to_string(target.snapshot.page_size)));
+    }
     const std::string snap_key = snapshot_key(db_id, target.generation);
     if (auto c = check_cipher(target.snapshot.encryption, options.cipher.get(), snap_key); !c) return std::move(c).error();
 
     RestoreResult res;
-    res.incremental = note.next_txns == 0 && target.last_seq == note.seq ? "up-to-date" : "segments";
     res.newest = options.newest;
-    res.generation = note.generation;
-    res.seq = note.seq;
-    res.next_txns = note.next_txns;
     res.from_seq = note.seq;
-    res.position = note.position;
-    res.last_sha256 = note.prev_sha256;
-    res.page_size = note.page_size;
-    res.db_pages = note.db_pages;
-    res.last_commit_us = note.last_commit_us;
     res.bytes_downloaded = proof_bytes;
+    if (across) {
+        // Continues from the target's snapshot, as a full restore would.
+        res.incremental = "pages";
+        res.from_generation = note.generation;
+        res.generation = target.generation;
+        res.position = target.snapshot.position;
+        res.page_size = target.snapshot.page_size;
+        res.db_pages = target.snapshot.db_pages;
+        res.last_commit_us = target.snapshot.last_commit_us;
+    } else {
+        res.incremental = note.next_txns == 0 && target.last_seq == note.seq ? "up-to-date" : "segments";
+        res.generation = note.generation;
+        res.seq = note.seq;
+        res.next_txns = note.next_txns;
+        res.position = note.position;
+        res.last_sha256 = note.prev_sha256;
+        res.page_size = note.page_size;
+        res.db_pages = note.db_pages;
+        res.last_commit_us = note.last_commit_us;
+    }
     if (res.incremental == "up-to-date") {  // nothing to download, nothing to write
         res.seconds = seconds_since(t0);
         return res;
@@ -418,6 +497,12 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             now.st_mtim.tv_sec != st.st_mtim.tv_sec || now.st_mtim.tv_nsec != st.st_mtim.tv_nsec)
             return not_incremental(output_path + " changed while the incremental restore started");
         const bool via_wal = !options.incremental_copy && in_wal_mode(src);
+        std::optional<PageDiff> diff;
+        if (across) {
+            auto d = diff_against_index(client, bucket, snap_key, target, src, note.db_pages, res);
+            if (!d) return std::move(d).error();
+            diff.emplace(std::move(*d));
+        }
 
         TmpFile tmp;
         tmp.path = output_path + (via_wal ? ".restore-wal" : ".restore-tmp");
@@ -436,18 +521,24 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             res.copied_bytes = static_cast<uint64_t>(st.st_size);
             res.timings.copy = seconds_since(tc);
         }
-        ::close(src);
-        src = -1;
-
         uint64_t total = 0;
         std::vector<FetchJob> jobs;
-        const uint64_t first_seq = note.seq + 1;
+        if (diff)
+            for (const auto& run : diff->runs) {
+                const uint64_t off = diff->index.frame_offset[run.first], len = diff->index.frame_offset[run.second] - off;
+                jobs.push_back({snap_key, s3::ByteRange{off, len}, len});
+                total += len;
+            }
+        const size_t snapshot_jobs = jobs.size();
+        const uint64_t first_seq = across ? 1 : note.seq + 1;
         for (uint64_t seq = first_seq; seq <= target.last_seq; ++seq) {
             std::string key = segment_key(db_id, target.generation, seq);
             total += history[target.index].size_of(key);
             jobs.push_back({std::move(key), std::nullopt, max_segment_object_size()});
         }
-        const int workers = std::max(1, options.parallel);
+        // Frames are fetched in runs of at most 1 MiB: more GETs in flight
+        // (latency, not bandwidth, bounds many small ranges).
+        const int workers = std::max(1, diff ? std::max(options.parallel, kDiffWorkers) : options.parallel);
         OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2,
                                options.cancel);
         PageWriter writer(tmp.fd);
@@ -456,16 +547,74 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
         plan.generation = target.generation;
         plan.first_seq = first_seq;
         plan.last_seq = target.last_seq;
-        plan.first_job = 0;
+        plan.first_job = snapshot_jobs;
         plan.until_us = target.until_us;
-        plan.skip_txns = note.next_txns;
-        plan.onto_copy = true;
+        plan.skip_txns = across ? 0 : note.next_txns;
+        plan.onto_copy = !across;
         plan.total = total;
         if (via_wal) {
             wal.emplace(writer, space, res.page_size, "the journal " + tmp.path);
             plan.sink = [&](uint32_t pgno, std::string_view page) { return wal->add(pgno, page); };
         }
-        Status applied = apply_segments(fetcher, writer, space, db_id, plan, options, res);
+        Status applied;
+        if (diff) {
+            // The snapshot's pages that differ from the copy, frame by frame,
+            // each checked against its digest before it is written.
+            auto sink = [&](uint32_t pgno, std::string_view page) -> Status {
+                if (!diff->differs[pgno]) return {};
+                ++res.pages_changed;
+                if (wal) return wal->add(pgno, page);
+                const uint64_t off = uint64_t{pgno - 1} * page.size();
+                if (auto sp = space.reserve(off + page.size(), "snapshot " + snap_key); !sp) return sp;
+                return writer.write(off, page);
+            };
+            uint64_t fed = 0;
+            for (size_t j = 0; j < snapshot_jobs && applied; ++j) {
+                auto part = fetcher.take(j);
+                if (!part) {
+                    Error e = std::move(part).error();
+                    if (e.kind == ErrorKind::NotFound)
+                        e = make_error(ErrorKind::Corrupt, "snapshot " + snap_key + " disappeared during the restore",
+                                       "MissingSnapshot");
+                    applied = e;
+                    break;
+                }
+                const auto [f0, f1] = diff->runs[j];
+                const uint64_t base = diff->index.frame_offset[f0];
+                const auto td = Clock::now();
+                const double waited = writer.wait_seconds();
+                for (uint32_t f = f0; f < f1 && applied; ++f) {
+                    const uint64_t at = diff->index.frame_offset[f] - base;
+                    const uint64_t len = diff->index.frame_offset[f + 1] - diff->index.frame_offset[f];
+                    if (at + len > part->size()) {
+                        applied = make_error(ErrorKind::Corrupt,
+                                             "snapshot " + snap_key + " changed size during the restore", "WrongObject");
+                        break;
+                    }
+                    applied = decode_snapshot_frame(diff->index, f, std::string_view(*part).substr(at, len), snap_key, sink);
+                    ++res.frames_fetched;
+                }
+                res.timings.decode += seconds_since(td) - (writer.wait_seconds() - waited);
+                fed += part->size();
+                res.bytes_downloaded += part->size();
+                fetcher.recycle(std::move(*part));
+                if (options.progress) options.progress(fed, total);
+            }
+            // The snapshot's own trailer, which its first segment must name.
+            res.last_sha256 = diff->index.trailer_hex;
+        }
+        if (applied) applied = apply_segments(fetcher, writer, space, db_id, plan, options, res);
+        if (applied && wal && across && wal->frames() == 0) {
+            // No page differs and no segment follows: still one frame, whose
+            // commit carries the size (and makes the new note the truth).
+            std::string page1(res.page_size, '\0');
+            if (::pread(src, page1.data(), page1.size(), 0) != static_cast<ssize_t>(page1.size()))
+                applied = make_error(ErrorKind::Io, "cannot read " + output_path + ": " + errno_text(errno), "ReadFailed");
+            else
+                applied = wal->add(1, page1);
+        }
+        ::close(src);
+        src = -1;
         if (applied && wal) applied = wal->commit(res.db_pages);
         if (!applied) {
             fetcher.stop();

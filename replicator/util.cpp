@@ -2,9 +2,12 @@
 #include "replicator/util.h"
 
 #include <malloc.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <string>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -40,6 +43,41 @@ bool pread_full(int fd, void* buf, size_t n, uint64_t off) {
 bool pwrite_full(int fd, const void* buf, size_t n, uint64_t off) {
     const auto* p = static_cast<const char*>(buf);
     return whole([&](size_t done) { return ::pwrite(fd, p + done, n - done, static_cast<off_t>(off + done)); }, n);
+}
+
+#ifndef FICLONE
+#define FICLONE _IOW(0x94, 9, int)  // linux/fs.h, not included: it clashes with glibc's headers
+#endif
+
+int duplicate_file(int src, int dst, uint64_t size) {
+    if (::ioctl(dst, FICLONE, src) == 0) return 1;
+    uint64_t done = 0;
+    bool in_kernel = true;
+    std::string buf;
+    while (done < size) {
+        ssize_t n = -1;
+        const size_t want = static_cast<size_t>(std::min<uint64_t>(size - done, 1u << 30));
+        if (in_kernel) {
+            loff_t in_off = static_cast<loff_t>(done), out_off = static_cast<loff_t>(done);
+            n = ::copy_file_range(src, &in_off, dst, &out_off, want, 0);
+            if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP)) {
+                in_kernel = false;
+                continue;
+            }
+        } else {
+            if (buf.empty()) buf.resize(1u << 20);
+            n = ::pread(src, buf.data(), std::min(want, buf.size()), static_cast<off_t>(done));
+            if (n > 0 && !pwrite_full(dst, buf.data(), static_cast<size_t>(n), done)) return -1;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return -1;
+        if (n == 0) {
+            errno = ENODATA;
+            return -1;
+        }
+        done += static_cast<uint64_t>(n);
+    }
+    return 0;
 }
 
 void release_free_memory() noexcept {

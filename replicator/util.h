@@ -28,6 +28,13 @@ bool pread_full(int fd, void* buf, size_t n, uint64_t off);
 // Writes exactly n bytes at off (retrying short writes and EINTR).
 bool pwrite_full(int fd, const void* buf, size_t n, uint64_t off);
 
+// Duplicates the first `size` bytes of the open file src into the empty
+// dst: a copy-on-write clone where the file system offers one (btrfs, XFS
+// with reflink, bcachefs: no data is copied), else copy_file_range (in the
+// kernel, no trip through user space), else read and write. 1: cloned, 0:
+// copied, -1: failed with errno set (ENODATA: src ended before `size`).
+int duplicate_file(int src, int dst, uint64_t size);
+
 // Microseconds since the Unix epoch (wall clock), as commit times are kept.
 int64_t now_us();
 

@@ -128,6 +128,11 @@ void snapshots(const std::string& gen) {
         std::string plain = snapshot(h, 4, nullptr);
         std::string enc = snapshot(h, 4, &fuzz::fixed_cipher());
         put("fuzz_snapshot", "plain-" + tag, plain);
+        if (c == Compression::Zstd) {  // format 2: 300 pages of 512 bytes, three frames
+            SnapshotHeader big = h;
+            big.db_pages = 300;
+            put("fuzz_snapshot", "plain-v2-3frames", snapshot(big, 300, nullptr));
+        }
         put("fuzz_snapshot", "encrypted-" + tag, enc);
         put("fuzz_snapshot", "encrypted-plainbody-" + tag, with_plain_body(enc, plain));
         put("fuzz_object_header", "snapshot-" + tag + ".json", header_json(plain));

@@ -580,8 +580,10 @@ TEST_CASE("snapshots stream out and back in", "[format][snapshot]") {
 
     SECTION("the layout is the documented one") {
         CHECK(w.bytes.substr(0, 8) == "BTLSSNAP");
-        CHECK(get_be32(w.bytes, 8) == 1);
+        // Plaintext zstd snapshots carry a page index (format 2).
+        CHECK(get_be32(w.bytes, 8) == (c == Compression::Zstd ? 2u : 1u));
         json j = json::parse(header_json_of(w.bytes));
+        CHECK(j.contains("frame_pages") == (c == Compression::Zstd));
         CHECK(j["db_id"] == h.db_id);
         CHECK(j["generation"] == h.generation);
         CHECK(j["page_size"] == ps);
@@ -709,10 +711,10 @@ TEST_CASE("a damaged snapshot is never accepted", "[format][snapshot][corrupt]")
     }
     SECTION("a newer format version") {
         std::string bad = w.bytes;
-        bad[11] = 2;
+        bad[11] = 3;
         Read r = read_snapshot(reseal(bad), name, rng, 50);
         REQUIRE(r.error.has_value());
-        CHECK(mentions(*r.error, "unsupported format version 2 (this build reads 1)"));
+        CHECK(mentions(*r.error, "unsupported format version 3 (this build reads 1 and 2)"));
         CHECK(mentions(*r.error, name));
     }
 }
@@ -796,6 +798,102 @@ TEST_CASE("a snapshot whose page count disagrees with its header is refused", "[
             CHECK(r.pages.empty());
         }
     }
+}
+
+TEST_CASE("a format-2 snapshot's page index finds and proves every page", "[format][snapshot][index]") {
+    // Page sizes and counts around the frame boundaries: 64 KiB frames.
+    const auto [ps, n] = GENERATE(table<uint32_t, uint32_t>(
+        {{4096, 0}, {4096, 1}, {4096, 16}, {4096, 17}, {4096, 1000}, {512, 1500}, {65536, 9}}));
+    CAPTURE(ps, n);
+    std::mt19937 rng(ps + n);
+    std::vector<std::string> pages;
+    for (uint32_t i = 0; i < n; ++i) pages.push_back(i % 4 == 0 ? random_bytes(rng, ps) : db_like_page(rng, ps));
+    SnapshotHeader h = sample_snapshot_header(Compression::Zstd, ps, n);
+    Written w = write_snapshot(h, pages);
+    REQUIRE(get_be32(w.bytes, 8) == 2);
+    auto peeked = peek_snapshot_header(w.bytes, "snap");
+    REQUIRE(peeked.ok());
+    CHECK(peeked->frame_pages == std::max<uint32_t>(1, kSnapshotFrameBytes / ps));
+    const uint32_t frames = snapshot_frames(*peeked);
+    CHECK(frames == (n + peeked->frame_pages - 1) / peeked->frame_pages);
+
+    // The stream reader passes over the index.
+    Read r = read_snapshot(w.bytes, "snap", rng, 70000);
+    REQUIRE_FALSE(r.error.has_value());
+    CHECK(r.pages == pages);
+
+    // The tail alone (one ranged GET) gives the index.
+    const uint64_t tail = page_index_tail_size(*peeked);
+    REQUIRE(tail <= w.bytes.size());
+    auto idx = parse_page_index(std::string_view(w.bytes).substr(w.bytes.size() - tail), w.bytes.size(), *peeked, "snap");
+    REQUIRE(idx.ok());
+    CHECK(idx->frames() == frames);
+    CHECK(idx->trailer_hex == w.sha);
+    CHECK(idx->frame_offset[0] == 16 + get_be32(w.bytes, 12));
+    for (uint32_t p = 1; p <= n; ++p) CHECK(idx->hash(p) == page_hash(pages[p - 1]));
+    // Each frame decodes alone to its pages.
+    std::vector<std::string> got(n);
+    for (uint32_t f = 0; f < frames; ++f) {
+        const std::string_view bytes =
+            std::string_view(w.bytes).substr(idx->frame_offset[f], idx->frame_offset[f + 1] - idx->frame_offset[f]);
+        REQUIRE(decode_snapshot_frame(*idx, f, bytes, "snap", [&](uint32_t pgno, std::string_view page) -> Status {
+                    CHECK(idx->frame_of(pgno) == f);
+                    got[pgno - 1] = std::string(page);
+                    return {};
+                }).ok());
+    }
+    CHECK(got == pages);
+    if (n == 0) return;
+
+    SECTION("a changed byte in the index is caught by the footer's digest") {
+        std::string bad = w.bytes;
+        bad[bad.size() - tail + 8 + (rng() % page_index_bytes(*peeked))] ^= 0x20;
+        auto e = parse_page_index(std::string_view(bad).substr(bad.size() - tail), bad.size(), *peeked, "snap");
+        REQUIRE_FALSE(e.ok());
+        CHECK(e.error().kind == ErrorKind::Corrupt);
+        CHECK(mentions(e.error(), "SHA-256"));
+    }
+    SECTION("a tail of the wrong object size, or a header that does not match") {
+        CHECK_FALSE(parse_page_index(std::string_view(w.bytes).substr(w.bytes.size() - tail), w.bytes.size() + 1,
+                                     *peeked, "snap").ok());
+        SnapshotHeader other = *peeked;
+        other.db_pages += 1;
+        const uint64_t t2 = page_index_tail_size(other);
+        if (t2 <= w.bytes.size())
+            CHECK_FALSE(parse_page_index(std::string_view(w.bytes).substr(w.bytes.size() - t2), w.bytes.size(), other,
+                                         "snap").ok());
+    }
+    SECTION("a frame whose bytes changed is refused, never handed out") {
+        const uint32_t f = frames - 1;
+        std::string frame = w.bytes.substr(idx->frame_offset[f], idx->frame_offset[f + 1] - idx->frame_offset[f]);
+        frame[frame.size() / 2] ^= 0x01;
+        int handed = 0;
+        Status st = decode_snapshot_frame(*idx, f, frame, "snap", [&](uint32_t, std::string_view) -> Status {
+            ++handed;
+            return {};
+        });
+        CHECK_FALSE(st.ok());
+        if (!st.ok()) CHECK(st.error().kind == ErrorKind::Corrupt);
+        // A page that decoded but differs from its digest stops before it is handed out.
+        CHECK(handed < static_cast<int>(std::min(n - f * idx->frame_pages, idx->frame_pages)));
+        CHECK_FALSE(decode_snapshot_frame(*idx, f, frame.substr(1), "snap", [](uint32_t, std::string_view) -> Status {
+                        return {};
+                    }).ok());
+    }
+}
+
+TEST_CASE("the format version and frame_pages must agree", "[format][snapshot][index]") {
+    std::mt19937 rng(3);
+    Written w = write_snapshot(sample_snapshot_header(Compression::Zstd, 4096, 3),
+                               {db_like_page(rng, 4096), db_like_page(rng, 4096), db_like_page(rng, 4096)});
+    std::string v1 = w.bytes;
+    v1[11] = 1;  // a format-1 object whose header has frame_pages
+    Read r = read_snapshot(reseal(v1), "snap", rng, 50);
+    REQUIRE(r.error.has_value());
+    CHECK(mentions(*r.error, "format-1 snapshot whose header has frame_pages"));
+    // Encrypted and uncompressed snapshots stay format 1.
+    Written plain = write_snapshot(sample_snapshot_header(Compression::None, 4096, 1), {db_like_page(rng, 4096)});
+    CHECK(get_be32(plain.bytes, 8) == 1);
 }
 
 TEST_CASE("SnapshotWriter refuses misuse and passes sink failures on", "[format][snapshot]") {
@@ -1203,7 +1301,9 @@ TEST_CASE("zstd windows: the writer pins 2 MiB, readers refuse larger", "[format
     REQUIRE(zstd_window(z) == (uint64_t{1} << 27));
     CHECK(z.size() < 100);
     SnapshotHeader sh = sample_snapshot_header(Compression::Zstd, 4096, 1);
-    std::string snap = build_object(kSnapshotMagic, 1, json::parse(header_json_of(write_snapshot(sh, {page}).bytes)).dump(), z);
+    json hj = json::parse(header_json_of(write_snapshot(sh, {page}).bytes));
+    hj.erase("frame_pages");  // one frame: format 1
+    std::string snap = build_object(kSnapshotMagic, 1, hj.dump(), z);
     std::mt19937 rng(5);
     Read r = read_snapshot(snap, "snap", rng, 1 << 20);
     REQUIRE(r.error);
