@@ -423,6 +423,8 @@ std::string Replica::status_json() const {
         j["last_apply"] = fmt_time_us(last_apply_us_);
         j["segments_applied"] = segments_applied_;
         j["hydrations"] = hydrations_;
+        if (!last_hydration_mode_.empty())
+            j["last_hydration"] = {{"download", last_hydration_mode_}, {"bytes", last_hydration_bytes_}};
         j["polls"] = polls_;
         j["listings"] = listings_;  // generation listings (after a streak without a new segment)
         j["lock_waits"] = lock_waits_;

@@ -110,7 +110,13 @@ private:
     enum class Step { Progress, Idle, Failed };
     Step step();
     bool try_lead();
-    Status hydrate(const std::string& why, const std::string& generation = "");
+    // from_file: the replica's file holds the proven state_ (a generation
+    // change, not a recovery): the image starts as a copy of it and the
+    // restore fetches only what differs (incremental, docs/SEMANTICS.md).
+    Status hydrate(const std::string& why, const std::string& generation = "", bool from_file = false);
+    // Seeds `tmp` with the replica file's pages and a restore note naming
+    // state_, for an incremental restore onto it; false when it cannot.
+    bool seed_image(const std::string& tmp);
     Status hydrated(const ReplicaState& s, const std::string& why);
     Status apply_segment(uint64_t seq, const std::string& key, const std::string& body);
     Status check_generations();
@@ -162,6 +168,9 @@ private:
     std::string follow_error_;        // the last listing's error (kept until the next listing or progress)
     bool stalled_ = false;            // follow_error_ is a verdict: this generation cannot go on
     std::string last_event_;          // the last generation change or re-hydration, and why
+    // The last hydration's download: how ("full", "pages", "segments"), bytes.
+    std::string last_hydration_mode_;
+    uint64_t last_hydration_bytes_ = 0;
     uint64_t segments_applied_ = 0, hydrations_ = 0, polls_ = 0, listings_ = 0;
     // The streak of polls without a new segment, and when it next lists
     // the generations (list_after()/list_at_most() in replica.cpp).

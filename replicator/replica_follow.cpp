@@ -414,7 +414,7 @@ Status Replica::check_generations() {
                        (snap->parent_generation.empty() ? std::string("none") : snap->parent_generation) + " at segment " +
                        std::to_string(snap->parent_seq) + "): the history diverged (a restore elsewhere?)";
     }
-    return hydrate(lineage, latest->id);
+    return hydrate(lineage, latest->id, /*from_file=*/true);
 }
 
 }  // namespace bottomless::replicator

@@ -13,6 +13,7 @@
 
 #include "replicator/replica_internal.h"
 #include "replicator/restore.h"
+#include "replicator/state_file.h"
 #include "replicator/util.h"
 #include "s3/log.h"
 
@@ -95,17 +96,76 @@ Status Replica::init_time_travel() {
 
 // ---- hydration ----
 
-Status Replica::hydrate(const std::string& why, const std::string& generation) {
+bool Replica::seed_image(const std::string& tmp) {
+    ReplicaState s;
+    {
+        std::lock_guard lock(mu_);
+        s = state_;
+    }
+    if (s.generation.empty() || s.applying || !valid_page_size(s.page_size) || s.db_pages == 0) return false;
+    Fd src(::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    struct stat st{};
+    if (src.fd < 0 || ::fstat(src.fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != uint64_t{s.db_pages} * s.page_size)
+        return false;
+    ::unlink(tmp.c_str());
+    Fd dst(::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+    if (dst.fd < 0 || duplicate_file(src.fd, dst.fd, static_cast<uint64_t>(st.st_size)) < 0) return false;
+    // The replica's file is in rollback format; the image goes through a
+    // WAL journal (only the changed pages written), so it says WAL mode.
+    // Page 1 then differs from the bucket's whatever else does: it is fetched.
+    unsigned char h[kHeader] = {};
+    if (!pread_full(dst.fd, h, sizeof h, 0)) return false;
+    h[18] = h[19] = 2;
+    if (!pwrite_full(dst.fd, h, sizeof h, 0)) return false;
+    struct stat now{};
+    if (::fstat(dst.fd, &now) != 0) return false;
+    LocalState note;
+    note.bucket = s.bucket;
+    note.db_id = s.db_id;
+    note.generation = s.generation;
+    note.seq = s.seq;
+    note.prev_sha256 = s.last_sha256;
+    note.position = s.position;
+    note.restored = true;
+    note.db_size = static_cast<int64_t>(now.st_size);
+    note.db_mtime_ns = static_cast<int64_t>(now.st_mtim.tv_sec) * 1'000'000'000 + now.st_mtim.tv_nsec;
+    note.db_ino = static_cast<uint64_t>(now.st_ino);
+    note.page_size = s.page_size;
+    note.db_pages = s.db_pages;
+    note.last_commit_us = s.last_commit_us;
+    return static_cast<bool>(write_state_file(tmp + "-bottomless", note));
+}
+
+Status Replica::hydrate(const std::string& why, const std::string& generation, bool from_file) {
     log::info("replica " + path_ + ": hydrating from the bucket (" + why + ")");
     RestoreOptions o;
     o.cipher = cipher_;
     o.generation = generation;
     o.cancel = &closing_;  // the last connection closing stops the download
     const std::string tmp = path_ + ".replica-new";
+    // A generation change: start from the replica's own pages, so that only
+    // what differs is downloaded (a snapshot with a page index: its frames
+    // holding changed pages); what cannot be proven is restored in full.
+    if (from_file && seed_image(tmp)) {
+        o.incremental = true;
+        o.full_if_refused = true;
+    } else {
+        ::unlink((tmp + "-bottomless").c_str());
+    }
     auto res = restore_database(*client_, cfg_.bucket, cfg_.db_id, tmp, o);
     ::unlink((tmp + "-bottomless").c_str());
+    if (res) {
+        std::lock_guard lock(mu_);
+        last_hydration_mode_ = res->incremental.empty() ? "full" : res->incremental;
+        last_hydration_bytes_ = res->bytes_downloaded;
+    }
+    if (res && !res->incremental.empty())
+        log::info("replica " + path_ + ": new image " + res->incremental +
+                  (res->incremental_reason.empty() ? "" : " (" + res->incremental_reason + ")") + ", " +
+                  std::to_string(res->bytes_downloaded) + " bytes downloaded");
     if (!res) {
         ::unlink(tmp.c_str());
+        for (const char* suffix : {"-wal", "-shm", ".restore-wal", ".restore-tmp"}) ::unlink((tmp + suffix).c_str());
         Error e = std::move(res).error();
         e.message = "cannot hydrate the replica " + path_ + " from s3://" + cfg_.bucket + "/" + cfg_.db_id + ": " + e.message;
         return e;
