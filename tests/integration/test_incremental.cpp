@@ -342,6 +342,55 @@ TEST_CASE("cli: restore --incremental refuses a copy it cannot prove, --force re
     }
 }
 
+TEST_CASE("cli: across a generation, a damaged frame or index is refused and the copy left as it was",
+          "[cli][integration][incremental]") {
+    Fixture f;
+    Writer w(f.writer_path, f.bucket.name());
+    write_history(w, 1);
+    REQUIRE(cli(f.b() + "restore -q -o " + f.copy).code == 0);
+    w.add(50);  // pages past the copy's end: the last frames are fetched
+    w.flush();
+    const std::string gen = query_text(w.db.get(), "SELECT bottomless_snapshot()");
+    const std::string key = "app.db/" + gen + "/snapshot";
+    auto original = f.client->get_object(f.bucket.name(), key);
+    REQUIRE(original.ok());
+    auto header = replicator::peek_snapshot_header(*original, key);
+    REQUIRE(header.ok());
+    REQUIRE(header->frame_pages > 0);
+    const uint64_t tail = replicator::page_index_tail_size(*header);
+    auto idx = replicator::parse_page_index(std::string_view(*original).substr(original->size() - tail), original->size(),
+                                            *header, key);
+    REQUIRE(idx.ok());
+    const std::string copy_before = slurp(f.copy), note_before = slurp(f.copy + "-bottomless");
+    auto damaged_restore = [&](std::string bytes, const std::string& expect) {
+        REQUIRE(f.client->put_object(f.bucket.name(), key, bytes).ok());
+        Run r = cli(f.b() + "restore -q --incremental -o " + f.copy);
+        CHECK(r.code == 1);
+        CHECK(r.err.find(expect) != std::string::npos);
+        CHECK(r.err.find(key) != std::string::npos);  // the object is named
+        CHECK(slurp(f.copy) == copy_before);
+        CHECK(slurp(f.copy + "-bottomless") == note_before);
+        CHECK_FALSE(fs::exists(f.copy + "-wal"));
+    };
+    SECTION("a byte of the last frame") {
+        std::string bad = *original;
+        const uint32_t last = idx->frames() - 1;
+        bad[(idx->frame_offset[last] + idx->frame_offset[last + 1]) / 2] ^= 0x10;
+        damaged_restore(bad, "frame " + std::to_string(last));
+    }
+    SECTION("a byte of the index") {
+        std::string bad = *original;
+        bad[original->size() - tail + 8 + 4 * idx->frames()] ^= 0x01;  // page 1's digest
+        damaged_restore(bad, "page index");
+    }
+    // The object as it was: the same restore goes through.
+    REQUIRE(f.client->put_object(f.bucket.name(), key, *original).ok());
+    json ok = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+    CHECK(ok["incremental"] == "pages");
+    f.full_restore();
+    CHECK(slurp(f.copy) == slurp(f.full));
+}
+
 TEST_CASE("cli: an incremental restore killed midway leaves the old copy intact", "[cli][integration][incremental]") {
     const std::string via = GENERATE(as<std::string>{}, "wal", "copy");
     INFO("--incremental-via " << via);
