@@ -61,6 +61,8 @@ json generation_json(const GenerationView& g, bool verbose, const std::string& k
         j["snapshot_pages"] = g.snapshot->db_pages;
         j["snapshot_position"] = position_json(g.snapshot->position);
         j["compression"] = replicator::to_string(g.snapshot->compression);
+        // Format 2: a page index (incremental restores fetch only what differs).
+        j["snapshot_format"] = g.snapshot->frame_pages ? 2 : 1;
         j["encrypted"] = g.snapshot->encryption.has_value();
         j["key_id"] = g.snapshot->encryption ? json(g.snapshot->encryption->key_id) : json(nullptr);
         if (g.snapshot->encryption && !key_id.empty()) j["key_matches"] = g.snapshot->encryption->key_id == key_id;
@@ -159,8 +161,9 @@ int run_ls(Context& ctx, const Args& args) {
                     format_time_table(g.last_txn_us()).c_str(), parent.c_str());
         if (verbose) {
             if (g.snapshot)
-                std::printf("    snapshot: page size %u, %u pages, %s, at %s\n", g.snapshot->page_size,
+                std::printf("    snapshot: page size %u, %u pages, %s, %s, at %s\n", g.snapshot->page_size,
                             g.snapshot->db_pages, replicator::to_string(g.snapshot->compression),
+                            g.snapshot->frame_pages ? "format 2 (page index)" : "format 1",
                             position_text(g.snapshot->position).c_str());
             if (g.snapshot) std::printf("    %s\n", encryption_text(*g.snapshot, key_id).c_str());
             if (g.last_segment) {

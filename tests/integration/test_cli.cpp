@@ -647,9 +647,11 @@ TEST_CASE("cli: ls --json, status and -g of an older generation", "[cli][integra
         CHECK(j["total_generations"] == 2);
         CHECK(j["generations"][0]["snapshot_sha256"].get<std::string>().size() == 64);
         CHECK(j["generations"][0]["last_segment_sha256"].get<std::string>().size() == 64);
+        CHECK(j["generations"][0]["snapshot_format"] == 2);  // plaintext zstd: a page index
         r = cli({"-b", bucket.name(), "-d", "app.db", "ls", "-v"});
         REQUIRE(r.code == 0);
         CHECK(r.out.find(older) != std::string::npos);
+        CHECK(r.out.find("format 2 (page index)") != std::string::npos);
         CHECK(r.out.find("sha256 last segment") != std::string::npos);
         r = cli({"-b", bucket.name(), "ls"}, {{"LIBSQL_BOTTOMLESS_DATABASE_ID", std::nullopt}});
         REQUIRE(r.code == 0);
@@ -1486,6 +1488,7 @@ TEST_CASE("cli: an encrypted replica: ls without the key, restore and verify wit
         json j = ls_json(bucket.name(), "k.db");
         REQUIRE(j["generations"].size() == 1);
         CHECK(j["generations"][0]["encrypted"] == true);
+        CHECK(j["generations"][0]["snapshot_format"] == 1);  // no page index for encrypted snapshots
         CHECK(j["generations"][0]["snapshot_bytes"].get<uint64_t>() > 0);
         CHECK_FALSE(j["generations"][0].contains("key_matches"));
         r = cli(with({"ls", "-v", "--json", "--encryption-key", key}));
