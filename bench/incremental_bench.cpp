@@ -159,14 +159,17 @@ int main(int argc, char** argv) {
         const auto& tm = ri->timings;
         std::fprintf(stderr,
                      "round %d: incremental %.3f s (copy %.3f, compare %.3f, download %.3f, wait %.3f, decode %.3f, "
-                     "write %.3f, fsync %.3f, finish %.3f) %.0f bytes, %llu pages changed in %llu frames; full %.3f s "
-                     "%.0f bytes\n",
+                     "write %.3f, fsync %.3f, finish %.3f) %.0f bytes, %llu pages changed in %llu frames (compared with "
+                     "%s); full %.3f s %.0f bytes\n",
                      round, ri->seconds, tm.copy, tm.compare, tm.download, tm.download_wait, tm.decode, tm.write,
                      tm.fsync, tm.finish, b_inc.back(), static_cast<unsigned long long>(ri->pages_changed),
-                     static_cast<unsigned long long>(ri->frames_fetched), rf.seconds, b_full.back());
+                     static_cast<unsigned long long>(ri->frames_fetched),
+                     ri->compared_with.empty() ? "-" : ri->compared_with.c_str(), rf.seconds, b_full.back());
         // The full restore becomes the copy for the next round (rename keeps inode and mtime).
         std::filesystem::rename(full, copy);
         std::filesystem::rename(full + "-bottomless", copy + "-bottomless");
+        if (std::filesystem::exists(full + "-bottomless-pages"))
+            std::filesystem::rename(full + "-bottomless-pages", copy + "-bottomless-pages");
     }
     const double tf = bench::median(t_full), ti = bench::median(t_inc), bf = bench::median(b_full),
                  bi = bench::median(b_inc);

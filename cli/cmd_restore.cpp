@@ -500,6 +500,7 @@ int run_restore(Context& ctx, const Args& args) {
                 j["pages_changed"] = r.pages_changed;
                 j["frames_fetched"] = r.frames_fetched;
                 j["compare_seconds"] = r.timings.compare;
+                j["compared_with"] = r.compared_with;
             }
         }
         if (req.until_us) j["until"] = format_time_us(*req.until_us);

@@ -207,6 +207,7 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
     };
 
     // ---- the snapshot, decoded in order as its parts arrive ----
+    std::optional<restore_detail::PageDigests> digests;
     {
         // In parts, the trailer is checked here, hashed beside the decoding
         // (SideHasher): the object is exactly snapshot_bytes long (every
@@ -236,10 +237,18 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
                                "MissingSnapshot");
             return e;
         };
+        // A format-2 snapshot's tail (its page index) is kept as it passes:
+        // the restored file's page digests start from it.
+        const uint64_t index_tail =
+            chosen.snapshot.frame_pages ? std::min(page_index_tail_size(chosen.snapshot), chosen.snapshot_bytes) : 0;
+        const uint64_t tail_from = chosen.snapshot_bytes - index_tail;
+        std::string tail_bytes;
         uint64_t fed = 0;
         for (size_t i = 0; i < snapshot_jobs; ++i) {
             auto part = fetcher.take(i);
             if (!part) return snapshot_error(std::move(part).error());
+            if (index_tail && fed + part->size() > tail_from)
+                tail_bytes.append(std::string_view(*part).substr(fed < tail_from ? tail_from - fed : 0));
             if (snapshot_jobs > 1 && part->size() != std::min(kPart, chosen.snapshot_bytes - i * kPart))
                 return snapshot_error(make_error(ErrorKind::Corrupt,
                                                  "snapshot " + snap_key + " changed size during the restore",
@@ -277,6 +286,12 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
                 ErrorKind::Corrupt, snap_key + " belongs to " + snap->db_id + "/" + snap->generation + ", not to this key",
                 "WrongObject"));
         res.bytes_downloaded += fed;
+        if (index_tail && tail_bytes.size() == index_tail) {
+            // Covered by the trailer just checked; a writer's defect only
+            // costs the digests (the next incremental restore hashes the file).
+            auto idx = parse_page_index(tail_bytes, chosen.snapshot_bytes, chosen.snapshot, snap_key);
+            if (idx) digests.emplace().hashes = std::move(idx->hashes);
+        }
         res.page_size = snap->page_size;
         res.db_pages = snap->db_pages;
         res.position = snap->position;
@@ -296,6 +311,7 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
 
     // ---- the segments, applied in order ----
     SegmentPlan plan;
+    plan.digests = digests ? &*digests : nullptr;
     plan.generation = chosen.generation;
     plan.first_seq = 1;
     plan.last_seq = last_seq;
@@ -308,6 +324,7 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
     }
     if (auto st = finish_restore(fetcher, writer, tmp, output_path, bucket, db_id, options, res); !st)
         return std::move(st).error();
+    if (digests) restore_detail::write_page_digests(output_path, res, *digests);
     res.seconds = seconds_since(t0);
     return res;
 }

@@ -112,6 +112,10 @@ struct RestoreResult {
     uint64_t pages_compared = 0;   // the copy's pages hashed against the index
     uint64_t pages_changed = 0;    // the snapshot's pages that differed (written)
     uint64_t frames_fetched = 0;   // the snapshot's zstd frames downloaded to get them
+    // "pages": what the index was compared with: "digests" (the page digests
+    // the restore that wrote the copy left beside it) or "file" (its pages
+    // read and hashed).
+    std::string compared_with;
     // "segments": how they were applied: "wal" (a WAL journal checkpointed
     // by SQLite), "clone" (onto a FICLONE clone), "copy" (onto a local copy).
     std::string applied_via;

@@ -393,6 +393,7 @@ Status apply_segments(OrderedFetcher& fetcher, PageWriter& writer, SpaceGuard& s
         auto on_frame = [&](uint64_t index, uint32_t pgno, std::string_view page) -> Status {
             // Decoded (and so validated) either way; applied only if not yet in the file and in time.
             if (index < skip_frames || index >= apply_frames) return {};
+            if (plan.digests) plan.digests->touch(pgno);
             if (plan.sink) return plan.sink(pgno, page);
             const uint64_t off = static_cast<uint64_t>(pgno - 1) * res.page_size;
             if (auto st = space.reserve(off + page.size(), "segment " + key); !st) return st;
@@ -489,7 +490,7 @@ Status finish_restore(OrderedFetcher& fetcher, PageWriter& writer, TmpFile& tmp,
 
     // A WAL or shm file left next to the destination belongs to another
     // database state; SQLite would replay it onto the restored file.
-    for (const char* suffix : {"-bottomless", "-wal", "-shm", "-journal"}) {
+    for (const char* suffix : {"-bottomless", "-bottomless-pages", "-wal", "-shm", "-journal"}) {
         std::string p = output_path + suffix;
         if (::unlink(p.c_str()) != 0 && errno != ENOENT)
             return make_error(ErrorKind::Io, "cannot remove stale " + p + ": " + errno_text(errno), "UnlinkFailed");

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "replicator/restore.h"
+#include "replicator/state_file.h"
 #include "s3/client.h"
 #include "s3/crypto.h"
 
@@ -244,6 +245,33 @@ struct TmpFile {
     ~TmpFile();
 };
 
+// ---- the restored file's page digests: "<db>-bottomless-pages" ----
+//
+// What an incremental restore across generations compares with the new
+// snapshot's page index instead of reading and hashing the copy
+// (docs/FORMAT.md "The page digests"). Built from the index of the
+// snapshot restored (captured from its tail) and the pages segments wrote
+// (marked in `touched`, hashed from the final file).
+struct PageDigests {
+    std::string hashes;              // kPageHashSize bytes per page, for the pages the index covered
+    std::vector<uint8_t> touched;    // by page number: written by a segment since
+    void touch(uint32_t pgno) {
+        if (touched.size() <= pgno) touched.resize(uint64_t{pgno} + 1 + (touched.size() / 2), 0);
+        touched[pgno] = 1;
+    }
+};
+
+// Writes output_path's digests (after the state note, which it must match):
+// `d`'s for pages the index covered and no segment wrote, the others hashed
+// from the file. A failure is a warning: the next incremental restore
+// hashes the file instead.
+void write_page_digests(const std::string& output_path, const RestoreResult& res, const PageDigests& d);
+// The digests of a copy proven by `note` (its size, mtime and inode checked
+// against the file already): nullopt if missing, damaged, or not the note's.
+std::optional<std::string> read_page_digests(const std::string& output_path, const LocalState& note);
+// The digests file's name.
+std::string page_digests_path(const std::string& output_path);
+
 // ---- the segments, shared by the full and the incremental restore ----
 
 // Which segments a restore applies, and where they come from.
@@ -261,6 +289,8 @@ struct SegmentPlan {
     uint64_t total = 0;  // for progress
     // Where an applied page goes; unset: written at its offset in the file.
     std::function<Status(uint32_t pgno, std::string_view page)> sink;
+    // Pages applied are marked here (for the digests), when set.
+    PageDigests* digests = nullptr;
 };
 
 // Precondition "NotIncremental": why, and the advice to restore in full.

@@ -597,6 +597,9 @@ Status Replicator::startup() {
         request_snapshot(plan.reason);
         break;
     }
+    // The page digests a restore left describe the file as restored; it is
+    // replicated (written) from now on (docs/FORMAT.md "The page digests").
+    ::unlink((path_ + "-bottomless-pages").c_str());
 
     start_uploader();
     return {};

@@ -234,6 +234,7 @@ TEST_CASE("cli: restore --incremental applies only the new segments and equals a
     json across = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
     INFO(across.dump());
     CHECK(across["incremental"] == "pages");
+    CHECK(across["compared_with"] == "digests");  // left by the restores that wrote the copy
     CHECK(across["applied_via"] == "wal");
     CHECK(across["segment"] == 1);
     CHECK(across["pages_changed"].get<uint64_t>() >= 1);
@@ -246,6 +247,7 @@ TEST_CASE("cli: restore --incremental applies only the new segments and equals a
     // And onto a duplicate of the file.
     json across2 = cli_json(f.b() + "restore -q --incremental --incremental-via copy -o " + copy3);
     CHECK(across2["incremental"] == "pages");
+    CHECK(across2["compared_with"] == "file");  // no digests of its own: its pages read and hashed
     CHECK(across2["applied_via"] != "wal");
     CHECK(slurp(copy3) == slurp(f.full));
     // The note now names the new generation: the next one is up to date.
@@ -378,6 +380,18 @@ TEST_CASE("cli: across a generation, a damaged frame or index is refused and the
         bad[(idx->frame_offset[last] + idx->frame_offset[last + 1]) / 2] ^= 0x10;
         damaged_restore(bad, "frame " + std::to_string(last));
     }
+    SECTION("damaged page digests beside the copy are not trusted: the copy is hashed instead") {
+        REQUIRE(fs::exists(f.copy + "-bottomless-pages"));
+        std::string d = slurp(f.copy + "-bottomless-pages");
+        d[d.size() - 40] ^= 0x01;  // a digest: the file's own SHA-256 no longer matches
+        std::ofstream(f.copy + "-bottomless-pages", std::ios::binary | std::ios::trunc) << d;
+        json r = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+        CHECK(r["incremental"] == "pages");
+        CHECK(r["compared_with"] == "file");
+        f.full_restore();
+        CHECK(slurp(f.copy) == slurp(f.full));
+        return;
+    }
     SECTION("a byte of the index") {
         std::string bad = *original;
         bad[original->size() - tail + 8 + 4 * idx->frames()] ^= 0x01;  // page 1's digest
@@ -497,8 +511,11 @@ TEST_CASE("open: a copy restored as the newest state is brought up to date with 
 
     SECTION("the newest state: the 4 segments only, then the same as a full restore") {
         register_bottomless();
+        REQUIRE(fs::exists(f.copy + "-bottomless-pages"));  // the restore's page digests
         Db db = open_db("file:" + f.copy + opts);
         CHECK(query_int(db.get(), "SELECT count(*) FROM t") == full_rows);
+        // Replicated from now on: the restore's digests no longer describe it.
+        CHECK_FALSE(fs::exists(f.copy + "-bottomless-pages"));
         const long long got = received_bytes(db.get(), f.copy);
         const long long all = full["downloaded_bytes"];
         INFO("received at open " << got << " bytes, a full restore downloads " << all);
