@@ -42,7 +42,8 @@ public:
     bool ok() const { return !path_.empty(); }
     std::string db() const { return path_ + "/db"; }
     void clear() const {
-        for (const char* s : {"", ".restore-tmp", "-wal", "-shm", "-journal", "-bottomless"}) ::unlink((db() + s).c_str());
+        for (const char* s : {"", ".restore-tmp", "-wal", "-shm", "-journal", "-bottomless", "-bottomless-pages"})
+            ::unlink((db() + s).c_str());
     }
 
 private:
@@ -84,14 +85,22 @@ Verdict verify_one(Context& ctx, const std::string& db, const RestoreTarget& cho
     v.generation = choice.generation;
     scratch.clear();
     auto r = run_restore_into(ctx, db, choice, req, scratch.db(), "verifying " + choice.generation);
+    // The snapshot's page index (format 2) against the pages restored.
+    bool index_checked = false;
+    Status idx = r ? replicator::check_page_digests(scratch.db(), &index_checked) : Status{};
     scratch.clear();
     if (!r) {
         v.message = r.error().message;
         return v;
     }
+    if (!idx) {
+        v.message = idx.error().message;
+        return v;
+    }
     v.ok = true;
     v.result = *r;
     v.message = proven_text(*r);
+    if (index_checked) v.message += "; the page index matches";
     return v;
 }
 

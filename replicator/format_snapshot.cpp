@@ -88,7 +88,11 @@ Result<PageIndex> parse_page_index(std::string_view tail, uint64_t object_size, 
     std::vector<uint64_t> sizes(frames);
     for (uint32_t i = 0; i < frames; ++i) {
         sizes[i] = get_be32(body.data() + uint64_t{i} * 4);
-        if (sizes[i] == 0) return corrupt(name, "the page index gives frame " + std::to_string(i) + " no bytes");
+        // No frame larger than zstd's bound for its pages: a GET of one is bounded (16 MiB at most).
+        const uint64_t pages = std::min<uint64_t>(h.frame_pages, uint64_t{h.db_pages} - uint64_t{i} * h.frame_pages);
+        if (sizes[i] == 0 || sizes[i] > ZSTD_compressBound(static_cast<size_t>(pages * h.page_size)))
+            return corrupt(name, "the page index gives frame " + std::to_string(i) + " " + std::to_string(sizes[i]) +
+                                     " bytes, impossible for its " + std::to_string(pages) + " pages");
         total += sizes[i];
     }
     if (total + kPreambleSize > index_at)
@@ -120,6 +124,8 @@ Status decode_snapshot_frame(const PageIndex& idx, uint32_t frame, std::string_v
     if (ZSTD_isError(csize) || csize != bytes.size())
         return corrupt(what, "is not one whole zstd frame");
     const unsigned long long content = ZSTD_getFrameContentSize(bytes.data(), bytes.size());
+    if (content == ZSTD_CONTENTSIZE_UNKNOWN || content == ZSTD_CONTENTSIZE_ERROR)
+        return corrupt(what, "does not declare the size of its pages");
     if (content != want)
         return corrupt(what, "declares " + std::to_string(content) + " bytes of pages, not " + std::to_string(want));
     thread_local DCtxPtr dctx;

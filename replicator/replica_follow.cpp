@@ -406,15 +406,17 @@ Status Replica::check_generations() {
     }
     std::string lineage = "a new generation " + latest->id;
     auto snap = read_snapshot_header(*client_, cfg_.bucket, snapshot_key(cfg_.db_id, latest->id), latest->snapshot_bytes);
+    bool descends = false;  // only then can the image start from the replica's pages
     if (snap) {
-        if (snap->parent_generation == s.generation && snap->parent_seq >= s.seq)
+        descends = snap->parent_generation == s.generation && snap->parent_seq >= s.seq;
+        if (descends)
             lineage += " continues the replica's generation (from its segment " + std::to_string(snap->parent_seq) + ")";
         else
             lineage += " does not descend from the replica's position (parent " +
                        (snap->parent_generation.empty() ? std::string("none") : snap->parent_generation) + " at segment " +
                        std::to_string(snap->parent_seq) + "): the history diverged (a restore elsewhere?)";
     }
-    return hydrate(lineage, latest->id, /*from_file=*/true);
+    return hydrate(lineage, latest->id, /*from_file=*/descends);
 }
 
 }  // namespace bottomless::replicator

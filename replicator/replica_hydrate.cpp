@@ -68,7 +68,8 @@ Status Replica::init_time_travel() {
     o.until_us = cfg_.replica_at_us;
     o.cipher = cipher_;
     auto res = restore_database(*client_, cfg_.bucket, cfg_.db_id, path_, o);
-    ::unlink((path_ + "-bottomless").c_str());  // restore's note: this copy is never replicated
+    ::unlink((path_ + "-bottomless").c_str());  // restore's note and digests: this copy is never replicated
+    ::unlink(page_digests_path(path_).c_str());
     if (!res) {
         Error e = std::move(res).error();
         e.message = "time travel to " + fmt_time_us(*cfg_.replica_at_us) + " failed: " + e.message;
@@ -96,29 +97,47 @@ Status Replica::init_time_travel() {
 
 // ---- hydration ----
 
+namespace {
+
+// What a hydration leaves beside the image, removed before and after it.
+void remove_image_files(const std::string& tmp) {
+    for (const std::string& p : {tmp, tmp + "-bottomless", page_digests_path(tmp), tmp + "-wal", tmp + "-shm",
+                                 tmp + ".restore-wal", tmp + ".restore-tmp"})
+        ::unlink(p.c_str());
+}
+
+}  // namespace
+
 bool Replica::seed_image(const std::string& tmp) {
     ReplicaState s;
     {
         std::lock_guard lock(mu_);
         s = state_;
     }
-    if (s.generation.empty() || s.applying || !valid_page_size(s.page_size) || s.db_pages == 0) return false;
+    auto no = [&](const std::string& why) {
+        log::info("replica " + path_ + ": the new image starts empty (" + why + "): the snapshot is downloaded in full");
+        remove_image_files(tmp);
+        return false;
+    };
+    if (s.generation.empty() || s.applying || !valid_page_size(s.page_size) || s.db_pages == 0)
+        return no("the replica's state is not a proven one");
     Fd src(::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
     struct stat st{};
     if (src.fd < 0 || ::fstat(src.fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != uint64_t{s.db_pages} * s.page_size)
-        return false;
-    ::unlink(tmp.c_str());
+        return no("the replica's file is not the size its state records");
+    remove_image_files(tmp);  // a crash's leftovers (a WAL journal would make the copy unprovable)
     Fd dst(::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-    if (dst.fd < 0 || duplicate_file(src.fd, dst.fd, static_cast<uint64_t>(st.st_size)) < 0) return false;
+    if (dst.fd < 0 || duplicate_file(src.fd, dst.fd, static_cast<uint64_t>(st.st_size)) < 0)
+        return no("cannot copy the replica's file into " + tmp + ": " + errno_text(errno));
     // The replica's file is in rollback format; the image goes through a
     // WAL journal (only the changed pages written), so it says WAL mode.
     // Page 1 then differs from the bucket's whatever else does: it is fetched.
     unsigned char h[kHeader] = {};
-    if (!pread_full(dst.fd, h, sizeof h, 0)) return false;
+    if (!pread_full(dst.fd, h, sizeof h, 0)) return no("cannot read " + tmp + ": " + errno_text(errno));
     h[18] = h[19] = 2;
-    if (!pwrite_full(dst.fd, h, sizeof h, 0)) return false;
+    if (!pwrite_full(dst.fd, h, sizeof h, 0)) return no("cannot write " + tmp + ": " + errno_text(errno));
     struct stat now{};
-    if (::fstat(dst.fd, &now) != 0) return false;
+    if (::fstat(dst.fd, &now) != 0) return no("cannot stat " + tmp + ": " + errno_text(errno));
     LocalState note;
     note.bucket = s.bucket;
     note.db_id = s.db_id;
@@ -133,7 +152,8 @@ bool Replica::seed_image(const std::string& tmp) {
     note.page_size = s.page_size;
     note.db_pages = s.db_pages;
     note.last_commit_us = s.last_commit_us;
-    return static_cast<bool>(write_state_file(tmp + "-bottomless", note));
+    if (Status w = write_state_file(tmp + "-bottomless", note); !w) return no(w.error().message);
+    return true;
 }
 
 Status Replica::hydrate(const std::string& why, const std::string& generation, bool from_file) {
@@ -150,10 +170,11 @@ Status Replica::hydrate(const std::string& why, const std::string& generation, b
         o.incremental = true;
         o.full_if_refused = true;
     } else {
-        ::unlink((tmp + "-bottomless").c_str());
+        remove_image_files(tmp);
     }
     auto res = restore_database(*client_, cfg_.bucket, cfg_.db_id, tmp, o);
     ::unlink((tmp + "-bottomless").c_str());
+    ::unlink(page_digests_path(tmp).c_str());
     if (res) {
         std::lock_guard lock(mu_);
         last_hydration_mode_ = res->incremental.empty() ? "full" : res->incremental;
@@ -164,8 +185,7 @@ Status Replica::hydrate(const std::string& why, const std::string& generation, b
                   (res->incremental_reason.empty() ? "" : " (" + res->incremental_reason + ")") + ", " +
                   std::to_string(res->bytes_downloaded) + " bytes downloaded");
     if (!res) {
-        ::unlink(tmp.c_str());
-        for (const char* suffix : {"-wal", "-shm", ".restore-wal", ".restore-tmp"}) ::unlink((tmp + suffix).c_str());
+        remove_image_files(tmp);
         Error e = std::move(res).error();
         e.message = "cannot hydrate the replica " + path_ + " from s3://" + cfg_.bucket + "/" + cfg_.db_id + ": " + e.message;
         return e;

@@ -195,6 +195,17 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                                           std::vector<GenerationView>& history, const RestoreTarget& target,
                                           const std::string& output_path, const RestoreOptions& options = {});
 
+// "<output>-bottomless-pages": the page digests a restore leaves beside the
+// file it wrote (docs/FORMAT.md "The page digests"); whoever writes the file
+// afterwards (a replicator opening it) removes them.
+std::string page_digests_path(const std::string& output_path);
+// Reads the file a restore just wrote and checks every page against the
+// digests it left (those of the snapshot's page index, for the pages no
+// segment wrote): what `bottomless-cli verify` runs. *checked (if given):
+// whether there were digests to check. A mismatch is Corrupt
+// "PageIndexMismatch" naming the page.
+Status check_page_digests(const std::string& output_path, bool* checked = nullptr);
+
 // Runs PRAGMA integrity_check (or quick_check) on a database file
 // (read-only). Uses the host's SQLite inside the extension. None: OK.
 Status integrity_check(const std::string& path, IntegrityCheck mode = IntegrityCheck::Full);

@@ -3,9 +3,9 @@
 // digests"): an incremental restore across generations compares them with
 // the new snapshot's page index instead of reading and hashing the copy.
 //
-//   magic "BTLSPDIG" (8 bytes), header length (u32 big-endian), header
-//   (JSON: what the state note says of the file), the digests (16 bytes a
-//   page, page 1 first), SHA-256 of everything before it (32 bytes).
+//   "BTLSPDIG\n", a header line (JSON: what the state note says of the
+//   file, then "\n"), the digests (16 bytes a page, page 1 first), SHA-256
+//   of everything before it (32 bytes).
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -25,7 +25,8 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr char kMagic[9] = "BTLSPDIG";
+constexpr char kMagic[10] = "BTLSPDIG\n";
+constexpr size_t kMagicSize = 9;
 constexpr size_t kMaxHeader = 4096;
 
 json header_of(const std::string& generation, uint64_t seq, uint64_t next_txns, const std::string& prev_sha256,
@@ -35,13 +36,7 @@ json header_of(const std::string& generation, uint64_t seq, uint64_t next_txns, 
             {"db_ino", ino}};
 }
 
-void put_be32(std::string& out, uint32_t v) {
-    for (int s = 24; s >= 0; s -= 8) out.push_back(static_cast<char>(v >> s));
-}
-
 }  // namespace
-
-std::string page_digests_path(const std::string& output_path) { return output_path + "-bottomless-pages"; }
 
 void write_page_digests(const std::string& output_path, const RestoreResult& res, const PageDigests& d) {
     const std::string path = page_digests_path(output_path), tmp = path + ".tmp";
@@ -57,18 +52,19 @@ void write_page_digests(const std::string& output_path, const RestoreResult& res
     if (static_cast<uint64_t>(st.st_size) != uint64_t{res.db_pages} * ps) return warn("the file is not its recorded size");
     const uint64_t known = d.hashes.size() / kPageHashSize;
     // Reading back what segments wrote costs a read and a hash of each such
-    // page after the restore: past a quarter of the file, none are kept.
+    // page after the restore: past a quarter of the file and 64 MiB, none
+    // are kept (the next incremental restore hashes the file instead).
     uint64_t reread = 0;
     for (uint32_t p = 1; p <= res.db_pages; ++p) reread += p > known || (p < d.touched.size() && d.touched[p]);
-    if (reread > uint64_t{res.db_pages} / 4) return;
-    std::string out(kMagic, 8);
+    if (reread > uint64_t{res.db_pages} / 4 && reread * ps > (64ull << 20)) return;
+    std::string out(kMagic, kMagicSize);
     const std::string h = header_of(res.generation, res.seq, res.next_txns, res.last_sha256, ps, res.db_pages,
                                     static_cast<int64_t>(st.st_size),
                                     static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec,
                                     static_cast<uint64_t>(st.st_ino))
                               .dump();
-    put_be32(out, static_cast<uint32_t>(h.size()));
-    out += h;
+    out += h;  // one line: dump() writes no newline
+    out += '\n';
     out.reserve(out.size() + uint64_t{res.db_pages} * kPageHashSize + 32);
     std::string page(ps, '\0');
     for (uint32_t p = 1; p <= res.db_pages; ++p) {
@@ -91,23 +87,55 @@ void write_page_digests(const std::string& output_path, const RestoreResult& res
 std::optional<std::string> read_page_digests(const std::string& output_path, const LocalState& note) {
     Fd fd(::open(page_digests_path(output_path).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
     struct stat st{};
-    const uint64_t want = 8 + 4 + uint64_t{note.db_pages} * kPageHashSize + 32;
-    if (fd.fd < 0 || ::fstat(fd.fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < want ||
-        static_cast<uint64_t>(st.st_size) > want + kMaxHeader)
+    const uint64_t digests = uint64_t{note.db_pages} * kPageHashSize;
+    const uint64_t least = kMagicSize + 1 + digests + 32;
+    if (fd.fd < 0 || ::fstat(fd.fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < least ||
+        static_cast<uint64_t>(st.st_size) > least + kMaxHeader)
         return std::nullopt;
     std::string bytes(static_cast<size_t>(st.st_size), '\0');
-    if (!pread_full(fd.fd, bytes.data(), bytes.size(), 0) || bytes.compare(0, 8, kMagic, 8) != 0) return std::nullopt;
+    if (!pread_full(fd.fd, bytes.data(), bytes.size(), 0) || bytes.compare(0, kMagicSize, kMagic, kMagicSize) != 0)
+        return std::nullopt;
     const s3::Sha256Digest sum = s3::sha256(std::string_view(bytes).substr(0, bytes.size() - 32));
     if (std::memcmp(sum.data(), bytes.data() + bytes.size() - 32, 32) != 0) return std::nullopt;
-    const auto* u = reinterpret_cast<const unsigned char*>(bytes.data() + 8);
-    const uint32_t hlen = (uint32_t{u[0]} << 24) | (uint32_t{u[1]} << 16) | (uint32_t{u[2]} << 8) | u[3];
-    if (12 + uint64_t{hlen} + uint64_t{note.db_pages} * kPageHashSize + 32 != bytes.size()) return std::nullopt;
+    const size_t header_end = bytes.size() - 32 - digests - 1;  // the header line's newline
+    if (header_end < kMagicSize || bytes[header_end] != '\n') return std::nullopt;
     // Everything the note proves of the file must be what the digests were taken of.
     const json expect = header_of(note.generation, note.seq, note.next_txns, note.prev_sha256, note.page_size,
                                   note.db_pages, note.db_size, note.db_mtime_ns, note.db_ino);
-    json got = parse_untrusted_json(std::string_view(bytes).substr(12, hlen), kMaxHeader);
+    json got = parse_untrusted_json(std::string_view(bytes).substr(kMagicSize, header_end - kMagicSize), kMaxHeader);
     if (got.is_discarded() || got != expect) return std::nullopt;
-    return bytes.substr(12 + hlen, uint64_t{note.db_pages} * kPageHashSize);
+    return bytes.substr(header_end + 1, digests);
 }
 
 }  // namespace bottomless::replicator::restore_detail
+
+namespace bottomless::replicator {
+
+std::string page_digests_path(const std::string& output_path) { return output_path + "-bottomless-pages"; }
+
+Status check_page_digests(const std::string& output_path, bool* checked) {
+    if (checked) *checked = false;
+    auto note = read_state_file(output_path + "-bottomless");
+    if (!note || !note->restored) return {};
+    auto digests = restore_detail::read_page_digests(output_path, *note);
+    if (!digests) return {};
+    Fd fd(::open(output_path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    if (fd.fd < 0) return make_error(ErrorKind::Io, "cannot open " + output_path + ": " + std::strerror(errno), "OpenFailed");
+    const uint32_t ps = note->page_size;
+    std::string page(ps, '\0');
+    for (uint32_t p = 1; p <= note->db_pages; ++p) {
+        if (!pread_full(fd.fd, page.data(), ps, uint64_t{p - 1} * ps))
+            return make_error(ErrorKind::Io, "cannot read " + output_path + ": " + std::strerror(errno), "ReadFailed");
+        if (page_hash(page) != std::string_view(*digests).substr(uint64_t{p - 1} * kPageHashSize, kPageHashSize))
+            return make_error(ErrorKind::Corrupt,
+                              "page " + std::to_string(p) + " of the restored database does not match its digest in "
+                              "the snapshot's page index (generation " + note->generation +
+                              "): an incremental restore across this generation could keep a wrong page; report it, "
+                              "and restore such copies in full",
+                              "PageIndexMismatch");
+    }
+    if (checked) *checked = true;
+    return {};
+}
+
+}  // namespace bottomless::replicator

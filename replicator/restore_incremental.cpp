@@ -9,10 +9,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <random>
 #include <thread>
-#include <atomic>
 
 #include "replicator/restore_pipeline.h"
 #include "replicator/sqlite_api.h"
@@ -20,6 +21,7 @@
 #include "replicator/util.h"
 #include "replicator/wal.h"
 #include "s3/crypto.h"
+#include "s3/log.h"
 
 namespace bottomless::replicator {
 
@@ -155,10 +157,8 @@ Result<PageDiff> diff_against_index(s3::Client& client, const std::string& bucke
     constexpr uint64_t kRun = 1ull << 20;
     const SnapshotHeader& h = target.snapshot;
     const uint64_t size = target.snapshot_bytes, tail = page_index_tail_size(h);
-    if (tail + 16 > size)
-        return make_error(ErrorKind::Corrupt,
-                          key + ": " + std::to_string(size) + " bytes, too small for the page index its header declares",
-                          "CorruptObject");
+    if (tail > size)
+        return not_incremental(key + " is " + std::to_string(size) + " bytes, too small for the page index its header declares");
     auto t = client.get_object(bucket, key, s3::ByteRange{size - tail, tail}, nullptr, tail);
     if (!t) {
         Error e = std::move(t).error();
@@ -168,48 +168,75 @@ Result<PageDiff> diff_against_index(s3::Client& client, const std::string& bucke
     }
     res.bytes_downloaded += t->size();
     auto idx = parse_page_index(*t, size, h, key);
-    if (!idx) return std::move(idx).error();
+    if (!idx) return not_incremental("the page index of " + key + " is unusable (" + idx.error().message + ")");
     PageDiff d;
     d.index = std::move(*idx);
     d.differs.assign(uint64_t{h.db_pages} + 1, 0);
     const auto tc = Clock::now();
     const uint32_t ps = h.page_size, common = std::min(copy_pages, h.db_pages);
     res.pages_compared = common;
-    if (copy_digests) {  // the restore that wrote the copy left its pages' digests
+    // The restore that wrote the copy left its pages' digests: trusted as
+    // far as the note is (size, mtime, inode), and spot-checked against
+    // page 1 and 16 pages at random (a change that kept the mtime).
+    std::optional<std::string> digests_ok = copy_digests;
+    if (digests_ok && common > 0) {
+        std::string page(ps, '\0');
+        std::mt19937 rng(std::random_device{}());
+        for (int i = 0; i <= 16 && digests_ok; ++i) {
+            const uint32_t p = i == 0 ? 1 : 1 + static_cast<uint32_t>(rng() % common);
+            if (!pread_full(fd, page.data(), ps, uint64_t{p - 1} * ps) ||
+                page_hash(page) != std::string_view(*digests_ok).substr(uint64_t{p - 1} * kPageHashSize, kPageHashSize)) {
+                log::warn("the page digests beside the copy do not match its page " + std::to_string(p) +
+                          ": the copy is read and hashed instead");
+                digests_ok.reset();
+            }
+        }
+    }
+    const std::optional<std::string>& copy_digests_checked = digests_ok;
+    if (copy_digests_checked) {
         res.compared_with = "digests";
         for (uint32_t p = 1; p <= common; ++p)
-            if (std::string_view(*copy_digests).substr(uint64_t{p - 1} * kPageHashSize, kPageHashSize) != d.index.hash(p))
+            if (std::string_view(*copy_digests_checked).substr(uint64_t{p - 1} * kPageHashSize, kPageHashSize) !=
+                d.index.hash(p))
                 d.differs[p] = 1;
     }
     // Else SHA-256, ~1.5 GB/s a core: the copy is hashed by several
     // threads, each over its own stripes of 1 MiB (`differs` has a byte per
     // page, so no two threads write the same byte).
-    if (!copy_digests) res.compared_with = "file";
+    if (!copy_digests_checked) res.compared_with = "file";
     const uint32_t per = std::max<uint32_t>(1, (1u << 20) / ps);
-    const uint32_t stripes = common == 0 || copy_digests ? 0 : (common - 1) / per + 1;
+    const uint32_t stripes = common == 0 || copy_digests_checked ? 0 : (common - 1) / per + 1;
     const unsigned threads = std::max(1u, std::min({std::thread::hardware_concurrency(), 4u, stripes}));
     std::atomic<uint32_t> next{0};
     std::atomic<int> read_errno{0};
-    auto hash_stripes = [&] {
-        std::string buf(uint64_t{per} * ps, '\0');
-        for (uint32_t st; (st = next.fetch_add(1)) < stripes && read_errno.load() == 0;) {
-            const uint32_t p = st * per + 1, n = std::min(per, common - p + 1);
-            if (!pread_full(fd, buf.data(), uint64_t{n} * ps, uint64_t{p - 1} * ps)) {
-                read_errno = errno ? errno : EIO;
-                return;
+    auto hash_stripes = [&]() noexcept {
+        try {  // nothing may escape a thread (bad_alloc, a failing hash)
+            std::string buf(uint64_t{per} * ps, '\0');
+            for (uint32_t st; (st = next.fetch_add(1)) < stripes && read_errno.load() == 0;) {
+                const uint32_t p = st * per + 1, n = std::min(per, common - p + 1);
+                if (!pread_full(fd, buf.data(), uint64_t{n} * ps, uint64_t{p - 1} * ps)) {
+                    read_errno = errno ? errno : EIO;
+                    return;
+                }
+                for (uint32_t i = 0; i < n; ++i)
+                    if (page_hash(std::string_view(buf).substr(uint64_t{i} * ps, ps)) != d.index.hash(p + i))
+                        d.differs[p + i] = 1;
             }
-            for (uint32_t i = 0; i < n; ++i)
-                if (page_hash(std::string_view(buf).substr(uint64_t{i} * ps, ps)) != d.index.hash(p + i))
-                    d.differs[p + i] = 1;
+        } catch (...) {
+            read_errno = ENOMEM;
         }
     };
     {
-        std::vector<std::thread> pool;
-        for (unsigned t = 1; t < threads; ++t) pool.emplace_back(hash_stripes);
+        std::vector<std::jthread> pool;  // joined on every way out
+        try {
+            for (unsigned t = 1; t < threads; ++t) pool.emplace_back(hash_stripes);
+        } catch (...) {  // fewer threads: the others (and this one) take the stripes
+        }
         hash_stripes();
-        for (auto& t : pool) t.join();
     }
-    if (read_errno) return make_error(ErrorKind::Io, "cannot read the copy: " + errno_text(read_errno), "ReadFailed");
+    if (read_errno)
+        return make_error(ErrorKind::Io, "cannot read the copy to compare its pages: " + errno_text(read_errno),
+                          "ReadFailed");
     for (uint64_t p = uint64_t{common} + 1; p <= h.db_pages; ++p) d.differs[p] = 1;
     res.timings.compare = seconds_since(tc);
     for (uint32_t f = 0; f < d.index.frames(); ++f) {
@@ -411,6 +438,7 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                 if (note.page_size != target.snapshot.page_size)
                     return full("the page size changed from " + std::to_string(note.page_size) + " to " +
                                 std::to_string(target.snapshot.page_size));
+                if (target.snapshot.db_pages == 0) return full("the new generation's snapshot is empty");
                 across = true;
                 break;
             }
@@ -612,6 +640,8 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                         break;
                     }
                     applied = decode_snapshot_frame(diff->index, f, std::string_view(*part).substr(at, len), snap_key, sink);
+                    if (!applied && applied.error().kind == ErrorKind::Corrupt)  // a full restore may still work
+                        applied = not_incremental(applied.error().message);
                     ++res.frames_fetched;
                 }
                 res.timings.decode += seconds_since(td) - (writer.wait_seconds() - waited);
@@ -629,7 +659,8 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             // commit carries the size (and makes the new note the truth).
             std::string page1(res.page_size, '\0');
             if (::pread(src, page1.data(), page1.size(), 0) != static_cast<ssize_t>(page1.size()))
-                applied = make_error(ErrorKind::Io, "cannot read " + output_path + ": " + errno_text(errno), "ReadFailed");
+                applied = make_error(ErrorKind::Io, "cannot read page 1 of " + output_path + ": " + errno_text(errno),
+                                     "ReadFailed");
             else
                 applied = wal->add(1, page1);
         }
@@ -663,8 +694,7 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
         const auto t_finish = Clock::now();
         // The note goes first: from the rename on, the file is no longer the
         // one it describes. A stale shm would describe another WAL.
-        for (const char* suffix : {"-bottomless", "-bottomless-pages", "-shm"}) {
-            std::string p = output_path + suffix;
+        for (const std::string& p : {output_path + "-bottomless", page_digests_path(output_path), output_path + "-shm"}) {
             if (::unlink(p.c_str()) != 0 && errno != ENOENT)
                 return make_error(ErrorKind::Io, "cannot remove " + p + ": " + errno_text(errno), "UnlinkFailed");
         }

@@ -490,8 +490,8 @@ Status finish_restore(OrderedFetcher& fetcher, PageWriter& writer, TmpFile& tmp,
 
     // A WAL or shm file left next to the destination belongs to another
     // database state; SQLite would replay it onto the restored file.
-    for (const char* suffix : {"-bottomless", "-bottomless-pages", "-wal", "-shm", "-journal"}) {
-        std::string p = output_path + suffix;
+    for (const std::string& p : {output_path + "-bottomless", page_digests_path(output_path), output_path + "-wal",
+                                 output_path + "-shm", output_path + "-journal"}) {
         if (::unlink(p.c_str()) != 0 && errno != ENOENT)
             return make_error(ErrorKind::Io, "cannot remove stale " + p + ": " + errno_text(errno), "UnlinkFailed");
     }

@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "replicator/format.h"
 #include "replicator/restore.h"
 #include "replicator/state_file.h"
 #include "s3/client.h"
@@ -256,7 +257,10 @@ struct PageDigests {
     std::string hashes;              // kPageHashSize bytes per page, for the pages the index covered
     std::vector<uint8_t> touched;    // by page number: written by a segment since
     void touch(uint32_t pgno) {
-        if (touched.size() <= pgno) touched.resize(uint64_t{pgno} + 1 + (touched.size() / 2), 0);
+        // Pages past the hashes are read back from the file anyway: no
+        // allocation sized by a page number from the bucket.
+        if (uint64_t{pgno} * kPageHashSize > hashes.size()) return;
+        if (touched.size() <= pgno) touched.resize(hashes.size() / kPageHashSize + 1, 0);
         touched[pgno] = 1;
     }
 };
@@ -269,8 +273,6 @@ void write_page_digests(const std::string& output_path, const RestoreResult& res
 // The digests of a copy proven by `note` (its size, mtime and inode checked
 // against the file already): nullopt if missing, damaged, or not the note's.
 std::optional<std::string> read_page_digests(const std::string& output_path, const LocalState& note);
-// The digests file's name.
-std::string page_digests_path(const std::string& output_path);
 
 // ---- the segments, shared by the full and the incremental restore ----
 

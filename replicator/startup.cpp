@@ -599,7 +599,7 @@ Status Replicator::startup() {
     }
     // The page digests a restore left describe the file as restored; it is
     // replicated (written) from now on (docs/FORMAT.md "The page digests").
-    ::unlink((path_ + "-bottomless-pages").c_str());
+    ::unlink(page_digests_path(path_).c_str());
 
     start_uploader();
     return {};

@@ -50,7 +50,7 @@ Sha256Digest sha256(std::string_view data) {
     thread_local std::unique_ptr<EVP_MD_CTX, CtxFree> ctx(EVP_MD_CTX_new());
     Sha256Digest d{};
     unsigned int len = 0;
-    if (!md || !ctx || EVP_DigestInit_ex(ctx.get(), md, nullptr) != 1 ||
+    if (!ctx || EVP_DigestInit_ex(ctx.get(), md ? md : EVP_sha256(), nullptr) != 1 ||
         EVP_DigestUpdate(ctx.get(), data.data(), data.size()) != 1 || EVP_DigestFinal_ex(ctx.get(), d.data(), &len) != 1)
         throw std::runtime_error("EVP_Digest(sha256) failed");
     return d;

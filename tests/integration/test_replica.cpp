@@ -308,7 +308,8 @@ TEST_CASE("replica: a new generation is followed by fetching only the pages that
     const std::string rows = "SELECT group_concat(i || ':' || hex(substr(pad, 1, 8)) || hex(substr(pad, -8)), ',') FROM log";
     CHECK(query_text(r.get(), rows) == query_text(f.writer.get(), rows));
     // No image or journal left beside the replica.
-    for (const char* suffix : {".replica-new", ".replica-new-wal", ".replica-new-bottomless", ".replica-new.restore-wal"})
+    for (const char* suffix : {".replica-new", ".replica-new-wal", ".replica-new-bottomless", ".replica-new-bottomless-pages",
+                               ".replica-new.restore-wal"})
         CHECK_FALSE(fs::exists(f.replica_path + suffix));
     // And on from there, segment by segment.
     f.commit(6);
