@@ -326,9 +326,10 @@ Status Replica::apply_segment(uint64_t seq, const std::string& key, const std::s
 }
 
 // A listing of the generations (after a streak of misses): a newer one than
-// the replica's is followed by re-hydrating in place (format-1 snapshots
-// carry no page hashes, so what changed cannot be known without it);
-// whether it descends from the replica's position is reported. Its cost
+// the replica's is followed by re-hydrating in place: when it descends from
+// the replica's position, from the replica's own pages and the new
+// snapshot's page index (only the frames that differ are fetched; a
+// format-1 snapshot in full); whether it descends is reported. Its cost
 // does not grow with the generation's length: one LIST of the generation
 // ids, one LIST of at most one key after the next segment's, and a
 // description (a LIST of its objects) only of generations newer than the

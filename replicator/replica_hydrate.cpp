@@ -13,7 +13,6 @@
 
 #include "replicator/replica_internal.h"
 #include "replicator/restore.h"
-#include "replicator/state_file.h"
 #include "replicator/util.h"
 #include "s3/log.h"
 
@@ -136,23 +135,16 @@ bool Replica::seed_image(const std::string& tmp) {
     if (!pread_full(dst.fd, h, sizeof h, 0)) return no("cannot read " + tmp + ": " + errno_text(errno));
     h[18] = h[19] = 2;
     if (!pwrite_full(dst.fd, h, sizeof h, 0)) return no("cannot write " + tmp + ": " + errno_text(errno));
-    struct stat now{};
-    if (::fstat(dst.fd, &now) != 0) return no("cannot stat " + tmp + ": " + errno_text(errno));
-    LocalState note;
-    note.bucket = s.bucket;
-    note.db_id = s.db_id;
-    note.generation = s.generation;
-    note.seq = s.seq;
-    note.prev_sha256 = s.last_sha256;
-    note.position = s.position;
-    note.restored = true;
-    note.db_size = static_cast<int64_t>(now.st_size);
-    note.db_mtime_ns = static_cast<int64_t>(now.st_mtim.tv_sec) * 1'000'000'000 + now.st_mtim.tv_nsec;
-    note.db_ino = static_cast<uint64_t>(now.st_ino);
-    note.page_size = s.page_size;
-    note.db_pages = s.db_pages;
-    note.last_commit_us = s.last_commit_us;
-    if (Status w = write_state_file(tmp + "-bottomless", note); !w) return no(w.error().message);
+    // The note a restore of the replica's state would have left.
+    RestoreResult as_restored;
+    as_restored.generation = s.generation;
+    as_restored.seq = s.seq;
+    as_restored.last_sha256 = s.last_sha256;
+    as_restored.position = s.position;
+    as_restored.page_size = s.page_size;
+    as_restored.db_pages = s.db_pages;
+    as_restored.last_commit_us = s.last_commit_us;
+    if (Status w = write_restore_note(tmp, s.bucket, s.db_id, as_restored); !w) return no(w.error().message);
     return true;
 }
 

@@ -195,6 +195,12 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                                           std::vector<GenerationView>& history, const RestoreTarget& target,
                                           const std::string& output_path, const RestoreOptions& options = {});
 
+// The state note a restore writes beside the file ("<output>-bottomless",
+// restored: true) for a file holding `res`'s state; its size, mtime and
+// inode are taken now. What restore_incremental() later reads as proof.
+Status write_restore_note(const std::string& output_path, const std::string& bucket, const std::string& db_id,
+                          const RestoreResult& res);
+
 // "<output>-bottomless-pages": the page digests a restore leaves beside the
 // file it wrote (docs/FORMAT.md "The page digests"); whoever writes the file
 // afterwards (a replicator opening it) removes them.

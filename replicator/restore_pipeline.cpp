@@ -425,28 +425,9 @@ Status apply_segments(OrderedFetcher& fetcher, PageWriter& writer, SpaceGuard& s
 
 void write_restored_note(const std::string& output_path, const std::string& bucket, const std::string& db_id,
                          const RestoreResult& res) {
-    struct stat st{};
-    if (::stat(output_path.c_str(), &st) == 0) {
-        LocalState note;
-        note.bucket = bucket;
-        note.db_id = db_id;
-        note.generation = res.generation;
-        note.seq = res.seq;
-        note.prev_sha256 = res.last_sha256;
-        note.position = res.position;
-        note.restored = true;
-        note.db_size = static_cast<int64_t>(st.st_size);
-        note.db_mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-        note.db_ino = static_cast<uint64_t>(st.st_ino);
-        note.page_size = res.page_size;
-        note.db_pages = res.db_pages;
-        note.last_commit_us = res.last_commit_us;
-        note.next_txns = res.next_txns;
-        note.newest = res.newest;
-        // Without the note the file still opens; it only cannot be vouched
-        // for (initial_replication decides), so a failure is a warning.
-        if (Status w = write_state_file(output_path + "-bottomless", note); !w) log::warn(w.error().message);
-    }
+    // Without the note the file still opens; it only cannot be vouched
+    // for (initial_replication decides), so a failure is a warning.
+    if (Status w = write_restore_note(output_path, bucket, db_id, res); !w) log::warn(w.error().message);
 }
 
 Status end_transfer(OrderedFetcher& fetcher, PageWriter& writer, RestoreResult::Timings& tm) {
@@ -511,3 +492,31 @@ Status finish_restore(OrderedFetcher& fetcher, PageWriter& writer, TmpFile& tmp,
 }
 
 }  // namespace bottomless::replicator::restore_detail
+
+namespace bottomless::replicator {
+
+Status write_restore_note(const std::string& output_path, const std::string& bucket, const std::string& db_id,
+                          const RestoreResult& res) {
+    struct stat st{};
+    if (::stat(output_path.c_str(), &st) != 0)
+        return make_error(ErrorKind::Io, "cannot stat " + output_path + ": " + std::strerror(errno), "OpenFailed");
+    LocalState note;
+    note.bucket = bucket;
+    note.db_id = db_id;
+    note.generation = res.generation;
+    note.seq = res.seq;
+    note.prev_sha256 = res.last_sha256;
+    note.position = res.position;
+    note.restored = true;
+    note.db_size = static_cast<int64_t>(st.st_size);
+    note.db_mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+    note.db_ino = static_cast<uint64_t>(st.st_ino);
+    note.page_size = res.page_size;
+    note.db_pages = res.db_pages;
+    note.last_commit_us = res.last_commit_us;
+    note.next_txns = res.next_txns;
+    note.newest = res.newest;
+    return write_state_file(output_path + "-bottomless", note);
+}
+
+}  // namespace bottomless::replicator
