@@ -9,8 +9,9 @@
 //     id, from another history (a generation with no parent link to it);
 //     --force restores those in full
 //   - a newer generation: only the snapshot's frames holding pages that
-//     differ (its page index), then its segments; an encrypted one (format
-//     1, no index) restores in full and says why
+//     differ (its page index, compared with the copy's page digests or its
+//     hashed pages), then its segments; a damaged frame, index or digests
+//     file; an encrypted one (format 1, no index) restores in full and says why
 //   - SIGKILL while the segments are being applied (a stalled GET through
 //     the fault proxy): the old copy and its note are left byte-identical
 #include <catch2/catch.hpp>
@@ -402,6 +403,27 @@ TEST_CASE("cli: across a generation, a damaged frame or index is refused and the
     json ok = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
     CHECK(ok["incremental"] == "pages");
     f.full_restore();
+    CHECK(slurp(f.copy) == slurp(f.full));
+}
+
+TEST_CASE("cli: across a generation of an encrypted database, a full restore that says why",
+          "[cli][integration][incremental]") {
+    Fixture f;
+    const std::string key(64, 'e');
+    Writer w(f.writer_path, f.bucket.name(), "&encryption_key=" + key);
+    write_history(w, 1);
+    const std::string k = "--encryption-key " + key + " ";
+    REQUIRE(cli(f.b() + k + "restore -q -o " + f.copy).code == 0);
+    CHECK_FALSE(fs::exists(f.copy + "-bottomless-pages"));  // format 1: no index, no digests
+    w.add(5);
+    w.flush();
+    (void)query_text(w.db.get(), "SELECT bottomless_snapshot()");
+    json ls = cli_json(f.b() + "ls");
+    CHECK(ls["generations"][0]["snapshot_format"] == 1);
+    json r = cli_json(f.b() + k + "restore -q --incremental -o " + f.copy);
+    CHECK(r["incremental"] == "full");
+    CHECK(r["incremental_reason"].get<std::string>().find("no page index (format 1: encrypted)") != std::string::npos);
+    json full = f.full_restore(k);
     CHECK(slurp(f.copy) == slurp(f.full));
 }
 
