@@ -287,8 +287,10 @@ Result<RestoreResult> restore_target(s3::Client& client, const std::string& buck
                 "WrongObject"));
         res.bytes_downloaded += fed;
         if (index_tail && tail_bytes.size() == index_tail) {
-            // Covered by the trailer just checked; a writer's defect only
-            // costs the digests (the next incremental restore hashes the file).
+            // Covered by the trailer just checked. An index the writer got
+            // wrong is what `verify` finds (check_page_digests); one that does
+            // not parse only costs the digests (the next incremental restore
+            // hashes the file).
             auto idx = parse_page_index(tail_bytes, chosen.snapshot_bytes, chosen.snapshot, snap_key);
             if (idx) digests.emplace().hashes = std::move(idx->hashes);
         }

@@ -192,20 +192,16 @@ Result<PageDiff> diff_against_index(s3::Client& client, const std::string& bucke
             }
         }
     }
-    const std::optional<std::string>& copy_digests_checked = digests_ok;
-    if (copy_digests_checked) {
-        res.compared_with = "digests";
+    res.compared_with = digests_ok ? "digests" : "file";
+    if (digests_ok)
         for (uint32_t p = 1; p <= common; ++p)
-            if (std::string_view(*copy_digests_checked).substr(uint64_t{p - 1} * kPageHashSize, kPageHashSize) !=
-                d.index.hash(p))
+            if (std::string_view(*digests_ok).substr(uint64_t{p - 1} * kPageHashSize, kPageHashSize) != d.index.hash(p))
                 d.differs[p] = 1;
-    }
     // Else SHA-256, ~1.5 GB/s a core: the copy is hashed by several
     // threads, each over its own stripes of 1 MiB (`differs` has a byte per
     // page, so no two threads write the same byte).
-    if (!copy_digests_checked) res.compared_with = "file";
     const uint32_t per = std::max<uint32_t>(1, (1u << 20) / ps);
-    const uint32_t stripes = common == 0 || copy_digests_checked ? 0 : (common - 1) / per + 1;
+    const uint32_t stripes = common == 0 || digests_ok ? 0 : (common - 1) / per + 1;
     const unsigned threads = std::max(1u, std::min({std::thread::hardware_concurrency(), 4u, stripes}));
     std::atomic<uint32_t> next{0};
     std::atomic<int> read_errno{0};
