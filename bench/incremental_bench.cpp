@@ -159,10 +159,11 @@ int main(int argc, char** argv) {
         const auto& tm = ri->timings;
         std::fprintf(stderr,
                      "round %d: incremental %.3f s (copy %.3f, compare %.3f, download %.3f, wait %.3f, decode %.3f, "
-                     "write %.3f, fsync %.3f, finish %.3f) %.0f bytes, %llu pages changed in %llu frames (compared with "
-                     "%s); full %.3f s %.0f bytes\n",
+                     "write %.3f, fsync %.3f, finish %.3f) %.0f bytes, %llu segments of the old generation (%llu pages), "
+                     "%llu pages changed in %llu frames (compared with %s); full %.3f s %.0f bytes\n",
                      round, ri->seconds, tm.copy, tm.compare, tm.download, tm.download_wait, tm.decode, tm.write,
-                     tm.fsync, tm.finish, b_inc.back(), static_cast<unsigned long long>(ri->pages_changed),
+                     tm.fsync, tm.finish, b_inc.back(), static_cast<unsigned long long>(ri->bridge_segments),
+                     static_cast<unsigned long long>(ri->bridge_pages), static_cast<unsigned long long>(ri->pages_changed),
                      static_cast<unsigned long long>(ri->frames_fetched),
                      ri->compared_with.empty() ? "-" : ri->compared_with.c_str(), rf.seconds, b_full.back());
         // The full restore becomes the copy for the next round (rename keeps inode and mtime).

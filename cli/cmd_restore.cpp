@@ -499,6 +499,8 @@ int run_restore(Context& ctx, const Args& args) {
                 j["pages_compared"] = r.pages_compared;
                 j["pages_changed"] = r.pages_changed;
                 j["frames_fetched"] = r.frames_fetched;
+                j["bridge_segments"] = r.bridge_segments;
+                j["bridge_pages"] = r.bridge_pages;
                 j["compare_seconds"] = r.timings.compare;
                 j["compared_with"] = r.compared_with;
             }
@@ -527,9 +529,15 @@ int run_restore(Context& ctx, const Args& args) {
             std::printf("  incremental       the copy already was at segment %llu: nothing changed\n",
                         static_cast<unsigned long long>(r.seq));
         else if (r.incremental == "pages")
-            std::printf("  incremental       from generation %s: %llu of %llu pages differed (%llu frames fetched), "
+            std::printf("  incremental       from generation %s%s: %llu of %llu pages differed (%llu frames fetched), "
                         "then segments 1..%llu, applied %s\n",
-                        r.from_generation.c_str(), static_cast<unsigned long long>(r.pages_changed),
+                        r.from_generation.c_str(),
+                        r.bridge_segments ? (" through its segments " + std::to_string(r.from_seq + 1) + ".." +
+                                             std::to_string(r.from_seq + r.bridge_segments) + " (" +
+                                             std::to_string(r.bridge_pages) + " pages)")
+                                                .c_str()
+                                          : "",
+                        static_cast<unsigned long long>(r.pages_changed),
                         static_cast<unsigned long long>(r.db_pages), static_cast<unsigned long long>(r.frames_fetched),
                         static_cast<unsigned long long>(r.seq),
                         r.applied_via == "wal" ? "through a WAL journal" : ("onto a " + r.applied_via).c_str());

@@ -112,6 +112,12 @@ struct RestoreResult {
     uint64_t pages_compared = 0;   // the copy's pages hashed against the index
     uint64_t pages_changed = 0;    // the snapshot's pages that differed (written)
     uint64_t frames_fetched = 0;   // the snapshot's zstd frames downloaded to get them
+    // "pages" through the copy's generation's own segments (the bridge):
+    // segments from_seq+1..(the new snapshot's parent_seq) applied first,
+    // when they weigh less than the frames; the pages they wrote (checked
+    // against the index like the others).
+    uint64_t bridge_segments = 0;
+    uint64_t bridge_pages = 0;
     // "pages": what the index was compared with: "digests" (the page digests
     // the restore that wrote the copy left beside it) or "file" (its pages
     // read and hashed).

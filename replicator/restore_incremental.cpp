@@ -149,12 +149,15 @@ struct PageDiff {
     PageIndex index;
     std::vector<uint8_t> differs;                     // by page number (0 unused)
     std::vector<std::pair<uint32_t, uint32_t>> runs;  // frames [first, second) fetched by one GET
+    uint64_t run_bytes() const;                       // what the runs download
 };
+
+// The runs of frames holding the pages `differs` marks.
+void plan_runs(PageDiff& d);
 
 Result<PageDiff> diff_against_index(s3::Client& client, const std::string& bucket, const std::string& key,
                                     const RestoreTarget& target, int fd, uint32_t copy_pages,
                                     const std::optional<std::string>& copy_digests, RestoreResult& res) {
-    constexpr uint64_t kRun = 1ull << 20;
     const SnapshotHeader& h = target.snapshot;
     const uint64_t size = target.snapshot_bytes, tail = page_index_tail_size(h);
     if (tail > size)
@@ -235,8 +238,16 @@ Result<PageDiff> diff_against_index(s3::Client& client, const std::string& bucke
                           "ReadFailed");
     for (uint64_t p = uint64_t{common} + 1; p <= h.db_pages; ++p) d.differs[p] = 1;
     res.timings.compare = seconds_since(tc);
+    plan_runs(d);
+    return d;
+}
+
+void plan_runs(PageDiff& d) {
+    constexpr uint64_t kRun = 1ull << 20;
+    const uint32_t db_pages = static_cast<uint32_t>(d.differs.size() - 1);
+    d.runs.clear();
     for (uint32_t f = 0; f < d.index.frames(); ++f) {
-        const uint32_t first = f * d.index.frame_pages + 1, last = std::min(first + d.index.frame_pages - 1, h.db_pages);
+        const uint32_t first = f * d.index.frame_pages + 1, last = std::min(first + d.index.frame_pages - 1, db_pages);
         bool need = false;
         for (uint32_t p = first; p <= last && !need; ++p) need = d.differs[p] != 0;
         if (!need) continue;
@@ -248,7 +259,12 @@ Result<PageDiff> diff_against_index(s3::Client& client, const std::string& bucke
         else
             d.runs.emplace_back(f, f + 1);
     }
-    return d;
+}
+
+uint64_t PageDiff::run_bytes() const {
+    uint64_t n = 0;
+    for (const auto& [f0, f1] : runs) n += index.frame_offset[f1] - index.frame_offset[f0];
+    return n;
 }
 
 bool nonempty(const std::string& path) {
@@ -404,6 +420,10 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
     // A newer generation whose snapshot carries a page index (format 2):
     // only the pages that differ from the copy are fetched, then its segments.
     bool across = false;
+    // The copy's generation is the target's parent: its segments after the
+    // copy, up to the one the new snapshot continued from, may bring the
+    // copy there for fewer bytes than the snapshot's differing frames.
+    std::optional<uint64_t> bridge_last;
     if (note.generation != target.generation) {
         if (copy_index < target.index)
             return refused(not_incremental("cannot go back: the copy is at generation " + note.generation +
@@ -435,6 +455,7 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                     return full("the page size changed from " + std::to_string(note.page_size) + " to " +
                                 std::to_string(target.snapshot.page_size));
                 if (target.snapshot.db_pages == 0) return full("the new generation's snapshot is empty");
+                if (child == target.generation && snap->parent_seq > note.seq) bridge_last = snap->parent_seq;
                 across = true;
                 break;
             }
@@ -564,6 +585,83 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             res.copied_bytes = static_cast<uint64_t>(st.st_size);
             res.timings.copy = seconds_since(tc);
         }
+        PageWriter writer(tmp.fd);
+        std::optional<WalJournal> wal;
+        if (via_wal) wal.emplace(writer, space, res.page_size, "the journal " + tmp.path);
+        // Where a page goes: into the journal, or at its offset in the duplicate.
+        auto put = [&](uint32_t pgno, std::string_view page, const std::string& what) -> Status {
+            if (wal) return wal->add(pgno, page);
+            const uint64_t off = uint64_t{pgno - 1} * page.size();
+            if (auto sp = space.reserve(off + page.size(), what); !sp) return sp;
+            return writer.write(off, page);
+        };
+        // The bridge: the copy generation's segments after the copy, up to
+        // the one the new snapshot continued from, when they cost less than
+        // the frames (their bytes, plus kGetCost a GET: latency). The pages
+        // they write are checked against the index like the copy's: one
+        // that does not match (a snapshot holding more than its parent's
+        // segments, e.g. frames a crash kept from being shipped) is fetched
+        // from the frames after all, so the result is the snapshot either way.
+        auto bridge = [&]() -> Status {
+            constexpr uint64_t kGetCost = 64u << 10;
+            const uint64_t first = note.seq + 1, last = *bridge_last;
+            uint64_t bytes = 0;
+            for (uint64_t seq = first; seq <= last; ++seq) {
+                const uint64_t n = history[copy_index].size_of(segment_key(db_id, note.generation, seq));
+                if (n == 0) return {};  // pruned since: the frames, then
+                bytes += n;
+            }
+            if (bytes + kGetCost * (last - note.seq) >= diff->run_bytes() + kGetCost * diff->runs.size()) return {};
+            std::vector<FetchJob> jobs;
+            for (uint64_t seq = first; seq <= last; ++seq)
+                jobs.push_back({segment_key(db_id, note.generation, seq), std::nullopt, max_segment_object_size()});
+            const int workers = std::max(1, options.parallel);
+            OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2,
+                                   options.cancel);
+            RestoreResult from;  // the copy's generation, from the copy's note on
+            from.generation = note.generation;
+            from.seq = note.seq;
+            from.next_txns = note.next_txns;
+            from.position = note.position;
+            from.last_sha256 = note.prev_sha256;
+            from.page_size = note.page_size;
+            from.db_pages = note.db_pages;
+            SegmentPlan plan;
+            plan.generation = note.generation;
+            plan.first_seq = first;
+            plan.last_seq = last;
+            plan.skip_txns = note.next_txns;
+            plan.onto_copy = true;
+            plan.total = bytes;
+            const uint32_t pages = target.snapshot.db_pages;
+            std::vector<uint8_t> bridged(uint64_t{pages} + 1, 0);
+            const std::string what = "the segments of " + note.generation;
+            plan.sink = [&](uint32_t pgno, std::string_view page) -> Status {
+                if (pgno > pages) return {};  // past the new snapshot's end: truncated anyway
+                bridged[pgno] = 1;
+                diff->differs[pgno] = page_hash(page) != diff->index.hash(pgno);  // the last write decides
+                return put(pgno, page, what);
+            };
+            Status st = apply_segments(fetcher, writer, space, db_id, plan, options, from);
+            fetcher.stop();
+            res.timings.download += fetcher.busy_seconds();
+            res.timings.download_wait += fetcher.wait_seconds();
+            res.timings.decode += from.timings.decode;
+            res.bytes_downloaded += from.bytes_downloaded;
+            if (!st) {
+                // Pruned between the listing and the GET: a full restore may still work.
+                if (st.error().code == "MissingSegment") return not_incremental(st.error().message);
+                return st;
+            }
+            res.bridge_segments = last - note.seq;
+            res.transactions += from.transactions;
+            res.bridge_pages = static_cast<uint64_t>(std::count(bridged.begin(), bridged.end(), uint8_t{1}));
+            plan_runs(*diff);
+            return {};
+        };
+        Status applied;
+        if (diff && bridge_last) applied = bridge();
+
         uint64_t total = 0;
         std::vector<FetchJob> jobs;
         if (diff)
@@ -584,8 +682,6 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
         const int workers = std::max(1, diff ? std::max(options.parallel, kDiffWorkers) : options.parallel);
         OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2,
                                options.cancel);
-        PageWriter writer(tmp.fd);
-        std::optional<WalJournal> wal;
         SegmentPlan plan;
         plan.generation = target.generation;
         plan.first_seq = first_seq;
@@ -596,21 +692,15 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
         plan.onto_copy = !across;
         plan.total = total;
         plan.digests = digests ? &*digests : nullptr;
-        if (via_wal) {
-            wal.emplace(writer, space, res.page_size, "the journal " + tmp.path);
-            plan.sink = [&](uint32_t pgno, std::string_view page) { return wal->add(pgno, page); };
-        }
-        Status applied;
-        if (diff) {
+        if (via_wal) plan.sink = [&](uint32_t pgno, std::string_view page) { return wal->add(pgno, page); };
+        if (diff && applied) {
             // The snapshot's pages that differ from the copy, frame by frame,
             // each checked against its digest before it is written.
+            const std::string what = "snapshot " + snap_key;
             auto sink = [&](uint32_t pgno, std::string_view page) -> Status {
                 if (!diff->differs[pgno]) return {};
                 ++res.pages_changed;
-                if (wal) return wal->add(pgno, page);
-                const uint64_t off = uint64_t{pgno - 1} * page.size();
-                if (auto sp = space.reserve(off + page.size(), "snapshot " + snap_key); !sp) return sp;
-                return writer.write(off, page);
+                return put(pgno, page, what);
             };
             uint64_t fed = 0;
             for (size_t j = 0; j < snapshot_jobs && applied; ++j) {

@@ -432,8 +432,8 @@ void write_restored_note(const std::string& output_path, const std::string& buck
 
 Status end_transfer(OrderedFetcher& fetcher, PageWriter& writer, RestoreResult::Timings& tm) {
     fetcher.stop();  // segments past the point in time need not finish
-    tm.download = fetcher.busy_seconds();
-    tm.download_wait = fetcher.wait_seconds();
+    tm.download += fetcher.busy_seconds();  // += : an incremental restore may have fetched before (its bridge)
+    tm.download_wait += fetcher.wait_seconds();
     Status st = writer.finish();
     tm.write = writer.busy_seconds();
     tm.write_wait = writer.wait_seconds();

@@ -110,6 +110,15 @@ struct Fixture {
         fs::create_directories(dir.file("copy"));
         fs::create_directories(dir.file("full"));
     }
+    // Deletes segments first..last of generation `gen`, as retention would.
+    void prune(const std::string& gen, uint64_t first, uint64_t last) {
+        for (uint64_t seq = first; seq <= last; ++seq)
+            REQUIRE(client->delete_object(bucket.name(), replicator::segment_key("app.db", gen, seq)).ok());
+    }
+    // The generation the restored copy at `path` belongs to, from its note.
+    static std::string generation_of(const std::string& path) {
+        return json::parse(slurp(path + "-bottomless"))["generation"].get<std::string>();
+    }
     // A fresh full restore at `full`; returns its report.
     json full_restore(const std::string& extra = "") {
         fs::remove(full);
@@ -214,8 +223,10 @@ TEST_CASE("cli: restore --incremental applies only the new segments and equals a
     CHECK(slurp(pit) == slurp(f.full));
     CHECK(integrity_of_file(pit) == "ok");
 
-    // A newer generation: its snapshot's page index says which pages differ
-    // from the copy; only their frames are fetched, then its segments.
+    // A newer generation: the copy's generation continued two segments past
+    // it before the new snapshot. Those segments bring the copy to the
+    // snapshot's state (every page they write checked against its index),
+    // then the new generation's segments.
     const std::string copy3 = f.dir.file("copy/copy3.db");
     fs::copy_file(f.copy, copy3);
     fs::copy_file(f.copy + "-bottomless", copy3 + "-bottomless");
@@ -232,24 +243,34 @@ TEST_CASE("cli: restore --incremental applies only the new segments and equals a
     w.snapshot();
     w.add(1);
     w.flush();
+    const std::string old_gen = Fixture::generation_of(f.copy);
     json across = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
     INFO(across.dump());
     CHECK(across["incremental"] == "pages");
+    CHECK(across["from_generation"] == old_gen);
     CHECK(across["compared_with"] == "digests");  // left by the restores that wrote the copy
     CHECK(across["applied_via"] == "wal");
     CHECK(across["segment"] == 1);
-    CHECK(across["pages_changed"].get<uint64_t>() >= 1);
-    CHECK(across["pages_changed"].get<uint64_t>() < across["pages"].get<uint64_t>());
-    CHECK(across["frames_fetched"].get<uint64_t>() >= 1);
+    CHECK(across["bridge_segments"] == 2);  // 7 and 8 of the copy's generation
+    CHECK(across["bridge_pages"].get<uint64_t>() >= 1);
+    CHECK(across["frames_fetched"] == 0);  // the snapshot was taken where segment 8 ends
+    CHECK(across["pages_changed"] == 0);
     json full2 = f.full_restore();
     CHECK(file_hash(f.copy) == file_hash(f.full));
     CHECK(slurp(f.copy) == slurp(f.full));
     CHECK(integrity_of_file(f.copy) == "ok");
-    // And onto a duplicate of the file.
+    // Without those segments (pruned, as retention would): the snapshot's
+    // page index says which pages differ from the copy; only their frames
+    // are fetched. Onto a duplicate of the file, this time.
+    f.prune(old_gen, 7, 8);
     json across2 = cli_json(f.b() + "restore -q --incremental --incremental-via copy -o " + copy3);
     CHECK(across2["incremental"] == "pages");
+    CHECK(across2["bridge_segments"] == 0);
     CHECK(across2["compared_with"] == "file");  // no digests of its own: its pages read and hashed
     CHECK(across2["applied_via"] != "wal");
+    CHECK(across2["pages_changed"].get<uint64_t>() >= 1);
+    CHECK(across2["pages_changed"].get<uint64_t>() < across2["pages"].get<uint64_t>());
+    CHECK(across2["frames_fetched"].get<uint64_t>() >= 1);
     CHECK(slurp(copy3) == slurp(f.full));
     // The note now names the new generation: the next one is up to date.
     json again2 = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
@@ -354,6 +375,8 @@ TEST_CASE("cli: across a generation, a damaged frame or index is refused and the
     w.add(50);  // pages past the copy's end: the last frames are fetched
     w.flush();
     const std::string gen = query_text(w.db.get(), "SELECT bottomless_snapshot()");
+    // Not through the copy's generation's segment 2 (which would read no frame).
+    f.prune(Fixture::generation_of(f.copy), 2, 2);
     const std::string key = "app.db/" + gen + "/snapshot";
     auto original = f.client->get_object(f.bucket.name(), key);
     REQUIRE(original.ok());
@@ -404,6 +427,51 @@ TEST_CASE("cli: across a generation, a damaged frame or index is refused and the
     CHECK(ok["incremental"] == "pages");
     f.full_restore();
     CHECK(slurp(f.copy) == slurp(f.full));
+}
+
+TEST_CASE("cli: across a generation, what the copy's generation's segments do not give comes from the snapshot's frames",
+          "[cli][integration][incremental]") {
+    Fixture f;
+    std::string old_gen;
+    {
+        Writer w(f.writer_path, f.bucket.name());
+        write_history(w, 1);
+        REQUIRE(cli(f.b() + "restore -q -o " + f.copy).code == 0);
+        old_gen = Fixture::generation_of(f.copy);
+        // Two segments of rows spread over the table: they touch every
+        // frame of a snapshot, and weigh less than those frames.
+        for (int i = 0; i < 2; ++i) {
+            w.sql("UPDATE t SET pad = randomblob(400) WHERE id % 97 = " + std::to_string(i));
+            w.flush();
+        }
+    }
+    {
+        // Changed without bottomless: the next open starts a generation
+        // whose snapshot holds a change no segment of the old one has.
+        sqlite3* raw = nullptr;
+        REQUIRE(sqlite3_open_v2(f.writer_path.c_str(), &raw, SQLITE_OPEN_READWRITE, "unix") == SQLITE_OK);
+        Db db(raw);
+        // Row 2500's page: the segments did not write it. Row 2522's (2522 %
+        // 97 == 0): they wrote it, and what they wrote is not the snapshot's.
+        exec(db.get(), "UPDATE t SET pad = randomblob(400) WHERE id IN (2500, 2522)");
+    }
+    Writer w(f.writer_path, f.bucket.name());
+    w.flush();
+    json r = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+    INFO(r.dump());
+    CHECK(r["incremental"] == "pages");
+    CHECK(r["from_generation"] == old_gen);
+    CHECK(r["bridge_segments"] == 2);
+    CHECK(r["bridge_pages"].get<uint64_t>() > 40);
+    // The pages changed outside (and none that the segments gave).
+    CHECK(r["pages_changed"].get<uint64_t>() >= 2);
+    CHECK(r["pages_changed"].get<uint64_t>() <= 3);
+    CHECK(r["frames_fetched"].get<uint64_t>() >= 1);
+    CHECK(r["frames_fetched"].get<uint64_t>() <= 3);
+    f.full_restore();
+    CHECK(slurp(f.copy) == slurp(f.full));
+    CHECK(integrity_of_file(f.copy) == "ok");
+    CHECK(query_text(open_db(f.copy).get(), "SELECT count(*) FROM t") == "5005");
 }
 
 TEST_CASE("cli: across a generation of an encrypted database, a full restore that says why",
