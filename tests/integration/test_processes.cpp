@@ -6,6 +6,7 @@
 // history and no commit is lost.
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -71,6 +72,33 @@ pid_t spawn_shell(const std::string& script_path, const std::string& log_path) {
         _exit(127);
     }
     return pid;
+}
+
+// Whether this process holds a lock on byte `offset` of `path`, as another
+// process sees it (fcntl's F_GETLK does not report the caller's own locks:
+// a child asks). SQLite's unix VFS holds a shared lock on the wal-index's
+// "DMS" byte (offset 128 of -shm) for as long as the process has it mapped;
+// closing any descriptor of the file would drop it, and every read mark.
+bool lock_held_by_me(const std::string& path, off_t offset) {
+    const pid_t me = ::getpid();
+    pid_t pid = ::fork();
+    if (pid == 0) {
+        // Only async-signal-safe calls after fork.
+        int fd = ::open(path.c_str(), O_RDWR);
+        if (fd < 0) _exit(2);
+        struct flock fl{};
+        fl.l_type = F_WRLCK;
+        fl.l_whence = SEEK_SET;
+        fl.l_start = offset;
+        fl.l_len = 1;
+        if (::fcntl(fd, F_GETLK, &fl) != 0) _exit(2);
+        _exit(fl.l_type != F_UNLCK && fl.l_pid == me ? 0 : 1);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    REQUIRE(WIFEXITED(status));
+    REQUIRE(WEXITSTATUS(status) != 2);
+    return WEXITSTATUS(status) == 0;
 }
 
 }  // namespace
@@ -356,6 +384,13 @@ TEST_CASE("a follower takes over when the leader is killed: the same generation,
     }
     REQUIRE(st["role"] == "leader");
     CHECK(st["leader_pid"] == static_cast<long>(::getpid()));
+    // The takeover read the live wal-index through this process's own
+    // mapping: had it opened (and closed) a descriptor of -shm, the process
+    // would have lost its locks there, and another process starting could
+    // truncate the file under this one's mapping (SIGBUS). (Asked now that
+    // the leader is dead: F_GETLK names one holder of a shared lock.)
+    constexpr off_t kDmsByte = 128;  // SQLite's os_unix.c: (22 + 8) * 4 + 8
+    CHECK(lock_held_by_me(s.dir.file("take.db") + "-shm", kDmsByte));
     exec(db.get(), "INSERT INTO t VALUES ('leading')");
     query_text(db.get(), "SELECT bottomless_flush(30000)");
     CHECK(query_int(db.get(), "SELECT count(*) FROM t") == 102);
