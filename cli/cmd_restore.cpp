@@ -501,6 +501,7 @@ int run_restore(Context& ctx, const Args& args) {
                 j["frames_fetched"] = r.frames_fetched;
                 j["bridge_segments"] = r.bridge_segments;
                 j["bridge_pages"] = r.bridge_pages;
+                if (!r.bridge_fallback.empty()) j["bridge_fallback"] = r.bridge_fallback;
                 j["compare_seconds"] = r.timings.compare;
                 j["compared_with"] = r.compared_with;
             }
@@ -549,6 +550,8 @@ int run_restore(Context& ctx, const Args& args) {
                             : ("onto a " + std::string(r.applied_via == "clone" ? "clone" : "copy") + " of the file (" +
                                format_bytes(r.copied_bytes) + " in " + std::to_string(r.timings.copy) + " s)")
                                   .c_str());
+        if (r.incremental == "pages" && !r.bridge_fallback.empty())
+            std::printf("                    %s\n", r.bridge_fallback.c_str());
     }
     return kExitOk;
 }

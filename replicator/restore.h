@@ -118,6 +118,10 @@ struct RestoreResult {
     // against the index like the others).
     uint64_t bridge_segments = 0;
     uint64_t bridge_pages = 0;
+    // Set when those segments were tried and could not be used (damaged,
+    // pruned meanwhile, encrypted with a key not given): why. The frames
+    // then gave every page instead.
+    std::string bridge_fallback;
     // "pages": what the index was compared with: "digests" (the page digests
     // the restore that wrote the copy left beside it) or "file" (its pages
     // read and hashed).

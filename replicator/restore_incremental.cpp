@@ -649,9 +649,21 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             res.timings.decode += from.timings.decode;
             res.bytes_downloaded += from.bytes_downloaded;
             if (!st) {
-                // Pruned between the listing and the GET: a full restore may still work.
-                if (st.error().code == "MissingSegment") return not_incremental(st.error().message);
-                return st;
+                const Error& e = st.error();
+                // What the bucket gave could not be used (pruned since the
+                // listing, damaged, encrypted with a key not given): the
+                // frames instead, for every page the segments wrote as well.
+                // A copy the chain refuses, or a local failure, ends here.
+                if (e.code == "NotIncremental" ||
+                    (e.kind != ErrorKind::Corrupt && e.kind != ErrorKind::NotFound && e.kind != ErrorKind::InvalidArgument))
+                    return st;
+                res.bridge_fallback = "the segments of " + note.generation + " after the copy cannot be used (" +
+                                      e.message + "): the new snapshot's frames instead";
+                log::warn(res.bridge_fallback);
+                for (uint32_t p = 1; p <= pages; ++p)
+                    if (bridged[p]) diff->differs[p] = 1;
+                plan_runs(*diff);
+                return {};
             }
             res.bridge_segments = last - note.seq;
             res.transactions += from.transactions;

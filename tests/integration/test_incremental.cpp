@@ -474,6 +474,41 @@ TEST_CASE("cli: across a generation, what the copy's generation's segments do no
     CHECK(query_text(open_db(f.copy).get(), "SELECT count(*) FROM t") == "5005");
 }
 
+TEST_CASE("cli: across a generation, the old generation's segments that cannot be read (encrypted, no key) give way to the frames",
+          "[cli][integration][incremental]") {
+    Fixture f;
+    const std::string key(64, 'e');
+    std::string old_gen;
+    {
+        Writer w(f.writer_path, f.bucket.name(), "&encryption_key=" + key);
+        write_history(w, 1);
+        REQUIRE(cli(f.b() + "--encryption-key " + key + " restore -q -o " + f.copy).code == 0);
+        old_gen = Fixture::generation_of(f.copy);
+        w.sql("UPDATE t SET pad = randomblob(400) WHERE id % 97 = 0");  // lighter than the frames it touches
+        w.flush();
+    }
+    // Encryption turned off (which takes initial_replication=force): a
+    // plaintext generation (format 2) whose parent is the encrypted one.
+    Writer w(f.writer_path, f.bucket.name(), "&initial_replication=force");
+    w.flush();
+    json ls = cli_json(f.b() + "ls");
+    INFO(ls.dump());
+    REQUIRE(ls["generations"][0]["parent"] == old_gen);
+    REQUIRE(ls["generations"][0]["parent_seq"] == 2);
+    REQUIRE(ls["generations"][0]["snapshot_format"] == 2);
+    // No key (the new generation is plaintext): the bridge cannot decrypt
+    // segment 2 of the old one; every page comes from the frames.
+    json r = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+    INFO(r.dump());
+    CHECK(r["incremental"] == "pages");
+    CHECK(r["bridge_fallback"].get<std::string>().find("no encryption key was given") != std::string::npos);
+    CHECK(r["bridge_segments"] == 0);
+    CHECK(r["frames_fetched"].get<uint64_t>() >= 1);
+    f.full_restore();
+    CHECK(slurp(f.copy) == slurp(f.full));
+    CHECK(integrity_of_file(f.copy) == "ok");
+}
+
 TEST_CASE("cli: across a generation of an encrypted database, a full restore that says why",
           "[cli][integration][incremental]") {
     Fixture f;
