@@ -1,13 +1,17 @@
 // One replicating process per database: an election among the processes
 // that open it through bottomless (docs/SEMANTICS.md, "Several processes").
 //
-// The locks live in one side file per directory, "<dir>/.bottomless-locks",
-// never deleted: every database of the directory has two bytes of it, at an
-// offset derived from the database's file name (a fixed 64-bit hash, the
-// same in every build and process). A process holds ONE descriptor of that
-// file for all its databases in the directory (issue 10: no descriptor per
-// database beyond SQLite's own), and an open-file-description lock
-// (F_OFD_SETLK) per byte it holds. OFD locks belong to the open file
+// The locks live in sixteen side files per directory,
+// "<dir>/.bottomless-locks.0" to ".f", never deleted: every database of the
+// directory has two bytes of one of them, the file and the offset derived
+// from the database's file name (a fixed 64-bit hash, the same in every
+// build and process: its low 4 bits pick the file). A process holds ONE
+// descriptor of each file its databases use, shared by all of them (issue
+// 10: no descriptor per database beyond SQLite's own; at most 16 per
+// directory), and an open-file-description lock (F_OFD_SETLK) per byte it
+// holds. Sixteen, not one: the kernel walks every lock of an inode at each
+// lock operation, so with one file an open got slower with every database
+// open (a fifth of an open's time at 2000). OFD locks belong to the open file
 // description, not to the process: closing some other descriptor of the
 // file never drops them (POSIX locks would all go), and unlocking one
 // database's bytes leaves the others' alone. The kernel releases them when
@@ -30,9 +34,12 @@
 //
 // The leader's pid goes into "<db>-bottomless.lock" (written only when it
 // changes), for the others' messages: an OFD lock has no owner pid. Older
-// builds took byte 0 of that file as their leader lock; an open still
-// checks it (F_OFD_GETLK), so a process of an older build that leads is
-// seen. (The reverse is not: an older build does not see a newer leader.)
+// builds took byte 0 of that file as their leader lock, and later ones the
+// same byte as now of a single "<dir>/.bottomless-locks"; an open still
+// checks both (F_OFD_GETLK; the second costs one failed lookup where the
+// file does not exist), so a process of an older build that leads is seen.
+// (The reverse is not: an older build does not see a newer leader, nor
+// does a newer one wait for an older one's start-up.)
 #pragma once
 
 #include <chrono>
