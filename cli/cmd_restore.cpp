@@ -501,6 +501,7 @@ int run_restore(Context& ctx, const Args& args) {
                 j["frames_fetched"] = r.frames_fetched;
                 j["bridge_segments"] = r.bridge_segments;
                 j["bridge_pages"] = r.bridge_pages;
+                j["bridge_transactions"] = r.bridge_transactions;
                 if (!r.bridge_fallback.empty()) j["bridge_fallback"] = r.bridge_fallback;
                 j["compare_seconds"] = r.timings.compare;
                 j["compared_with"] = r.compared_with;

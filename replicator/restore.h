@@ -118,6 +118,7 @@ struct RestoreResult {
     // against the index like the others).
     uint64_t bridge_segments = 0;
     uint64_t bridge_pages = 0;
+    uint64_t bridge_transactions = 0;  // theirs (`transactions` counts the new generation's)
     // Set when those segments were tried and could not be used (damaged,
     // pruned meanwhile, encrypted with a key not given): why. The frames
     // then gave every page instead.

@@ -626,13 +626,17 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             from.last_sha256 = note.prev_sha256;
             from.page_size = note.page_size;
             from.db_pages = note.db_pages;
+            from.bytes_downloaded = res.bytes_downloaded;  // progress counts on from there
+            uint64_t after = 0;                             // the new generation's segments, for progress
+            for (uint64_t seq = 1; seq <= target.last_seq; ++seq)
+                after += history[target.index].size_of(segment_key(db_id, target.generation, seq));
             SegmentPlan plan;
             plan.generation = note.generation;
             plan.first_seq = first;
             plan.last_seq = last;
             plan.skip_txns = note.next_txns;
             plan.onto_copy = true;
-            plan.total = bytes;
+            plan.total = res.bytes_downloaded + bytes + after;
             const uint32_t pages = target.snapshot.db_pages;
             std::vector<uint8_t> bridged(uint64_t{pages} + 1, 0);
             const std::string what = "the segments of " + note.generation;
@@ -647,34 +651,35 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             res.timings.download += fetcher.busy_seconds();
             res.timings.download_wait += fetcher.wait_seconds();
             res.timings.decode += from.timings.decode;
-            res.bytes_downloaded += from.bytes_downloaded;
+            res.bytes_downloaded = from.bytes_downloaded;
             if (!st) {
                 const Error& e = st.error();
                 // What the bucket gave could not be used (pruned since the
-                // listing, damaged, encrypted with a key not given): the
-                // frames instead, for every page the segments wrote as well.
-                // A copy the chain refuses, or a local failure, ends here.
-                if (e.code == "NotIncremental" ||
-                    (e.kind != ErrorKind::Corrupt && e.kind != ErrorKind::NotFound && e.kind != ErrorKind::InvalidArgument))
-                    return st;
+                // listing, damaged, encrypted with a key not given, refused
+                // or failing): the frames instead. `differs` already judges
+                // every page by what was written last (a page written before
+                // the failure that matches the snapshot stays). A copy the
+                // chain refuses, a local failure or a cancel ends here.
+                if (e.code == "NotIncremental" || e.kind == ErrorKind::Io || e.kind == ErrorKind::Cancelled) return st;
                 res.bridge_fallback = "the segments of " + note.generation + " after the copy cannot be used (" +
                                       e.message + "): the new snapshot's frames instead";
                 log::warn(res.bridge_fallback);
-                for (uint32_t p = 1; p <= pages; ++p)
-                    if (bridged[p]) diff->differs[p] = 1;
                 plan_runs(*diff);
                 return {};
             }
             res.bridge_segments = last - note.seq;
-            res.transactions += from.transactions;
+            res.bridge_transactions = from.transactions;
             res.bridge_pages = static_cast<uint64_t>(std::count(bridged.begin(), bridged.end(), uint8_t{1}));
             plan_runs(*diff);
             return {};
         };
-        Status applied;
-        if (diff && bridge_last) applied = bridge();
+        if (diff && bridge_last)
+            if (Status b = bridge(); !b) {
+                (void)writer.finish();
+                return b;
+            }
 
-        uint64_t total = 0;
+        uint64_t total = res.bytes_downloaded;  // progress: what came before, then the jobs below
         std::vector<FetchJob> jobs;
         if (diff)
             for (const auto& run : diff->runs) {
@@ -705,7 +710,8 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
         plan.total = total;
         plan.digests = digests ? &*digests : nullptr;
         if (via_wal) plan.sink = [&](uint32_t pgno, std::string_view page) { return wal->add(pgno, page); };
-        if (diff && applied) {
+        Status applied;
+        if (diff) {
             // The snapshot's pages that differ from the copy, frame by frame,
             // each checked against its digest before it is written.
             const std::string what = "snapshot " + snap_key;
@@ -714,7 +720,6 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                 ++res.pages_changed;
                 return put(pgno, page, what);
             };
-            uint64_t fed = 0;
             for (size_t j = 0; j < snapshot_jobs && applied; ++j) {
                 auto part = fetcher.take(j);
                 if (!part) {
@@ -743,10 +748,9 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                     ++res.frames_fetched;
                 }
                 res.timings.decode += seconds_since(td) - (writer.wait_seconds() - waited);
-                fed += part->size();
                 res.bytes_downloaded += part->size();
                 fetcher.recycle(std::move(*part));
-                if (options.progress) options.progress(fed, total);
+                if (options.progress) options.progress(res.bytes_downloaded, total);
             }
             // The snapshot's own trailer, which its first segment must name.
             res.last_sha256 = diff->index.trailer_hex;

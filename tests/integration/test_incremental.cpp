@@ -127,6 +127,20 @@ struct Fixture {
     }
 };
 
+// A duplicate of the restored copy `from` at `to`, with a note of its own
+// (the note records the inode and mtime), without its page digests.
+void duplicate_copy(const std::string& from, const std::string& to) {
+    fs::copy_file(from, to);
+    fs::copy_file(from + "-bottomless", to + "-bottomless");
+    fs::last_write_time(to, fs::last_write_time(from));
+    json note = json::parse(slurp(to + "-bottomless"));
+    struct stat st{};
+    REQUIRE(::stat(to.c_str(), &st) == 0);
+    note["db_ino"] = static_cast<uint64_t>(st.st_ino);
+    note["db_mtime_ns"] = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+    std::ofstream(to + "-bottomless", std::ios::trunc) << note.dump();
+}
+
 // A big snapshot (about 2 MB of rows), then `segments` small segments.
 void write_history(Writer& w, int segments, int rows_per_segment = 5) {
     w.sql("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, pad BLOB)");
@@ -228,18 +242,7 @@ TEST_CASE("cli: restore --incremental applies only the new segments and equals a
     // snapshot's state (every page they write checked against its index),
     // then the new generation's segments.
     const std::string copy3 = f.dir.file("copy/copy3.db");
-    fs::copy_file(f.copy, copy3);
-    fs::copy_file(f.copy + "-bottomless", copy3 + "-bottomless");
-    fs::last_write_time(copy3, fs::last_write_time(f.copy));
-    {
-        // The note records the inode: the duplicate gets a note of its own.
-        json note = json::parse(slurp(copy3 + "-bottomless"));
-        struct stat st{};
-        REQUIRE(::stat(copy3.c_str(), &st) == 0);
-        note["db_ino"] = static_cast<uint64_t>(st.st_ino);
-        note["db_mtime_ns"] = static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-        std::ofstream(copy3 + "-bottomless", std::ios::trunc) << note.dump();
-    }
+    duplicate_copy(f.copy, copy3);
     w.snapshot();
     w.add(1);
     w.flush();
@@ -433,11 +436,14 @@ TEST_CASE("cli: across a generation, what the copy's generation's segments do no
           "[cli][integration][incremental]") {
     Fixture f;
     std::string old_gen;
+    const std::string copy2 = f.dir.file("copy/copy2.db"), copy3 = f.dir.file("copy/copy3.db");
     {
         Writer w(f.writer_path, f.bucket.name());
         write_history(w, 1);
         REQUIRE(cli(f.b() + "restore -q -o " + f.copy).code == 0);
         old_gen = Fixture::generation_of(f.copy);
+        duplicate_copy(f.copy, copy2);
+        duplicate_copy(f.copy, copy3);
         // Two segments of rows spread over the table: they touch every
         // frame of a snapshot, and weigh less than those frames.
         for (int i = 0; i < 2; ++i) {
@@ -468,10 +474,38 @@ TEST_CASE("cli: across a generation, what the copy's generation's segments do no
     CHECK(r["pages_changed"].get<uint64_t>() <= 3);
     CHECK(r["frames_fetched"].get<uint64_t>() >= 1);
     CHECK(r["frames_fetched"].get<uint64_t>() <= 3);
+    CHECK(r["bridge_transactions"] == 2);
+    CHECK(r["transactions"] == 0);  // the new generation has no segment yet
     f.full_restore();
     CHECK(slurp(f.copy) == slurp(f.full));
     CHECK(integrity_of_file(f.copy) == "ok");
     CHECK(query_text(open_db(f.copy).get(), "SELECT count(*) FROM t") == "5005");
+
+    // The same onto a duplicate of the file (no WAL journal).
+    json r2 = cli_json(f.b() + "restore -q --incremental --incremental-via copy -o " + copy2);
+    CHECK(r2["incremental"] == "pages");
+    CHECK(r2["applied_via"] != "wal");
+    CHECK(r2["bridge_segments"] == 2);
+    CHECK(r2["pages_changed"].get<uint64_t>() >= 2);
+    CHECK(slurp(copy2) == slurp(f.full));
+
+    // The second of those segments damaged: the first one's pages are
+    // written already (those that match the snapshot stay); the second's,
+    // and the pages changed outside, come from the frames.
+    const std::string key2 = replicator::segment_key("app.db", old_gen, 3);
+    auto seg = f.client->get_object(f.bucket.name(), key2);
+    REQUIRE(seg.ok());
+    std::string bad = *seg;
+    bad[bad.size() / 2] ^= 0x20;
+    REQUIRE(f.client->put_object(f.bucket.name(), key2, bad).ok());
+    json r3 = cli_json(f.b() + "restore -q --incremental -o " + copy3);
+    INFO(r3.dump());
+    CHECK(r3["incremental"] == "pages");
+    CHECK(r3["bridge_segments"] == 0);
+    CHECK(r3["bridge_fallback"].get<std::string>().find(key2) != std::string::npos);
+    CHECK(r3["pages_changed"].get<uint64_t>() > 40);  // the second segment's pages
+    CHECK(slurp(copy3) == slurp(f.full));
+    CHECK(integrity_of_file(copy3) == "ok");
 }
 
 TEST_CASE("cli: across a generation, the old generation's segments that cannot be read (encrypted, no key) give way to the frames",
