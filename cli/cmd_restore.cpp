@@ -500,6 +500,7 @@ int run_restore(Context& ctx, const Args& args) {
                 j["pages_changed"] = r.pages_changed;
                 j["frames_fetched"] = r.frames_fetched;
                 j["bridge_segments"] = r.bridge_segments;
+                j["bridge_generations"] = r.bridge_generations;
                 j["bridge_pages"] = r.bridge_pages;
                 j["bridge_transactions"] = r.bridge_transactions;
                 if (!r.bridge_fallback.empty()) j["bridge_fallback"] = r.bridge_fallback;
@@ -534,9 +535,10 @@ int run_restore(Context& ctx, const Args& args) {
             std::printf("  incremental       from generation %s%s: %llu of %llu pages differed (%llu frames fetched), "
                         "then segments 1..%llu, applied %s\n",
                         r.from_generation.c_str(),
-                        r.bridge_segments ? (" through its segments " + std::to_string(r.from_seq + 1) + ".." +
-                                             std::to_string(r.from_seq + r.bridge_segments) + " (" +
-                                             std::to_string(r.bridge_pages) + " pages)")
+                        r.bridge_segments ? (" through " + std::to_string(r.bridge_segments) + " segment(s) of " +
+                                             std::to_string(r.bridge_generations) + " generation(s) from its segment " +
+                                             std::to_string(r.from_seq + 1) + " (" + std::to_string(r.bridge_pages) +
+                                             " pages)")
                                                 .c_str()
                                           : "",
                         static_cast<unsigned long long>(r.pages_changed),

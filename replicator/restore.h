@@ -112,11 +112,13 @@ struct RestoreResult {
     uint64_t pages_compared = 0;   // the copy's pages hashed against the index
     uint64_t pages_changed = 0;    // the snapshot's pages that differed (written)
     uint64_t frames_fetched = 0;   // the snapshot's zstd frames downloaded to get them
-    // "pages" through the copy's generation's own segments (the bridge):
-    // segments from_seq+1..(the new snapshot's parent_seq) applied first,
-    // when they weigh less than the frames; the pages they wrote (checked
+    // "pages" through the segments of the copy's generation from
+    // from_seq+1, and of each generation between it and the target (the
+    // bridge), up to where each one's child continued, applied first when
+    // they weigh less than the frames; the pages they wrote (checked
     // against the index like the others).
     uint64_t bridge_segments = 0;
+    uint64_t bridge_generations = 0;  // the generations they belong to
     uint64_t bridge_pages = 0;
     uint64_t bridge_transactions = 0;  // theirs (`transactions` counts the new generation's)
     // Set when those segments were tried and could not be used (damaged,

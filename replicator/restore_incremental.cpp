@@ -420,10 +420,11 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
     // A newer generation whose snapshot carries a page index (format 2):
     // only the pages that differ from the copy are fetched, then its segments.
     bool across = false;
-    // The copy's generation is the target's parent: its segments after the
-    // copy, up to the one the new snapshot continued from, may bring the
-    // copy there for fewer bytes than the snapshot's differing frames.
-    std::optional<uint64_t> bridge_last;
+    // The generations from the copy's to the target's parent, each with the
+    // segment its child continued from (oldest first): their segments after
+    // the copy may bring it to the target's snapshot for fewer bytes than
+    // the snapshot's differing frames (the bridge, below).
+    std::vector<std::pair<size_t, uint64_t>> lineage;  // (history index, parent_seq of its child)
     if (note.generation != target.generation) {
         if (copy_index < target.index)
             return refused(not_incremental("cannot go back: the copy is at generation " + note.generation +
@@ -455,7 +456,8 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                     return full("the page size changed from " + std::to_string(note.page_size) + " to " +
                                 std::to_string(target.snapshot.page_size));
                 if (target.snapshot.db_pages == 0) return full("the new generation's snapshot is empty");
-                if (child == target.generation && snap->parent_seq > note.seq) bridge_last = snap->parent_seq;
+                lineage.emplace_back(copy_index, snap->parent_seq);
+                std::reverse(lineage.begin(), lineage.end());
                 across = true;
                 break;
             }
@@ -471,6 +473,7 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             if (!history[p].snapshot)
                 return history[p].header_error ? Result<RestoreResult>(*history[p].header_error)
                                                : refused(not_incremental("generation " + parent + " has no snapshot"));
+            lineage.emplace_back(p, snap->parent_seq);
             snap = &*history[p].snapshot;
             child = parent;
         }
@@ -595,63 +598,112 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             if (auto sp = space.reserve(off + page.size(), what); !sp) return sp;
             return writer.write(off, page);
         };
-        // The bridge: the copy generation's segments after the copy, up to
-        // the one the new snapshot continued from, when they cost less than
-        // the frames (their bytes, plus kGetCost a GET: latency). The pages
-        // they write are checked against the index like the copy's: one
-        // that does not match (a snapshot holding more than its parent's
-        // segments, e.g. frames a crash kept from being shipped) is fetched
-        // from the frames after all, so the result is the snapshot either way.
+        // The bridge: the segments of the copy's generation after the copy,
+        // up to the one its child continued from, then those of each later
+        // generation up to where its child continued (each from its own
+        // snapshot, whose trailer its first segment names), when they cost
+        // less than the frames (their bytes, plus kGetCost a GET: latency).
+        // The pages they write are checked against the index like the
+        // copy's: one that does not match (a snapshot holding more than its
+        // parent's segments, e.g. frames a crash kept from being shipped) is
+        // fetched from the frames after all, so the result is the snapshot
+        // either way.
         auto bridge = [&]() -> Status {
             constexpr uint64_t kGetCost = 64u << 10;
-            const uint64_t first = note.seq + 1, last = *bridge_last;
-            uint64_t bytes = 0;
-            for (uint64_t seq = first; seq <= last; ++seq) {
-                const uint64_t n = history[copy_index].size_of(segment_key(db_id, note.generation, seq));
-                if (n == 0) return {};  // pruned since: the frames, then
-                bytes += n;
+            struct Hop {
+                const GenerationView* g;
+                SegmentPlan plan;
+                RestoreResult from;  // where the hop starts: the copy's note, or the generation's snapshot
+            };
+            std::vector<Hop> hops;
+            uint64_t bytes = 0, gets = 0, segments = 0;
+            for (const auto& [gi, up_to] : lineage) {
+                const GenerationView& g = history[gi];
+                const bool copy_gen = gi == copy_index;
+                Hop h{&g, {}, {}};
+                h.plan.generation = g.info.id;
+                h.plan.first_seq = copy_gen ? note.seq + 1 : 1;
+                h.plan.last_seq = up_to;
+                h.plan.skip_txns = copy_gen ? note.next_txns : 0;
+                h.plan.onto_copy = copy_gen;
+                if (copy_gen) {
+                    h.from.seq = note.seq;
+                    h.from.next_txns = note.next_txns;
+                    h.from.position = note.position;
+                    h.from.last_sha256 = note.prev_sha256;
+                    h.from.page_size = note.page_size;
+                    h.from.db_pages = note.db_pages;
+                } else {
+                    // Its own snapshot starts it: same page size, readable
+                    // without a key (the target's is plaintext), listed.
+                    const auto& sh = g.snapshot;
+                    if (!sh || sh->page_size != note.page_size || sh->encryption) return {};
+                    h.from.position = sh->position;
+                    h.from.page_size = sh->page_size;
+                    h.from.db_pages = sh->db_pages;
+                    if (h.plan.first_seq > h.plan.last_seq) continue;  // nothing of it is needed
+                    ++gets;  // its trailer, below
+                }
+                h.from.generation = g.info.id;
+                for (uint64_t seq = h.plan.first_seq; seq <= h.plan.last_seq; ++seq) {
+                    const uint64_t n = g.size_of(segment_key(db_id, g.info.id, seq));
+                    if (n == 0) return {};  // pruned since (or never there): the frames, then
+                    bytes += n;
+                    ++gets;
+                    ++segments;
+                }
+                hops.push_back(std::move(h));
             }
-            if (bytes + kGetCost * (last - note.seq) >= diff->run_bytes() + kGetCost * diff->runs.size()) return {};
+            if (segments == 0 || bytes + kGetCost * gets >= diff->run_bytes() + kGetCost * diff->runs.size()) return {};
             std::vector<FetchJob> jobs;
-            for (uint64_t seq = first; seq <= last; ++seq)
-                jobs.push_back({segment_key(db_id, note.generation, seq), std::nullopt, max_segment_object_size()});
+            for (auto& h : hops) {
+                if (h.plan.onto_copy) continue;
+                // The trailer its first segment must name: one ranged GET.
+                const std::string key = snapshot_key(db_id, h.g->info.id);
+                auto t = read_trailer_hex(client, bucket, key, h.g->size_of(key));
+                if (!t) {
+                    res.bridge_fallback = "the snapshot trailer of " + h.g->info.id + " cannot be read (" +
+                                          t.error().message + "): the new snapshot's frames instead";
+                    log::warn(res.bridge_fallback);
+                    return {};
+                }
+                res.bytes_downloaded += 32;
+                h.from.last_sha256 = std::move(*t);
+            }
+            uint64_t after = 0;  // the target generation's segments, for progress
+            for (uint64_t seq = 1; seq <= target.last_seq; ++seq)
+                after += history[target.index].size_of(segment_key(db_id, target.generation, seq));
+            for (auto& h : hops) {
+                h.plan.first_job = jobs.size();
+                h.plan.total = res.bytes_downloaded + bytes + after;
+                for (uint64_t seq = h.plan.first_seq; seq <= h.plan.last_seq; ++seq)
+                    jobs.push_back({segment_key(db_id, h.g->info.id, seq), std::nullopt, max_segment_object_size()});
+            }
             const int workers = std::max(1, options.parallel);
             OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2,
                                    options.cancel);
-            RestoreResult from;  // the copy's generation, from the copy's note on
-            from.generation = note.generation;
-            from.seq = note.seq;
-            from.next_txns = note.next_txns;
-            from.position = note.position;
-            from.last_sha256 = note.prev_sha256;
-            from.page_size = note.page_size;
-            from.db_pages = note.db_pages;
-            from.bytes_downloaded = res.bytes_downloaded;  // progress counts on from there
-            uint64_t after = 0;                             // the new generation's segments, for progress
-            for (uint64_t seq = 1; seq <= target.last_seq; ++seq)
-                after += history[target.index].size_of(segment_key(db_id, target.generation, seq));
-            SegmentPlan plan;
-            plan.generation = note.generation;
-            plan.first_seq = first;
-            plan.last_seq = last;
-            plan.skip_txns = note.next_txns;
-            plan.onto_copy = true;
-            plan.total = res.bytes_downloaded + bytes + after;
             const uint32_t pages = target.snapshot.db_pages;
             std::vector<uint8_t> bridged(uint64_t{pages} + 1, 0);
-            const std::string what = "the segments of " + note.generation;
-            plan.sink = [&](uint32_t pgno, std::string_view page) -> Status {
-                if (pgno > pages) return {};  // past the new snapshot's end: truncated anyway
-                bridged[pgno] = 1;
-                diff->differs[pgno] = page_hash(page) != diff->index.hash(pgno);  // the last write decides
-                return put(pgno, page, what);
-            };
-            Status st = apply_segments(fetcher, writer, space, db_id, plan, options, from);
+            Status st;
+            uint64_t transactions = 0;
+            for (auto& h : hops) {
+                const std::string what = "the segments of " + h.g->info.id;
+                h.plan.sink = [&](uint32_t pgno, std::string_view page) -> Status {
+                    if (pgno > pages) return {};  // past the new snapshot's end: truncated anyway
+                    bridged[pgno] = 1;
+                    diff->differs[pgno] = page_hash(page) != diff->index.hash(pgno);  // the last write decides
+                    return put(pgno, page, what);
+                };
+                h.from.bytes_downloaded = res.bytes_downloaded;  // progress counts on from there
+                st = apply_segments(fetcher, writer, space, db_id, h.plan, options, h.from);
+                res.timings.decode += h.from.timings.decode;
+                res.bytes_downloaded = h.from.bytes_downloaded;
+                transactions += h.from.transactions;
+                if (!st) break;
+            }
             fetcher.stop();
             res.timings.download += fetcher.busy_seconds();
             res.timings.download_wait += fetcher.wait_seconds();
-            res.timings.decode += from.timings.decode;
-            res.bytes_downloaded = from.bytes_downloaded;
             if (!st) {
                 const Error& e = st.error();
                 // What the bucket gave could not be used (pruned since the
@@ -661,19 +713,20 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
                 // the failure that matches the snapshot stays). A copy the
                 // chain refuses, a local failure or a cancel ends here.
                 if (e.code == "NotIncremental" || e.kind == ErrorKind::Io || e.kind == ErrorKind::Cancelled) return st;
-                res.bridge_fallback = "the segments of " + note.generation + " after the copy cannot be used (" +
+                res.bridge_fallback = "the segments of " + note.generation + " and after, from the copy on, cannot be used (" +
                                       e.message + "): the new snapshot's frames instead";
                 log::warn(res.bridge_fallback);
                 plan_runs(*diff);
                 return {};
             }
-            res.bridge_segments = last - note.seq;
-            res.bridge_transactions = from.transactions;
+            res.bridge_segments = segments;
+            res.bridge_generations = hops.size();
+            res.bridge_transactions = transactions;
             res.bridge_pages = static_cast<uint64_t>(std::count(bridged.begin(), bridged.end(), uint8_t{1}));
             plan_runs(*diff);
             return {};
         };
-        if (diff && bridge_last)
+        if (diff && !lineage.empty())
             if (Status b = bridge(); !b) {
                 (void)writer.finish();
                 return b;

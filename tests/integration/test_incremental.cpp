@@ -255,6 +255,7 @@ TEST_CASE("cli: restore --incremental applies only the new segments and equals a
     CHECK(across["applied_via"] == "wal");
     CHECK(across["segment"] == 1);
     CHECK(across["bridge_segments"] == 2);  // 7 and 8 of the copy's generation
+    CHECK(across["bridge_generations"] == 1);
     CHECK(across["bridge_pages"].get<uint64_t>() >= 1);
     CHECK(across["frames_fetched"] == 0);  // the snapshot was taken where segment 8 ends
     CHECK(across["pages_changed"] == 0);
@@ -506,6 +507,43 @@ TEST_CASE("cli: across a generation, what the copy's generation's segments do no
     CHECK(r3["pages_changed"].get<uint64_t>() > 40);  // the second segment's pages
     CHECK(slurp(copy3) == slurp(f.full));
     CHECK(integrity_of_file(copy3) == "ok");
+}
+
+TEST_CASE("cli: across several generations, the segments of each bring the copy to the newest snapshot",
+          "[cli][integration][incremental]") {
+    Fixture f;
+    Writer w(f.writer_path, f.bucket.name());
+    write_history(w, 1);
+    REQUIRE(cli(f.b() + "restore -q -o " + f.copy).code == 0);
+    const std::string g1 = Fixture::generation_of(f.copy);
+    // Each generation rewrites rows spread over the table (every frame of
+    // a snapshot), then a new one starts from it.
+    auto spread = [&](int i) {
+        w.sql("UPDATE t SET pad = randomblob(400) WHERE id % 97 = " + std::to_string(i));
+        w.flush();
+    };
+    spread(0);                      // segment 2 of g1
+    const std::string g2 = query_text(w.db.get(), "SELECT bottomless_snapshot()");
+    spread(1);                      // segment 1 of g2
+    spread(2);                      // segment 2 of g2
+    const std::string g3 = query_text(w.db.get(), "SELECT bottomless_snapshot()");
+    w.add(1);                       // segment 1 of g3
+    w.flush();
+    const std::string before = slurp(f.copy);
+    json r = cli_json(f.b() + "restore -q --incremental -o " + f.copy);
+    INFO(r.dump());
+    CHECK(r["incremental"] == "pages");
+    CHECK(r["from_generation"] == g1);
+    CHECK(r["generation"] == g3);
+    CHECK(r["bridge_generations"] == 2);
+    CHECK(r["bridge_segments"] == 3);      // g1's 2, g2's 1 and 2
+    CHECK(r["bridge_transactions"] == 3);
+    CHECK(r["frames_fetched"] == 0);       // each snapshot was taken where its parent's segments end
+    CHECK(r["segment"] == 1);
+    f.full_restore();
+    CHECK(slurp(f.copy) == slurp(f.full));
+    CHECK(slurp(f.copy) != before);
+    CHECK(integrity_of_file(f.copy) == "ok");
 }
 
 TEST_CASE("cli: across a generation, the old generation's segments that cannot be read (encrypted, no key) give way to the frames",
