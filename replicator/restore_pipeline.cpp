@@ -53,11 +53,11 @@ namespace {
 // is abandoned.
 class BufferSink final : public s3::http::BodySink {
 public:
-    BufferSink(std::string& out, const std::atomic<bool>& stop, const std::atomic<bool>* cancel)
+    BufferSink(AlignedBuffer& out, const std::atomic<bool>& stop, const std::atomic<bool>* cancel)
         : out_(out), stop_(stop), cancel_(cancel) {}
     bool write(const char* data, size_t n) override {
         if (stop_.load(std::memory_order_relaxed) || (cancel_ && cancel_->load(std::memory_order_relaxed))) return false;
-        out_.append(data, n);
+        out_.append(std::string_view(data, n));
         return true;
     }
     bool reset() override {
@@ -66,7 +66,7 @@ public:
     }
 
 private:
-    std::string& out_;
+    AlignedBuffer& out_;
     const std::atomic<bool>& stop_;
     const std::atomic<bool>* cancel_;
 };
@@ -81,7 +81,7 @@ OrderedFetcher::OrderedFetcher(s3::Client& client, std::string bucket, std::vect
     for (size_t i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
 }
 
-Result<std::string> OrderedFetcher::take(size_t i) {
+Result<AlignedBuffer> OrderedFetcher::take(size_t i) {
     const auto t0 = Clock::now();
     std::unique_lock lock(mu_);
     if (!cancel_) {
@@ -96,7 +96,7 @@ Result<std::string> OrderedFetcher::take(size_t i) {
             return make_error(ErrorKind::Cancelled, "the restore was cancelled", "RestoreCancelled");
         }
     }
-    Result<std::string> r = std::move(done_.at(i));
+    Result<AlignedBuffer> r = std::move(done_.at(i));
     done_.erase(i);
     taken_ = i + 1;
     wait_s_ += seconds_since(t0);
@@ -105,7 +105,7 @@ Result<std::string> OrderedFetcher::take(size_t i) {
     return r;
 }
 
-void OrderedFetcher::recycle(std::string&& buf) {
+void OrderedFetcher::recycle(AlignedBuffer&& buf) {
     buf.clear();
     std::lock_guard lock(mu_);
     if (spare_.size() < window_) spare_.push_back(std::move(buf));
@@ -121,7 +121,7 @@ void OrderedFetcher::stop() {
 void OrderedFetcher::run() {
     for (;;) {
         size_t i;
-        std::string body;
+        AlignedBuffer body;
         {
             std::unique_lock lock(mu_);
             cv_.wait(lock, [&] { return stop_.load() || next_ >= jobs_.size() || next_ < taken_ + window_; });
@@ -133,11 +133,15 @@ void OrderedFetcher::run() {
             }
         }
         const FetchJob& job = jobs_[i];
-        if (job.range && job.range->length) body.reserve(*job.range->length);
-        BufferSink sink(body, stop_, cancel_);
         const auto t0 = Clock::now();
-        auto got = client_.get_object_to_sink(bucket_, job.key, sink, job.range, job.max_bytes);
-        Result<std::string> r = got ? Result<std::string>(std::move(body)) : Result<std::string>(std::move(got).error());
+        Result<AlignedBuffer> r = make_error(ErrorKind::Io, "out of memory downloading " + job.key, "OutOfMemory");
+        try {  // nothing may escape a thread: a buffer that cannot grow fails this job
+            if (job.range && job.range->length) body.reserve(*job.range->length);
+            BufferSink sink(body, stop_, cancel_);
+            auto got = client_.get_object_to_sink(bucket_, job.key, sink, job.range, job.max_bytes);
+            r = got ? Result<AlignedBuffer>(std::move(body)) : Result<AlignedBuffer>(std::move(got).error());
+        } catch (const std::bad_alloc&) {
+        }
         {
             std::lock_guard lock(mu_);
             busy_s_ += seconds_since(t0);
@@ -149,7 +153,7 @@ void OrderedFetcher::run() {
 
 // ---- PageWriter ----
 
-BatchBuffer& BatchBuffer::operator=(BatchBuffer&& o) noexcept {
+AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& o) noexcept {
     if (this != &o) {
         std::free(p_);
         p_ = o.p_;
@@ -161,31 +165,40 @@ BatchBuffer& BatchBuffer::operator=(BatchBuffer&& o) noexcept {
     return *this;
 }
 
-BatchBuffer::~BatchBuffer() { std::free(p_); }
+AlignedBuffer::~AlignedBuffer() { std::free(p_); }
 
-void BatchBuffer::reserve(size_t cap) {
+void AlignedBuffer::reserve(size_t cap) {
     if (cap <= cap_) return;
-    cap = (cap + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    // A buffer of whole huge pages, aligned to them: first touched, it
+    // faults once per 2 MiB (advise_huge_pages).
+    const size_t align = cap >= kHugePage ? kHugePage : kDirectAlign;
+    cap = (cap + align - 1) / align * align;
     void* p = nullptr;
-    if (::posix_memalign(&p, kDirectAlign, cap) != 0) throw std::bad_alloc();
+    if (::posix_memalign(&p, align, cap) != 0) throw std::bad_alloc();
+    advise_huge_pages(p, cap);
     if (size_) std::memcpy(p, p_, size_);
     std::free(p_);
     p_ = static_cast<char*>(p);
     cap_ = cap;
 }
 
-void BatchBuffer::append(std::string_view d) {
+void AlignedBuffer::append(std::string_view d) {
     if (size_ + d.size() > cap_) reserve(std::max(size_ + d.size(), cap_ * 2));
     std::memcpy(p_ + size_, d.data(), d.size());
     size_ += d.size();
 }
 
 Status PageWriter::write(uint64_t off, std::string_view data) {
+    // A batch never outgrows its buffer (one that grew would be a new,
+    // cold allocation): what does not fit goes into the next.
+    if (!cur_.runs.empty() && cur_.data.size() + data.size() > kBatch) {
+        if (Status st = hand_over(); !st) return st;
+    }
     if (!cur_.runs.empty() && cur_.runs.back().first + cur_.runs.back().second == off)
         cur_.runs.back().second += data.size();
     else
         cur_.runs.emplace_back(off, data.size());
-    if (cur_.data.capacity() < kBatch) cur_.data.reserve(kBatch + data.size());
+    if (cur_.data.capacity() < kBatch) cur_.data.reserve(kBatch);
     cur_.data.append(data);
     if (cur_.data.size() >= kBatch) return hand_over();
     return {};
@@ -268,7 +281,10 @@ void PageWriter::run() {
         busy_s_ += seconds_since(t0);
         if (err && !error_) error_ = std::move(err);
         b.data.clear();
-        if (spare_.size() < 2) spare_.push_back(std::move(b.data));
+        // Every buffer is kept for reuse (at most kDepth + 2 exist): freeing
+        // one lets the allocator hand its pages back to the kernel, and the
+        // next batch would fault in cold memory again.
+        spare_.push_back(std::move(b.data));
     }
 }
 

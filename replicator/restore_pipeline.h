@@ -58,6 +58,42 @@ private:
     uint64_t checked_ = 0;  // growth up to here needs no new check
 };
 
+// ---- buffers ----
+//
+// A download part or a batch of pages: a byte buffer aligned to
+// kDirectAlign (O_DIRECT writes take it as it is) and, from 2 MiB on, to
+// whole transparent huge pages. A restore fills tens of MiB of such
+// buffers once; on a VM that hands idle memory back to its host each first
+// touch of a 4 KiB page is a host fault (docs/BENCHMARKS.md, "Restore vs a
+// plain GET"), and a fresh process such as bottomless-cli pays it for every
+// buffer: one fault per 2 MiB instead of 512 (a 100 MiB restore: 24 000
+// minor faults -> 5 000). The buffers are reused, never regrown in place.
+class AlignedBuffer {
+public:
+    AlignedBuffer() = default;
+    AlignedBuffer(AlignedBuffer&& o) noexcept : p_(o.p_), size_(o.size_), cap_(o.cap_) { o.p_ = nullptr, o.size_ = o.cap_ = 0; }
+    AlignedBuffer& operator=(AlignedBuffer&& o) noexcept;
+    AlignedBuffer(const AlignedBuffer&) = delete;
+    AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+    ~AlignedBuffer();
+    // Grows the capacity to at least cap (copying what it holds); from
+    // 2 MiB on, whole huge pages aligned to them (advise_huge_pages).
+    void reserve(size_t cap);
+    void append(std::string_view d);
+    void clear() { size_ = 0; }
+    const char* data() const { return p_; }
+    operator std::string_view() const { return {p_, size_}; }
+    size_t size() const { return size_; }
+    size_t capacity() const { return cap_; }
+
+private:
+    char* p_ = nullptr;  // aligned to kDirectAlign (posix_memalign), or null
+    size_t size_ = 0, cap_ = 0;
+};
+
+constexpr size_t kDirectAlign = 4096;
+constexpr size_t kHugePage = size_t{2} << 20;
+
 // ---- the download: ordered, parallel, bounded ----
 //
 // A restore needs its objects in order (the snapshot's parts, then segment
@@ -86,9 +122,9 @@ public:
     OrderedFetcher& operator=(const OrderedFetcher&) = delete;
 
     // Job i's body (jobs are taken in order: 0, 1, 2, ...).
-    Result<std::string> take(size_t i);
+    Result<AlignedBuffer> take(size_t i);
     // Gives a taken body's buffer back for a later job.
-    void recycle(std::string&& buf);
+    void recycle(AlignedBuffer&& buf);
     // Abandons what is left (in-flight transfers stop at their next bytes) and joins.
     void stop();
     double busy_seconds() {
@@ -113,8 +149,8 @@ private:
     std::condition_variable cv_;  // a job finished or was taken, or stop
     size_t next_ = 0;             // the next job to start
     size_t taken_ = 0;            // jobs before this one were taken
-    std::map<size_t, Result<std::string>> done_;
-    std::vector<std::string> spare_;  // buffers of taken jobs, for the next ones
+    std::map<size_t, Result<AlignedBuffer>> done_;
+    std::vector<AlignedBuffer> spare_;  // buffers of taken jobs, for the next ones
     double busy_s_ = 0, wait_s_ = 0;
     std::vector<std::thread> threads_;  // owned by the thread that made the fetcher
 };
@@ -125,7 +161,8 @@ private:
 // pages coalesced into one pwrite) and goes on decoding while this thread
 // copies them into the page cache. Batches are written in the order given,
 // so a segment's page lands after the snapshot's page it replaces. Memory:
-// kDepth batches in the queue, one being filled, one being written.
+// kDepth batches in the queue, one being filled, one being written; their
+// buffers are reused, never freed until the end.
 // (Starting the write-back early with sync_file_range was measured: no
 // faster at 1 GiB, and it made the decoder wait on the writer; without it
 // the final fsync overlaps the integrity check instead.)
@@ -138,27 +175,6 @@ private:
 // each first touch costs a host fault (docs/BENCHMARKS.md "Restore vs a
 // plain GET"). Anything else, or a file system refusing O_DIRECT, goes
 // through fd.
-class BatchBuffer {
-public:
-    BatchBuffer() = default;
-    BatchBuffer(BatchBuffer&& o) noexcept : p_(o.p_), size_(o.size_), cap_(o.cap_) { o.p_ = nullptr, o.size_ = o.cap_ = 0; }
-    BatchBuffer& operator=(BatchBuffer&& o) noexcept;
-    BatchBuffer(const BatchBuffer&) = delete;
-    BatchBuffer& operator=(const BatchBuffer&) = delete;
-    ~BatchBuffer();
-    void reserve(size_t cap);
-    void append(std::string_view d);
-    void clear() { size_ = 0; }
-    const char* data() const { return p_; }
-    size_t size() const { return size_; }
-    size_t capacity() const { return cap_; }
-
-private:
-    char* p_ = nullptr;  // aligned to kDirectAlign (posix_memalign), or null
-    size_t size_ = 0, cap_ = 0;
-};
-
-constexpr size_t kDirectAlign = 4096;
 
 class PageWriter {
 public:
@@ -182,7 +198,7 @@ private:
     static constexpr size_t kDepth = 4;
 
     struct Batch {
-        BatchBuffer data;
+        AlignedBuffer data;
         std::vector<std::pair<uint64_t, size_t>> runs;  // (file offset, length), laid end to end in data
     };
 
@@ -196,7 +212,7 @@ private:
     std::mutex mu_;               // guards everything below but thread_
     std::condition_variable cv_;  // the queue changed, or closed_
     std::deque<Batch> queue_;
-    std::vector<BatchBuffer> spare_;  // written batches' buffers, for reuse
+    std::vector<AlignedBuffer> spare_;  // written batches' buffers, for reuse
     bool closed_ = false;
     std::optional<Error> error_;
     double busy_s_ = 0;

@@ -3,6 +3,7 @@
 
 #include <malloc.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -89,6 +90,18 @@ void release_free_memory() noexcept {
     int64_t prev = last_ms.load();
     if (now_ms - prev < 500 || !last_ms.compare_exchange_strong(prev, now_ms)) return;
     ::malloc_trim(0);
+#endif
+}
+
+void advise_huge_pages(void* p, size_t n) noexcept {
+#if defined(MADV_HUGEPAGE)
+    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + n) & ~(kHuge - 1);
+    if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)n;
 #endif
 }
 

@@ -46,6 +46,14 @@ int64_t now_us();
 // bytes stayed within it. At most twice a second process-wide (it walks
 // every arena); a no-op without glibc.
 void release_free_memory() noexcept;
+// Asks the kernel to back the whole 2 MiB pages inside [p, p+n) with
+// transparent huge pages (madvise MADV_HUGEPAGE; a hint, errors ignored).
+// For large buffers a restore fills once and that are still untouched: a
+// first touch then costs one fault per 2 MiB instead of 512, which on a VM
+// whose idle memory went back to the host halves the cost of cold memory
+// (80 MiB: 260 -> 140 ms here). Only whole huge pages inside the range
+// are advised; the kernel's THP setting "never" makes it a no-op.
+void advise_huge_pages(void* p, size_t n) noexcept;
 // "2026-12-01T04:51:40.330301Z" (UTC, microseconds), or "unknown" for <= 0.
 std::string fmt_time_us(int64_t us);
 // "2026-12-01 04:51:40.330301" (UTC, for tables; parse_time_us reads it
