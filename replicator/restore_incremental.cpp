@@ -1,7 +1,8 @@
 // Incremental restore (restore.h, restore_incremental()): proving that a
 // local copy belongs to the history, then applying only the segments after
 // its position, through a WAL journal checkpointed by SQLite or onto a
-// duplicate of the file. Uses the restore pipeline (restore_pipeline.h).
+// duplicate of the file. Uses the restore pipeline (restore_pipeline.h);
+// across generations, the page diff and the bridge (restore_incremental.h).
 #include "replicator/restore.h"
 
 #include <fcntl.h>
@@ -9,19 +10,16 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cstring>
-#include <random>
-#include <thread>
 
+#include "replicator/restore_incremental.h"
 #include "replicator/restore_pipeline.h"
 #include "replicator/sqlite_api.h"
 #include "replicator/state_file.h"
 #include "replicator/util.h"
 #include "replicator/wal.h"
 #include "s3/crypto.h"
-#include "s3/log.h"
 
 namespace bottomless::replicator {
 
@@ -41,6 +39,10 @@ using restore_detail::SegmentPlan;
 using restore_detail::SpaceGuard;
 using restore_detail::TmpFile;
 using restore_detail::apply_segments;
+using restore_detail::bridge_to_snapshot;
+using restore_detail::diff_against_index;
+using restore_detail::kDiffWorkers;
+using restore_detail::PageDiff;
 using restore_detail::write_restored_note;
 
 namespace {
@@ -137,135 +139,6 @@ private:
     uint32_t held_pgno_ = 0;
     std::string held_;          // the newest page, not yet written
 };
-
-// A format-2 snapshot's pages that differ from the copy's (docs/FORMAT.md
-// "Page index"): its index from one ranged GET of the object's tail, the
-// copy's pages hashed from the local file, and the frames to fetch in runs
-// of adjacent frames of at most kRun bytes, one GET each (many small GETs
-// in flight: kDiffWorkers).
-constexpr int kDiffWorkers = 16;
-
-struct PageDiff {
-    PageIndex index;
-    std::vector<uint8_t> differs;                     // by page number (0 unused)
-    std::vector<std::pair<uint32_t, uint32_t>> runs;  // frames [first, second) fetched by one GET
-    uint64_t run_bytes() const;                       // what the runs download
-};
-
-// The runs of frames holding the pages `differs` marks.
-void plan_runs(PageDiff& d);
-
-Result<PageDiff> diff_against_index(s3::Client& client, const std::string& bucket, const std::string& key,
-                                    const RestoreTarget& target, int fd, uint32_t copy_pages,
-                                    const std::optional<std::string>& copy_digests, RestoreResult& res) {
-    const SnapshotHeader& h = target.snapshot;
-    const uint64_t size = target.snapshot_bytes, tail = page_index_tail_size(h);
-    if (tail > size)
-        return not_incremental(key + " is " + std::to_string(size) + " bytes, too small for the page index its header declares");
-    auto t = client.get_object(bucket, key, s3::ByteRange{size - tail, tail}, nullptr, tail);
-    if (!t) {
-        Error e = std::move(t).error();
-        if (e.kind == ErrorKind::NotFound)
-            e = make_error(ErrorKind::Corrupt, "snapshot " + key + " disappeared during the restore", "MissingSnapshot");
-        return e;
-    }
-    res.bytes_downloaded += t->size();
-    auto idx = parse_page_index(*t, size, h, key);
-    if (!idx) return not_incremental("the page index of " + key + " is unusable (" + idx.error().message + ")");
-    PageDiff d;
-    d.index = std::move(*idx);
-    d.differs.assign(uint64_t{h.db_pages} + 1, 0);
-    const auto tc = Clock::now();
-    const uint32_t ps = h.page_size, common = std::min(copy_pages, h.db_pages);
-    res.pages_compared = common;
-    // The restore that wrote the copy left its pages' digests: trusted as
-    // far as the note is (size, mtime, inode), and spot-checked against
-    // page 1 and 16 pages at random (a change that kept the mtime).
-    std::optional<std::string> digests_ok = copy_digests;
-    if (digests_ok && common > 0) {
-        std::string page(ps, '\0');
-        std::mt19937 rng(std::random_device{}());
-        for (int i = 0; i <= 16 && digests_ok; ++i) {
-            const uint32_t p = i == 0 ? 1 : 1 + static_cast<uint32_t>(rng() % common);
-            if (!pread_full(fd, page.data(), ps, uint64_t{p - 1} * ps) ||
-                page_hash(page) != std::string_view(*digests_ok).substr(uint64_t{p - 1} * kPageHashSize, kPageHashSize)) {
-                log::warn("the page digests beside the copy do not match its page " + std::to_string(p) +
-                          ": the copy is read and hashed instead");
-                digests_ok.reset();
-            }
-        }
-    }
-    res.compared_with = digests_ok ? "digests" : "file";
-    if (digests_ok)
-        for (uint32_t p = 1; p <= common; ++p)
-            if (std::string_view(*digests_ok).substr(uint64_t{p - 1} * kPageHashSize, kPageHashSize) != d.index.hash(p))
-                d.differs[p] = 1;
-    // Else SHA-256, ~1.5 GB/s a core: the copy is hashed by several
-    // threads, each over its own stripes of 1 MiB (`differs` has a byte per
-    // page, so no two threads write the same byte).
-    const uint32_t per = std::max<uint32_t>(1, (1u << 20) / ps);
-    const uint32_t stripes = common == 0 || digests_ok ? 0 : (common - 1) / per + 1;
-    const unsigned threads = std::max(1u, std::min({std::thread::hardware_concurrency(), 4u, stripes}));
-    std::atomic<uint32_t> next{0};
-    std::atomic<int> read_errno{0};
-    auto hash_stripes = [&]() noexcept {
-        try {  // nothing may escape a thread (bad_alloc, a failing hash)
-            std::string buf(uint64_t{per} * ps, '\0');
-            for (uint32_t st; (st = next.fetch_add(1)) < stripes && read_errno.load() == 0;) {
-                const uint32_t p = st * per + 1, n = std::min(per, common - p + 1);
-                if (!pread_full(fd, buf.data(), uint64_t{n} * ps, uint64_t{p - 1} * ps)) {
-                    read_errno = errno ? errno : EIO;
-                    return;
-                }
-                for (uint32_t i = 0; i < n; ++i)
-                    if (page_hash(std::string_view(buf).substr(uint64_t{i} * ps, ps)) != d.index.hash(p + i))
-                        d.differs[p + i] = 1;
-            }
-        } catch (...) {
-            read_errno = ENOMEM;
-        }
-    };
-    {
-        std::vector<std::jthread> pool;  // joined on every way out
-        try {
-            for (unsigned t = 1; t < threads; ++t) pool.emplace_back(hash_stripes);
-        } catch (...) {  // fewer threads: the others (and this one) take the stripes
-        }
-        hash_stripes();
-    }
-    if (read_errno)
-        return make_error(ErrorKind::Io, "cannot read the copy to compare its pages: " + errno_text(read_errno),
-                          "ReadFailed");
-    for (uint64_t p = uint64_t{common} + 1; p <= h.db_pages; ++p) d.differs[p] = 1;
-    res.timings.compare = seconds_since(tc);
-    plan_runs(d);
-    return d;
-}
-
-void plan_runs(PageDiff& d) {
-    constexpr uint64_t kRun = 1ull << 20;
-    const uint32_t db_pages = static_cast<uint32_t>(d.differs.size() - 1);
-    d.runs.clear();
-    for (uint32_t f = 0; f < d.index.frames(); ++f) {
-        const uint32_t first = f * d.index.frame_pages + 1, last = std::min(first + d.index.frame_pages - 1, db_pages);
-        bool need = false;
-        for (uint32_t p = first; p <= last && !need; ++p) need = d.differs[p] != 0;
-        if (!need) continue;
-        // One frame not needed between two that are: fetched through rather
-        // than a GET more (a GET's latency against at most one frame's bytes).
-        if (!d.runs.empty() && d.runs.back().second + 1 >= f &&
-            d.index.frame_offset[f + 1] - d.index.frame_offset[d.runs.back().first] <= kRun)
-            d.runs.back().second = f + 1;
-        else
-            d.runs.emplace_back(f, f + 1);
-    }
-}
-
-uint64_t PageDiff::run_bytes() const {
-    uint64_t n = 0;
-    for (const auto& [f0, f1] : runs) n += index.frame_offset[f1] - index.frame_offset[f0];
-    return n;
-}
 
 bool nonempty(const std::string& path) {
     struct stat st{};
@@ -598,136 +471,10 @@ Result<RestoreResult> restore_incremental(s3::Client& client, const std::string&
             if (auto sp = space.reserve(off + page.size(), what); !sp) return sp;
             return writer.write(off, page);
         };
-        // The bridge: the segments of the copy's generation after the copy,
-        // up to the one its child continued from, then those of each later
-        // generation up to where its child continued (each from its own
-        // snapshot, whose trailer its first segment names), when they cost
-        // less than the frames (their bytes, plus kGetCost a GET: latency).
-        // The pages they write are checked against the index like the
-        // copy's: one that does not match (a snapshot holding more than its
-        // parent's segments, e.g. frames a crash kept from being shipped) is
-        // fetched from the frames after all, so the result is the snapshot
-        // either way.
-        auto bridge = [&]() -> Status {
-            constexpr uint64_t kGetCost = 64u << 10;
-            struct Hop {
-                const GenerationView* g;
-                SegmentPlan plan;
-                RestoreResult from;  // where the hop starts: the copy's note, or the generation's snapshot
-            };
-            std::vector<Hop> hops;
-            uint64_t bytes = 0, gets = 0, segments = 0;
-            for (const auto& [gi, up_to] : lineage) {
-                const GenerationView& g = history[gi];
-                const bool copy_gen = gi == copy_index;
-                Hop h{&g, {}, {}};
-                h.plan.generation = g.info.id;
-                h.plan.first_seq = copy_gen ? note.seq + 1 : 1;
-                h.plan.last_seq = up_to;
-                h.plan.skip_txns = copy_gen ? note.next_txns : 0;
-                h.plan.onto_copy = copy_gen;
-                if (copy_gen) {
-                    h.from.seq = note.seq;
-                    h.from.next_txns = note.next_txns;
-                    h.from.position = note.position;
-                    h.from.last_sha256 = note.prev_sha256;
-                    h.from.page_size = note.page_size;
-                    h.from.db_pages = note.db_pages;
-                } else {
-                    // Its own snapshot starts it: same page size, readable
-                    // without a key (the target's is plaintext), listed.
-                    const auto& sh = g.snapshot;
-                    if (!sh || sh->page_size != note.page_size || sh->encryption) return {};
-                    h.from.position = sh->position;
-                    h.from.page_size = sh->page_size;
-                    h.from.db_pages = sh->db_pages;
-                    if (h.plan.first_seq > h.plan.last_seq) continue;  // nothing of it is needed
-                    ++gets;  // its trailer, below
-                }
-                h.from.generation = g.info.id;
-                for (uint64_t seq = h.plan.first_seq; seq <= h.plan.last_seq; ++seq) {
-                    const uint64_t n = g.size_of(segment_key(db_id, g.info.id, seq));
-                    if (n == 0) return {};  // pruned since (or never there): the frames, then
-                    bytes += n;
-                    ++gets;
-                    ++segments;
-                }
-                hops.push_back(std::move(h));
-            }
-            if (segments == 0 || bytes + kGetCost * gets >= diff->run_bytes() + kGetCost * diff->runs.size()) return {};
-            std::vector<FetchJob> jobs;
-            for (auto& h : hops) {
-                if (h.plan.onto_copy) continue;
-                // The trailer its first segment must name: one ranged GET.
-                const std::string key = snapshot_key(db_id, h.g->info.id);
-                auto t = read_trailer_hex(client, bucket, key, h.g->size_of(key));
-                if (!t) {
-                    res.bridge_fallback = "the snapshot trailer of " + h.g->info.id + " cannot be read (" +
-                                          t.error().message + "): the new snapshot's frames instead";
-                    log::warn(res.bridge_fallback);
-                    return {};
-                }
-                res.bytes_downloaded += 32;
-                h.from.last_sha256 = std::move(*t);
-            }
-            uint64_t after = 0;  // the target generation's segments, for progress
-            for (uint64_t seq = 1; seq <= target.last_seq; ++seq)
-                after += history[target.index].size_of(segment_key(db_id, target.generation, seq));
-            for (auto& h : hops) {
-                h.plan.first_job = jobs.size();
-                h.plan.total = res.bytes_downloaded + bytes + after;
-                for (uint64_t seq = h.plan.first_seq; seq <= h.plan.last_seq; ++seq)
-                    jobs.push_back({segment_key(db_id, h.g->info.id, seq), std::nullopt, max_segment_object_size()});
-            }
-            const int workers = std::max(1, options.parallel);
-            OrderedFetcher fetcher(client, bucket, std::move(jobs), workers, static_cast<size_t>(workers) + 2,
-                                   options.cancel);
-            const uint32_t pages = target.snapshot.db_pages;
-            std::vector<uint8_t> bridged(uint64_t{pages} + 1, 0);
-            Status st;
-            uint64_t transactions = 0;
-            for (auto& h : hops) {
-                const std::string what = "the segments of " + h.g->info.id;
-                h.plan.sink = [&](uint32_t pgno, std::string_view page) -> Status {
-                    if (pgno > pages) return {};  // past the new snapshot's end: truncated anyway
-                    bridged[pgno] = 1;
-                    diff->differs[pgno] = page_hash(page) != diff->index.hash(pgno);  // the last write decides
-                    return put(pgno, page, what);
-                };
-                h.from.bytes_downloaded = res.bytes_downloaded;  // progress counts on from there
-                st = apply_segments(fetcher, writer, space, db_id, h.plan, options, h.from);
-                res.timings.decode += h.from.timings.decode;
-                res.bytes_downloaded = h.from.bytes_downloaded;
-                transactions += h.from.transactions;
-                if (!st) break;
-            }
-            fetcher.stop();
-            res.timings.download += fetcher.busy_seconds();
-            res.timings.download_wait += fetcher.wait_seconds();
-            if (!st) {
-                const Error& e = st.error();
-                // What the bucket gave could not be used (pruned since the
-                // listing, damaged, encrypted with a key not given, refused
-                // or failing): the frames instead. `differs` already judges
-                // every page by what was written last (a page written before
-                // the failure that matches the snapshot stays). A copy the
-                // chain refuses, a local failure or a cancel ends here.
-                if (e.code == "NotIncremental" || e.kind == ErrorKind::Io || e.kind == ErrorKind::Cancelled) return st;
-                res.bridge_fallback = "the segments of " + note.generation + " and after, from the copy on, cannot be used (" +
-                                      e.message + "): the new snapshot's frames instead";
-                log::warn(res.bridge_fallback);
-                plan_runs(*diff);
-                return {};
-            }
-            res.bridge_segments = segments;
-            res.bridge_generations = hops.size();
-            res.bridge_transactions = transactions;
-            res.bridge_pages = static_cast<uint64_t>(std::count(bridged.begin(), bridged.end(), uint8_t{1}));
-            plan_runs(*diff);
-            return {};
-        };
         if (diff && !lineage.empty())
-            if (Status b = bridge(); !b) {
+            if (Status b = bridge_to_snapshot({client, bucket, db_id, history, target, options, note, copy_index, lineage},
+                                              *diff, writer, space, put, res);
+                !b) {
                 (void)writer.finish();
                 return b;
             }
