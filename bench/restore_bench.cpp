@@ -7,8 +7,10 @@
 // of both into a file with each --integrity-check mode, the same restore
 // through bottomless-cli (its peak RSS), a plain parallel GET of the same
 // objects (same parallelism, 8 MiB ranged GETs written at their offsets into
-// files, then fsync), and curl fetching every object of the plaintext
-// generation over one kept-alive connection (presigned URLs).
+// files, then fsync), curl fetching every object of the plaintext
+// generation over one kept-alive connection (presigned URLs), and curl -Z
+// fetching the same 8 MiB ranges as the parallel GET, --parallel at once,
+// each into a file (then sync): a fresh process like bottomless-cli.
 // Prints medians, ratios to the plain parallel GET, and where a restore's
 // time goes (download, decode, write, fsync, check).
 //
@@ -271,15 +273,22 @@ int main(int argc, char** argv) {
     auto objects = client.list_all(bucket, replicator::generation_prefix("plain.db", gen));
     if (!objects) die(objects.error().describe());
     uint64_t bytes = 0;
-    std::string cfg = dir + "/urls.cfg", cfg_files = dir + "/urls-files.cfg";
+    std::string cfg = dir + "/urls.cfg", cfg_files = dir + "/urls-files.cfg", cfg_parts = dir + "/urls-parts.cfg";
     {
-        std::ofstream out(cfg), out_files(cfg_files);
-        int i = 0;
+        std::ofstream out(cfg), out_files(cfg_files), out_parts(cfg_parts);
+        int i = 0, part = 0;
         for (const auto& o : *objects) {
             bytes += o.size;
             std::string url = client.presign("GET", bucket, o.key, std::chrono::seconds(3600));
             out << "url = \"" << url << "\"\noutput = /dev/null\n";
             out_files << "url = \"" << url << "\"\noutput = " << dir << "/obj" << i++ << "\n";
+            // The plain parallel GET from a fresh process, as the CLI is one:
+            // the same 8 MiB ranges, each to a file of its own ("next": a
+            // range applies to the URL it follows, not to every URL).
+            constexpr uint64_t kPart = 8ull << 20;
+            for (uint64_t off = 0; off < o.size; off += kPart, ++part)
+                out_parts << (part ? "next\n" : "") << "fail\nurl = \"" << url << "\"\nrange = " << off << "-" << std::min(o.size, off + kPart) - 1
+                          << "\noutput = " << dir << "/part" << part << "\n";
         }
     }
     double mb = static_cast<double>(bytes) / (1 << 20);
@@ -291,11 +300,12 @@ int main(int argc, char** argv) {
 
     // One round: every variant once, in an order that rotates from round to
     // round, so the page cache, write-back and server hiccups favour none.
-    enum Variant { kFull, kQuick, kNone, kCli, kGet, kEnc, kCurl, kCurlFiles, kNoneBuffered, kVariants };
+    enum Variant { kFull, kQuick, kNone, kCli, kGet, kEnc, kCurl, kCurlFiles, kNoneBuffered, kCurlParallel, kVariants };
     const char* names[kVariants] = {"restore, integrity_check", "restore, quick_check", "restore, no check (default)",
                                     "bottomless-cli restore", "plain parallel GET + fsync",
                                     "restore, encrypted, no check", "curl, 1 connection, /dev/null",
-                                    "curl, 1 connection, files + sync", "restore, no check, page cache"};
+                                    "curl, 1 connection, files + sync", "restore, no check, page cache",
+                                    "curl -Z, 8 MiB parts + sync"};
     // kNoneBuffered: the default restore with its pages written through the
     // page cache instead of O_DIRECT (RestoreOptions::direct_writes), the A/B.
     std::vector<int> variants = {kFull, kQuick, kNone, kNoneBuffered, kGet};
@@ -304,6 +314,7 @@ int main(int argc, char** argv) {
     if (!std::getenv("BENCH_NO_CURL")) {
         variants.push_back(kCurl);
         variants.push_back(kCurlFiles);
+        variants.push_back(kCurlParallel);
     }
     std::map<int, std::vector<double>> secs;
     std::map<int, std::vector<Timings>> splits;
@@ -343,8 +354,10 @@ int main(int argc, char** argv) {
                 for (size_t i = 0; i < objects->size(); ++i) std::filesystem::remove(dir + "/get" + std::to_string(i));
             } else {
                 auto t0 = Clock::now();
-                std::string cmd = v == kCurl ? "curl -sS --fail -K " + cfg
-                                             : "curl -sS --fail -K " + cfg_files + " && sync -f " + dir;
+                std::string cmd = v == kCurl       ? "curl -sS --fail -K " + cfg
+                                  : v == kCurlFiles ? "curl -sS --fail -K " + cfg_files + " && sync -f " + dir
+                                                    : "curl -sS --no-progress-meter --fail -Z --parallel-max " + std::to_string(parallel) +
+                                                          " -K " + cfg_parts + " && sync -f " + dir;
                 if (std::system(cmd.c_str()) != 0) die("curl failed");
                 t = since(t0);
             }
@@ -372,6 +385,13 @@ int main(int argc, char** argv) {
                     *hi);
         if (v == kCli) std::printf("  peak RSS %.0f MiB", median(cli_rss));
         std::printf("\n");
+    }
+    if (!secs[kCli].empty() && !secs[kCurlParallel].empty()) {
+        // Both fresh processes (exec, libraries, cold buffers): the CLI's
+        // like-for-like baseline, the ratio per round, then its median.
+        std::vector<double> r;
+        for (size_t i = 0; i < secs[kCli].size(); ++i) r.push_back(secs[kCurlParallel][i] / secs[kCli][i]);
+        std::printf("bottomless-cli vs curl -Z (both fresh processes): ratio %.2f\n", median(r));
     }
     for (int v : {kFull, kQuick, kNone, kNoneBuffered, kEnc})
         if (!splits[v].empty()) print_split(names[v], median_timings(splits[v]));
