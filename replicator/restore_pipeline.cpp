@@ -3,12 +3,14 @@
 #include "replicator/restore_pipeline.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -85,16 +87,21 @@ Result<AlignedBuffer> OrderedFetcher::take(size_t i) {
     const auto t0 = Clock::now();
     std::unique_lock lock(mu_);
     if (!cancel_) {
-        cv_.wait(lock, [&] { return done_.count(i) > 0; });
+        cv_.wait(lock, [&] { return done_.count(i) > 0 || out_of_memory_.load(); });
     } else {
         // Nobody notifies a cancel: look at it every few milliseconds.
-        while (!cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return done_.count(i) > 0 || cancel_->load(); })) {
+        while (!cv_.wait_for(lock, std::chrono::milliseconds(20),
+                             [&] { return done_.count(i) > 0 || cancel_->load() || out_of_memory_.load(); })) {
         }
         // A transfer the cancel stopped failed as a local write: say why.
         if (cancel_->load()) {
             wait_s_ += seconds_since(t0);
             return make_error(ErrorKind::Cancelled, "the restore was cancelled", "RestoreCancelled");
         }
+    }
+    if (done_.count(i) == 0) {  // out_of_memory_: this job never came
+        wait_s_ += seconds_since(t0);
+        return make_error(ErrorKind::Io, "out of memory while downloading (" + jobs_[i].key + ")", "OutOfMemory");
     }
     Result<AlignedBuffer> r = std::move(done_.at(i));
     done_.erase(i);
@@ -134,18 +141,19 @@ void OrderedFetcher::run() {
         }
         const FetchJob& job = jobs_[i];
         const auto t0 = Clock::now();
-        Result<AlignedBuffer> r = make_error(ErrorKind::Io, "out of memory downloading " + job.key, "OutOfMemory");
-        try {  // nothing may escape a thread: a buffer that cannot grow fails this job
+        try {  // nothing may escape a thread (a buffer that cannot grow: bad_alloc)
             if (job.range && job.range->length) body.reserve(*job.range->length);
             BufferSink sink(body, stop_, cancel_);
             auto got = client_.get_object_to_sink(bucket_, job.key, sink, job.range, job.max_bytes);
-            r = got ? Result<AlignedBuffer>(std::move(body)) : Result<AlignedBuffer>(std::move(got).error());
-        } catch (const std::bad_alloc&) {
-        }
-        {
+            Result<AlignedBuffer> r = got ? Result<AlignedBuffer>(std::move(body)) : Result<AlignedBuffer>(std::move(got).error());
             std::lock_guard lock(mu_);
             busy_s_ += seconds_since(t0);
             done_.emplace(i, std::move(r));
+        } catch (...) {
+            // Out of memory: the whole download stops, and take() says so
+            // for a job that never came (the message is made there).
+            out_of_memory_.store(true);
+            stop_.store(true);
         }
         cv_.notify_all();
     }
@@ -153,9 +161,42 @@ void OrderedFetcher::run() {
 
 // ---- PageWriter ----
 
+namespace {
+
+// From 2 MiB on a buffer is a mapping of its own, aligned to huge pages and
+// advised to use them: the advice dies with the mapping (memory from
+// malloc would keep it after the free, and a host process's heap would
+// turn eligible for huge pages). Smaller ones come from malloc.
+char* allocate_aligned(size_t cap) {
+    if (cap < kHugePage) {
+        void* p = nullptr;
+        if (::posix_memalign(&p, kDirectAlign, cap) != 0) throw std::bad_alloc();
+        return static_cast<char*>(p);
+    }
+    const size_t len = cap + kHugePage;  // room to align the start
+    void* m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    const uintptr_t base = reinterpret_cast<uintptr_t>(m);
+    const uintptr_t start = (base + kHugePage - 1) & ~(uintptr_t{kHugePage} - 1);
+    if (start > base) ::munmap(m, start - base);
+    if (base + len > start + cap) ::munmap(reinterpret_cast<void*>(start + cap), base + len - (start + cap));
+    advise_huge_pages(reinterpret_cast<void*>(start), cap);
+    return reinterpret_cast<char*>(start);
+}
+
+void free_aligned(char* p, size_t cap) noexcept {
+    if (!p) return;
+    if (cap >= kHugePage)
+        ::munmap(p, cap);
+    else
+        std::free(p);
+}
+
+}  // namespace
+
 AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& o) noexcept {
     if (this != &o) {
-        std::free(p_);
+        free_aligned(p_, cap_);
         p_ = o.p_;
         size_ = o.size_;
         cap_ = o.cap_;
@@ -165,24 +206,24 @@ AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& o) noexcept {
     return *this;
 }
 
-AlignedBuffer::~AlignedBuffer() { std::free(p_); }
+AlignedBuffer::~AlignedBuffer() { free_aligned(p_, cap_); }
 
 void AlignedBuffer::reserve(size_t cap) {
     if (cap <= cap_) return;
-    // A buffer of whole huge pages, aligned to them: first touched, it
-    // faults once per 2 MiB (advise_huge_pages).
+    // Whole huge pages from 2 MiB on (first touched, one fault per 2 MiB),
+    // else whole 4 KiB pages.
     const size_t align = cap >= kHugePage ? kHugePage : kDirectAlign;
+    if (cap > SIZE_MAX / 2) throw std::bad_alloc();
     cap = (cap + align - 1) / align * align;
-    void* p = nullptr;
-    if (::posix_memalign(&p, align, cap) != 0) throw std::bad_alloc();
-    advise_huge_pages(p, cap);
+    char* p = allocate_aligned(cap);
     if (size_) std::memcpy(p, p_, size_);
-    std::free(p_);
-    p_ = static_cast<char*>(p);
+    free_aligned(p_, cap_);
+    p_ = p;
     cap_ = cap;
 }
 
 void AlignedBuffer::append(std::string_view d) {
+    if (d.empty()) return;  // (a null buffer takes no memcpy, even of 0 bytes)
     if (size_ + d.size() > cap_) reserve(std::max(size_ + d.size(), cap_ * 2));
     std::memcpy(p_ + size_, d.data(), d.size());
     size_ += d.size();

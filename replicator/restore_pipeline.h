@@ -145,6 +145,7 @@ private:
     const std::vector<FetchJob> jobs_;
     const size_t window_;
     std::atomic<bool> stop_{false};
+    std::atomic<bool> out_of_memory_{false};  // a download thread could not go on: all stop
     const std::atomic<bool>* const cancel_;  // the caller's, may be null
     std::mutex mu_;               // guards everything below but threads_
     std::condition_variable cv_;  // a job finished or was taken, or stop
@@ -179,7 +180,10 @@ private:
 
 class PageWriter {
 public:
-    explicit PageWriter(int fd, int direct_fd = -1) : fd_(fd), direct_fd_(direct_fd), thread_([this] { run(); }) {}
+    explicit PageWriter(int fd, int direct_fd = -1) : fd_(fd), direct_fd_(direct_fd) {
+        spare_.reserve(kDepth + 2);  // every buffer that can exist: keeping one never allocates
+        thread_ = std::thread([this] { run(); });
+    }
     ~PageWriter() { (void)finish(); }
     PageWriter(const PageWriter&) = delete;
     PageWriter& operator=(const PageWriter&) = delete;
@@ -217,7 +221,7 @@ private:
     bool closed_ = false;
     std::optional<Error> error_;
     double busy_s_ = 0;
-    std::thread thread_;  // last: starts once the members above exist
+    std::thread thread_;  // started by the constructor, once the members above exist
 };
 
 // Hashes the snapshot's parts on its own thread while the decoder decodes
