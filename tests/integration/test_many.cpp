@@ -445,20 +445,33 @@ TEST_CASE("the process-wide request cap holds for many databases writing at once
     CHECK(st["request_budget"]["requests_last_minute"].get<uint64_t>() >= static_cast<uint64_t>(total) * 9 / 10);
 
     // Database 0 shows its error; every other one kept replicating after the
-    // deletion, and restores to what it holds.
+    // deletion, and restores to what it holds. Each of them ships after the
+    // deletion: most do within the 6 s above, all must within 30 s of the
+    // writers' end (what they hold is owed). Under TSan on a loaded 2-core
+    // machine the cap shared by 24 writing databases left some (database 0
+    // among them) without a turn at the 6 s mark (max_lag_ms 6 400-8 200).
+    int went_on = 0;
+    uint64_t throttled = 0;
+    const auto settle_by = Clock::now() + std::chrono::seconds(30);
+    for (;;) {
+        st = process_status(plain.get());
+        went_on = 0;
+        throttled = 0;
+        for (int i = 1; i < kDbs; ++i) {
+            auto s = nlohmann::json::parse(query_text(dbs[i].get(), "SELECT bottomless_status()"));
+            went_on += s["segments_uploaded"].get<uint64_t>() > segments_at_delete[i];
+            throttled += s["requests_throttled"].get<uint64_t>();
+            CHECK(s["last_error"].is_null());
+        }
+        if ((went_on == kDbs - 1 && st["failing"].size() == 1) || Clock::now() > settle_by) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    INFO(st.dump());
     REQUIRE(st["failing"].size() == 1);
     CHECK(st["failing"][0]["database"].get<std::string>() == dir.file("db0"));
     CHECK(st["failing"][0]["last_error"].get<std::string>().find("NoSuchBucket") != std::string::npos);
     auto doomed_status = nlohmann::json::parse(query_text(dbs[0].get(), "SELECT bottomless_status()"));
     CHECK(doomed_status["last_error"].get<std::string>().find("NoSuchBucket") != std::string::npos);
-    int went_on = 0;
-    uint64_t throttled = 0;
-    for (int i = 1; i < kDbs; ++i) {
-        auto s = nlohmann::json::parse(query_text(dbs[i].get(), "SELECT bottomless_status()"));
-        went_on += s["segments_uploaded"].get<uint64_t>() > segments_at_delete[i];
-        throttled += s["requests_throttled"].get<uint64_t>();
-        CHECK(s["last_error"].is_null());
-    }
     CHECK(went_on == kDbs - 1);
     CHECK(throttled > 0);
     for (int i = 1; i < kDbs; ++i) query_text(dbs[i].get(), "SELECT bottomless_flush(60000)");
