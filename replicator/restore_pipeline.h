@@ -88,7 +88,7 @@ public:
     size_t capacity() const { return cap_; }
 
 private:
-    char* p_ = nullptr;  // aligned to kDirectAlign (posix_memalign), or null
+    char* p_ = nullptr;  // posix_memalign (kDirectAlign), from kHugePage on mmap (aligned to it), or null
     size_t size_ = 0, cap_ = 0;
 };
 
