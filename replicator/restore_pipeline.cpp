@@ -159,7 +159,7 @@ void OrderedFetcher::run() {
     }
 }
 
-// ---- PageWriter ----
+// ---- AlignedBuffer ----
 
 namespace {
 
@@ -228,6 +228,8 @@ void AlignedBuffer::append(std::string_view d) {
     std::memcpy(p_ + size_, d.data(), d.size());
     size_ += d.size();
 }
+
+// ---- PageWriter ----
 
 Status PageWriter::write(uint64_t off, std::string_view data) {
     // A batch never outgrows its buffer (one that grew would be a new,
