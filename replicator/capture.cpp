@@ -330,7 +330,7 @@ Status Replicator::capture_range(const WalHeader& hdr, uint64_t from, uint64_t t
         frames.clear();
         txns.clear();
         pos = captured_;
-        if (!file.read(hdr.page_size, from, to, frames))
+        if (!file.read(hdr.page_size, from, to, frames, tee_))
             return Status(make_error(ErrorKind::Corrupt, "WAL frames " + std::to_string(from) + ".." +
                                                              std::to_string(to) + " are missing or short",
                                      "WalShort"));
@@ -361,11 +361,13 @@ Status Replicator::capture_range(const WalHeader& hdr, uint64_t from, uint64_t t
 bool Replicator::fits_in_memory(const WalHeader& hdr, uint64_t from, uint64_t to) {
     // Frames taken from the tee only change hands; frames read from the WAL
     // add to the memory held, which stays within held_limit (the cap less
-    // room for one encoded segment).
+    // room for one encoded segment). They are read into the tee's spare
+    // buffers first (counted in memory_bytes, not in held_bytes), so the
+    // spares do not count here.
     if (tee_.holds(hdr.salt1, hdr.salt2, from, to)) return true;
     const uint64_t need = (to - from + 1) * Tee::frame_bytes(hdr.page_size);
     const uint64_t limit = held_limit(config_);
-    const uint64_t held = memory_bytes();
+    const uint64_t held = held_bytes();
     if (held + need <= limit) return true;
     // Pending transactions or a segment under way free room as they ship.
     if (!pending_.empty() || inflight_) return false;
@@ -515,7 +517,7 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
         pos = captured_;
         if (frame > from && !(from_tee && tee_.take(hdr->salt1, hdr->salt2, from, frame - 1, frames))) {
             if (from_tee) return make_error(ErrorKind::Corrupt, "not in the tee", "TeeMiss");
-            if (!wal.read(page_size, from, frame - 1, frames))
+            if (!wal.read(page_size, from, frame - 1, frames, tee_))
                 return make_error(ErrorKind::Corrupt, "WAL frames before " + std::to_string(frame) + " are missing",
                                   "WalShort");
             wal_frames_read_.fetch_add(frame - from);

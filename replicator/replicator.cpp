@@ -183,7 +183,10 @@ void Replicator::watch_leave() noexcept {
 
 Replicator::Replicator(std::string path, ReplicatorConfig config)
     : path_(std::move(path)), wal_path_(path_ + "-wal"), state_path_(path_ + "-bottomless"),
-      config_(std::move(config)), tee_(held_limit(config_)) {
+      config_(std::move(config)), tee_(held_limit(config_), held_limit(config_)) {
+    // Spares may fill the tee's whole share: with a segment's worth (the
+    // first limit tried) the writer still spent ~8 % of its time allocating
+    // fresh pages while a backlog cycled (write_bench, NORMAL, 1 writer).
     s3::ClientConfig c = config_.s3;
     // A sync commit must not outlive its timeout inside the client's retries.
     if (config_.sync) c.retry.max_elapsed = std::min(c.retry.max_elapsed, config_.sync_timeout);
@@ -393,6 +396,7 @@ std::string Replicator::status_json() const {
     // Frames kept as they were written (tee.h), and frames the uploader had
     // to read back from the WAL because the tee lacked them.
     j["tee_bytes"] = tee_.bytes();
+    j["spare_page_bytes"] = tee_.spare_bytes();  // page buffers kept for reuse (tee.h), in memory_bytes
     // Memory held for unshipped frames now and at its highest since the
     // open (tee, pending transactions, the segment under way): never above
     // max_pending_bytes (docs/CONFIG.md).

@@ -388,14 +388,16 @@ private:
 
     // Memory held for this database's unshipped frames (docs/CONFIG.md,
     // max_pending_bytes): the tee, pending transactions and the segment
-    // being encoded or uploaded, all counted against the cap.
+    // being encoded or uploaded (held_bytes), and the tee's spare page
+    // buffers (memory_bytes), all counted against the cap.
     // segment_limit: the most page bytes cut into one segment
     // (batch_max_bytes, at most a quarter of the cap). held_limit: what the
     // tee and pending transactions may fill; the rest of the cap is kept for
     // the encoded copy of one segment (its frames are already counted).
     static uint64_t segment_limit(const ReplicatorConfig& c);
     static uint64_t held_limit(const ReplicatorConfig& c);
-    uint64_t memory_bytes() const { return tee_.bytes() + pending_bytes_.load() + segment_bytes_.load(); }
+    uint64_t held_bytes() const { return tee_.bytes() + pending_bytes_.load() + segment_bytes_.load(); }
+    uint64_t memory_bytes() const { return held_bytes() + tee_.spare_bytes(); }
     void note_memory() noexcept;  // raises memory_peak_ (and trim_peak_) to memory_bytes()
     void maybe_release_memory() noexcept;
     // The generation cannot go on (forked, or removed from the bucket):

@@ -42,9 +42,26 @@ Tee::Epoch& Tee::newest_for(uint32_t salt1, uint32_t salt2, uint32_t page_size) 
 void Tee::erase_frames(Epoch& e, std::map<uint64_t, TeeFrame>::iterator from,
                        std::map<uint64_t, TeeFrame>::iterator to) {
     uint64_t freed = 0;
-    for (auto it = from; it != to; ++it) freed += kWalFrameHeaderSize + e.page_size;
+    for (auto it = from; it != to; ++it) {
+        freed += kWalFrameHeaderSize + e.page_size;
+        // The page becomes a spare: memory held falls by its header either way.
+        keep_spare_locked(it->second.page);
+    }
     e.frames.erase(from, to);
     bytes_.fetch_sub(std::min(freed, bytes_.load(std::memory_order_relaxed)), std::memory_order_relaxed);
+}
+
+void Tee::keep_spare_locked(std::string& page) noexcept {
+    const uint64_t size = page.size();
+    if (size == 0 || (!spares_.empty() && spares_.back().size() != size) ||
+        spare_bytes_.load(std::memory_order_relaxed) + size > spare_cap_)
+        return;
+    try {
+        spares_.push_back(std::move(page));
+        spare_bytes_.fetch_add(size, std::memory_order_relaxed);
+    } catch (...) {
+        // Not kept: freed with its frame.
+    }
 }
 
 void Tee::write(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes) noexcept {
@@ -98,7 +115,7 @@ void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t 
                         hole_upto_.store(i, std::memory_order_relaxed);
                 } else {
                     TeeFrame f;
-                    f.page.resize(page_size);
+                    f.page = page_buffer_locked(page_size);
                     it = e->frames.emplace(i, std::move(f)).first;
                     bytes_.fetch_add(fsz, std::memory_order_relaxed);
                 }
@@ -119,6 +136,57 @@ void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t 
         p += len;
         off += len;
         n -= len;
+    }
+}
+
+std::string Tee::page_buffer_locked(uint32_t page_size) {
+    if (!spares_.empty() && spares_.back().size() == page_size) {
+        std::string page = std::move(spares_.back());
+        spares_.pop_back();
+        spare_bytes_.fetch_sub(page_size, std::memory_order_relaxed);
+        return page;
+    }
+    return std::string(page_size, '\0');
+}
+
+std::string Tee::page_buffer(uint32_t page_size) {
+    std::lock_guard lock(mu_);
+    return page_buffer_locked(page_size);
+}
+
+void Tee::recycle(std::vector<std::string>& pages, uint64_t other_bytes) noexcept {
+    if (pages.empty()) return;
+    {
+        std::lock_guard lock(mu_);
+        const uint64_t size = pages.front().size();
+        if (!spares_.empty() && spares_.back().size() != size) {
+            spares_.clear();  // the page size changed (VACUUM): the old spares are of no use
+            spare_bytes_.store(0, std::memory_order_relaxed);
+        }
+        const uint64_t spare = spare_bytes_.load(std::memory_order_relaxed);
+        const uint64_t used = bytes_.load(std::memory_order_relaxed) + spare + other_bytes;
+        uint64_t room = std::min(spare_cap_ > spare ? spare_cap_ - spare : 0, cap_ > used ? cap_ - used : 0);
+        size_t keep = size == 0 ? 0 : static_cast<size_t>(std::min<uint64_t>(room / size, pages.size()));
+        try {
+            spares_.reserve(spares_.size() + keep);
+        } catch (...) {
+            keep = 0;
+        }
+        for (size_t i = 0; i < keep; ++i) {
+            if (pages[i].size() != size) continue;
+            spares_.push_back(std::move(pages[i]));
+            spare_bytes_.fetch_add(size, std::memory_order_relaxed);
+        }
+    }
+    pages.clear();  // the rest is freed outside the lock
+}
+
+void Tee::drop_spares() noexcept {
+    std::vector<std::string> freed;
+    {
+        std::lock_guard lock(mu_);
+        freed.swap(spares_);
+        spare_bytes_.store(0, std::memory_order_relaxed);
     }
 }
 

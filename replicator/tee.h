@@ -29,6 +29,19 @@
 // the room to read older ones; an epoch whose end a WAL restart has been
 // promised is pinned against that (pin()).
 //
+// Page buffers are reused: once a segment is encoded its pages come back
+// (recycle()) as spares for the next frames and for frames read back from
+// the WAL (page_buffer()), so that a writer copying a frame in neither
+// allocates nor first-touches memory. Without that, each frame was a fresh
+// 4 KiB allocation on the writer's thread, freed by the uploader's, and
+// the allocator's trim handed those pages back to the kernel between
+// segments: the writer spent a third of its time in malloc and page faults
+// (docs/BENCHMARKS.md). Spares are kept only while the tee, the spares and
+// what the replicator holds stay within the limit (and within the spare
+// limit), as are the pages of frames the tee forgets without handing them
+// over (trimmed, shed); drop_spares() frees them when a database has
+// nothing left to ship.
+//
 // Thread safety: one mutex, held for a copy or a map operation, never for
 // I/O. write() is noexcept: a tee that cannot keep a frame forgets it.
 #pragma once
@@ -54,7 +67,9 @@ struct TeeFrame {
 
 class Tee {
 public:
-    explicit Tee(uint64_t limit_bytes) : cap_(limit_bytes) {}
+    // `spare_limit_bytes`: the most bytes of spare page buffers kept.
+    explicit Tee(uint64_t limit_bytes, uint64_t spare_limit_bytes = 0)
+        : cap_(limit_bytes), spare_cap_(spare_limit_bytes) {}
 
     // A successful write of `n` bytes at offset `off` of the WAL, whose
     // pages are `page_size` bytes. `other_bytes`: memory the replicator
@@ -82,6 +97,17 @@ public:
     // Frames kept in memory count kWalFrameHeaderSize + page_size each.
     static uint64_t frame_bytes(uint32_t page_size) { return kWalFrameHeaderSize + uint64_t{page_size}; }
 
+    // A buffer of `page_size` bytes for a page (a spare when there is one;
+    // its contents are then stale, to be overwritten).
+    std::string page_buffer(uint32_t page_size);
+    // Pages done with (their segment is encoded): kept as spares while they
+    // fit (see above), the rest freed. `other_bytes` as in write(). Leaves
+    // `pages` empty.
+    void recycle(std::vector<std::string>& pages, uint64_t other_bytes) noexcept;
+    // Frees every spare buffer.
+    void drop_spares() noexcept;
+    uint64_t spare_bytes() const { return spare_bytes_.load(std::memory_order_relaxed); }
+
     // Frees at least `need` bytes, if it can, by forgetting frames after
     // `after` of the newest epoch, if that is (salt1, salt2) and not pinned
     // (newest first; they become a hole: the WAL still holds them, since it
@@ -105,14 +131,20 @@ private:
     Epoch& newest_for(uint32_t salt1, uint32_t salt2, uint32_t page_size);  // creates it when new
     void erase_frames(Epoch& e, std::map<uint64_t, TeeFrame>::iterator from, std::map<uint64_t, TeeFrame>::iterator to);
     void write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes);
+    std::string page_buffer_locked(uint32_t page_size);
+    // Keeps `page` (a frame's, forgotten) as a spare if the spare limit allows.
+    void keep_spare_locked(std::string& page) noexcept;
 
     const uint64_t cap_;
+    const uint64_t spare_cap_;
     mutable std::mutex mu_;
     uint32_t last_salt1_ = 0, last_salt2_ = 0;  // of the last frame header written: its page follows
     std::deque<Epoch> epochs_;  // oldest first; back() is the WAL's current epoch as far as the tee knows
     std::atomic<uint64_t> bytes_{0};
     std::atomic<uint64_t> hole_upto_{0};  // the newest epoch's last dropped frame (0: none; max: unknown)
     std::optional<std::pair<uint32_t, uint32_t>> pinned_;  // guarded by mu_: salts of the pinned epoch
+    std::vector<std::string> spares_;                      // guarded by mu_: page buffers, all one size
+    std::atomic<uint64_t> spare_bytes_{0};                 // their bytes (written under mu_)
 };
 
 }  // namespace bottomless::replicator

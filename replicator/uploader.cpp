@@ -269,12 +269,25 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         f.bytes = encode_segment(f.header, frames, &f.sha256, cipher_.get());
         segment_bytes_ = bytes + f.bytes.size();  // both held until the frames go
         note_memory();
+        // The pages become the tee's spares for the next frames (tee.h).
+        std::vector<std::string> pages;
+        try {
+            pages.reserve(frames.size());
+            for (auto& fr : frames) pages.push_back(std::move(fr.page));
+        } catch (const std::bad_alloc&) {
+            // Not kept: freed with `frames` below.
+        }
         frames.clear();
         frames.shrink_to_fit();
+        // Kept before the pages stop counting in segment_bytes_: a writer
+        // would otherwise take that room for a new page first.
+        tee_.recycle(pages, pending_bytes_.load() + f.bytes.size());
         segment_bytes_ = f.bytes.size();
         lock.lock();
         inflight_ = std::move(f);
         if (!pending_.empty()) first_pending_time_ = Clock::now();
+        // Nothing left to ship: a database that went quiet keeps no spares.
+        else if (tee_.bytes() == 0) tee_.drop_spares();
     }
 }
 
