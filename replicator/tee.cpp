@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
 
 namespace bottomless::replicator {
 
@@ -105,7 +106,15 @@ void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t 
             e = find(last_salt1_, last_salt2_);  // the rest of a frame whose header came just before
         }
         if (e && e->page_size == page_size) {
-            auto it = e->frames.find(i);
+            // SQLite appends: a frame's header is a new last frame, its page
+            // goes to the last frame. Both without a walk down the map (two
+            // lookups per frame in a map of ~10 000 cost the writer ~6 %).
+            auto it = e->frames.end();
+            if (!e->frames.empty()) {
+                auto last = std::prev(e->frames.end());
+                if (last->first == i) it = last;
+                else if (last->first > i) it = e->frames.find(i);  // a frame rewritten in place
+            }
             if (it == e->frames.end() && within == 0) {
                 const uint64_t mine = bytes_.load(std::memory_order_relaxed) + fsz;
                 // Behind a hole, half the limit stays free for the frames the
@@ -116,7 +125,7 @@ void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t 
                 } else {
                     TeeFrame f;
                     f.page = page_buffer_locked(page_size);
-                    it = e->frames.emplace(i, std::move(f)).first;
+                    it = e->frames.emplace_hint(e->frames.end(), i, std::move(f));
                     bytes_.fetch_add(fsz, std::memory_order_relaxed);
                 }
             }

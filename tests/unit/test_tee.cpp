@@ -78,6 +78,24 @@ TEST_CASE("the tee places frames written in pieces and takes them by range", "[t
     }
     CHECK(tee.bytes() == 0);
     CHECK_FALSE(tee.holds(kSalt1, kSalt2, 1, 1));
+
+    // Out of order: a frame between two held ones, and a page written
+    // before its header, each land in their own frame.
+    write_frame(tee, 4, '4');
+    write_frame(tee, 6, '6');
+    write_frame(tee, 5, '5');
+    const std::string page7(kPage, '7'), header7 = frame_header(7);
+    tee.write(offset_of(7) + kWalFrameHeaderSize, reinterpret_cast<const unsigned char*>(page7.data()), kPage,
+              kPage, 0);  // no frame 7 yet: not kept (a frame starts at its header)
+    tee.write(offset_of(7), reinterpret_cast<const unsigned char*>(header7.data()), header7.size(), kPage, 0);
+    tee.write(offset_of(7) + kWalFrameHeaderSize, reinterpret_cast<const unsigned char*>(page7.data()), kPage,
+              kPage, 0);
+    frames.clear();
+    REQUIRE(tee.take(kSalt1, kSalt2, 4, 7, frames));
+    for (uint64_t i = 4; i <= 7; ++i) {
+        CHECK(std::string(reinterpret_cast<const char*>(frames[i - 4].header), kWalFrameHeaderSize) == frame_header(i));
+        CHECK(frames[i - 4].page == std::string(kPage, static_cast<char>('0' + i)));
+    }
 }
 
 TEST_CASE("past its limit the tee keeps no frame and records a hole", "[tee]") {
