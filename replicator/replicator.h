@@ -319,6 +319,7 @@ private:
         std::string bytes;
         std::string sha256;
         uint64_t commit_index = 0;
+        std::chrono::steady_clock::time_point cut_at{};  // when its frames were cut from pending (encoding began)
     };
 
     // All below run with upload_mu_ held (`lock`); the upload functions also
@@ -396,6 +397,12 @@ private:
     // the encoded copy of one segment (its frames are already counted).
     static uint64_t segment_limit(const ReplicatorConfig& c);
     static uint64_t held_limit(const ReplicatorConfig& c);
+    // The batch deadline less the time the recent segments took from being
+    // cut to durable (encoding and the PUT; at most a quarter of the
+    // interval): a batch is then durable about batch_interval after its
+    // oldest commit, rather than that plus its own upload.
+    std::chrono::microseconds batch_wait() const;
+    void note_ship_time(std::chrono::steady_clock::duration cut_to_durable) noexcept;
     uint64_t held_bytes() const { return tee_.bytes() + pending_bytes_.load() + segment_bytes_.load(); }
     uint64_t memory_bytes() const { return held_bytes() + tee_.spare_bytes(); }
     void note_memory() noexcept;  // raises memory_peak_ (and trim_peak_) to memory_bytes()
@@ -467,6 +474,7 @@ private:
     std::atomic<bool> foreign_writer_{false};
     std::atomic<uint64_t> durable_salts_{0};   // salt1 << 32 | salt2 of durable_, for the shm hooks
     std::atomic<uint64_t> durable_frame_{0};   // durable_.frame, for the shm hooks
+    std::atomic<int64_t> ship_lead_us_{0};  // batch_wait(): cut-to-durable time of recent segments, averaged
     std::atomic<int64_t> oldest_unshipped_us_{0};  // commit time of the oldest commit not yet durable (0: none)
     std::atomic<uint64_t> wal_bytes_{0};           // highest WAL offset written since the last restart
     std::atomic<bool> wal_over_budget_{false};     // warned about this WAL epoch's size already

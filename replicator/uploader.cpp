@@ -63,6 +63,21 @@ uint64_t Replicator::held_limit(const ReplicatorConfig& c) {
     return c.max_pending_bytes > 2 * reserve ? c.max_pending_bytes - reserve : c.max_pending_bytes / 2;
 }
 
+std::chrono::microseconds Replicator::batch_wait() const {
+    const auto interval = std::chrono::duration_cast<std::chrono::microseconds>(config_.batch_interval);
+    const auto lead = std::min(std::chrono::microseconds(ship_lead_us_.load(std::memory_order_relaxed)), interval / 4);
+    return interval - lead;
+}
+
+void Replicator::note_ship_time(Clock::duration cut_to_durable) noexcept {
+    // A moving average over about the last 4 segments; a slow one (a
+    // retry, a large backlog) moves it by a quarter, and batch_wait()
+    // caps what it takes off the interval.
+    const int64_t us = std::chrono::duration_cast<std::chrono::microseconds>(cut_to_durable).count();
+    const int64_t old = ship_lead_us_.load(std::memory_order_relaxed);
+    ship_lead_us_.store(old == 0 ? us : (3 * old + us) / 4, std::memory_order_relaxed);
+}
+
 void Replicator::note_memory() noexcept {
     const uint64_t now = memory_bytes();
     uint64_t peak = memory_peak_.load(std::memory_order_relaxed);
@@ -199,6 +214,7 @@ Status Replicator::upload_inflight(Lock& lock) {
     }
     WalPosition end = f.header.end;
     uint64_t idx = f.commit_index;
+    if (f.cut_at != Clock::time_point{}) note_ship_time(Clock::now() - f.cut_at);
     inflight_.reset();
     segment_bytes_ = 0;
     mark_durable(end, idx);
@@ -220,12 +236,13 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         if (pending_.empty()) return {};
         if (generation_.empty() || need_snapshot_) return {};  // the next snapshot covers them
         bool due = force || pending_bytes_ >= seg_limit ||
-                   Clock::now() - first_pending_time_ >= config_.batch_interval;
+                   Clock::now() - first_pending_time_ >= batch_wait();
         if (!due) return {};
         if (Clock::now() > deadline)
             return make_error(ErrorKind::Cancelled, "deadline passed before everything was shipped", "Timeout");
 
         InFlight f;
+        f.cut_at = Clock::now();
         f.header.db_id = config_.db_id;
         f.header.generation = generation_;
         f.header.seq = seq_ + 1;
@@ -426,7 +443,7 @@ Clock::time_point Replicator::pool_step() noexcept {
         // step was scheduled for it): ship what is pending now, unless the
         // database is backing off after a failure.
         const int64_t oldest = oldest_unshipped_us_.load();
-        const int64_t batch_us = std::chrono::duration_cast<std::chrono::microseconds>(config_.batch_interval).count();
+        const int64_t batch_us = batch_wait().count();
         if (!force && Clock::now() >= retry_after_ && oldest > 0 && now_us() - oldest >= batch_us) force = true;
         guarded_step(lock, force);
         const auto due = next_due();
@@ -454,12 +471,12 @@ Clock::time_point Replicator::next_due() {
         if (::stat(path_.c_str(), &st) == 0 && st.st_size > 0) due = now + poll;
     }
     if (noted_index_.load() > durable_index_.load() || !pending_.empty() || inflight_) {
-        // The batch deadline: batch_interval after the oldest unshipped
+        // The batch deadline: batch_wait() after the oldest unshipped
         // commit, or now when a segment's worth waits.
         auto batch = now;
         const int64_t oldest = oldest_unshipped_us_.load();
         if (oldest > 0 && unshipped_bytes_.load() < segment_limit(config_))
-            batch = now + std::chrono::microseconds(oldest - now_us()) + config_.batch_interval;
+            batch = now + std::chrono::microseconds(oldest - now_us()) + batch_wait();
         if (batch <= now) batch = now + poll;  // this step was at or past it: look again shortly
         due = std::min(due, batch);
     }
@@ -473,7 +490,7 @@ Clock::time_point Replicator::next_due() {
 void Replicator::schedule_commit() noexcept {
     if (!pool_member_) return;
     try {
-        // A batch ships batch_interval after its first commit, or at once
+        // A batch ships batch_wait() after its first commit, or at once
         // when it fills a segment. Later commits of the batch find the step
         // scheduled earlier already: one atomic load.
         const auto now = Clock::now();
@@ -484,7 +501,7 @@ void Replicator::schedule_commit() noexcept {
         // txn/s under synchronous=NORMAL fell from 0.96x to 0.74x of plain
         // WAL (write_bench, A/B against the thread per database).
         const auto soon = std::min<std::chrono::milliseconds>(config_.batch_interval / 4, std::chrono::milliseconds(250));
-        pool_member_->schedule(unshipped_bytes_.load() >= segment_limit(config_) ? now + soon : now + config_.batch_interval);
+        pool_member_->schedule(unshipped_bytes_.load() >= segment_limit(config_) ? now + soon : now + batch_wait());
     } catch (...) {
         // Out of memory in the pool's queue: the next flush, commit or
         // close ships it.
