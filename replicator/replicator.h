@@ -403,6 +403,11 @@ private:
     // oldest commit, rather than that plus its own upload.
     std::chrono::microseconds batch_wait() const;
     void note_ship_time(std::chrono::steady_clock::duration cut_to_durable) noexcept;
+    // Every commit noted is durable and nothing waits to ship (upload_mu_
+    // held): the tee's spare pages can go (freed outside the locks).
+    bool nothing_to_ship_locked() const {
+        return pending_.empty() && !inflight_ && durable_index_.load() >= noted_index_.load();
+    }
     uint64_t held_bytes() const { return tee_.bytes() + pending_bytes_.load() + segment_bytes_.load(); }
     uint64_t memory_bytes() const { return held_bytes() + tee_.spare_bytes(); }
     void note_memory() noexcept;  // raises memory_peak_ (and trim_peak_) to memory_bytes()

@@ -428,7 +428,7 @@ Status Replicator::take_snapshot(Lock& lock) {
 
 Result<std::string> Replicator::snapshot_now() {
     if (!enabled_) return make_error(ErrorKind::InvalidArgument, "replication is off for this database (skip)", "Disabled");
-    std::lock_guard net(net_mu_);
+    std::unique_lock net(net_mu_);
     Lock lock(upload_mu_);
     request_snapshot("requested by bottomless_snapshot()");
     // A read torn by a WAL restart that began just before the snapshot (or
@@ -443,7 +443,12 @@ Result<std::string> Replicator::snapshot_now() {
     }
     if (!st) return std::move(st).error();
     if (need_snapshot_) return make_error(ErrorKind::InvalidArgument, "the database is empty: nothing to snapshot", "Empty");
-    return generation_;
+    std::string generation = generation_;
+    const bool quiet = nothing_to_ship_locked();
+    lock.unlock();
+    net.unlock();
+    if (quiet) tee_.drop_spares();  // the snapshot took what the tee held (pool_step does the same)
+    return generation;
 }
 
 }  // namespace bottomless::replicator

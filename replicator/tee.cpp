@@ -165,7 +165,7 @@ std::string Tee::page_buffer(uint32_t page_size) {
 
 void Tee::recycle(std::vector<std::string>& pages, uint64_t other_bytes) noexcept {
     if (pages.empty()) return;
-    {
+    try {
         std::lock_guard lock(mu_);
         const uint64_t size = pages.front().size();
         if (!spares_.empty() && spares_.back().size() != size) {
@@ -186,18 +186,23 @@ void Tee::recycle(std::vector<std::string>& pages, uint64_t other_bytes) noexcep
             spares_.push_back(std::move(pages[i]));
             spare_bytes_.fetch_add(size, std::memory_order_relaxed);
         }
+    } catch (...) {
+        // The lock failed: nothing kept.
     }
     pages.clear();  // the rest is freed outside the lock
 }
 
 void Tee::drop_spares() noexcept {
+    if (spare_bytes_.load(std::memory_order_relaxed) == 0) return;
     std::vector<std::string> freed;
-    {
+    try {
         std::lock_guard lock(mu_);
         freed.swap(spares_);
         spare_bytes_.store(0, std::memory_order_relaxed);
+    } catch (...) {
+        // The lock failed: they stay, freed with the tee.
     }
-}
+}  // freed here, outside the lock
 
 bool Tee::holds(uint32_t salt1, uint32_t salt2, uint64_t from, uint64_t to) const {
     std::lock_guard lock(mu_);

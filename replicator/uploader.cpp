@@ -73,7 +73,11 @@ void Replicator::note_ship_time(Clock::duration cut_to_durable) noexcept {
     // A moving average over about the last 4 segments; a slow one (a
     // retry, a large backlog) moves it by a quarter, and batch_wait()
     // caps what it takes off the interval.
-    const int64_t us = std::chrono::duration_cast<std::chrono::microseconds>(cut_to_durable).count();
+    // Each sample is capped like the lead itself: a segment that waited out
+    // an outage must not shorten the batches that follow for long.
+    const int64_t cap = std::chrono::duration_cast<std::chrono::microseconds>(config_.batch_interval).count() / 4;
+    const int64_t us =
+        std::min(cap, std::chrono::duration_cast<std::chrono::microseconds>(cut_to_durable).count());
     const int64_t old = ship_lead_us_.load(std::memory_order_relaxed);
     ship_lead_us_.store(old == 0 ? us : (3 * old + us) / 4, std::memory_order_relaxed);
 }
@@ -303,8 +307,6 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         lock.lock();
         inflight_ = std::move(f);
         if (!pending_.empty()) first_pending_time_ = Clock::now();
-        // Nothing left to ship: a database that went quiet keeps no spares.
-        else if (tee_.bytes() == 0) tee_.drop_spares();
     }
 }
 
@@ -447,9 +449,14 @@ Clock::time_point Replicator::pool_step() noexcept {
         if (!force && Clock::now() >= retry_after_ && oldest > 0 && now_us() - oldest >= batch_us) force = true;
         guarded_step(lock, force);
         const auto due = next_due();
+        // Nothing left to ship (after a segment, a snapshot, a dropped
+        // generation): a database that went quiet keeps no spare pages.
+        const bool quiet = nothing_to_ship_locked();
         lock.unlock();
         net.unlock();
-        // Not under the locks: walking the allocator's arenas takes a while.
+        // Not under the locks: freeing up to the cap's worth of pages, and
+        // walking the allocator's arenas, take a while.
+        if (quiet) tee_.drop_spares();
         maybe_release_memory();
         return due;
     } catch (...) {

@@ -518,6 +518,47 @@ TEST_CASE("the tee ships what SQLite wrote without reading the WAL back", "[core
     CHECK(s.restored_hash("tee.db") == local);
 }
 
+TEST_CASE("pages are reused while writes go on, and a database that went quiet keeps none", "[core][tee]") {
+    register_bottomless();
+    Setup s;
+    Db db = open_db(s.uri("spares.db", "&batch_interval_ms=20"));
+    exec(db.get(), "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)");
+    query_text(db.get(), "SELECT bottomless_flush(30000)");
+    // Spares appear once segments are encoded, while the writer goes on.
+    uint64_t spares_seen = 0;
+    for (int i = 0; i < 3000 && spares_seen == 0; ++i) {
+        exec(db.get(), "INSERT INTO t(v) VALUES (randomblob(16000))");
+        if (i % 10 == 9) spares_seen = std::max(spares_seen, status(db.get())["spare_page_bytes"].get<uint64_t>());
+    }
+    CHECK(spares_seen > 0);
+    auto quiet_within = [&](std::chrono::seconds limit) {
+        const auto until = std::chrono::steady_clock::now() + limit;
+        for (;;) {
+            auto st = status(db.get());
+            if (st["spare_page_bytes"] == 0) return true;
+            if (std::chrono::steady_clock::now() > until) {
+                INFO(st.dump());
+                return false;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+    };
+    // Everything shipped: the spares are freed.
+    query_text(db.get(), "SELECT bottomless_flush(60000)");
+    CHECK(quiet_within(std::chrono::seconds(10)));
+    auto st = status(db.get());
+    CHECK(st["memory_bytes"].get<uint64_t>() == st["tee_bytes"].get<uint64_t>());  // no pending, no segment
+
+    // A snapshot that takes what the tee holds (no segment cut after it)
+    // frees them too.
+    for (int i = 0; i < 300; ++i) exec(db.get(), "INSERT INTO t(v) VALUES (randomblob(16000))");
+    query_text(db.get(), "SELECT bottomless_snapshot()");
+    CHECK(quiet_within(std::chrono::seconds(10)));
+    const std::string local = content_hash(db.get());
+    db.reset();
+    CHECK(s.restored_hash("spares.db") == local);
+}
+
 TEST_CASE("a sync commit takes its transaction's frames from the tee", "[core][tee]") {
     register_bottomless();
     Setup s;

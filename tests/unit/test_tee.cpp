@@ -87,6 +87,8 @@ TEST_CASE("the tee places frames written in pieces and takes them by range", "[t
     const std::string page7(kPage, '7'), header7 = frame_header(7);
     tee.write(offset_of(7) + kWalFrameHeaderSize, reinterpret_cast<const unsigned char*>(page7.data()), kPage,
               kPage, 0);  // no frame 7 yet: not kept (a frame starts at its header)
+    CHECK_FALSE(tee.holds(kSalt1, kSalt2, 7, 7));
+    CHECK(tee.bytes() == 3 * Tee::frame_bytes(kPage));
     tee.write(offset_of(7), reinterpret_cast<const unsigned char*>(header7.data()), header7.size(), kPage, 0);
     tee.write(offset_of(7) + kWalFrameHeaderSize, reinterpret_cast<const unsigned char*>(page7.data()), kPage,
               kPage, 0);
