@@ -348,7 +348,10 @@ void Follower::takeover_loop() {
                 return;
             }
         }
-        for (auto& f : live) f->try_take_over();
+        // A follower no connection holds any more (its process is closing
+        // the database, maybe exiting) does not take over.
+        for (auto& f : live)
+            if (f.use_count() > 1) f->try_take_over();
         live.clear();  // a follower's last reference may go here: its destructor runs on this thread
         std::this_thread::sleep_for(kTakeoverPoll);
     }

@@ -4,6 +4,7 @@
 #include "s3/http.h"
 
 #include <curl/curl.h>
+#include <openssl/crypto.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -47,6 +48,14 @@ std::string Response::header(std::string_view name) const {
 void global_init() {
     static std::once_flag once;
     std::call_once(once, [] {
+        // OpenSSL without its exit-time cleanup: our threads (the uploader
+        // pool, a follower's takeover thread) are detached and may still be
+        // hashing or initialising OpenSSL while the host process runs its
+        // exit handlers; OpenSSL's cleanup there freed its locks under such a
+        // thread (SIGSEGV in CRYPTO_THREAD_unlock, seen in a follower process
+        // exiting while it took over). The first initialisation in the
+        // process decides; the memory goes with the process.
+        OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, nullptr);
         if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) throw std::runtime_error("curl_global_init failed");
     });
 }

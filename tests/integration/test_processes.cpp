@@ -287,6 +287,7 @@ TEST_CASE("writers in several processes: one history, the latest restore equals 
             int status = 0;
             REQUIRE(::waitpid(pids[p], &status, 0) == pids[p]);
             INFO("run " << run << ", process " << p << ": " << log_of(s, static_cast<int>(p)));
+            INFO("signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0));
             CHECK(WIFEXITED(status));
             CHECK(WEXITSTATUS(status) == 0);
             CHECK_THAT(log_of(s, static_cast<int>(p)), Catch::Contains("flushed {"));
