@@ -175,19 +175,15 @@ void Tee::recycle(std::vector<std::string>& pages, uint64_t other_bytes) noexcep
         const uint64_t spare = spare_bytes_.load(std::memory_order_relaxed);
         const uint64_t used = bytes_.load(std::memory_order_relaxed) + spare + other_bytes;
         uint64_t room = std::min(spare_cap_ > spare ? spare_cap_ - spare : 0, cap_ > used ? cap_ - used : 0);
-        size_t keep = size == 0 ? 0 : static_cast<size_t>(std::min<uint64_t>(room / size, pages.size()));
-        try {
-            spares_.reserve(spares_.size() + keep);
-        } catch (...) {
-            keep = 0;
-        }
+        const size_t keep = size == 0 ? 0 : static_cast<size_t>(std::min<uint64_t>(room / size, pages.size()));
+        spares_.reserve(spares_.size() + keep);  // may throw: then nothing is kept
         for (size_t i = 0; i < keep; ++i) {
             if (pages[i].size() != size) continue;
             spares_.push_back(std::move(pages[i]));
             spare_bytes_.fetch_add(size, std::memory_order_relaxed);
         }
     } catch (...) {
-        // The lock failed: nothing kept.
+        // The lock or the reservation failed: nothing kept.
     }
     pages.clear();  // the rest is freed outside the lock
 }

@@ -70,11 +70,9 @@ std::chrono::microseconds Replicator::batch_wait() const {
 }
 
 void Replicator::note_ship_time(Clock::duration cut_to_durable) noexcept {
-    // A moving average over about the last 4 segments; a slow one (a
-    // retry, a large backlog) moves it by a quarter, and batch_wait()
-    // caps what it takes off the interval.
-    // Each sample is capped like the lead itself: a segment that waited out
-    // an outage must not shorten the batches that follow for long.
+    // A moving average over about the last 4 segments, each sample capped
+    // at a quarter interval like the lead itself: a segment that waited
+    // out an outage must not shorten the batches that follow for long.
     const int64_t cap = std::chrono::duration_cast<std::chrono::microseconds>(config_.batch_interval).count() / 4;
     const int64_t us =
         std::min(cap, std::chrono::duration_cast<std::chrono::microseconds>(cut_to_durable).count());
