@@ -26,8 +26,15 @@ constexpr std::chrono::seconds kSpareLinger{10};
 }  // namespace
 
 struct UploaderPool::Impl {
-    std::mutex mu;               // guards everything below and every member's queued_/rerun_/running_/left_/seq_
-    std::condition_variable cv;  // the queue changed, a step ended, a member left
+    std::mutex mu;  // guards everything below and every member's queued_/rerun_/running_/left_/seq_
+    // Idle workers wait on `work` until the queue's first due time: notified
+    // only when that time moves earlier (schedule()) or the last member
+    // leaves. Not at every step, join or leave: a worker woken for nothing
+    // runs on another core, and the process's next munmap (SQLite's and
+    // ours, at every close) then has to interrupt that core to flush its
+    // TLB; on a VM that doubled the CPU cost of closing an idle database.
+    std::condition_variable work;
+    std::condition_variable step_done;  // leave() waits on it for the member's running step
     // (due ticks, enqueue sequence, member): earliest first, FIFO among equals.
     std::set<std::tuple<int64_t, uint64_t, PoolMember*>> queue;
     unsigned base = 0;   // the base number of workers
@@ -107,9 +114,11 @@ void UploaderPool::schedule(PoolMember& m, Clock::time_point due) {
     if (m.queued_ != Clock::time_point::max()) s.queue.erase({PoolMember::ticks(m.queued_), m.seq_, &m});
     m.queued_ = due;
     m.seq_ = ++s.enqueued;
-    s.queue.emplace(PoolMember::ticks(due), m.seq_, &m);
+    const auto at = s.queue.emplace(PoolMember::ticks(due), m.seq_, &m).first;
     m.due_.store(PoolMember::ticks(due));
-    s.cv.notify_all();
+    // Idle workers sleep until the first due time: one of them must look
+    // again only when that is now earlier.
+    if (at == s.queue.begin()) s.work.notify_one();
 }
 
 void UploaderPool::leave(PoolMember& m) {
@@ -121,9 +130,9 @@ void UploaderPool::leave(PoolMember& m) {
     if (m.queued_ != Clock::time_point::max()) s.queue.erase({PoolMember::ticks(m.queued_), m.seq_, &m});
     m.queued_ = Clock::time_point::max();
     --s.members;
+    if (s.members == 0) s.work.notify_all();  // with no member left, the workers exit
     // The step under way uses the member's owner: wait for it to end.
-    s.cv.wait(lock, [&] { return !m.running_; });
-    s.cv.notify_all();  // with no member left, the workers exit
+    s.step_done.wait(lock, [&] { return !m.running_; });
 }
 
 void UploaderPool::worker(bool spare) {
@@ -139,8 +148,8 @@ void UploaderPool::worker(bool spare) {
                                          : Clock::time_point(Clock::duration(std::get<0>(*s.queue.begin())));
             if (spare) until = std::min(until, idle_since + kSpareLinger);
             ++s.idle;
-            if (until == Clock::time_point::max()) s.cv.wait(lock);
-            else s.cv.wait_until(lock, until);
+            if (until == Clock::time_point::max()) s.work.wait(lock);
+            else s.work.wait_until(lock, until);
             --s.idle;
             continue;
         }
@@ -178,11 +187,14 @@ void UploaderPool::worker(bool spare) {
                 m->due_.store(PoolMember::ticks(next));
             }
         }
-        s.cv.notify_all();  // leave() waits for running_; other workers for the queue
+        // leave() may wait for running_ (free when no one waits). The
+        // queue needs no notice: this worker looks at it next, and the
+        // others sleep until its first due time, which this requeue never
+        // moved earlier than a time they were not already woken for.
+        s.step_done.notify_all();
         idle_since = Clock::now();
     }
     --s.live;
-    s.cv.notify_all();
 }
 
 PoolStats UploaderPool::stats() {

@@ -703,3 +703,76 @@ TEST_CASE("the uploader pool runs the earliest due first, reruns on a wake, and 
         CHECK(steps.load() == base + 2);
     }
 }
+
+namespace {
+// Polls until `done` holds or `limit` passed; returns whether it held.
+template <class F>
+bool eventually(F done, std::chrono::milliseconds limit) {
+    const auto until = std::chrono::steady_clock::now() + limit;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() > until) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return true;
+}
+}  // namespace
+
+TEST_CASE("the uploader pool wakes a worker sleeping until a later due time for an earlier one", "[pool]") {
+    using Clock = std::chrono::steady_clock;
+    using namespace std::chrono_literals;
+    auto& pool = replicator::UploaderPool::instance();
+    std::atomic<int> late{0}, early{0};
+    auto a = pool.join(2, [&] {
+        ++late;
+        return Clock::time_point::max();
+    });
+    auto b = pool.join(2, [&] {
+        ++early;
+        return Clock::time_point::max();
+    });
+    // Idle workers sleep until the first due time: a's, 10 s away (replicator/pool.cpp).
+    a->schedule(Clock::now() + 10s);
+    std::this_thread::sleep_for(50ms);
+    // b's earlier time must wake one of them (not wait 10 s).
+    const auto asked = Clock::now();
+    b->wake();
+    REQUIRE(eventually([&] { return early.load() == 1; }, std::chrono::milliseconds(2000)));
+    CHECK(Clock::now() - asked < 1s);
+    CHECK(late.load() == 0);
+    a->leave();
+    b->leave();
+}
+
+TEST_CASE("the uploader pool serves 200 members rescheduling themselves while one never rests", "[pool]") {
+    using Clock = std::chrono::steady_clock;
+    using namespace std::chrono_literals;
+    auto& pool = replicator::UploaderPool::instance();
+    const size_t members_before = pool.stats().members;
+    constexpr int kMembers = 200;
+    std::vector<std::atomic<int>> counters(kMembers);
+    std::atomic<int> busy_runs{0};
+    std::vector<std::unique_ptr<replicator::PoolMember>> members;
+    // One member that always wants to run again at once.
+    auto busy = pool.join(2, [&] {
+        ++busy_runs;
+        std::this_thread::sleep_for(200us);
+        return Clock::now();
+    });
+    for (int i = 0; i < kMembers; ++i)
+        members.push_back(pool.join(2, [&, i] {
+            ++counters[static_cast<size_t>(i)];
+            return Clock::now() + 20ms;  // every 20 ms
+        }));
+    busy->wake();
+    for (auto& m : members) m->wake();
+    std::this_thread::sleep_for(1000ms);
+    // Each ran many times (ideally ~50) though the busy one never rested.
+    int least = INT32_MAX;
+    for (auto& c : counters) least = std::min(least, c.load());
+    INFO("least runs of a member: " << least << ", busy member's runs: " << busy_runs.load());
+    CHECK(least >= 5);
+    CHECK(busy_runs.load() >= 50);
+    busy->leave();
+    for (auto& m : members) m->leave();
+    CHECK(pool.stats().members == members_before);
+}
