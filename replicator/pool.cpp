@@ -27,13 +27,23 @@ constexpr std::chrono::seconds kSpareLinger{10};
 
 struct UploaderPool::Impl {
     std::mutex mu;  // guards everything below and every member's queued_/rerun_/running_/left_/seq_
-    // Idle workers wait on `work` until the queue's first due time: notified
-    // only when that time moves earlier (schedule()) or the last member
-    // leaves. Not at every step, join or leave: a worker woken for nothing
-    // runs on another core, and the process's next munmap (SQLite's and
-    // ours, at every close) then has to interrupt that core to flush its
-    // TLB; on a VM that doubled the CPU cost of closing an idle database.
+    // Idle workers wait on `work` until the queue's first due time (or for
+    // good when it is empty). One is notified only when a due time earlier
+    // than every sleeper's wake-up time is at the queue's front
+    // (wake_for_front), and all when the last member leaves. Not at
+    // every step, join or leave: a worker woken for nothing runs on another
+    // core, and the process's next munmap (SQLite's and ours, at every
+    // close) then has to interrupt that core to flush its TLB; on a VM that
+    // doubled the CPU cost of closing an idle database.
     std::condition_variable work;
+    std::multiset<int64_t> sleeping;  // the wake-up times (ticks) of the workers waiting on `work`; INT64_MAX: none
+    // Where the queue's front may have become due before every sleeper's
+    // wake-up time (a schedule(), a worker taking the front): one of them
+    // looks now. Without it, a due time queued behind a sleeper's (a step
+    // requeued by its worker) waited for that worker's next step.
+    void wake_for_front() {
+        if (!queue.empty() && !sleeping.empty() && std::get<0>(*queue.begin()) < *sleeping.begin()) work.notify_one();
+    }
     std::condition_variable step_done;  // leave() waits on it for the member's running step
     // (due ticks, enqueue sequence, member): earliest first, FIFO among equals.
     std::set<std::tuple<int64_t, uint64_t, PoolMember*>> queue;
@@ -114,11 +124,9 @@ void UploaderPool::schedule(PoolMember& m, Clock::time_point due) {
     if (m.queued_ != Clock::time_point::max()) s.queue.erase({PoolMember::ticks(m.queued_), m.seq_, &m});
     m.queued_ = due;
     m.seq_ = ++s.enqueued;
-    const auto at = s.queue.emplace(PoolMember::ticks(due), m.seq_, &m).first;
+    s.queue.emplace(PoolMember::ticks(due), m.seq_, &m);
     m.due_.store(PoolMember::ticks(due));
-    // Idle workers sleep until the first due time: one of them must look
-    // again only when that is now earlier.
-    if (at == s.queue.begin()) s.work.notify_one();
+    s.wake_for_front();
 }
 
 void UploaderPool::leave(PoolMember& m) {
@@ -148,13 +156,16 @@ void UploaderPool::worker(bool spare) {
                                          : Clock::time_point(Clock::duration(std::get<0>(*s.queue.begin())));
             if (spare) until = std::min(until, idle_since + kSpareLinger);
             ++s.idle;
+            const auto sleeper = s.sleeping.insert(until == Clock::time_point::max() ? INT64_MAX : PoolMember::ticks(until));
             if (until == Clock::time_point::max()) s.work.wait(lock);
             else s.work.wait_until(lock, until);
+            s.sleeping.erase(sleeper);
             --s.idle;
             continue;
         }
         PoolMember* m = std::get<2>(*s.queue.begin());
         s.queue.erase(s.queue.begin());
+        s.wake_for_front();  // the next due, if a sleeper would miss it
         m->queued_ = Clock::time_point::max();
         m->running_ = true;
         // Before the step reads the database's state: a schedule() from now
@@ -188,9 +199,8 @@ void UploaderPool::worker(bool spare) {
             }
         }
         // leave() may wait for running_ (free when no one waits). The
-        // queue needs no notice: this worker looks at it next, and the
-        // others sleep until its first due time, which this requeue never
-        // moved earlier than a time they were not already woken for.
+        // requeue needs no notice: this worker looks at the queue next (and
+        // wakes a sleeper, above, for what it does not take itself).
         s.step_done.notify_all();
         idle_since = Clock::now();
     }

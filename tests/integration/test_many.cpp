@@ -776,3 +776,40 @@ TEST_CASE("the uploader pool serves 200 members rescheduling themselves while on
     for (auto& m : members) m->leave();
     CHECK(pool.stats().members == members_before);
 }
+
+TEST_CASE("the uploader pool runs a step due while a worker is busy on an idle worker, not after the busy step", "[pool]") {
+    using Clock = std::chrono::steady_clock;
+    using namespace std::chrono_literals;
+    auto& pool = replicator::UploaderPool::instance();
+    // A far due time: the idle workers sleep until it.
+    auto far = pool.join(2, [] { return Clock::time_point::max(); });
+    far->schedule(Clock::now() + 60s);
+    // A database whose steps are long (a slow PUT) and come back 100 ms apart.
+    std::atomic<int> long_steps{0};
+    auto slow = pool.join(2, [&] {
+        std::this_thread::sleep_for(600ms);
+        ++long_steps;
+        return Clock::now() + 100ms;
+    });
+    std::atomic<int64_t> ran_at{0};
+    auto quick = pool.join(2, [&] {
+        ran_at = Clock::now().time_since_epoch().count();
+        return Clock::time_point::max();
+    });
+    std::this_thread::sleep_for(50ms);
+    slow->wake();
+    REQUIRE(eventually([&] { return long_steps.load() >= 1; }, std::chrono::milliseconds(5000)));
+    // The slow database is queued again (its worker requeued it, 100 ms
+    // out, without waking anyone); another one is due just after it, while
+    // the other worker sleeps until the far time. It must run when due, on
+    // that worker, not once the slow step it queued behind ends (~450 ms late).
+    const auto due = Clock::now() + 150ms;
+    quick->schedule(due);
+    REQUIRE(eventually([&] { return ran_at.load() != 0; }, std::chrono::milliseconds(5000)));
+    const auto late = Clock::time_point(Clock::duration(ran_at.load())) - due;
+    INFO("ran " << std::chrono::duration_cast<std::chrono::milliseconds>(late).count() << " ms after its due time");
+    CHECK(late < 250ms);
+    slow->leave();
+    quick->leave();
+    far->leave();
+}
