@@ -16,7 +16,10 @@
 // Usage (server from scripts/s3-server.sh, env from its `env` command):
 //   build/bench/write_bench [--seconds S] [--rounds R] [--sync NORMAL|FULL|both]
 //                           [--writers 1,4] [--rows 1,100] [--modes plain,async,enc,sync]
-//                           [--lag on|off]
+//                           [--lag on|off] [--burst B/P]
+// --burst B/P: the writers commit for B ms, then all pause for P ms, over
+// and over (an application that writes in bursts); txn/s then counts the
+// bursts' time only. Default: no pause.
 // The markdown table goes to stdout; per-round progress to stderr.
 #include <sqlite3.h>
 #include <sys/resource.h>
@@ -26,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -98,8 +102,17 @@ struct Options {
     double seconds = 3;
     int rounds = 5;
     bool lag = true;
+    double burst_ms = 0, pause_ms = 0;  // --burst; 0: no pause
     std::string dir, bucket;
 };
+
+// The time spent in bursts in the first `elapsed` seconds of a run.
+double active_seconds(double elapsed, const Options& o) {
+    if (o.pause_ms <= 0) return elapsed;
+    const double period = (o.burst_ms + o.pause_ms) / 1000.0, burst = o.burst_ms / 1000.0;
+    const double whole = std::floor(elapsed / period);
+    return whole * burst + std::min(elapsed - whole * period, burst);
+}
 
 Result run(const std::string& mode, const Cell& c, const Options& o, int round) {
     // A fresh database per run, in its own directory; the file name is unique
@@ -172,6 +185,16 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
                 sqlite3_reset(st.get());
             };
             while (Clock::now() - t0 < std::chrono::duration<double>(o.seconds)) {
+                if (o.pause_ms > 0) {
+                    // In a pause: wait for the next burst.
+                    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+                    const double period = o.burst_ms + o.pause_ms;
+                    const double phase = std::fmod(ms, period);
+                    if (phase >= o.burst_ms) {
+                        std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(period - phase));
+                        continue;
+                    }
+                }
                 step(begin);
                 for (const auto& p : payloads) {
                     sqlite3_bind_text(insert.get(), 1, p.data(), static_cast<int>(p.size()), SQLITE_STATIC);
@@ -193,7 +216,7 @@ Result run(const std::string& mode, const Cell& c, const Options& o, int round) 
     if (monitor.joinable()) monitor.join();
 
     Result r;
-    r.tps = static_cast<double>(txns.load()) / elapsed;
+    r.tps = static_cast<double>(txns.load()) / active_seconds(elapsed, o);
     const double n_txns = std::max<double>(1, static_cast<double>(txns.load()));
     r.writer_cpu_us = writer_cpu / n_txns;
     if (bottomless) {
@@ -248,7 +271,8 @@ int main(int argc, char** argv) {
         std::string a = argv[i];
         if (a == "--help" || a == "-h" || i + 1 >= argc) {
             std::printf("usage: write_bench [--seconds S=3] [--rounds R=5] [--sync NORMAL|FULL|both] [--writers 1,4]\n"
-                        "                   [--rows 1,100] [--modes plain,async[,enc,sync]] [--lag on|off]\n");
+                        "                   [--rows 1,100] [--modes plain,async[,enc,sync]] [--lag on|off]\n"
+                        "                   [--burst B/P (ms of commits, ms of pause)]\n");
             return a == "--help" || a == "-h" ? 0 : 2;
         }
         std::string v = argv[i + 1];
@@ -259,7 +283,13 @@ int main(int argc, char** argv) {
         else if (a == "--rows") rows_arg = v;
         else if (a == "--modes") modes_arg = v;
         else if (a == "--lag") o.lag = v != "off" && v != "0";
-        else die("unknown option " + a + " (--help)");
+        else if (a == "--burst") {
+            const auto slash = v.find('/');
+            if (slash == std::string::npos) die("--burst takes B/P: ms of commits, then ms of pause");
+            o.burst_ms = std::atof(v.substr(0, slash).c_str());
+            o.pause_ms = std::atof(v.substr(slash + 1).c_str());
+            if (o.burst_ms <= 0 || o.pause_ms < 0) die("--burst B/P: B must be > 0 and P >= 0");
+        } else die("unknown option " + a + " (--help)");
     }
     if (o.seconds <= 0 || o.rounds < 1) die("--seconds must be > 0 and --rounds >= 1");
     std::vector<std::string> syncs;
@@ -304,8 +334,12 @@ int main(int argc, char** argv) {
     }
     double total_s = std::chrono::duration<double>(Clock::now() - started).count();
 
-    std::printf("write_bench: %g s per run, %d round(s) alternating the order of %s; medians (run took %.0f s)\n\n",
+    std::printf("write_bench: %g s per run, %d round(s) alternating the order of %s; medians (run took %.0f s)\n",
                 o.seconds, o.rounds, modes_arg.c_str(), total_s);
+    if (o.pause_ms > 0)
+        std::printf("bursts: %g ms of commits, then %g ms of pause; txn/s over the bursts' time\n", o.burst_ms,
+                    o.pause_ms);
+    std::printf("\n");
     std::printf("| synchronous | writers | rows/txn");
     for (const auto& m : modes) std::printf(" | %s txn/s", m.c_str());
     for (const auto& m : modes)
