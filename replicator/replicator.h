@@ -491,6 +491,11 @@ private:
     // Highest memory_bytes() seen since the freed memory was last handed
     // back to the kernel (release_free_memory(), after uploads).
     std::atomic<uint64_t> trim_peak_{0};
+    // The tee's spare pages outlive a burst of commits (pool_step): the
+    // commit count the last quiet step saw, and since when it has not moved.
+    // Touched by pool steps only (one at a time, ordered by the pool's mutex).
+    uint64_t spare_seen_index_ = 0;
+    std::chrono::steady_clock::time_point spare_quiet_since_{};
     std::atomic<uint64_t> wal_frames_read_{0};     // frames read back from the WAL file (the tee lacked them)
     // WAL offset of the first frame of the ended epoch not yet durable, while
     // the new epoch has not overwritten it (before_wal_overwrite); max: none.

@@ -39,8 +39,8 @@
 // (docs/BENCHMARKS.md). Spares are kept only while the tee, the spares and
 // what the replicator holds stay within the limit (and within the spare
 // limit), as are the pages of frames the tee forgets without handing them
-// over (trimmed, shed); drop_spares() frees them when a database has
-// nothing left to ship.
+// over (trimmed, shed); drop_spares() frees them when a database has had
+// nothing to ship and committed nothing for a while (Replicator::pool_step).
 //
 // Thread safety: one mutex, held for a copy or a map operation, never for
 // I/O. write() is noexcept: a tee that cannot keep a frame forgets it.

@@ -518,7 +518,7 @@ TEST_CASE("the tee ships what SQLite wrote without reading the WAL back", "[core
     CHECK(s.restored_hash("tee.db") == local);
 }
 
-TEST_CASE("pages are reused while writes go on, and a database that went quiet keeps none", "[core][tee]") {
+TEST_CASE("pages are reused while writes go on, and a database quiet for 5 s keeps none", "[core][tee]") {
     register_bottomless();
     Setup s;
     Db db = open_db(s.uri("spares.db", "&batch_interval_ms=20"));
@@ -543,11 +543,19 @@ TEST_CASE("pages are reused while writes go on, and a database that went quiet k
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
         }
     };
-    // Everything shipped: the spares are freed.
+    // Everything shipped: the spares stay for the next burst of commits,
+    // and are freed once the database has been quiet for 5 s
+    // (replicator/uploader.cpp kSpareKeep), by a step that makes no request.
     query_text(db.get(), "SELECT bottomless_flush(60000)");
-    CHECK(quiet_within(std::chrono::seconds(10)));
+    const auto flushed = std::chrono::steady_clock::now();
     auto st = status(db.get());
+    CHECK(st["spare_page_bytes"].get<uint64_t>() > 0);
+    const uint64_t requests = st["requests"].get<uint64_t>();
+    CHECK(quiet_within(std::chrono::seconds(20)));
+    CHECK(std::chrono::steady_clock::now() - flushed >= std::chrono::seconds(4));
+    st = status(db.get());
     CHECK(st["memory_bytes"].get<uint64_t>() == st["tee_bytes"].get<uint64_t>());  // no pending, no segment
+    CHECK(st["requests"].get<uint64_t>() == requests);
 
     // A snapshot that takes what the tee holds (no segment cut after it)
     // frees them too.
