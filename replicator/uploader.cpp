@@ -302,6 +302,7 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         // would otherwise take that room for a new page first.
         tee_.recycle(pages, pending_bytes_.load() + f.bytes.size());
         segment_bytes_ = f.bytes.size();
+        note_memory();  // the spares kept
         lock.lock();
         inflight_ = std::move(f);
         if (!pending_.empty()) first_pending_time_ = Clock::now();

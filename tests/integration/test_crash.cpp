@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "replicator/restore.h"
+#include "support/poll.h"
 #include "support/s3_env.h"
 #include "support/seed.h"
 #include "support/sqlite_util.h"
@@ -49,16 +50,6 @@ long long last_logged(const std::string& log) {
     return k;
 }
 
-// Waits (polling, up to `limit`) until `ready` holds; false if it never did.
-template <class Pred>
-bool wait_for(Pred ready, std::chrono::seconds limit) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    while (!ready()) {
-        if (std::chrono::steady_clock::now() > deadline) return false;
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return true;
-}
 
 // Checks the committed-prefix property; returns m, the last transaction held.
 long long check_prefix(const std::string& path) {
@@ -108,14 +99,15 @@ TEST_CASE("SIGKILL at random moments: every restore is a committed prefix", "[vf
         // transactions commit.
         bool reached = true;
         if (i == 0) {
-            reached = wait_for(
+            reached = eventually(
                 [&] {
                     auto l = client->list_all(bucket.name(), "crash.db/");
                     return l.ok() && !l->empty();
                 },
-                std::chrono::seconds(120));
+                std::chrono::seconds(120), std::chrono::milliseconds(20));
         } else if (i % 2 == 0) {
-            reached = wait_for([&] { return last_logged(log) > logged_before; }, std::chrono::seconds(120));
+            reached = eventually([&] { return last_logged(log) > logged_before; }, std::chrono::seconds(120),
+                                 std::chrono::milliseconds(20));
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(i % 2 == 1 ? 300 + rng() % 900 : rng() % 600));
         kill(pid, SIGKILL);

@@ -28,6 +28,7 @@
 #include "replicator/restore.h"
 #include "s3/request_budget.h"
 #include "support/fault_proxy.h"
+#include "support/poll.h"
 #include "support/s3_env.h"
 #include "support/skip.h"
 #include "support/sqlite_util.h"
@@ -703,19 +704,6 @@ TEST_CASE("the uploader pool runs the earliest due first, reruns on a wake, and 
         CHECK(steps.load() == base + 2);
     }
 }
-
-namespace {
-// Polls until `done` holds or `limit` passed; returns whether it held.
-template <class F>
-bool eventually(F done, std::chrono::milliseconds limit) {
-    const auto until = std::chrono::steady_clock::now() + limit;
-    while (!done()) {
-        if (std::chrono::steady_clock::now() > until) return false;
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    return true;
-}
-}  // namespace
 
 TEST_CASE("the uploader pool wakes a worker sleeping until a later due time for an earlier one", "[pool]") {
     using Clock = std::chrono::steady_clock;
