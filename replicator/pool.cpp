@@ -150,7 +150,15 @@ void UploaderPool::worker(bool spare) {
     for (;;) {
         if (s.members == 0) break;
         const auto now = Clock::now();
-        if (spare && now - idle_since >= kSpareLinger && s.live > s.base) break;
+        if (spare && now - idle_since >= kSpareLinger) {
+            if (s.live > s.base) {
+                // A sleeper may have been left to look at a due step on
+                // the strength of this one's wake-up time (wake_for_front).
+                s.wake_for_front();
+                break;
+            }
+            spare = false;  // the base count was raised meanwhile: a base worker now
+        }
         if (s.queue.empty() || std::get<0>(*s.queue.begin()) > PoolMember::ticks(now)) {
             auto until = s.queue.empty() ? Clock::time_point::max()
                                          : Clock::time_point(Clock::duration(std::get<0>(*s.queue.begin())));

@@ -399,11 +399,10 @@ std::string Replicator::status_json() const {
     j["spare_page_bytes"] = tee_.spare_bytes();  // page buffers kept for reuse (tee.h), in memory_bytes
     // Memory held for unshipped frames now and at its highest since the
     // open (tee, pending transactions, the segment under way): never above
-    // max_pending_bytes (docs/CONFIG.md). The peak is noted at a capture,
-    // an encode and a recycle, not at each frame the writer copies: it is
-    // reported as at least what is held now.
+    // max_pending_bytes (docs/CONFIG.md). Noted at every frame the tee
+    // takes, capture, encode and recycle of a segment's pages as spares.
     j["memory_bytes"] = memory_bytes();
-    j["memory_peak_bytes"] = std::max(memory_peak_.load(), j["memory_bytes"].get<uint64_t>());
+    j["memory_peak_bytes"] = memory_peak_.load();
     j["wal_frames_read"] = wal_frames_read_.load();
     j["snapshots_torn"] = snapshots_torn_.load();  // attempts read again (0 unless something bypassed bottomless)
     j["wal_budget"] = {{"max_wal_bytes", config_.max_wal_bytes},

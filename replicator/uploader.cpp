@@ -278,9 +278,10 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
             ++n;
         }
         pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
-        // The frames move from pending to the segment: counted once.
-        segment_bytes_ = bytes;
+        // The frames move from pending to the segment: counted once (out of
+        // pending first, so that memory_bytes() never counts them twice).
         pending_bytes_ -= std::min(pending_bytes_.load(), bytes);
+        segment_bytes_ = bytes;
         // Compressing (and encrypting) up to batch_max_bytes takes a while:
         // not under upload_mu_, which a writer restarting the WAL needs.
         // net_mu_ (held by our caller) keeps other uploads out meanwhile.
@@ -298,10 +299,10 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         }
         frames.clear();
         frames.shrink_to_fit();
-        // Kept before the pages stop counting in segment_bytes_: a writer
-        // would otherwise take that room for a new page first.
-        tee_.recycle(pages, pending_bytes_.load() + f.bytes.size());
+        // The pages stop counting in the segment before they count as
+        // spares (never twice in memory_bytes(), so never in the peak).
         segment_bytes_ = f.bytes.size();
+        tee_.recycle(pages, pending_bytes_.load() + f.bytes.size());
         note_memory();  // the spares kept
         lock.lock();
         inflight_ = std::move(f);

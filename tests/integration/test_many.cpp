@@ -801,3 +801,44 @@ TEST_CASE("the uploader pool runs a step due while a worker is busy on an idle w
     quick->leave();
     far->leave();
 }
+
+TEST_CASE("the uploader pool runs a step due after an idle spare worker exits", "[pool]") {
+    using Clock = std::chrono::steady_clock;
+    using namespace std::chrono_literals;
+    auto& pool = replicator::UploaderPool::instance();
+    // Two steps at once on the two base workers: the second one taken with
+    // no worker idle starts a spare, which exits after 10 s idle.
+    std::atomic<int> in_step{0};
+    std::atomic<bool> release{false};
+    auto busy = [&] {
+        ++in_step;
+        while (!release) std::this_thread::sleep_for(1ms);
+        return Clock::time_point::max();
+    };
+    auto a = pool.join(2, busy);
+    auto b = pool.join(2, busy);
+    a->wake();
+    b->wake();
+    REQUIRE(eventually([&] { return in_step.load() == 2; }, 5000ms));
+    const auto spare_idle_from = Clock::now();
+    REQUIRE(eventually([&] { return pool.stats().threads == 3; }, 5000ms));
+    release = true;
+    REQUIRE(eventually([&] { return pool.stats().busy == 0; }, 5000ms));
+    // The base workers sleep for good (nothing queued); the spare until it
+    // exits. A step due after that time: the spare's exit must hand it on.
+    std::atomic<int64_t> ran_at{0};
+    auto later = pool.join(2, [&] {
+        ran_at = Clock::now().time_since_epoch().count();
+        return Clock::time_point::max();
+    });
+    const auto due = spare_idle_from + 11s;
+    later->schedule(due);
+    REQUIRE(eventually([&] { return ran_at.load() != 0; }, 20000ms));
+    const auto late = Clock::time_point(Clock::duration(ran_at.load())) - due;
+    INFO("ran " << std::chrono::duration_cast<std::chrono::milliseconds>(late).count() << " ms after its due time");
+    CHECK(late < 1s);
+    CHECK(pool.stats().threads == 2);  // the spare is gone
+    later->leave();
+    a->leave();
+    b->leave();
+}
