@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "replicator/encryption.h"
+#include "replicator/page_buf.h"
 #include "s3/result.h"
 
 namespace bottomless::replicator {
@@ -108,7 +109,7 @@ struct SegmentHeader {
 
 struct SegmentFrame {
     uint32_t pgno = 0;
-    std::string page;  // page_size bytes
+    PageBuf page;  // page_size bytes
 };
 
 struct DecodedSegment {

@@ -126,7 +126,7 @@ Result<DecodedSegment> decode_segment(std::string_view bytes, const std::string&
         return {};
     };
     auto on_frame = [&](uint64_t, uint32_t pgno, std::string_view page) -> Status {
-        seg.frames.push_back(SegmentFrame{pgno, std::string(page)});
+        seg.frames.push_back(SegmentFrame{pgno, PageBuf(page)});
         return {};
     };
     Result<std::string> sha = for_each_segment_frame(bytes, name, cipher, on_header, on_frame);

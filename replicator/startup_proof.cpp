@@ -32,7 +32,7 @@ static bool recover_old_epoch(const std::string& wal_path, const WalHeader& curr
         if (!verify_frame(old, buf.data(), buf.data() + kWalFrameHeaderSize, s1, s2)) return false;
         WalFrameHeader fh = parse_frame_header(buf.data());
         cur.frames.push_back(
-            SegmentFrame{fh.pgno, std::string(reinterpret_cast<const char*>(buf.data() + kWalFrameHeaderSize), psz)});
+            SegmentFrame{fh.pgno, PageBuf(std::string_view(reinterpret_cast<const char*>(buf.data() + kWalFrameHeaderSize), psz))});
         cur.bytes += psz;
         if (fh.is_commit()) {
             cur.db_pages = fh.db_size;

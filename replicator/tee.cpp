@@ -12,6 +12,8 @@ namespace {
 // it the oldest is forgotten and its frames, if still needed, come from the
 // WAL or a snapshot.
 constexpr size_t kMaxEpochs = 64;
+// The fewest pages worth a slab of their own (page_buf.h).
+constexpr size_t kMinSlabPages = 8;
 }  // namespace
 
 Tee::Epoch* Tee::find(uint32_t salt1, uint32_t salt2) {
@@ -52,7 +54,7 @@ void Tee::erase_frames(Epoch& e, std::map<uint64_t, TeeFrame>::iterator from,
     bytes_.fetch_sub(std::min(freed, bytes_.load(std::memory_order_relaxed)), std::memory_order_relaxed);
 }
 
-void Tee::keep_spare_locked(std::string& page) noexcept {
+void Tee::keep_spare_locked(PageBuf& page) noexcept {
     const uint64_t size = page.size();
     if (size == 0 || (!spares_.empty() && spares_.back().size() != size) ||
         spare_bytes_.load(std::memory_order_relaxed) + size > spare_cap_)
@@ -124,7 +126,7 @@ void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t 
                         hole_upto_.store(i, std::memory_order_relaxed);
                 } else {
                     TeeFrame f;
-                    f.page = page_buffer_locked(page_size);
+                    f.page = page_buffer_locked(page_size, mine + other_bytes);
                     it = e->frames.emplace_hint(e->frames.end(), i, std::move(f));
                     bytes_.fetch_add(fsz, std::memory_order_relaxed);
                 }
@@ -148,22 +150,48 @@ void Tee::write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t 
     }
 }
 
-std::string Tee::page_buffer_locked(uint32_t page_size) {
+PageBuf Tee::page_buffer_locked(uint32_t page_size, uint64_t used) {
     if (!spares_.empty() && spares_.back().size() == page_size) {
-        std::string page = std::move(spares_.back());
+        PageBuf page = std::move(spares_.back());
         spares_.pop_back();
         spare_bytes_.fetch_sub(page_size, std::memory_order_relaxed);
         return page;
     }
-    return std::string(page_size, '\0');
+    // A new slab (page_buf.h): this page, and as spares as many more as the
+    // tee already holds frames (a slab grows with the demand it meets: a
+    // database committing a frame now and then takes one page at a time),
+    // within the limits. `used`: memory held with this page counted.
+    size_t extra = 0;
+    if (spares_.empty()) {
+        const uint64_t spare = spare_bytes_.load(std::memory_order_relaxed);
+        const uint64_t all = used + spare;
+        const uint64_t room = std::min(spare_cap_ > spare ? spare_cap_ - spare : 0, cap_ > all ? cap_ - all : 0);
+        const uint64_t held = bytes_.load(std::memory_order_relaxed) / frame_bytes(page_size);
+        extra = static_cast<size_t>(std::min({room / page_size, held, uint64_t{PageBuf::slab_pages(page_size) - 1}}));
+    }
+    // A small demand takes a heap page alone: one mapping per page would
+    // cost a system call each and, with many databases, the process's
+    // mappings (vm.max_map_count).
+    if (extra < kMinSlabPages - 1) return PageBuf::zeroed(page_size);
+    std::vector<PageBuf> slab = PageBuf::slab(page_size, 1 + extra);
+    PageBuf page = std::move(slab.back());
+    slab.pop_back();
+    if (!slab.empty()) {
+        spares_.reserve(spares_.size() + slab.size());  // may throw: the rest is freed
+        for (PageBuf& p : slab) {
+            spares_.push_back(std::move(p));
+            spare_bytes_.fetch_add(page_size, std::memory_order_relaxed);
+        }
+    }
+    return page;
 }
 
-std::string Tee::page_buffer(uint32_t page_size) {
+PageBuf Tee::page_buffer(uint32_t page_size, uint64_t used) {
     std::lock_guard lock(mu_);
-    return page_buffer_locked(page_size);
+    return page_buffer_locked(page_size, used);
 }
 
-void Tee::recycle(std::vector<std::string>& pages, uint64_t other_bytes) noexcept {
+void Tee::recycle(std::vector<PageBuf>& pages, uint64_t other_bytes) noexcept {
     if (pages.empty()) return;
     try {
         std::lock_guard lock(mu_);
@@ -190,7 +218,7 @@ void Tee::recycle(std::vector<std::string>& pages, uint64_t other_bytes) noexcep
 
 void Tee::drop_spares() noexcept {
     if (spare_bytes_.load(std::memory_order_relaxed) == 0) return;
-    std::vector<std::string> freed;
+    std::vector<PageBuf> freed;
     try {
         std::lock_guard lock(mu_);
         freed.swap(spares_);

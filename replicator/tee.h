@@ -36,11 +36,14 @@
 // 4 KiB allocation on the writer's thread, freed by the uploader's, and
 // the allocator's trim handed those pages back to the kernel between
 // segments: the writer spent a third of its time in malloc and page faults
-// (docs/BENCHMARKS.md). Spares are kept only while the tee, the spares and
-// what the replicator holds stay within the limit (and within the spare
-// limit), as are the pages of frames the tee forgets without handing them
-// over (trimmed, shed); drop_spares() frees them when a database has had
-// nothing to ship and committed nothing for a while (Replicator::pool_step).
+// (docs/BENCHMARKS.md). A frame that finds no spare takes a page of a new
+// slab (page_buf.h: faulted in by the kernel in one call), and the slab's
+// other pages become spares within the limits below. Spares are kept only
+// while the tee, the spares and what the replicator holds stay within the
+// limit (and within the spare limit), as are the pages of frames the tee
+// forgets without handing them over (trimmed, shed); drop_spares() frees
+// them when a database has had nothing to ship and committed nothing for a
+// while (Replicator::pool_step).
 //
 // Thread safety: one mutex, held for a copy or a map operation, never for
 // I/O. write() is noexcept: a tee that cannot keep a frame forgets it.
@@ -56,13 +59,14 @@
 #include <utility>
 #include <vector>
 
+#include "replicator/page_buf.h"
 #include "replicator/wal.h"
 
 namespace bottomless::replicator {
 
 struct TeeFrame {
     unsigned char header[kWalFrameHeaderSize] = {0};
-    std::string page;  // page_size bytes
+    PageBuf page;  // page_size bytes
 };
 
 class Tee {
@@ -98,12 +102,14 @@ public:
     static uint64_t frame_bytes(uint32_t page_size) { return kWalFrameHeaderSize + uint64_t{page_size}; }
 
     // A buffer of `page_size` bytes for a page (a spare when there is one;
-    // its contents are then stale, to be overwritten).
-    std::string page_buffer(uint32_t page_size);
+    // its contents are then stale, to be overwritten). `used`: the memory
+    // held for unshipped frames, this page included; a new slab's other
+    // pages become spares within the limits.
+    PageBuf page_buffer(uint32_t page_size, uint64_t used);
     // Pages done with (their segment is encoded): kept as spares while they
     // fit (see above), the rest freed. `other_bytes` as in write(). Leaves
     // `pages` empty.
-    void recycle(std::vector<std::string>& pages, uint64_t other_bytes) noexcept;
+    void recycle(std::vector<PageBuf>& pages, uint64_t other_bytes) noexcept;
     // Frees every spare buffer.
     void drop_spares() noexcept;
     uint64_t spare_bytes() const { return spare_bytes_.load(std::memory_order_relaxed); }
@@ -131,9 +137,9 @@ private:
     Epoch& newest_for(uint32_t salt1, uint32_t salt2, uint32_t page_size);  // creates it when new
     void erase_frames(Epoch& e, std::map<uint64_t, TeeFrame>::iterator from, std::map<uint64_t, TeeFrame>::iterator to);
     void write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes);
-    std::string page_buffer_locked(uint32_t page_size);
+    PageBuf page_buffer_locked(uint32_t page_size, uint64_t used);
     // Keeps `page` (a frame's, forgotten) as a spare if the spare limit allows.
-    void keep_spare_locked(std::string& page) noexcept;
+    void keep_spare_locked(PageBuf& page) noexcept;
 
     const uint64_t cap_;
     const uint64_t spare_cap_;
@@ -143,7 +149,7 @@ private:
     std::atomic<uint64_t> bytes_{0};
     std::atomic<uint64_t> hole_upto_{0};  // the newest epoch's last dropped frame (0: none; max: unknown)
     std::optional<std::pair<uint32_t, uint32_t>> pinned_;  // guarded by mu_: salts of the pinned epoch
-    std::vector<std::string> spares_;                      // guarded by mu_: page buffers, all one size
+    std::vector<PageBuf> spares_;                         // guarded by mu_: page buffers, all one size
     std::atomic<uint64_t> spare_bytes_{0};                 // their bytes (written under mu_)
 };
 

@@ -290,7 +290,7 @@ Status Replicator::upload_pending(Lock& lock, bool force, Clock::time_point dead
         segment_bytes_ = bytes + f.bytes.size();  // both held until the frames go
         note_memory();
         // The pages become the tee's spares for the next frames (tee.h).
-        std::vector<std::string> pages;
+        std::vector<PageBuf> pages;
         try {
             pages.reserve(frames.size());
             for (auto& fr : frames) pages.push_back(std::move(fr.page));

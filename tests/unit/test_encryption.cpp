@@ -292,7 +292,7 @@ TEST_CASE("the key check: missing, wrong or unexpected keys are named as such", 
     sh.seq = 3;
     sh.page_size = 4096;
     sh.txns = {{2, 5, 1790000000000001}};
-    std::vector<SegmentFrame> frames = {{1, content[0]}, {5, content[1]}};
+    std::vector<SegmentFrame> frames = {{1, PageBuf(content[0])}, {5, PageBuf(content[1])}};
     std::string seg = encode_segment(sh, frames, nullptr, right.get());
     CHECK(decode_segment(seg, "seg", nullptr).error().code == "EncryptionKeyRequired");
     CHECK(decode_segment(seg, "seg", wrong.get()).error().code == "WrongEncryptionKey");

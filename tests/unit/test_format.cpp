@@ -118,7 +118,7 @@ SegmentHeader sample_segment_header(Compression c, uint32_t page_size = 4096) {
 std::vector<SegmentFrame> sample_frames(std::mt19937& rng, size_t n, uint32_t page_size) {
     std::vector<SegmentFrame> frames;
     for (size_t i = 0; i < n; ++i)
-        frames.push_back({static_cast<uint32_t>(1 + rng() % 20), db_like_page(rng, page_size)});
+        frames.push_back({static_cast<uint32_t>(1 + rng() % 20), PageBuf(db_like_page(rng, page_size))});
     return frames;
 }
 
@@ -1002,7 +1002,7 @@ TEST_CASE("zeros compress", "[format]") {
         SegmentHeader h = sample_segment_header(Compression::Zstd, 4096);
         h.txns = {{100, 100, 1}};
         std::vector<SegmentFrame> frames;
-        for (uint32_t i = 1; i <= 100; ++i) frames.push_back({i, zero});
+        for (uint32_t i = 1; i <= 100; ++i) frames.push_back({i, PageBuf(zero)});
         std::string z = encode_segment(h, frames, nullptr);
         h.compression = Compression::None;
         std::string raw = encode_segment(h, frames, nullptr);
@@ -1201,7 +1201,7 @@ TEST_CASE("headers are capped at 1 MiB on both sides", "[format][hostile]") {
     SegmentHeader h = sample_segment_header(Compression::Zstd, 512);
     h.db_id = std::string(1024, '\x01');  // escapes to 6 bytes each
     h.txns.assign(kMaxSegmentTxns, SegmentTxn{1, 4294967295u, std::numeric_limits<int64_t>::min()});
-    std::vector<SegmentFrame> frames(kMaxSegmentTxns, SegmentFrame{1, std::string(512, 'x')});
+    std::vector<SegmentFrame> frames(kMaxSegmentTxns, SegmentFrame{1, PageBuf(std::string(512, 'x'))});
     std::string sha;
     std::string obj = encode_segment(h, frames, &sha);
     CHECK(get_be32(obj, 12) < kMaxHeaderSize);
@@ -1210,7 +1210,7 @@ TEST_CASE("headers are capped at 1 MiB on both sides", "[format][hostile]") {
     CHECK(back->frames.size() == kMaxSegmentTxns);
 
     h.txns.push_back(SegmentTxn{1, 1, 1});
-    frames.push_back(SegmentFrame{1, std::string(512, 'x')});
+    frames.push_back(SegmentFrame{1, PageBuf(std::string(512, 'x'))});
     CHECK_THROWS_WITH(encode_segment(h, frames, &sha), Catch::Contains("more than the 8192 a segment may hold"));
     // And a reader refuses such a header.
     std::string text = segment_header_text(h);
@@ -1276,7 +1276,7 @@ TEST_CASE("a streamed segment gives the same frames as the in-memory decoder", "
             },
             [&](uint64_t i, uint32_t pgno, std::string_view page) {
                 CHECK(i == got.size());
-                got.push_back({pgno, std::string(page)});
+                got.push_back({pgno, PageBuf(page)});
                 return Status{};
             });
         REQUIRE(r.ok());

@@ -97,7 +97,7 @@ History golden_history() {
     s1.end = {0x11111111, 0x22222222, 3, 0x01020304, 0x05060708};
     s1.txns = {{2, 5, 1790000001000000}, {1, 5, 1790000002000000}};
     s1.compression = Compression::None;
-    h.frames[0] = {{2, golden_page(2, 1)}, {5, golden_page(5, 1)}, {1, golden_page(1, 2)}};
+    h.frames[0] = {{2, PageBuf(golden_page(2, 1))}, {5, PageBuf(golden_page(5, 1))}, {1, PageBuf(golden_page(1, 2))}};
 
     SegmentHeader& s2 = h.seg[1];
     s2.db_id = kDbId;
@@ -107,7 +107,7 @@ History golden_history() {
     s2.end = {0x11111111, 0x22222222, 4, 0x0a0b0c0d, 0x0e0f1011};
     s2.txns = {{1, 5, 1790000003000000}};
     s2.compression = Compression::Zstd;
-    h.frames[1] = {{3, golden_page(3, 3)}};
+    h.frames[1] = {{3, PageBuf(golden_page(3, 3))}};
     return h;
 }
 

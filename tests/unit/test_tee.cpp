@@ -3,6 +3,7 @@
 // spares without ever exceeding the memory limit.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <set>
 #include <string>
@@ -40,10 +41,15 @@ void write_frame(Tee& tee, uint64_t i, char fill, uint64_t other = 0, uint32_t p
               page.size(), page_size, other);
 }
 
-std::vector<std::string> pages_of(std::vector<TeeFrame>& frames) {
-    std::vector<std::string> pages;
+std::vector<PageBuf> pages_of(std::vector<TeeFrame>& frames) {
+    std::vector<PageBuf> pages;
     for (auto& f : frames) pages.push_back(std::move(f.page));
     return pages;
+}
+
+// `n` heap pages of `size` bytes filled with `fill`.
+std::vector<PageBuf> heap_pages(size_t n, uint32_t size, char fill) {
+    return std::vector<PageBuf>(n, PageBuf(std::string(size, fill)));
 }
 
 }  // namespace
@@ -114,9 +120,10 @@ TEST_CASE("past its limit the tee keeps no frame and records a hole", "[tee]") {
 TEST_CASE("pages done with come back as spares and carry the next frames", "[tee]") {
     Tee tee(1 << 20, 16 * kPage);
     for (uint64_t i = 1; i <= 4; ++i) write_frame(tee, i, 'x');
+    tee.drop_spares();  // the rest of the first frame's slab (tested below)
     std::vector<TeeFrame> frames;
     REQUIRE(tee.take(kSalt1, kSalt2, 1, 4, frames));
-    std::vector<std::string> pages = pages_of(frames);
+    std::vector<PageBuf> pages = pages_of(frames);
     std::set<const char*> buffers;
     for (const auto& p : pages) buffers.insert(p.data());
 
@@ -140,12 +147,12 @@ TEST_CASE("pages done with come back as spares and carry the next frames", "[tee
     // Frames read back from the WAL use them too.
     pages = pages_of(frames);
     tee.recycle(pages, 0);
-    const std::string b = tee.page_buffer(kPage);
+    const PageBuf b = tee.page_buffer(kPage, Tee::frame_bytes(kPage));
     CHECK(b.size() == kPage);
     CHECK(buffers.count(b.data()) == 1);
     CHECK(tee.spare_bytes() == 3 * kPage);
     // A page of another size is a new buffer; the spares stay.
-    CHECK(tee.page_buffer(1024).size() == 1024);
+    CHECK(tee.page_buffer(1024, Tee::frame_bytes(1024)).size() == 1024);
     CHECK(tee.spare_bytes() == 3 * kPage);
 
     tee.drop_spares();
@@ -154,6 +161,7 @@ TEST_CASE("pages done with come back as spares and carry the next frames", "[tee
     // Frames forgotten without being handed over (trimmed: shipped from
     // elsewhere) leave their pages as spares too.
     for (uint64_t i = 9; i <= 12; ++i) write_frame(tee, i, 'y');
+    tee.drop_spares();
     tee.trim(kSalt1, kSalt2, 10);
     CHECK(tee.bytes() == 2 * Tee::frame_bytes(kPage));
     CHECK(tee.spare_bytes() == 2 * kPage);
@@ -163,14 +171,14 @@ TEST_CASE("pages done with come back as spares and carry the next frames", "[tee
 TEST_CASE("spares stay within their own limit and within the tee's memory limit", "[tee]") {
     SECTION("at most the spare limit is kept") {
         Tee tee(1 << 20, 3 * kPage);
-        std::vector<std::string> pages(5, std::string(kPage, 'p'));
+        std::vector<PageBuf> pages = heap_pages(5, kPage, 'p');
         tee.recycle(pages, 0);
         CHECK(pages.empty());
         CHECK(tee.spare_bytes() == 3 * kPage);
-        std::vector<std::string> empty;
+        std::vector<PageBuf> empty;
         tee.recycle(empty, 0);  // nothing: the spares stay
         CHECK(tee.spare_bytes() == 3 * kPage);
-        std::vector<std::string> more(2, std::string(kPage, 'q'));
+        std::vector<PageBuf> more = heap_pages(2, kPage, 'q');
         tee.recycle(more, 0);
         CHECK(tee.spare_bytes() == 3 * kPage);
     }
@@ -179,32 +187,121 @@ TEST_CASE("spares stay within their own limit and within the tee's memory limit"
         Tee tee(limit, limit);
         write_frame(tee, 1, 'a');
         write_frame(tee, 2, 'b');  // held: 2 frames
+        tee.drop_spares();         // the rest of frame 1's slab (tested below)
         const uint64_t other = 8 * kPage;
-        std::vector<std::string> pages(10, std::string(kPage, 'p'));
+        std::vector<PageBuf> pages = heap_pages(10, kPage, 'p');
         tee.recycle(pages, other);
         const uint64_t spares = tee.spare_bytes();
         CHECK(spares == ((limit - other - 2 * Tee::frame_bytes(kPage)) / kPage) * kPage);
         CHECK(tee.bytes() + spares + other <= limit);
         // Already at the limit: nothing is kept.
-        std::vector<std::string> none(2, std::string(kPage, 'r'));
+        std::vector<PageBuf> none = heap_pages(2, kPage, 'r');
         tee.recycle(none, limit);
         CHECK(tee.spare_bytes() == spares);
     }
     SECTION("no spare limit: nothing is kept") {
         Tee tee(1 << 20);
-        std::vector<std::string> pages(2, std::string(kPage, 'p'));
+        std::vector<PageBuf> pages = heap_pages(2, kPage, 'p');
         tee.recycle(pages, 0);
         CHECK(tee.spare_bytes() == 0);
     }
     SECTION("a new page size (VACUUM) replaces the old spares") {
         Tee tee(1 << 20, 1 << 20);
-        std::vector<std::string> big(4, std::string(kPage, 'p'));
+        std::vector<PageBuf> big = heap_pages(4, kPage, 'p');
         tee.recycle(big, 0);
         CHECK(tee.spare_bytes() == 4 * kPage);
-        std::vector<std::string> small(3, std::string(1024, 's'));
+        std::vector<PageBuf> small = heap_pages(3, 1024, 's');
         tee.recycle(small, 0);
         CHECK(tee.spare_bytes() == 3 * 1024);
-        CHECK(tee.page_buffer(1024).size() == 1024);
+        CHECK(tee.page_buffer(1024, Tee::frame_bytes(1024)).size() == 1024);
         CHECK(tee.spare_bytes() == 2 * 1024);
+    }
+}
+
+TEST_CASE("page buffers: a slab's pages are zeroed, distinct and outlive each other", "[tee]") {
+    std::vector<PageBuf> slab = PageBuf::slab(kPage, 10);
+    REQUIRE(slab.size() == 10);
+    std::set<const char*> seen;
+    for (const PageBuf& p : slab) {
+        CHECK(p.from_slab());
+        CHECK(p.size() == kPage);
+        CHECK(p.view() == std::string(kPage, '\0'));
+        seen.insert(p.data());
+    }
+    CHECK(seen.size() == 10);
+    // One slab: the pages lie within one mapping of 10 pages.
+    CHECK(*seen.rbegin() - *seen.begin() == 9 * static_cast<std::ptrdiff_t>(kPage));
+    // A page outlives the others (and the vector) and stays writable.
+    PageBuf last = std::move(slab.back());
+    slab.clear();
+    std::memset(last.data(), 'k', last.size());
+    CHECK(last == std::string(kPage, 'k'));
+    // Asked for more than a slab holds: cut to it.
+    CHECK(PageBuf::slab(kPage, 1000).size() == PageBuf::slab_pages(kPage));
+    CHECK(PageBuf::slab(65536, 1000).size() == PageBuf::kMaxSlabBytes / 65536);
+    // Heap pages copy; slab pages move without copying.
+    PageBuf copy = last;
+    CHECK_FALSE(copy.from_slab());
+    CHECK(copy == last);
+    CHECK(copy.data() != last.data());
+    const char* where = last.data();
+    PageBuf moved = std::move(last);
+    CHECK(moved.data() == where);
+    CHECK(last.empty());  // NOLINT(bugprone-use-after-move): a moved-from page is empty
+}
+
+TEST_CASE("a frame with no spare takes a slab as large as the tee's demand, within the limits", "[tee]") {
+    const uint64_t fb = Tee::frame_bytes(kPage);
+    const uint64_t slab = PageBuf::slab_pages(kPage);
+    // Frames 1..7 find fewer than 7 frames held: a heap page each. Frame 8
+    // takes a slab of 8 (7 spares for frames 9..15), frame 16 one of 16,
+    // frame 32 one of 32, frame 64 a whole slab.
+    SECTION("a slab grows with the frames held, up to a whole slab") {
+        Tee tee(1 << 30, 1 << 30);
+        for (uint64_t i = 1; i <= 7; ++i) write_frame(tee, i, static_cast<char>('a' + i % 26));
+        CHECK(tee.spare_bytes() == 0);
+        write_frame(tee, 8, static_cast<char>('a' + 8 % 26));
+        CHECK(tee.spare_bytes() == 7 * kPage);
+        for (uint64_t i = 9; i <= 15; ++i) write_frame(tee, i, static_cast<char>('a' + i % 26));
+        CHECK(tee.spare_bytes() == 0);
+        write_frame(tee, 16, static_cast<char>('a' + 16 % 26));
+        CHECK(tee.spare_bytes() == 15 * kPage);
+        for (uint64_t i = 17; i <= slab; ++i) write_frame(tee, i, static_cast<char>('a' + i % 26));
+        CHECK(tee.spare_bytes() == (slab - 1) * kPage);  // frame 64's slab: all but its own page
+        std::vector<TeeFrame> frames;
+        REQUIRE(tee.take(kSalt1, kSalt2, 1, slab, frames));
+        std::set<const char*> pages;
+        for (size_t i = 0; i < frames.size(); ++i) {
+            CHECK(frames[i].page.from_slab() == (i + 1 >= 8));
+            CHECK(frames[i].page == std::string(kPage, static_cast<char>('a' + (i + 1) % 26)));
+            pages.insert(frames[i].page.data());
+        }
+        CHECK(pages.size() == frames.size());
+        // Frames 8..15 came from one slab of 8 pages.
+        std::vector<const char*> of8;
+        for (size_t i = 7; i < 15; ++i) of8.push_back(frames[i].page.data());
+        CHECK(*std::max_element(of8.begin(), of8.end()) - *std::min_element(of8.begin(), of8.end()) ==
+              7 * static_cast<std::ptrdiff_t>(kPage));
+    }
+    SECTION("the memory limit bounds the spares, the replicator's other memory counted") {
+        for (uint64_t other : {uint64_t{0}, 2 * fb}) {
+            Tee tee(26 * fb, 1 << 30);
+            for (uint64_t i = 1; i <= 15; ++i) write_frame(tee, i, 'a', other);
+            CHECK(tee.spare_bytes() == 0);
+            write_frame(tee, 16, 'a', other);  // 16 held: room for 10 (8 with the other 2)
+            CHECK(tee.spare_bytes() == ((26 * fb - 16 * fb - other) / kPage) * kPage);
+            CHECK(tee.bytes() + tee.spare_bytes() + other <= 26 * fb);
+        }
+    }
+    SECTION("the spare limit bounds them; without one, every page is alone") {
+        Tee tee(1 << 30, 9 * kPage);
+        for (uint64_t i = 1; i <= 16; ++i) write_frame(tee, i, 'a');
+        CHECK(tee.spare_bytes() == 9 * kPage);
+        Tee none(1 << 30);
+        for (uint64_t i = 1; i <= 16; ++i) write_frame(none, i, 'a');
+        CHECK(none.spare_bytes() == 0);
+        std::vector<TeeFrame> frames;
+        REQUIRE(none.take(kSalt1, kSalt2, 1, 16, frames));
+        for (const TeeFrame& f : frames) CHECK_FALSE(f.page.from_slab());
     }
 }
