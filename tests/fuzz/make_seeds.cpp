@@ -71,7 +71,7 @@ void segments(const std::string& gen) {
     h.end = WalPosition{0x11223344, 0x55667788, 3, 3, 4};
     h.prev_sha256 = std::string(64, 'c');
     h.txns = {SegmentTxn{2, 5, 1'700'000'000'000'000}, SegmentTxn{1, 6, 1'700'000'000'100'000}};
-    std::vector<SegmentFrame> frames = {{1, page(512, 1)}, {5, page(512, 2)}, {6, page(512, 3)}};
+    std::vector<SegmentFrame> frames = {{1, PageBuf(page(512, 1))}, {5, PageBuf(page(512, 2))}, {6, PageBuf(page(512, 3))}};
     for (Compression c : {Compression::Zstd, Compression::None}) {
         h.compression = c;
         const std::string tag = c == Compression::Zstd ? "zstd" : "none";
@@ -92,7 +92,7 @@ void segments(const std::string& gen) {
     frames.clear();
     for (uint32_t i = 1; i <= 12; ++i) {
         h.txns.push_back(SegmentTxn{1, i, 1'700'000'000'000'000 + i});
-        frames.push_back({i, page(512, static_cast<int>(i))});
+        frames.push_back({i, PageBuf(page(512, static_cast<int>(i)))});
     }
     h.end.frame = 12;
     std::string sha;
