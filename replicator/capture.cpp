@@ -330,7 +330,7 @@ Status Replicator::capture_range(const WalHeader& hdr, uint64_t from, uint64_t t
         frames.clear();
         txns.clear();
         pos = captured_;
-        if (!file.read(hdr.page_size, from, to, frames, tee_, held_bytes()))
+        if (!file.read(hdr.page_size, from, to, frames, tee_, held_outside_tee()))
             return Status(make_error(ErrorKind::Corrupt, "WAL frames " + std::to_string(from) + ".." +
                                                              std::to_string(to) + " are missing or short",
                                      "WalShort"));
@@ -517,7 +517,7 @@ Status Replicator::commit_sync(uint64_t frame, const unsigned char* frame_header
         pos = captured_;
         if (frame > from && !(from_tee && tee_.take(hdr->salt1, hdr->salt2, from, frame - 1, frames))) {
             if (from_tee) return make_error(ErrorKind::Corrupt, "not in the tee", "TeeMiss");
-            if (!wal.read(page_size, from, frame - 1, frames, tee_, held_bytes()))
+            if (!wal.read(page_size, from, frame - 1, frames, tee_, held_outside_tee()))
                 return make_error(ErrorKind::Corrupt, "WAL frames before " + std::to_string(frame) + " are missing",
                                   "WalShort");
             wal_frames_read_.fetch_add(frame - from);

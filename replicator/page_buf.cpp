@@ -10,6 +10,12 @@
 
 namespace bottomless::replicator {
 
+namespace {
+std::atomic<uint64_t> g_slab_bytes{0};
+}  // namespace
+
+uint64_t PageBuf::slab_bytes_mapped() { return g_slab_bytes.load(std::memory_order_relaxed); }
+
 struct PageBuf::Slab {
     void* base = nullptr;
     size_t length = 0;
@@ -42,8 +48,13 @@ std::vector<PageBuf> PageBuf::slab(uint32_t page_size, size_t n) {
         return p > 0 ? static_cast<size_t>(p) : size_t{4096};
     }();
     const size_t length = (n * page_size + kSystemPage - 1) / kSystemPage * kSystemPage;
-    // MAP_POPULATE: the kernel faults the whole slab in now, in one call.
-    void* base = ::mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+#ifdef MAP_POPULATE
+    // The kernel faults the whole slab in now, in one call.
+    constexpr int kPopulate = MAP_POPULATE;
+#else
+    constexpr int kPopulate = 0;
+#endif
+    void* base = ::mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | kPopulate, -1, 0);
     if (base == MAP_FAILED) throw std::bad_alloc();
     Slab* s = nullptr;
     try {
@@ -55,6 +66,7 @@ std::vector<PageBuf> PageBuf::slab(uint32_t page_size, size_t n) {
     s->base = base;
     s->length = length;
     s->live.store(n, std::memory_order_relaxed);
+    g_slab_bytes.fetch_add(length, std::memory_order_relaxed);
     for (size_t i = 0; i < n; ++i) {
         PageBuf p;
         p.slab_ = s;
@@ -69,6 +81,7 @@ void PageBuf::release() noexcept {
     if (slab_) {
         if (slab_->live.fetch_sub(1, std::memory_order_acq_rel) == 1) {
             ::munmap(slab_->base, slab_->length);
+            g_slab_bytes.fetch_sub(slab_->length, std::memory_order_relaxed);
             delete slab_;
         }
     } else if (data_) {

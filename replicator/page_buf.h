@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace bottomless::replicator {
@@ -48,7 +49,8 @@ public:
     // A zeroed heap page of `size` bytes. Throws std::bad_alloc.
     static PageBuf zeroed(size_t size);
     // `n` (>= 1) zeroed pages of `page_size` bytes from one new slab (n is
-    // cut to what kMaxSlabBytes holds). Throws std::bad_alloc.
+    // cut to what kMaxSlabBytes holds). Throws std::bad_alloc, also when
+    // the mapping fails (vm.max_map_count, RLIMIT_AS).
     static std::vector<PageBuf> slab(uint32_t page_size, size_t n);
     // How many pages of `page_size` one slab holds at most.
     static size_t slab_pages(uint32_t page_size) {
@@ -67,6 +69,8 @@ public:
         if (size_ > 0) --size_;
     }
     bool from_slab() const { return slab_ != nullptr; }
+    // Bytes of slabs mapped in this process now (all databases).
+    static uint64_t slab_bytes_mapped();
 
     void swap(PageBuf& o) noexcept {
         std::swap(slab_, o.slab_);

@@ -236,7 +236,7 @@ public:
     // a copy under a short mutex; never fails the write.
     void tee_write(uint64_t off, const void* p, size_t n, uint32_t page_size) noexcept {
         if (!enabled_) return;
-        tee_.write(off, static_cast<const unsigned char*>(p), n, page_size, pending_bytes_.load() + segment_bytes_.load());
+        tee_.write(off, static_cast<const unsigned char*>(p), n, page_size, held_outside_tee());
         note_memory();
     }
 
@@ -408,7 +408,8 @@ private:
     bool nothing_to_ship_locked() const {
         return pending_.empty() && !inflight_ && durable_index_.load() >= noted_index_.load();
     }
-    uint64_t held_bytes() const { return tee_.bytes() + pending_bytes_.load() + segment_bytes_.load(); }
+    uint64_t held_bytes() const { return tee_.bytes() + held_outside_tee(); }
+    uint64_t held_outside_tee() const { return pending_bytes_.load() + segment_bytes_.load(); }
     uint64_t memory_bytes() const { return held_bytes() + tee_.spare_bytes(); }
     void note_memory() noexcept;  // raises memory_peak_ (and trim_peak_) to memory_bytes()
     void maybe_release_memory() noexcept;

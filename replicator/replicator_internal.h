@@ -100,14 +100,14 @@ public:
         if (fd() < 0 || !pread_full(fd_.fd, h, sizeof h, 0)) return std::nullopt;
         return parse_wal_header(h);
     }
-    // Into the tee's spare page buffers while it has some. `held`: the
-    // memory held for unshipped frames before these.
+    // Into the tee's spare page buffers while it has some. `other_held`:
+    // the memory held for unshipped frames outside the tee before these.
     bool read(uint32_t page_size, uint64_t from, uint64_t to, std::vector<TeeFrame>& out, Tee& buffers,
-              uint64_t held) {
+              uint64_t other_held) {
         if (fd() < 0) return false;
         for (uint64_t i = from; i <= to; ++i) {
             TeeFrame f;
-            f.page = buffers.page_buffer(page_size, held + (i - from + 1) * Tee::frame_bytes(page_size));
+            f.page = buffers.page_buffer(page_size, other_held + (i - from + 1) * Tee::frame_bytes(page_size));
             const uint64_t off = wal_frame_offset(page_size, i);
             if (!pread_full(fd_.fd, f.header, sizeof f.header, off) ||
                 !pread_full(fd_.fd, f.page.data(), page_size, off + kWalFrameHeaderSize))

@@ -173,31 +173,42 @@ PageBuf Tee::page_buffer_locked(uint32_t page_size, uint64_t used) {
     // cost a system call each and, with many databases, the process's
     // mappings (vm.max_map_count).
     if (extra < kMinSlabPages - 1) return PageBuf::zeroed(page_size);
-    std::vector<PageBuf> slab = PageBuf::slab(page_size, 1 + extra);
+    std::vector<PageBuf> slab;
+    try {
+        slab = PageBuf::slab(page_size, 1 + extra);
+    } catch (const std::bad_alloc&) {
+        // No mapping (vm.max_map_count, RLIMIT_AS): the heap may still have
+        // a page; if not, this throws and the frame is not kept.
+        return PageBuf::zeroed(page_size);
+    }
     PageBuf page = std::move(slab.back());
     slab.pop_back();
-    if (!slab.empty()) {
-        spares_.reserve(spares_.size() + slab.size());  // may throw: the rest is freed
+    try {
+        spares_.reserve(spares_.size() + slab.size());
         for (PageBuf& p : slab) {
             spares_.push_back(std::move(p));
             spare_bytes_.fetch_add(page_size, std::memory_order_relaxed);
         }
+    } catch (const std::bad_alloc&) {
+        // The other pages are not kept as spares (freed with `slab`); this
+        // one still serves.
     }
     return page;
 }
 
-PageBuf Tee::page_buffer(uint32_t page_size, uint64_t used) {
+PageBuf Tee::page_buffer(uint32_t page_size, uint64_t other_bytes) {
     std::lock_guard lock(mu_);
-    return page_buffer_locked(page_size, used);
+    return page_buffer_locked(page_size, bytes_.load(std::memory_order_relaxed) + other_bytes);
 }
 
 void Tee::recycle(std::vector<PageBuf>& pages, uint64_t other_bytes) noexcept {
     if (pages.empty()) return;
+    std::vector<PageBuf> old;  // freed after the lock: a slab's last page unmaps it
     try {
         std::lock_guard lock(mu_);
         const uint64_t size = pages.front().size();
         if (!spares_.empty() && spares_.back().size() != size) {
-            spares_.clear();  // the page size changed (VACUUM): the old spares are of no use
+            old.swap(spares_);  // the page size changed (VACUUM): the old spares are of no use
             spare_bytes_.store(0, std::memory_order_relaxed);
         }
         const uint64_t spare = spare_bytes_.load(std::memory_order_relaxed);

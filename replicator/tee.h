@@ -37,8 +37,10 @@
 // the allocator's trim handed those pages back to the kernel between
 // segments: the writer spent a third of its time in malloc and page faults
 // (docs/BENCHMARKS.md). A frame that finds no spare takes a page of a new
-// slab (page_buf.h: faulted in by the kernel in one call), and the slab's
-// other pages become spares within the limits below. Spares are kept only
+// slab (page_buf.h: faulted in by the kernel in one call) with one more
+// page for each frame the tee holds (up to a whole slab; fewer than 8 pages
+// in all: a heap page alone), and the slab's other pages become spares
+// within the limits below. Spares are kept only
 // while the tee, the spares and what the replicator holds stay within the
 // limit (and within the spare limit), as are the pages of frames the tee
 // forgets without handing them over (trimmed, shed); drop_spares() frees
@@ -102,10 +104,10 @@ public:
     static uint64_t frame_bytes(uint32_t page_size) { return kWalFrameHeaderSize + uint64_t{page_size}; }
 
     // A buffer of `page_size` bytes for a page (a spare when there is one;
-    // its contents are then stale, to be overwritten). `used`: the memory
-    // held for unshipped frames, this page included; a new slab's other
-    // pages become spares within the limits.
-    PageBuf page_buffer(uint32_t page_size, uint64_t used);
+    // its contents are then stale, to be overwritten). `other_bytes`: the
+    // memory held for unshipped frames outside the tee, this page included;
+    // a new slab's other pages become spares within the limits.
+    PageBuf page_buffer(uint32_t page_size, uint64_t other_bytes);
     // Pages done with (their segment is encoded): kept as spares while they
     // fit (see above), the rest freed. `other_bytes` as in write(). Leaves
     // `pages` empty.
@@ -137,6 +139,8 @@ private:
     Epoch& newest_for(uint32_t salt1, uint32_t salt2, uint32_t page_size);  // creates it when new
     void erase_frames(Epoch& e, std::map<uint64_t, TeeFrame>::iterator from, std::map<uint64_t, TeeFrame>::iterator to);
     void write_locked(uint64_t off, const unsigned char* p, size_t n, uint32_t page_size, uint64_t other_bytes);
+    // `used`: memory held for unshipped frames, the tee's and others',
+    // this page included.
     PageBuf page_buffer_locked(uint32_t page_size, uint64_t used);
     // Keeps `page` (a frame's, forgotten) as a spare if the spare limit allows.
     void keep_spare_locked(PageBuf& page) noexcept;

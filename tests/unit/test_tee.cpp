@@ -120,7 +120,7 @@ TEST_CASE("past its limit the tee keeps no frame and records a hole", "[tee]") {
 TEST_CASE("pages done with come back as spares and carry the next frames", "[tee]") {
     Tee tee(1 << 20, 16 * kPage);
     for (uint64_t i = 1; i <= 4; ++i) write_frame(tee, i, 'x');
-    tee.drop_spares();  // the rest of the first frame's slab (tested below)
+    CHECK(tee.spare_bytes() == 0);  // four frames: heap pages, no slab (tested below)
     std::vector<TeeFrame> frames;
     REQUIRE(tee.take(kSalt1, kSalt2, 1, 4, frames));
     std::vector<PageBuf> pages = pages_of(frames);
@@ -161,7 +161,7 @@ TEST_CASE("pages done with come back as spares and carry the next frames", "[tee
     // Frames forgotten without being handed over (trimmed: shipped from
     // elsewhere) leave their pages as spares too.
     for (uint64_t i = 9; i <= 12; ++i) write_frame(tee, i, 'y');
-    tee.drop_spares();
+    CHECK(tee.spare_bytes() == 0);
     tee.trim(kSalt1, kSalt2, 10);
     CHECK(tee.bytes() == 2 * Tee::frame_bytes(kPage));
     CHECK(tee.spare_bytes() == 2 * kPage);
@@ -187,7 +187,7 @@ TEST_CASE("spares stay within their own limit and within the tee's memory limit"
         Tee tee(limit, limit);
         write_frame(tee, 1, 'a');
         write_frame(tee, 2, 'b');  // held: 2 frames
-        tee.drop_spares();         // the rest of frame 1's slab (tested below)
+        CHECK(tee.spare_bytes() == 0);  // two frames: heap pages, no slab
         const uint64_t other = 8 * kPage;
         std::vector<PageBuf> pages = heap_pages(10, kPage, 'p');
         tee.recycle(pages, other);
@@ -236,6 +236,17 @@ TEST_CASE("page buffers: a slab's pages are zeroed, distinct and outlive each ot
     slab.clear();
     std::memset(last.data(), 'k', last.size());
     CHECK(last == std::string(kPage, 'k'));
+    // The slab is unmapped with its last page.
+    const uint64_t mapped = PageBuf::slab_bytes_mapped();
+    CHECK(mapped >= 10 * kPage);
+    {
+        std::vector<PageBuf> other = PageBuf::slab(kPage, 3);
+        CHECK(PageBuf::slab_bytes_mapped() == mapped + 3 * kPage);
+        PageBuf keep = std::move(other[1]);
+        other.clear();
+        CHECK(PageBuf::slab_bytes_mapped() == mapped + 3 * kPage);
+    }
+    CHECK(PageBuf::slab_bytes_mapped() == mapped);
     // Asked for more than a slab holds: cut to it.
     CHECK(PageBuf::slab(kPage, 1000).size() == PageBuf::slab_pages(kPage));
     CHECK(PageBuf::slab(65536, 1000).size() == PageBuf::kMaxSlabBytes / 65536);
@@ -248,6 +259,8 @@ TEST_CASE("page buffers: a slab's pages are zeroed, distinct and outlive each ot
     PageBuf moved = std::move(last);
     CHECK(moved.data() == where);
     CHECK(last.empty());  // NOLINT(bugprone-use-after-move): a moved-from page is empty
+    moved = PageBuf();
+    CHECK(PageBuf::slab_bytes_mapped() == mapped - 10 * kPage);  // the first slab's last page went
 }
 
 TEST_CASE("a frame with no spare takes a slab as large as the tee's demand, within the limits", "[tee]") {
@@ -292,6 +305,20 @@ TEST_CASE("a frame with no spare takes a slab as large as the tee's demand, with
             CHECK(tee.spare_bytes() == ((26 * fb - 16 * fb - other) / kPage) * kPage);
             CHECK(tee.bytes() + tee.spare_bytes() + other <= 26 * fb);
         }
+    }
+    SECTION("a page read back from the WAL counts the tee's frames and the memory outside it") {
+        Tee tee(26 * fb, 1 << 30);
+        for (uint64_t i = 1; i <= 16; ++i) write_frame(tee, i, 'a');
+        tee.drop_spares();
+        // 16 frames held, 2 frames' worth outside, this page: room for 7.
+        const PageBuf p = tee.page_buffer(kPage, 3 * fb);
+        CHECK(p.from_slab());
+        CHECK(tee.spare_bytes() == ((26 * fb - 16 * fb - 3 * fb) / kPage) * kPage);
+        CHECK(tee.bytes() + tee.spare_bytes() + 3 * fb <= 26 * fb);
+        tee.drop_spares();
+        // Less room than a slab is worth: a heap page, no spares.
+        CHECK_FALSE(tee.page_buffer(kPage, 5 * fb).from_slab());
+        CHECK(tee.spare_bytes() == 0);
     }
     SECTION("the spare limit bounds them; without one, every page is alone") {
         Tee tee(1 << 30, 9 * kPage);
