@@ -48,6 +48,9 @@ void Tee::erase_frames(Epoch& e, std::map<uint64_t, TeeFrame>::iterator from,
     for (auto it = from; it != to; ++it) {
         freed += kWalFrameHeaderSize + e.page_size;
         // The page becomes a spare: memory held falls by its header either way.
+        // One not kept (the spares are full) is freed here, under mu_: the
+        // last page of a slab unmaps it. Rare (spares full while frames are
+        // forgotten), so not worth moving out of the lock.
         keep_spare_locked(it->second.page);
     }
     e.frames.erase(from, to);
